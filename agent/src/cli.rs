@@ -1,0 +1,143 @@
+//! The `tessera-agent` command line, as fixed by the interface contract.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default Workload API socket path.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/tessera-agent/public/api.sock";
+
+/// Top-level command line of `tessera-agent`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tessera-agent",
+    version,
+    about = "The Tessera node agent: attests workloads and serves the SPIFFE Workload API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every `tessera-agent` subcommand.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run {
+        /// Configuration file (TOML). Without it the embedded defaults apply.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Join token for the first attestation (single use).
+        #[arg(long, value_name = "TOKEN")]
+        join_token: Option<String>,
+    },
+    /// Exit 0 when the agent is attested, synced, and its Workload API answers.
+    Healthcheck(SocketArgs),
+    /// Workload API client commands.
+    #[command(subcommand)]
+    Api(ApiCommand),
+}
+
+/// Where the Workload API is: `--socket-path`, else `SPIFFE_ENDPOINT_SOCKET`, else the default.
+#[derive(Debug, Clone, Args)]
+pub struct SocketArgs {
+    /// Workload API socket path.
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+}
+
+/// Output format of the `api` subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Human,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Fetch SVIDs and bundles.
+    #[command(subcommand)]
+    Fetch(FetchCommand),
+    /// Validate tokens.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Print each X509SVIDResponse as it arrives.
+    Watch {
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FetchCommand {
+    /// Fetch X.509-SVIDs.
+    X509 {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Write svid.0.pem, svid.0.key, bundle.0.pem (and federated_bundle.<n>.pem) here.
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        output: OutputFormat,
+    },
+    /// Fetch JWT-SVIDs.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[arg(long = "audience", value_name = "AUD", required = true)]
+        audiences: Vec<String>,
+        #[arg(long, value_name = "ID")]
+        spiffe_id: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        output: OutputFormat,
+    },
+    /// Fetch X.509 and JWT bundles.
+    Bundles {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        output: OutputFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ValidateCommand {
+    /// Validate a JWT-SVID.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArgs,
+        #[arg(long, value_name = "AUD")]
+        audience: String,
+        #[arg(long, value_name = "TOKEN")]
+        svid: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fetch_jwt_takes_repeated_audiences() {
+        let cli = Cli::try_parse_from(["tessera-agent", "api", "fetch", "jwt", "--audience", "a", "--audience", "b"])
+            .unwrap();
+        let Command::Api(ApiCommand::Fetch(FetchCommand::Jwt { audiences, .. })) = cli.command else {
+            panic!("parsed into the wrong subcommand");
+        };
+        assert_eq!(audiences, ["a", "b"]);
+    }
+
+    #[test]
+    fn validate_jwt_requires_svid() {
+        let err = Cli::try_parse_from(["tessera-agent", "api", "validate", "jwt", "--audience", "a"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+}

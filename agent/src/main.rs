@@ -1,0 +1,16 @@
+//! Thin entry point: parse the command line, run, print one-line errors.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = tessera_agent::cli::Cli::parse();
+    match tessera_agent::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tessera-agent: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Tessera's cross-crate and end-to-end tests live in this crate's `tests/` directory.
