@@ -5,7 +5,9 @@
 //! under issue 4. Every subcommand currently reports that it is not available yet and exits
 //! non-zero.
 
+pub mod attestor;
 pub mod cli;
+pub mod config;
 
 use cli::{Cli, Command};
 

@@ -5,6 +5,8 @@
 //! non-zero, so no script can mistake this build for a working server.
 
 pub mod cli;
+pub mod config;
+pub mod datastore;
 
 use cli::{Cli, Command};
 

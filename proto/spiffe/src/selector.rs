@@ -250,7 +250,8 @@ mod tests {
 
     #[test]
     fn malformed_selectors_are_refused_with_the_reason() {
-        let cases: &[(&str, fn(&SelectorError) -> bool)] = &[
+        type Check = fn(&SelectorError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("unix", |e| matches!(e, SelectorError::MissingColon(_))),
             (":uid:1", |e| matches!(e, SelectorError::EmptyType(_))),
             ("unix:", |e| matches!(e, SelectorError::EmptyValue(_))),

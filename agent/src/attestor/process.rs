@@ -1,0 +1,423 @@
+//! The real inspector: a pidfd and `/proc/<pid>` (Linux).
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::process::{Pid, PidfdFlags};
+
+use super::digest::{ExecutableDigests, FileKey};
+use super::inspector::{InspectedProcess, PinnedProcess, ProcessInspector};
+use super::names::{NameCache, SystemNames, WouldBlock};
+use super::procfs::{self, ProcStat, ProcStatus};
+use super::{AttestError, PeerCredentials, ProcessChange, ProcessFacts, SupplementaryGroup, UnixAttestorConfig};
+
+/// Largest `/proc/<pid>/status` accepted. 65,536 supplementary groups (`NGROUPS_MAX`) of up to
+/// ten digits each fit.
+const MAX_PROC_FILE: usize = 1024 * 1024;
+
+/// Initial read buffer: `status` is about 1.5 KiB with a few groups.
+const BUFFER: usize = 4096;
+
+/// Set once `pidfd_open` has failed for another reason than a gone process (kernel before
+/// 5.3, or a seccomp filter), so that the fallback is logged once.
+static PIDFD_UNAVAILABLE_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// A caller's process, pinned: see the [module docs](super) for why and how.
+///
+/// Holds a pidfd (when the kernel has them), an open `/proc/<pid>` directory, its open `stat`
+/// and `status` files, the start time, the credentials of `/proc/<pid>/status` and, once the
+/// executable was looked at, its [`FileKey`]. That is up to four file descriptors: drop it once
+/// the caller has been answered.
+///
+/// `stat` and `status` stay open because re-reading an open procfs file from offset 0
+/// regenerates it, and skipping `openat` and `close` saves about a third of the cost of
+/// [`verify_still_same`](Self::verify_still_same). Files opened under `/proc/<pid>` stay bound
+/// to the process they were opened for, like the directory (reads answer `ESRCH` once it has
+/// been reaped).
+#[derive(Debug)]
+pub struct PeerProcess {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    dir: OwnedFd,
+    stat_file: File,
+    status_file: File,
+    start_time: u64,
+    status: ProcStatus,
+    exe: Option<FileKey>,
+}
+
+impl PeerProcess {
+    /// Pins the process behind `peer`: opens a pidfd and `/proc/<pid>`, reads the start time
+    /// and credentials, and checks that its effective uid and gid are the ones the kernel
+    /// captured when the socket connected.
+    pub fn open(peer: &PeerCredentials) -> Result<Self, AttestError> {
+        Self::open_with(peer, true)
+    }
+
+    /// [`open`](Self::open), optionally without a pidfd (the pre-5.3 fallback, for tests).
+    fn open_with(peer: &PeerCredentials, use_pidfd: bool) -> Result<Self, AttestError> {
+        let pid = peer.pid;
+        let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or(AttestError::NoPeerPid)?;
+        let pidfd = if use_pidfd { open_pidfd(raw, pid)? } else { None };
+        let dir = rustix::fs::open(
+            format!("/proc/{pid}"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| errno(pid, || format!("/proc/{pid}"), e))?;
+        let stat_file = open_proc_file(&dir, pid, "stat")?;
+        let status_file = open_proc_file(&dir, pid, "status")?;
+        let mut buffer = Vec::with_capacity(BUFFER);
+        let stat = read_stat(&stat_file, pid, &mut buffer)?;
+        let status = read_status(&status_file, pid, &mut buffer)?;
+        if (status.effective_uid(), status.effective_gid()) != (peer.uid, peer.gid) {
+            return Err(AttestError::CredentialsMismatch {
+                pid,
+                peer_uid: peer.uid,
+                peer_gid: peer.gid,
+                proc_uid: status.effective_uid(),
+                proc_gid: status.effective_gid(),
+            });
+        }
+        let process = Self { pid, pidfd, dir, stat_file, status_file, start_time: stat.start_time, status, exe: None };
+        // The pidfd was opened before /proc/<pid>: if its process is still alive after the
+        // reads, the pid was not reused meanwhile and everything read is that process's.
+        process.check_alive(&stat)?;
+        Ok(process)
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// True when the process is pinned by a pidfd (kernel 5.3 or later), not only by
+    /// `/proc/<pid>` and its start time.
+    pub fn has_pidfd(&self) -> bool {
+        self.pidfd.is_some()
+    }
+
+    /// Field 22 of `/proc/<pid>/stat` when pinned, in clock ticks since boot.
+    pub fn start_time(&self) -> u64 {
+        self.start_time
+    }
+
+    /// The credentials read from `/proc/<pid>/status` when pinned.
+    pub fn status(&self) -> &ProcStatus {
+        &self.status
+    }
+
+    /// Checks that the pid still names the pinned process, alive, with the same credentials
+    /// and (if it was looked at) the same executable.
+    pub fn verify_still_same(&self) -> Result<(), AttestError> {
+        let pid = self.pid;
+        let mut buffer = Vec::with_capacity(BUFFER);
+        let stat = read_stat(&self.stat_file, pid, &mut buffer)?;
+        if stat.start_time != self.start_time {
+            return Err(AttestError::ProcessChanged { pid, change: ProcessChange::StartTime });
+        }
+        if read_status(&self.status_file, pid, &mut buffer)? != self.status {
+            return Err(AttestError::ProcessChanged { pid, change: ProcessChange::Credentials });
+        }
+        if let Some(pinned) = self.exe
+            && self.executable_key()? != pinned
+        {
+            return Err(AttestError::ProcessChanged { pid, change: ProcessChange::Executable });
+        }
+        // Last, so that a live process proves every read above was of this process.
+        self.check_alive(&stat)
+    }
+
+    /// Fails with [`AttestError::ProcessGone`] when the process has exited (a zombie counts as
+    /// exited: its socket may live on in a child, but it is no longer the caller).
+    fn check_alive(&self, stat: &ProcStat) -> Result<(), AttestError> {
+        let gone = AttestError::ProcessGone { pid: self.pid };
+        let Some(pidfd) = &self.pidfd else {
+            return if stat.has_exited() { Err(gone) } else { Ok(()) };
+        };
+        // A pidfd polls readable once the process (the whole thread group) has exited.
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+        loop {
+            match rustix::event::poll(&mut fds, Some(&now)) {
+                Ok(0) => return Ok(()),
+                Ok(_) => return Err(gone),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(errno(self.pid, || format!("pidfd of process {}", self.pid), e)),
+            }
+        }
+    }
+
+    /// `stat` of `/proc/<pid>/exe`: the executable's identity.
+    fn executable_key(&self) -> Result<FileKey, AttestError> {
+        rustix::fs::statat(&self.dir, "exe", AtFlags::empty())
+            .map(|st| FileKey::from_stat(&st))
+            .map_err(|e| errno(self.pid, || self.exe_path(), e))
+    }
+
+    /// Records the executable's identity, so that [`verify_still_same`](Self::verify_still_same)
+    /// notices an `execve` after attestation.
+    fn pin_executable(&mut self) -> Result<FileKey, AttestError> {
+        let key = self.executable_key()?;
+        self.exe = Some(key);
+        Ok(key)
+    }
+
+    /// The executable's path as the kernel reports it; `None` when it is not UTF-8 (a lossy
+    /// conversion could collide with another path, so no `unix:path` selector at all).
+    fn read_executable_path(&self) -> Result<Option<String>, AttestError> {
+        let target =
+            rustix::fs::readlinkat(&self.dir, "exe", Vec::new()).map_err(|e| errno(self.pid, || self.exe_path(), e))?;
+        match String::from_utf8(target.into_bytes()) {
+            Ok(path) => Ok(Some(path)),
+            Err(_) => {
+                tracing::warn!(pid = self.pid, "executable path is not UTF-8: no unix:path selector");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Opens the executable through `/proc/<pid>/exe`: the file the process runs, whatever
+    /// has been renamed or replaced at its path since.
+    fn open_executable(&self) -> Result<File, AttestError> {
+        rustix::fs::openat(&self.dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY, Mode::empty())
+            .map(File::from)
+            .map_err(|e| errno(self.pid, || self.exe_path(), e))
+    }
+
+    fn exe_path(&self) -> String {
+        format!("/proc/{}/exe", self.pid)
+    }
+}
+
+impl PinnedProcess for PeerProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn verify_still_same(&self) -> Result<(), AttestError> {
+        PeerProcess::verify_still_same(self)
+    }
+}
+
+fn open_pidfd(raw: Pid, pid: u32) -> Result<Option<OwnedFd>, AttestError> {
+    match rustix::process::pidfd_open(raw, PidfdFlags::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::SRCH) => Err(AttestError::ProcessGone { pid }),
+        Err(error) => {
+            if !PIDFD_UNAVAILABLE_LOGGED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%error, "pidfd_open failed: pinning callers by /proc/<pid> and start time only");
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn errno(pid: u32, path: impl FnOnce() -> String, e: Errno) -> AttestError {
+    AttestError::from_io(pid, path, std::io::Error::from(e))
+}
+
+/// Opens `/proc/<pid>/<name>` through the pinned directory.
+fn open_proc_file(dir: &OwnedFd, pid: u32, name: &str) -> Result<File, AttestError> {
+    rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map(File::from)
+        .map_err(|e| errno(pid, || format!("/proc/{pid}/{name}"), e))
+}
+
+/// Reads a whole procfs file into `buffer`, from offset 0 (which makes procfs regenerate it),
+/// without the `statx` and `lseek` that `read_to_end` spends on a size hint procfs does not give.
+fn read_proc_file(file: &File, pid: u32, name: &str, buffer: &mut Vec<u8>) -> Result<(), AttestError> {
+    let path = || format!("/proc/{pid}/{name}");
+    buffer.clear();
+    loop {
+        if buffer.len() == buffer.capacity() {
+            if buffer.len() >= MAX_PROC_FILE {
+                return Err(AttestError::Malformed { path: path(), reason: "larger than 1 MiB" });
+            }
+            buffer.reserve(buffer.len().max(BUFFER));
+        }
+        let offset = buffer.len() as u64;
+        match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut *buffer), offset) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(errno(pid, path, e)),
+        }
+    }
+}
+
+fn read_stat(file: &File, pid: u32, buffer: &mut Vec<u8>) -> Result<ProcStat, AttestError> {
+    read_proc_file(file, pid, "stat", buffer)?;
+    procfs::parse_stat(buffer).map_err(|reason| AttestError::Malformed { path: format!("/proc/{pid}/stat"), reason })
+}
+
+fn read_status(file: &File, pid: u32, buffer: &mut Vec<u8>) -> Result<ProcStatus, AttestError> {
+    read_proc_file(file, pid, "status", buffer)?;
+    procfs::parse_status(buffer)
+        .map_err(|reason| AttestError::Malformed { path: format!("/proc/{pid}/status"), reason })
+}
+
+/// `unix:path` and `unix:sha256` values.
+type PathAndDigest = (Option<String>, Option<String>);
+
+/// The [`ProcessInspector`] of real processes: `/proc`, a pidfd, the system's user and group
+/// databases, and the executable digest cache.
+#[derive(Debug)]
+pub struct ProcfsInspector {
+    digests: Option<Arc<ExecutableDigests>>,
+    names: NameCache,
+}
+
+impl ProcfsInspector {
+    /// An inspector configured by `config`.
+    pub fn new(config: &UnixAttestorConfig) -> Self {
+        let digests = (config.max_sha256_file_size > 0)
+            .then(|| Arc::new(ExecutableDigests::new(config.max_sha256_file_size, config.sha256_cache_entries)));
+        let names = NameCache::new(Box::new(SystemNames), config.name_cache_ttl, config.name_cache_entries);
+        Self { digests, names }
+    }
+
+    /// The executable digest cache; `None` when hashing is disabled.
+    pub fn digests(&self) -> Option<&Arc<ExecutableDigests>> {
+        self.digests.as_ref()
+    }
+
+    fn inspect_inner(
+        &self,
+        peer: &PeerCredentials,
+        may_block: bool,
+    ) -> Result<Result<InspectedProcess, WouldBlock>, AttestError> {
+        let mut process = PeerProcess::open(peer)?;
+        let (exe_path, sha256) = match self.inspect_executable(&mut process, may_block)? {
+            Ok(found) => found,
+            Err(WouldBlock) => return Ok(Err(WouldBlock)),
+        };
+        let uid = process.status.effective_uid();
+        let gid = process.status.effective_gid();
+        let names = || -> Result<_, WouldBlock> {
+            let user_name = self.names.user(uid, may_block)?;
+            let group_name = self.names.group(gid, may_block)?;
+            let supplementary_groups = process
+                .status
+                .groups
+                .iter()
+                .map(|&gid| Ok(SupplementaryGroup { gid, name: self.names.group(gid, may_block)? }))
+                .collect::<Result<Vec<_>, WouldBlock>>()?;
+            Ok((user_name, group_name, supplementary_groups))
+        };
+        let Ok((user_name, group_name, supplementary_groups)) = names() else {
+            return Ok(Err(WouldBlock));
+        };
+        let facts = ProcessFacts { uid, user_name, gid, group_name, supplementary_groups, exe_path, sha256 };
+        Ok(Ok(InspectedProcess { facts, process: Box::new(process) }))
+    }
+
+    /// The executable's path and digest. An executable the agent may not look at (it is not
+    /// root and the caller is another user, or the file is not readable) gives neither: fewer
+    /// selectors can only make fewer entries match.
+    fn inspect_executable(
+        &self,
+        process: &mut PeerProcess,
+        may_block: bool,
+    ) -> Result<Result<PathAndDigest, WouldBlock>, AttestError> {
+        let denied = |error: &AttestError| {
+            tracing::debug!(%error, "no unix:path or unix:sha256 selector");
+        };
+        let key = match process.pin_executable() {
+            Ok(key) => key,
+            Err(error @ AttestError::PermissionDenied { .. }) => {
+                denied(&error);
+                return Ok(Ok((None, None)));
+            }
+            Err(error) => return Err(error),
+        };
+        let path = match process.read_executable_path() {
+            Ok(path) => path,
+            Err(error @ AttestError::PermissionDenied { .. }) => {
+                denied(&error);
+                return Ok(Ok((None, None)));
+            }
+            Err(error) => return Err(error),
+        };
+        let Some(digests) = &self.digests else {
+            return Ok(Ok((path, None)));
+        };
+        let shown = || process.exe_path();
+        let digest = match digests.cached(&key) {
+            Some(digest) => digest,
+            None if key.size > digests.max_file_size() => digests.too_large(key, &shown),
+            None if !may_block => return Ok(Err(WouldBlock)),
+            None => match process.open_executable().and_then(|file| digests.digest_file(&file, key, &shown)) {
+                Ok(digest) => digest,
+                Err(error @ AttestError::PermissionDenied { .. }) => {
+                    tracing::debug!(%error, "no unix:sha256 selector");
+                    return Ok(Ok((path, None)));
+                }
+                Err(error) => return Err(error),
+            },
+        };
+        Ok(Ok((path, digest.sha256().map(str::to_owned))))
+    }
+}
+
+impl ProcessInspector for ProcfsInspector {
+    fn inspect(&self, peer: &PeerCredentials) -> Result<InspectedProcess, AttestError> {
+        match self.inspect_inner(peer, true)? {
+            Ok(inspected) => Ok(inspected),
+            // Unreachable: with blocking allowed, neither the name cache nor the digest path
+            // answers WouldBlock. Refuse rather than panic should that ever change.
+            Err(WouldBlock) => Err(AttestError::Unsupported),
+        }
+    }
+
+    fn inspect_without_blocking(&self, peer: &PeerCredentials) -> Result<Option<InspectedProcess>, AttestError> {
+        Ok(self.inspect_inner(peer, false)?.ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn eventually(mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Without a pidfd, the pin is `/proc/<pid>` and the start time: a zombie is seen in
+    /// `stat`, and a reaped process makes the directory handle answer `ENOENT`.
+    #[test]
+    fn the_fallback_pin_sees_exit_without_a_pidfd() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let peer = PeerCredentials {
+            pid: child.id(),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        };
+        let pinned = PeerProcess::open_with(&peer, false).unwrap();
+        assert!(!pinned.has_pidfd());
+        pinned.verify_still_same().unwrap();
+        child.kill().unwrap();
+        eventually(|| pinned.verify_still_same().is_err());
+        assert!(matches!(pinned.verify_still_same(), Err(AttestError::ProcessGone { .. })));
+        child.wait().unwrap();
+        assert!(matches!(pinned.verify_still_same(), Err(AttestError::ProcessGone { .. })));
+    }
+
+    #[test]
+    fn pids_that_cannot_be_pids_are_refused() {
+        for pid in [0, u32::MAX] {
+            let peer = PeerCredentials { pid, uid: 0, gid: 0 };
+            assert!(matches!(PeerProcess::open(&peer), Err(AttestError::NoPeerPid)), "{pid}");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The unix workload attestor against real processes: this test process, spawned children, a
+//! real Unix socket, and executable files on disk.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg(target_os = "linux")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_agent::attestor::{
+    AttestError, ExecutableDigest, ExecutableDigests, PeerCredentials, PeerProcess, ProcessChange, ProcfsInspector,
+    UnixAttestor, UnixAttestorConfig,
+};
+use tessera_spiffe::{Selector, SelectorSet};
+
+fn me() -> PeerCredentials {
+    PeerCredentials {
+        pid: std::process::id(),
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+    }
+}
+
+fn child_peer(child: &Child) -> PeerCredentials {
+    PeerCredentials { pid: child.id(), ..me() }
+}
+
+fn unix(value: &str) -> Selector {
+    Selector::new("unix", value).unwrap()
+}
+
+fn sha256_hex(path: &Path) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &std::fs::read(path).unwrap()))
+}
+
+fn exe_of(pid: u32) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+fn selectors_of_kind<'a>(set: &'a SelectorSet, prefix: &'a str) -> impl Iterator<Item = &'a Selector> + 'a {
+    set.iter().filter(move |s| s.value().starts_with(prefix))
+}
+
+/// Waits until `condition` holds, for at most 10 s.
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Spawns `program args`, and waits until the child runs `program` (not the forked test
+/// binary before its exec).
+fn spawn(program: &str, args: &[&str]) -> Child {
+    let child = Command::new(program).args(args).spawn().unwrap();
+    let pid = child.id();
+    let test_binary = std::env::current_exe().unwrap();
+    eventually("the child has exec'd", || {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p != test_binary)
+    });
+    child
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn attests_the_test_process_itself() {
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let peer = me();
+    let attestation = attestor.attest_blocking(&peer).unwrap();
+    let selectors = attestation.selectors();
+
+    assert!(selectors.contains(&unix(&format!("uid:{}", peer.uid))), "{selectors}");
+    assert!(selectors.contains(&unix(&format!("gid:{}", peer.gid))), "{selectors}");
+    let exe = std::env::current_exe().unwrap();
+    assert!(selectors.contains(&unix(&format!("path:{}", exe.display()))), "{selectors}");
+    assert!(selectors.contains(&unix(&format!("sha256:{}", sha256_hex(&exe)))), "{selectors}");
+    for gid in rustix::process::getgroups().unwrap() {
+        assert!(selectors.contains(&unix(&format!("supplementary_gid:{}", gid.as_raw()))), "{selectors}");
+    }
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid)).unwrap() {
+        Some(user) => assert!(selectors.contains(&unix(&format!("user:{}", user.name))), "{selectors}"),
+        None => assert_eq!(selectors_of_kind(selectors, "user:").count(), 0),
+    }
+    match nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(peer.gid)).unwrap() {
+        Some(group) => assert!(selectors.contains(&unix(&format!("group:{}", group.name))), "{selectors}"),
+        None => assert_eq!(selectors_of_kind(selectors, "group:").count(), 0),
+    }
+    assert_eq!(selectors_of_kind(selectors, "sha256:").count(), 1);
+    assert_eq!(attestation.pid(), peer.pid);
+    attestation.verify_still_same().unwrap();
+
+    let pinned = PeerProcess::open(&peer).unwrap();
+    assert!(pinned.has_pidfd(), "this kernel should have pidfd_open (Linux 5.3+)");
+    assert_eq!(pinned.status().effective_uid(), peer.uid);
+    assert!(pinned.start_time() > 0);
+}
+
+#[test]
+fn a_child_that_exits_fails_verification() {
+    let attestor = UnixAttestor::new(&UnixAttestorConfig { max_sha256_file_size: 0, ..Default::default() });
+    let mut child = spawn("sleep", &["30"]);
+    let peer = child_peer(&child);
+    let attestation = attestor.attest_blocking(&peer).unwrap();
+    let path = exe_of(peer.pid);
+    assert!(attestation.selectors().contains(&unix(&format!("path:{}", path.display()))));
+    assert!(attestation.selectors().contains(&unix(&format!("uid:{}", peer.uid))));
+    attestation.verify_still_same().unwrap();
+    // A bare pin (no executable looked at) relies on the pidfd alone to see the exit.
+    let pinned = PeerProcess::open(&peer).unwrap();
+
+    // Killed but not reaped: a zombie is not the caller any more.
+    child.kill().unwrap();
+    eventually("the zombie fails verification", || attestation.verify_still_same().is_err());
+    assert!(attestation.verify_still_same().unwrap_err().is_caller_gone());
+    let err = pinned.verify_still_same().unwrap_err();
+    assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
+
+    // Reaped: the pid is free (and may be reused).
+    child.wait().unwrap();
+    let err = attestation.verify_still_same().unwrap_err();
+    assert!(matches!(err, AttestError::ProcessGone { pid } if pid == peer.pid), "{err}");
+    let err = attestor.attest_blocking(&peer).unwrap_err();
+    assert!(err.is_caller_gone(), "{err}");
+}
+
+#[test]
+fn an_exec_after_attestation_fails_verification() {
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let child = Reaped(spawn("sh", &["-c", "sleep 1; exec sleep 30"]));
+    let peer = child_peer(&child.0);
+    let attestation = attestor.attest_blocking(&peer).unwrap();
+    let shell = exe_of(peer.pid);
+    assert!(attestation.selectors().contains(&unix(&format!("path:{}", shell.display()))));
+    eventually("the shell has exec'd sleep", || exe_of(peer.pid) != shell);
+    let err = attestation.verify_still_same().unwrap_err();
+    assert!(matches!(err, AttestError::ProcessChanged { change: ProcessChange::Executable, .. }), "{err}");
+    assert!(err.is_caller_gone());
+}
+
+#[test]
+fn a_deleted_executable_keeps_the_kernel_suffix_and_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("sleepy");
+    let sleep = which("sleep");
+    std::fs::copy(&sleep, &copy).unwrap();
+    let digest = sha256_hex(&copy);
+    let child = Reaped(spawn(copy.to_str().unwrap(), &["30"]));
+    std::fs::remove_file(&copy).unwrap();
+
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let attestation = attestor.attest_blocking(&child_peer(&child.0)).unwrap();
+    let selectors = attestation.selectors();
+    assert!(selectors.contains(&unix(&format!("path:{} (deleted)", copy.display()))), "{selectors}");
+    assert!(selectors.contains(&unix(&format!("sha256:{digest}"))), "{selectors}");
+    attestation.verify_still_same().unwrap();
+}
+
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{program} not found in PATH"))
+}
+
+/// An attestor over real processes, and its digest cache.
+fn attestor_with_digests(config: &UnixAttestorConfig) -> (UnixAttestor, Option<Arc<ExecutableDigests>>) {
+    let inspector = Arc::new(ProcfsInspector::new(config));
+    let digests = inspector.digests().cloned();
+    (UnixAttestor::with_inspector(inspector, config.max_blocking_inspections), digests)
+}
+
+#[test]
+fn executables_over_the_limit_get_no_sha256_selector() {
+    let (attestor, digests) =
+        attestor_with_digests(&UnixAttestorConfig { max_sha256_file_size: 1024, ..Default::default() });
+    let attestation = attestor.attest_blocking(&me()).unwrap();
+    assert_eq!(selectors_of_kind(attestation.selectors(), "sha256:").count(), 0);
+    assert_eq!(selectors_of_kind(attestation.selectors(), "path:").count(), 1);
+    let digests = digests.unwrap();
+    assert_eq!(digests.files_hashed(), 0);
+    assert_eq!(digests.len(), 1, "the too-large outcome is cached");
+
+    let (disabled, digests) =
+        attestor_with_digests(&UnixAttestorConfig { max_sha256_file_size: 0, ..Default::default() });
+    assert!(digests.is_none());
+    let attestation = disabled.attest_blocking(&me()).unwrap();
+    assert_eq!(selectors_of_kind(attestation.selectors(), "sha256:").count(), 0);
+    assert_eq!(selectors_of_kind(attestation.selectors(), "path:").count(), 1);
+}
+
+#[tokio::test]
+async fn digests_are_cached_across_attestations() {
+    let (attestor, digests) = attestor_with_digests(&UnixAttestorConfig::default());
+    let digests = digests.unwrap();
+    // The first attestation hashes on the blocking pool, the next ones are served inline.
+    let first = attestor.attest(me()).await.unwrap();
+    let second = attestor.attest(me()).await.unwrap();
+    let third = attestor.attest_blocking(&me()).unwrap();
+    assert_eq!(digests.files_hashed(), 1);
+    assert_eq!(first.selectors(), second.selectors());
+    assert_eq!(second.selectors(), third.selectors());
+}
+
+#[test]
+fn the_digest_cache_rehashes_changed_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bin");
+    std::fs::write(&path, b"version one").unwrap();
+    let digests = ExecutableDigests::new(64, 16);
+    let sha =
+        |content: &[u8]| ExecutableDigest::Sha256(hex::encode(ring::digest::digest(&ring::digest::SHA256, content)));
+
+    assert_eq!(digests.digest_path(&path).unwrap(), sha(b"version one"));
+    assert_eq!(digests.digest_path(&path).unwrap(), sha(b"version one"));
+    assert_eq!(digests.files_hashed(), 1, "a cache hit does not read the file");
+
+    // Same size, mtime restored: only ctime tells, and it must.
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(50)); // past the filesystem's timestamp granularity
+    std::fs::write(&path, b"version two").unwrap();
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    assert_eq!(digests.digest_path(&path).unwrap(), sha(b"version two"));
+    assert_eq!(digests.files_hashed(), 2);
+
+    std::fs::write(&path, b"version three").unwrap();
+    assert_eq!(digests.digest_path(&path).unwrap(), sha(b"version three"));
+    assert_eq!(digests.files_hashed(), 3);
+
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![0u8; 65]).unwrap();
+    assert_eq!(digests.digest_path(&big).unwrap(), ExecutableDigest::TooLarge { size: 65, limit: 64 });
+    assert_eq!(digests.files_hashed(), 3, "a file over the limit is not read");
+}
+
+#[test]
+fn peers_that_are_not_the_process_are_refused() {
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let peer = me();
+    let err = attestor.attest_blocking(&PeerCredentials { uid: peer.uid.wrapping_add(1), ..peer }).unwrap_err();
+    assert!(matches!(err, AttestError::CredentialsMismatch { .. }) && err.is_caller_gone(), "{err}");
+    let err = attestor.attest_blocking(&PeerCredentials { pid: u32::MAX, ..peer }).unwrap_err();
+    assert!(matches!(err, AttestError::NoPeerPid), "{err}");
+}
+
+#[tokio::test]
+async fn a_real_unix_socket_peer_is_attested() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let (client, accepted) = tokio::join!(tokio::net::UnixStream::connect(&socket), listener.accept());
+    let _client = client.unwrap();
+    let (server_side, _) = accepted.unwrap();
+
+    let peer = PeerCredentials::try_from(server_side.peer_cred().unwrap()).unwrap();
+    assert_eq!(peer, me());
+    let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
+    let attestation = attestor.attest(peer).await.unwrap();
+    assert!(attestation.selectors().contains(&unix(&format!("uid:{}", rustix::process::geteuid().as_raw()))));
+    attestation.verify_still_same().unwrap();
+}

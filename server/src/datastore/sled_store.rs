@@ -1,0 +1,1092 @@
+//! The default [`DataStore`]: an embedded sled database.
+//!
+//! # Layout
+//!
+//! One sled tree per record type, plus index trees whose keys are `<indexed value>\0<key>`
+//! with an empty value (`\0` cannot occur in SPIFFE IDs, selectors or entry IDs, so a
+//! prefix scan of `<value>\0` finds exactly the records with that value):
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `meta` | `schema_version`, `entry_revision`, `change_floor` | version byte; big-endian `u64`s |
+//! | `entries` | entry ID | entry record |
+//! | `entry_unique` | SPIFFE ID `\0` parent ID (`\0` selector)* | entry ID |
+//! | `entry_by_parent` | parent ID `\0` entry ID | - |
+//! | `entry_by_spiffe_id` | SPIFFE ID `\0` entry ID | - |
+//! | `entry_by_selector` | selector `\0` entry ID | - |
+//! | `entry_changes` | big-endian revision | change record |
+//! | `nodes` | node SPIFFE ID | node record |
+//! | `node_by_selector` | selector `\0` node SPIFFE ID | - |
+//! | `join_tokens` | token | token record |
+//! | `bundles` | trust domain name | bundle record |
+//! | `ca_journal` | `journal` | journal record |
+//! | `jtis` | big-endian issuer length, issuer, JWT ID | expiry record |
+//!
+//! Records are encoded by `codec` (version byte + postcard). A record and its index keys
+//! are always written in one multi-tree transaction, so indexes never disagree with a
+//! committed record. sled 0.34 runs transactions under a global lock, so they are
+//! serialisable; reads outside a transaction see each transaction entirely or not at all
+//! per key, and listings tolerate an index key whose record was deleted meanwhile.
+//!
+//! Every write flushes (fsyncs) before it returns, then notifies subscribers.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional, TransactionalTree};
+use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+use super::codec::{
+    BundleRecordV1, CaJournalRecordV1, ChangeRecordV1, EntryRecordV1, JtiRecordV1, NodeRecordV1, TokenRecordV1, decode,
+    decode_u64, encode, u64_bytes,
+};
+use super::error::{DataStoreError, ResourceKind};
+use super::types::{
+    AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter, JoinToken, NodeFilter,
+    NodeSerials, Page, PageRequest, RegistrationEntry, SelectorIndexPlan, check_continuity, compaction_target,
+    duplicate_entry, entry_id_taken, entry_revision_conflict, paginate, plan_selector_index, validate_entry,
+    validate_node, validate_serials, validate_token,
+};
+use super::{DataStore, Result, publish_revision};
+
+/// The layout version this build reads and writes (the `schema_version` key of `meta`).
+const SCHEMA_VERSION: u8 = 1;
+
+const META: &str = "meta";
+const ENTRIES: &str = "entries";
+const ENTRY_UNIQUE: &str = "entry_unique";
+const ENTRY_BY_PARENT: &str = "entry_by_parent";
+const ENTRY_BY_SPIFFE_ID: &str = "entry_by_spiffe_id";
+const ENTRY_BY_SELECTOR: &str = "entry_by_selector";
+const ENTRY_CHANGES: &str = "entry_changes";
+const NODES: &str = "nodes";
+const NODE_BY_SELECTOR: &str = "node_by_selector";
+const JOIN_TOKENS: &str = "join_tokens";
+const BUNDLES: &str = "bundles";
+const CA_JOURNAL: &str = "ca_journal";
+const JTIS: &str = "jtis";
+
+const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
+const KEY_REVISION: &[u8] = b"entry_revision";
+const KEY_CHANGE_FLOOR: &[u8] = b"change_floor";
+const KEY_JOURNAL: &[u8] = b"journal";
+
+/// What a transaction closure returns: a value, or an abort carrying our error.
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<DataStoreError>>;
+
+/// Aborts a transaction with `err`.
+fn abort(err: DataStoreError) -> ConflictableTransactionError<DataStoreError> {
+    ConflictableTransactionError::Abort(err)
+}
+
+/// Maps the outcome of a transaction to our error.
+fn tx_error(operation: &'static str) -> impl FnOnce(TransactionError<DataStoreError>) -> DataStoreError {
+    move |err| match err {
+        TransactionError::Abort(err) => err,
+        TransactionError::Storage(err) => DataStoreError::backend(operation, err),
+    }
+}
+
+/// Maps a sled error outside transactions.
+fn storage(operation: &'static str) -> impl FnOnce(sled::Error) -> DataStoreError {
+    move |err| DataStoreError::backend(operation, err)
+}
+
+/// `<value>\0`: the prefix of every index key for `value`.
+fn index_prefix(value: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(value.len() + 1);
+    key.extend_from_slice(value.as_bytes());
+    key.push(0);
+    key
+}
+
+/// `<value>\0<record key>`.
+fn index_key(value: &str, record_key: &str) -> Vec<u8> {
+    let mut key = index_prefix(value);
+    key.extend_from_slice(record_key.as_bytes());
+    key
+}
+
+/// The JWT ID key: big-endian issuer length, issuer, JWT ID (unambiguous for any strings).
+fn jti_key(issuer: &str, jti: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + issuer.len() + jti.len());
+    key.extend_from_slice(&u32::try_from(issuer.len()).unwrap_or(u32::MAX).to_be_bytes());
+    key.extend_from_slice(issuer.as_bytes());
+    key.extend_from_slice(jti.as_bytes());
+    key
+}
+
+fn utf8_key(tree: &'static str, key: &[u8]) -> Result<String> {
+    String::from_utf8(key.to_vec()).map_err(|_| DataStoreError::corrupt(tree, key, "key is not UTF-8"))
+}
+
+fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<RegistrationEntry> {
+    let record: EntryRecordV1 = decode(ENTRIES, key, bytes)?;
+    Ok(record.into_entry(utf8_key(ENTRIES, key)?))
+}
+
+fn decode_node(key: &[u8], bytes: &[u8]) -> Result<AttestedNode> {
+    let record: NodeRecordV1 = decode(NODES, key, bytes)?;
+    let spiffe_id = SpiffeId::parse(&utf8_key(NODES, key)?)
+        .map_err(|e| DataStoreError::corrupt(NODES, key, format!("key is not a SPIFFE ID: {e}")))?;
+    Ok(record.into_node(spiffe_id))
+}
+
+fn decode_bundle(key: &[u8], bytes: &[u8]) -> Result<Bundle> {
+    let record: BundleRecordV1 = decode(BUNDLES, key, bytes)?;
+    let trust_domain = TrustDomain::new(&utf8_key(BUNDLES, key)?)
+        .map_err(|e| DataStoreError::corrupt(BUNDLES, key, format!("key is not a trust domain: {e}")))?;
+    Ok(record.into_bundle(trust_domain))
+}
+
+/// The trees of the database. Private: sled types never leave this module.
+#[derive(Clone)]
+struct Trees {
+    meta: sled::Tree,
+    entries: sled::Tree,
+    entry_unique: sled::Tree,
+    entry_by_parent: sled::Tree,
+    entry_by_spiffe_id: sled::Tree,
+    entry_by_selector: sled::Tree,
+    entry_changes: sled::Tree,
+    nodes: sled::Tree,
+    node_by_selector: sled::Tree,
+    join_tokens: sled::Tree,
+    bundles: sled::Tree,
+    ca_journal: sled::Tree,
+    jtis: sled::Tree,
+}
+
+/// The trees of an entry write, inside a transaction.
+struct EntryTx<'a> {
+    entries: &'a TransactionalTree,
+    unique: &'a TransactionalTree,
+    by_parent: &'a TransactionalTree,
+    by_spiffe_id: &'a TransactionalTree,
+    by_selector: &'a TransactionalTree,
+    changes: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+}
+
+impl EntryTx<'_> {
+    fn get(&self, id: &str) -> TxResult<Option<RegistrationEntry>> {
+        match self.entries.get(id.as_bytes())? {
+            None => Ok(None),
+            Some(bytes) => decode_entry(id.as_bytes(), &bytes).map(Some).map_err(abort),
+        }
+    }
+
+    /// The ID of the entry holding this unique key, if any.
+    fn unique_owner(&self, unique: &str) -> TxResult<Option<String>> {
+        match self.unique.get(unique.as_bytes())? {
+            None => Ok(None),
+            Some(id) => utf8_key(ENTRY_UNIQUE, &id).map(Some).map_err(abort),
+        }
+    }
+
+    /// Bumps the global revision and logs the change under it.
+    fn log_change(&self, entry_id: &str, kind: ChangeKind) -> TxResult<u64> {
+        let revision = match self.meta.get(KEY_REVISION)? {
+            None => 0,
+            Some(bytes) => decode_u64(META, KEY_REVISION, &bytes).map_err(abort)?,
+        } + 1;
+        self.meta.insert(KEY_REVISION, &u64_bytes(revision))?;
+        let record = encode(&ChangeRecordV1::new(entry_id, kind)).map_err(abort)?;
+        self.changes.insert(&u64_bytes(revision), record)?;
+        Ok(revision)
+    }
+
+    /// Writes the entry and its index keys.
+    fn put(&self, entry: &RegistrationEntry) -> TxResult<()> {
+        let record = encode(&EntryRecordV1::from_entry(entry)).map_err(abort)?;
+        self.entries.insert(entry.id.as_bytes(), record)?;
+        self.unique.insert(entry.unique_key().as_bytes(), entry.id.as_bytes())?;
+        self.by_parent.insert(index_key(entry.parent_id.as_str(), &entry.id), &[])?;
+        self.by_spiffe_id.insert(index_key(entry.spiffe_id.as_str(), &entry.id), &[])?;
+        for selector in &entry.selectors {
+            self.by_selector.insert(index_key(&selector.to_string(), &entry.id), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entry's index keys (not the entry itself).
+    fn remove_indexes(&self, entry: &RegistrationEntry) -> TxResult<()> {
+        self.unique.remove(entry.unique_key().as_bytes())?;
+        self.by_parent.remove(index_key(entry.parent_id.as_str(), &entry.id))?;
+        self.by_spiffe_id.remove(index_key(entry.spiffe_id.as_str(), &entry.id))?;
+        for selector in &entry.selectors {
+            self.by_selector.remove(index_key(&selector.to_string(), &entry.id))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the entry if it exists, logging the change. Returns it and the revision.
+    fn delete(&self, id: &str) -> TxResult<Option<(RegistrationEntry, u64)>> {
+        let Some(old) = self.get(id)? else {
+            return Ok(None);
+        };
+        self.remove_indexes(&old)?;
+        self.entries.remove(id.as_bytes())?;
+        let revision = self.log_change(id, ChangeKind::Delete)?;
+        Ok(Some((old, revision)))
+    }
+}
+
+/// The trees of a node write, inside a transaction.
+struct NodeTx<'a> {
+    nodes: &'a TransactionalTree,
+    by_selector: &'a TransactionalTree,
+}
+
+impl NodeTx<'_> {
+    fn get(&self, spiffe_id: &SpiffeId) -> TxResult<Option<AttestedNode>> {
+        let key = spiffe_id.as_str().as_bytes();
+        match self.nodes.get(key)? {
+            None => Ok(None),
+            Some(bytes) => decode_node(key, &bytes).map(Some).map_err(abort),
+        }
+    }
+
+    fn get_existing(&self, spiffe_id: &SpiffeId) -> TxResult<AttestedNode> {
+        self.get(spiffe_id)?.ok_or_else(|| {
+            abort(DataStoreError::NotFound { kind: ResourceKind::AttestedNode, id: spiffe_id.to_string() })
+        })
+    }
+
+    fn put(&self, node: &AttestedNode) -> TxResult<()> {
+        let record = encode(&NodeRecordV1::from_node(node)).map_err(abort)?;
+        self.nodes.insert(node.spiffe_id.as_str().as_bytes(), record)?;
+        for selector in &node.selectors {
+            self.by_selector.insert(index_key(&selector.to_string(), node.spiffe_id.as_str()), &[])?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, node: &AttestedNode) -> TxResult<()> {
+        self.nodes.remove(node.spiffe_id.as_str().as_bytes())?;
+        self.remove_indexes(node)
+    }
+
+    fn remove_indexes(&self, node: &AttestedNode) -> TxResult<()> {
+        for selector in &node.selectors {
+            self.by_selector.remove(index_key(&selector.to_string(), node.spiffe_id.as_str()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The sled-backed [`DataStore`], the server's default.
+pub struct SledDataStore {
+    db: sled::Db,
+    trees: Trees,
+    path: PathBuf,
+    options: DataStoreOptions,
+    revisions: watch::Sender<u64>,
+    /// Serialises compactions, so the floor only moves forward.
+    compaction: Mutex<()>,
+}
+
+impl fmt::Debug for SledDataStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SledDataStore")
+            .field("path", &self.path)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SledDataStore {
+    /// Opens (creating it if needed, with mode 0700) the datastore directory at `path`.
+    ///
+    /// Fails if another process (or another store in this process) has it open, or if it
+    /// was written with a layout this build does not know.
+    pub fn open(path: impl AsRef<Path>, options: DataStoreOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let open_error = |source: crate::datastore::BackendError| DataStoreError::Open { path: path.clone(), source };
+        create_private_dir(&path).map_err(|e| open_error(Box::new(e)))?;
+        let db = sled::Config::new().path(&path).open().map_err(|e| open_error(Box::new(e)))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
+        let trees = Trees {
+            meta: tree(META)?,
+            entries: tree(ENTRIES)?,
+            entry_unique: tree(ENTRY_UNIQUE)?,
+            entry_by_parent: tree(ENTRY_BY_PARENT)?,
+            entry_by_spiffe_id: tree(ENTRY_BY_SPIFFE_ID)?,
+            entry_by_selector: tree(ENTRY_BY_SELECTOR)?,
+            entry_changes: tree(ENTRY_CHANGES)?,
+            nodes: tree(NODES)?,
+            node_by_selector: tree(NODE_BY_SELECTOR)?,
+            join_tokens: tree(JOIN_TOKENS)?,
+            bundles: tree(BUNDLES)?,
+            ca_journal: tree(CA_JOURNAL)?,
+            jtis: tree(JTIS)?,
+        };
+        match trees.meta.get(KEY_SCHEMA_VERSION).map_err(|e| open_error(Box::new(e)))? {
+            None => {
+                trees.meta.insert(KEY_SCHEMA_VERSION, &[SCHEMA_VERSION]).map_err(|e| open_error(Box::new(e)))?;
+                db.flush().map_err(|e| open_error(Box::new(e)))?;
+            }
+            Some(found) if found.as_ref() == [SCHEMA_VERSION] => {}
+            Some(found) => {
+                let Some(&found) = found.first().filter(|_| found.len() == 1) else {
+                    return Err(DataStoreError::corrupt(META, KEY_SCHEMA_VERSION, "expected one byte"));
+                };
+                return Err(DataStoreError::UnsupportedSchema { path, found, supported: SCHEMA_VERSION });
+            }
+        }
+        let store = Self { db, trees, path, options, revisions: watch::Sender::new(0), compaction: Mutex::new(()) };
+        store.revisions.send_replace(store.read_meta_u64(KEY_REVISION)?);
+        Ok(store)
+    }
+
+    /// The directory this store was opened at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_meta_u64(&self, key: &'static [u8]) -> Result<u64> {
+        match self.trees.meta.get(key).map_err(storage("read"))? {
+            None => Ok(0),
+            Some(bytes) => decode_u64(META, key, &bytes),
+        }
+    }
+
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map(drop).map_err(storage("flush"))
+    }
+
+    /// Runs an entry write transaction over every entry tree.
+    fn entry_transaction<T>(&self, operation: &'static str, write: impl Fn(&EntryTx<'_>) -> TxResult<T>) -> Result<T> {
+        let t = &self.trees;
+        (
+            &t.entries,
+            &t.entry_unique,
+            &t.entry_by_parent,
+            &t.entry_by_spiffe_id,
+            &t.entry_by_selector,
+            &t.entry_changes,
+            &t.meta,
+        )
+            .transaction(|(entries, unique, by_parent, by_spiffe_id, by_selector, changes, meta)| {
+                write(&EntryTx { entries, unique, by_parent, by_spiffe_id, by_selector, changes, meta })
+            })
+            .map_err(tx_error(operation))
+    }
+
+    /// Runs a node write transaction, then flushes.
+    fn node_transaction<T>(&self, operation: &'static str, write: impl Fn(&NodeTx<'_>) -> TxResult<T>) -> Result<T> {
+        let value = (&self.trees.nodes, &self.trees.node_by_selector)
+            .transaction(|(nodes, by_selector)| write(&NodeTx { nodes, by_selector }))
+            .map_err(tx_error(operation))?;
+        self.flush()?;
+        Ok(value)
+    }
+
+    /// After a committed entry write at `revision`: make it durable, tell subscribers,
+    /// compact the change log if due.
+    fn entry_written(&self, revision: u64) -> Result<()> {
+        self.flush()?;
+        publish_revision(&self.revisions, revision);
+        if let Some(floor) =
+            compaction_target(revision, self.read_meta_u64(KEY_CHANGE_FLOOR)?, self.options.change_log_retention)
+        {
+            // The write itself is durable and must not be reported as failed; a compaction
+            // that fails leaves a longer log and is retried after the next write.
+            let _ = self.compact_to(floor);
+        }
+        Ok(())
+    }
+
+    /// Drops every change up to and including `new_floor`. The floor is recorded first, so
+    /// a crash in between leaves extra log records below the floor, removed next time.
+    fn compact_to(&self, new_floor: u64) -> Result<u64> {
+        let _serialised = self.compaction.lock().unwrap_or_else(PoisonError::into_inner);
+        if new_floor <= self.read_meta_u64(KEY_CHANGE_FLOOR)? {
+            return Ok(0);
+        }
+        self.trees.meta.insert(KEY_CHANGE_FLOOR, &u64_bytes(new_floor)).map_err(storage("compaction"))?;
+        let mut batch = sled::Batch::default();
+        let mut dropped = 0;
+        for key in self.trees.entry_changes.range(..=u64_bytes(new_floor)).keys() {
+            batch.remove(key.map_err(storage("compaction"))?);
+            dropped += 1;
+        }
+        self.trees.entry_changes.apply_batch(batch).map_err(storage("compaction"))?;
+        Ok(dropped)
+    }
+
+    fn load_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
+        match self.trees.entries.get(id.as_bytes()).map_err(storage("read"))? {
+            None => Ok(None),
+            Some(bytes) => decode_entry(id.as_bytes(), &bytes).map(Some),
+        }
+    }
+
+    fn load_node(&self, spiffe_id: &str) -> Result<Option<AttestedNode>> {
+        match self.trees.nodes.get(spiffe_id.as_bytes()).map_err(storage("read"))? {
+            None => Ok(None),
+            Some(bytes) => decode_node(spiffe_id.as_bytes(), &bytes).map(Some),
+        }
+    }
+
+    /// The record keys listed in `index` under `value`, in key order.
+    fn index_lookup(&self, index: &sled::Tree, tree: &'static str, value: &str) -> Result<Vec<String>> {
+        let prefix = index_prefix(value);
+        index
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key.map_err(storage("read"))?;
+                utf8_key(tree, &key[prefix.len()..])
+            })
+            .collect()
+    }
+
+    /// The record keys a selector plan yields from `index`, sorted and de-duplicated;
+    /// `None` for a full scan.
+    fn selector_candidates(
+        &self,
+        plan: SelectorIndexPlan<'_>,
+        index: &sled::Tree,
+        tree: &'static str,
+    ) -> Result<Option<BTreeSet<String>>> {
+        let selectors: Vec<&Selector> = match plan {
+            SelectorIndexPlan::FullScan => return Ok(None),
+            SelectorIndexPlan::One(selector) => vec![selector],
+            SelectorIndexPlan::Union(set) => set.iter().collect(),
+        };
+        let mut keys = BTreeSet::new();
+        for selector in selectors {
+            keys.extend(self.index_lookup(index, tree, &selector.to_string())?);
+        }
+        Ok(Some(keys))
+    }
+
+    /// The entry IDs the most selective index gives for `filter`; `None` for a full scan.
+    fn entry_candidates(&self, filter: &EntryFilter) -> Result<Option<BTreeSet<String>>> {
+        let t = &self.trees;
+        if let Some(spiffe_id) = &filter.spiffe_id {
+            return Ok(Some(
+                self.index_lookup(&t.entry_by_spiffe_id, ENTRY_BY_SPIFFE_ID, spiffe_id.as_str())?.into_iter().collect(),
+            ));
+        }
+        if let Some(parent_id) = &filter.parent_id {
+            return Ok(Some(
+                self.index_lookup(&t.entry_by_parent, ENTRY_BY_PARENT, parent_id.as_str())?.into_iter().collect(),
+            ));
+        }
+        match &filter.selectors {
+            Some(selectors) => {
+                self.selector_candidates(plan_selector_index(selectors, true), &t.entry_by_selector, ENTRY_BY_SELECTOR)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Loads entries by ID, skipping any deleted since its index key was read.
+    fn load_entries(&self, ids: impl IntoIterator<Item = String>) -> Result<Vec<RegistrationEntry>> {
+        let mut entries = Vec::new();
+        for id in ids {
+            entries.extend(self.load_entry(&id)?);
+        }
+        Ok(entries)
+    }
+}
+
+/// Creates the datastore directory readable by its owner only (it holds join tokens).
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path)
+}
+
+/// Records after `after` (exclusive) in key order, for a full-scan listing.
+fn range_after(tree: &sled::Tree, after: Option<&str>) -> sled::Iter {
+    match after {
+        Some(after) => tree.range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded)),
+        None => tree.iter(),
+    }
+}
+
+impl DataStore for SledDataStore {
+    fn create_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
+        validate_entry(entry)?;
+        let unique = entry.unique_key();
+        let stored = self.entry_transaction("entry create", |tx| {
+            if tx.entries.get(entry.id.as_bytes())?.is_some() {
+                return Err(abort(entry_id_taken(&entry.id)));
+            }
+            if let Some(other) = tx.unique_owner(&unique)? {
+                return Err(abort(duplicate_entry(entry, &other)));
+            }
+            let mut stored = entry.clone();
+            stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+            tx.put(&stored)?;
+            Ok(stored)
+        })?;
+        self.entry_written(stored.revision)?;
+        Ok(stored)
+    }
+
+    fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
+        self.load_entry(id)
+    }
+
+    fn update_entry(&self, entry: &RegistrationEntry, expected_revision: Option<u64>) -> Result<RegistrationEntry> {
+        validate_entry(entry)?;
+        let unique = entry.unique_key();
+        let stored = self.entry_transaction("entry update", |tx| {
+            let Some(old) = tx.get(&entry.id)? else {
+                return Err(abort(DataStoreError::NotFound { kind: ResourceKind::Entry, id: entry.id.clone() }));
+            };
+            if let Some(expected) = expected_revision.filter(|&expected| expected != old.revision) {
+                return Err(abort(entry_revision_conflict(&entry.id, expected, old.revision)));
+            }
+            if let Some(other) = tx.unique_owner(&unique)?.filter(|other| *other != entry.id) {
+                return Err(abort(duplicate_entry(entry, &other)));
+            }
+            tx.remove_indexes(&old)?;
+            let mut stored = entry.clone();
+            stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+            tx.put(&stored)?;
+            Ok(stored)
+        })?;
+        self.entry_written(stored.revision)?;
+        Ok(stored)
+    }
+
+    fn delete_entry(&self, id: &str) -> Result<RegistrationEntry> {
+        let (old, revision) = self.entry_transaction("entry delete", |tx| {
+            tx.delete(id)?
+                .ok_or_else(|| abort(DataStoreError::NotFound { kind: ResourceKind::Entry, id: id.to_owned() }))
+        })?;
+        self.entry_written(revision)?;
+        Ok(old)
+    }
+
+    fn list_entries(&self, filter: &EntryFilter, page: &PageRequest) -> Result<Page<RegistrationEntry>> {
+        let after = page.after_key()?;
+        match self.entry_candidates(filter)? {
+            Some(ids) => {
+                let ids = ids.into_iter().filter(|id| after.as_ref().is_none_or(|after| id > after));
+                let records = ids.filter_map(|id| match self.load_entry(&id) {
+                    Ok(Some(entry)) => filter.matches(&entry).then_some(Ok((id, entry))),
+                    Ok(None) => None,
+                    Err(err) => Some(Err(err)),
+                });
+                paginate(records, page)
+            }
+            None => {
+                let records = range_after(&self.trees.entries, after.as_deref()).filter_map(|item| {
+                    let entry = item.map_err(storage("read")).and_then(|(key, bytes)| decode_entry(&key, &bytes));
+                    match entry {
+                        Ok(entry) => filter.matches(&entry).then(|| Ok((entry.id.clone(), entry))),
+                        Err(err) => Some(Err(err)),
+                    }
+                });
+                paginate(records, page)
+            }
+        }
+    }
+
+    fn count_entries(&self) -> Result<u64> {
+        // sled counts by scanning the tree: fine for an admin command. A hot path that needs
+        // it would keep a counter in `meta`, updated in the entry transactions.
+        Ok(u64::try_from(self.trees.entries.len()).unwrap_or(u64::MAX))
+    }
+
+    fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
+        let mut ids = BTreeSet::new();
+        for parent_id in parent_ids {
+            ids.extend(self.index_lookup(&self.trees.entry_by_parent, ENTRY_BY_PARENT, parent_id.as_str())?);
+        }
+        self.load_entries(ids)
+    }
+
+    fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
+        let ids = self.index_lookup(&self.trees.entry_by_selector, ENTRY_BY_SELECTOR, &selector.to_string())?;
+        self.load_entries(ids)
+    }
+
+    fn prune_expired_entries(&self, now: u64) -> Result<u64> {
+        let mut expired = Vec::new();
+        for item in self.trees.entries.iter() {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            let entry = decode_entry(&key, &bytes)?;
+            if entry.is_expired(now) {
+                expired.push(entry.id);
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let (pruned, revision) = self.entry_transaction("entry prune", |tx| {
+            let (mut pruned, mut revision) = (0, 0);
+            for id in &expired {
+                // Re-checked inside the transaction: the entry may have been updated since.
+                if tx.get(id)?.is_some_and(|entry| entry.is_expired(now))
+                    && let Some((_, at)) = tx.delete(id)?
+                {
+                    pruned += 1;
+                    revision = at;
+                }
+            }
+            Ok((pruned, revision))
+        })?;
+        if pruned > 0 {
+            self.entry_written(revision)?;
+        }
+        Ok(pruned)
+    }
+
+    fn current_revision(&self) -> Result<u64> {
+        self.read_meta_u64(KEY_REVISION)
+    }
+
+    fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<EntryChange>> {
+        let current = self.read_meta_u64(KEY_REVISION)?;
+        let floor = self.read_meta_u64(KEY_CHANGE_FLOOR)?;
+        if limit == 0 {
+            if revision > current || revision < floor {
+                return Err(DataStoreError::ResyncRequired { since: revision, floor, current });
+            }
+            return Ok(Vec::new());
+        }
+        let mut changes = Vec::new();
+        for item in self.trees.entry_changes.range(u64_bytes(revision.saturating_add(1))..).take(limit) {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            let at = decode_u64(ENTRY_CHANGES, &key, &key)?;
+            let record: ChangeRecordV1 = decode(ENTRY_CHANGES, &key, &bytes)?;
+            changes.push(record.into_change(at));
+        }
+        check_continuity(revision, current, floor, &changes)?;
+        Ok(changes)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    fn compact_changes(&self, retain: u64) -> Result<u64> {
+        let floor = self.read_meta_u64(KEY_REVISION)?.saturating_sub(retain);
+        self.compact_to(floor)
+    }
+
+    fn create_attested_node(&self, node: &AttestedNode) -> Result<()> {
+        validate_node(node)?;
+        self.node_transaction("attested node create", |tx| {
+            if tx.get(&node.spiffe_id)?.is_some() {
+                return Err(abort(DataStoreError::AlreadyExists {
+                    kind: ResourceKind::AttestedNode,
+                    id: node.spiffe_id.to_string(),
+                    reason: "the node is already attested (evict it first)".to_owned(),
+                }));
+            }
+            tx.put(node)
+        })
+    }
+
+    fn get_attested_node(&self, spiffe_id: &SpiffeId) -> Result<Option<AttestedNode>> {
+        self.load_node(spiffe_id.as_str())
+    }
+
+    fn list_attested_nodes(&self, filter: &NodeFilter, page: &PageRequest) -> Result<Page<AttestedNode>> {
+        let after = page.after_key()?;
+        let candidates = match &filter.selectors {
+            Some(selectors) => self.selector_candidates(
+                plan_selector_index(selectors, false),
+                &self.trees.node_by_selector,
+                NODE_BY_SELECTOR,
+            )?,
+            None => None,
+        };
+        match candidates {
+            Some(ids) => {
+                let ids = ids.into_iter().filter(|id| after.as_ref().is_none_or(|after| id > after));
+                let records = ids.filter_map(|id| match self.load_node(&id) {
+                    Ok(Some(node)) => filter.matches(&node).then_some(Ok((id, node))),
+                    Ok(None) => None,
+                    Err(err) => Some(Err(err)),
+                });
+                paginate(records, page)
+            }
+            None => {
+                let records = range_after(&self.trees.nodes, after.as_deref()).filter_map(|item| {
+                    let node = item.map_err(storage("read")).and_then(|(key, bytes)| decode_node(&key, &bytes));
+                    match node {
+                        Ok(node) => filter.matches(&node).then(|| Ok((node.spiffe_id.to_string(), node))),
+                        Err(err) => Some(Err(err)),
+                    }
+                });
+                paginate(records, page)
+            }
+        }
+    }
+
+    fn update_attested_node_serials(
+        &self,
+        spiffe_id: &SpiffeId,
+        expected_serial: &str,
+        serials: &NodeSerials,
+    ) -> Result<AttestedNode> {
+        validate_serials(serials)?;
+        self.node_transaction("attested node serial update", |tx| {
+            let mut node = tx.get_existing(spiffe_id)?;
+            if node.banned {
+                return Err(abort(DataStoreError::NodeBanned { spiffe_id: spiffe_id.clone() }));
+            }
+            if node.serial != expected_serial {
+                return Err(abort(DataStoreError::Conflict {
+                    kind: ResourceKind::AttestedNode,
+                    id: spiffe_id.to_string(),
+                    expected: format!("serial {expected_serial}"),
+                    found: format!("serial {}", node.serial),
+                }));
+            }
+            node.serial.clone_from(&serials.serial);
+            node.new_serial.clone_from(&serials.new_serial);
+            node.expires_at = serials.expires_at;
+            tx.put(&node)?;
+            Ok(node)
+        })
+    }
+
+    fn set_attested_node_selectors(&self, spiffe_id: &SpiffeId, selectors: &SelectorSet) -> Result<AttestedNode> {
+        self.node_transaction("attested node selector update", |tx| {
+            let mut node = tx.get_existing(spiffe_id)?;
+            tx.remove_indexes(&node)?;
+            node.selectors = selectors.clone();
+            tx.put(&node)?;
+            Ok(node)
+        })
+    }
+
+    fn ban_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
+        self.node_transaction("attested node ban", |tx| {
+            let mut node = tx.get_existing(spiffe_id)?;
+            node.banned = true;
+            node.serial.clear();
+            node.new_serial = None;
+            tx.put(&node)?;
+            Ok(node)
+        })
+    }
+
+    fn delete_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
+        self.node_transaction("attested node delete", |tx| {
+            let node = tx.get_existing(spiffe_id)?;
+            tx.remove(&node)?;
+            Ok(node)
+        })
+    }
+
+    fn create_join_token(&self, token: &JoinToken) -> Result<()> {
+        validate_token(token)?;
+        let record = encode(&TokenRecordV1::from_token(token))?;
+        let swapped = self
+            .trees
+            .join_tokens
+            .compare_and_swap(token.token.as_bytes(), None::<&[u8]>, Some(record))
+            .map_err(storage("join token create"))?;
+        if swapped.is_err() {
+            return Err(DataStoreError::AlreadyExists {
+                kind: ResourceKind::JoinToken,
+                id: token.token.clone(),
+                reason: "the token exists".to_owned(),
+            });
+        }
+        self.flush()
+    }
+
+    fn consume_join_token(&self, token: &str, now: u64) -> Result<JoinToken> {
+        let key = token.as_bytes();
+        // The value is removed, decoded and checked in one transaction; an expired token is
+        // removed all the same (the inner result), so it commits.
+        let outcome = self
+            .trees
+            .join_tokens
+            .transaction(|tx| {
+                let Some(bytes) = tx.remove(key)? else {
+                    return Err(abort(DataStoreError::TokenNotFound));
+                };
+                let record: TokenRecordV1 = decode(JOIN_TOKENS, key, &bytes).map_err(abort)?;
+                if now >= record.expires_at() {
+                    return Ok(Err(DataStoreError::TokenExpired { expires_at: record.expires_at() }));
+                }
+                Ok(Ok(record.into_token(token.to_owned())))
+            })
+            .map_err(tx_error("join token consume"))?;
+        // Durable before anyone is told the token was theirs: after a crash it must not be
+        // usable again.
+        self.flush()?;
+        outcome
+    }
+
+    fn prune_join_tokens(&self, now: u64) -> Result<u64> {
+        let mut pruned = 0;
+        for item in self.trees.join_tokens.iter() {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            let record: TokenRecordV1 = decode(JOIN_TOKENS, &key, &bytes)?;
+            if now >= record.expires_at() {
+                let removed = self
+                    .trees
+                    .join_tokens
+                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)
+                    .map_err(storage("join token prune"))?;
+                pruned += u64::from(removed.is_ok());
+            }
+        }
+        if pruned > 0 {
+            self.flush()?;
+        }
+        Ok(pruned)
+    }
+
+    fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<Bundle>> {
+        let key = trust_domain.name().as_bytes();
+        match self.trees.bundles.get(key).map_err(storage("read"))? {
+            None => Ok(None),
+            Some(bytes) => decode_bundle(key, &bytes).map(Some),
+        }
+    }
+
+    fn list_bundles(&self) -> Result<Vec<Bundle>> {
+        self.trees
+            .bundles
+            .iter()
+            .map(|item| {
+                let (key, bytes) = item.map_err(storage("read"))?;
+                decode_bundle(&key, &bytes)
+            })
+            .collect()
+    }
+
+    fn set_bundle(&self, trust_domain: &TrustDomain, data: &[u8], expected_sequence: Option<u64>) -> Result<Bundle> {
+        let key = trust_domain.name().as_bytes();
+        let sequence = self
+            .trees
+            .bundles
+            .transaction(|tx| {
+                let current = match tx.get(key)? {
+                    None => 0,
+                    Some(bytes) => decode::<BundleRecordV1>(BUNDLES, key, &bytes).map_err(abort)?.sequence(),
+                };
+                if let Some(expected) = expected_sequence.filter(|&expected| expected != current) {
+                    return Err(abort(DataStoreError::Conflict {
+                        kind: ResourceKind::Bundle,
+                        id: trust_domain.to_string(),
+                        expected: format!("sequence {expected}"),
+                        found: format!("sequence {current}"),
+                    }));
+                }
+                let sequence = current + 1;
+                tx.insert(key, encode(&BundleRecordV1::new(data, sequence)).map_err(abort)?)?;
+                Ok(sequence)
+            })
+            .map_err(tx_error("bundle set"))?;
+        self.flush()?;
+        Ok(Bundle { trust_domain: trust_domain.clone(), data: data.to_vec(), sequence })
+    }
+
+    fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<Bundle> {
+        let key = trust_domain.name().as_bytes();
+        let removed = self.trees.bundles.remove(key).map_err(storage("bundle delete"))?;
+        let Some(bytes) = removed else {
+            return Err(DataStoreError::NotFound { kind: ResourceKind::Bundle, id: trust_domain.to_string() });
+        };
+        self.flush()?;
+        decode_bundle(key, &bytes)
+    }
+
+    fn get_ca_journal(&self) -> Result<Option<CaJournal>> {
+        match self.trees.ca_journal.get(KEY_JOURNAL).map_err(storage("read"))? {
+            None => Ok(None),
+            Some(bytes) => decode::<CaJournalRecordV1>(CA_JOURNAL, KEY_JOURNAL, &bytes).map(|r| Some(r.into_journal())),
+        }
+    }
+
+    fn put_ca_journal(&self, data: &[u8], expected_version: u64) -> Result<CaJournal> {
+        let version = self
+            .trees
+            .ca_journal
+            .transaction(|tx| {
+                let current = match tx.get(KEY_JOURNAL)? {
+                    None => 0,
+                    Some(bytes) => {
+                        decode::<CaJournalRecordV1>(CA_JOURNAL, KEY_JOURNAL, &bytes)
+                            .map_err(abort)?
+                            .into_journal()
+                            .version
+                    }
+                };
+                if current != expected_version {
+                    return Err(abort(DataStoreError::Conflict {
+                        kind: ResourceKind::CaJournal,
+                        id: "journal".to_owned(),
+                        expected: format!("version {expected_version}"),
+                        found: format!("version {current}"),
+                    }));
+                }
+                let version = current + 1;
+                tx.insert(KEY_JOURNAL, encode(&CaJournalRecordV1::new(data, version)).map_err(abort)?)?;
+                Ok(version)
+            })
+            .map_err(tx_error("CA journal put"))?;
+        self.flush()?;
+        Ok(CaJournal { data: data.to_vec(), version })
+    }
+
+    fn insert_jti_if_absent(&self, issuer: &str, jti: &str, expires_at: u64) -> Result<bool> {
+        let record = encode(&JtiRecordV1 { expires_at })?;
+        let swapped = self
+            .trees
+            .jtis
+            .compare_and_swap(jti_key(issuer, jti), None::<&[u8]>, Some(record))
+            .map_err(storage("JWT ID insert"))?;
+        if swapped.is_err() {
+            return Ok(false);
+        }
+        // Durable like every write: a replay must stay detectable across a restart.
+        self.flush()?;
+        Ok(true)
+    }
+
+    fn prune_jtis(&self, now: u64) -> Result<u64> {
+        let mut pruned = 0;
+        for item in self.trees.jtis.iter() {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            let record: JtiRecordV1 = decode(JTIS, &key, &bytes)?;
+            if record.expires_at <= now {
+                let removed = self
+                    .trees
+                    .jtis
+                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)
+                    .map_err(storage("JWT ID prune"))?;
+                pruned += u64::from(removed.is_ok());
+            }
+        }
+        if pruned > 0 {
+            self.flush()?;
+        }
+        Ok(pruned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn entry(entry_id: &str) -> RegistrationEntry {
+        RegistrationEntry::new(
+            entry_id,
+            id("spiffe://example.org/web"),
+            id("spiffe://example.org/agent"),
+            SelectorSet::parse_all(&["unix:uid:1000"]).unwrap(),
+        )
+    }
+
+    fn open(dir: &Path) -> SledDataStore {
+        SledDataStore::open(dir, DataStoreOptions::default()).unwrap()
+    }
+
+    fn assert_corrupt<T: fmt::Debug>(result: Result<T>, tree: &str) {
+        match result {
+            Err(DataStoreError::Corrupt { tree: found, .. }) => assert_eq!(found, tree),
+            other => panic!("expected corrupt value in {tree}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_values_are_reported_as_corrupt_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_entry(&entry("e1")).unwrap();
+        let node_id = id("spiffe://example.org/tessera/agent/join_token/t");
+
+        store.trees.entries.insert("e1", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        assert_corrupt(store.get_entry("e1"), ENTRIES);
+        assert_corrupt(store.list_entries(&EntryFilter::default(), &PageRequest::all()), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents(&[id("spiffe://example.org/agent")]), ENTRIES);
+        assert_corrupt(store.delete_entry("e1"), ENTRIES);
+
+        store.trees.entries.insert("e2", &[7, 1, 2][..]).unwrap();
+        let err = store.get_entry("e2").unwrap_err();
+        assert!(err.to_string().contains("unknown record version 7"), "{err}");
+
+        store.trees.nodes.insert(node_id.as_str(), &[][..]).unwrap();
+        assert_corrupt(store.get_attested_node(&node_id), NODES);
+        assert_corrupt(store.list_attested_nodes(&NodeFilter::default(), &PageRequest::all()), NODES);
+
+        store.trees.join_tokens.insert("tok", &[1][..]).unwrap();
+        assert_corrupt(store.consume_join_token("tok", 0), JOIN_TOKENS);
+
+        store.trees.entry_changes.insert(u64_bytes(1), &[1, 9, 9][..]).unwrap();
+        assert_corrupt(store.changes_since(0, 10), ENTRY_CHANGES);
+
+        store.trees.meta.insert(KEY_REVISION, &[1, 2, 3][..]).unwrap();
+        assert_corrupt(store.current_revision(), META);
+        let mut other = entry("e3");
+        other.spiffe_id = id("spiffe://example.org/other");
+        assert_corrupt(store.create_entry(&other), META);
+
+        store.trees.bundles.insert("example.org", &[1][..]).unwrap();
+        assert_corrupt(store.list_bundles(), BUNDLES);
+        store.trees.ca_journal.insert(KEY_JOURNAL, &[0][..]).unwrap();
+        assert_corrupt(store.get_ca_journal(), CA_JOURNAL);
+    }
+
+    #[test]
+    fn an_unknown_schema_version_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            store.trees.meta.insert(KEY_SCHEMA_VERSION, &[9][..]).unwrap();
+            store.flush().unwrap();
+        }
+        let err = SledDataStore::open(dir.path(), DataStoreOptions::default()).unwrap_err();
+        assert!(matches!(err, DataStoreError::UnsupportedSchema { found: 9, supported: SCHEMA_VERSION, .. }), "{err}");
+    }
+
+    #[test]
+    fn indexes_follow_updates_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_entry(&entry("e1")).unwrap();
+        let mut changed = entry("e1");
+        changed.parent_id = id("spiffe://example.org/other");
+        changed.selectors = SelectorSet::parse_all(&["unix:uid:2000"]).unwrap();
+        store.update_entry(&changed, None).unwrap();
+        let t = &store.trees;
+        let keys = |tree: &sled::Tree| {
+            tree.iter().keys().map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&t.entry_by_parent), ["spiffe://example.org/other\0e1"]);
+        assert_eq!(keys(&t.entry_by_selector), ["unix:uid:2000\0e1"]);
+        assert_eq!(keys(&t.entry_unique).len(), 1);
+        store.delete_entry("e1").unwrap();
+        for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_spiffe_id, &t.entry_by_selector] {
+            assert!(tree.is_empty());
+        }
+    }
+
+    #[test]
+    fn the_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a/datastore");
+        let _store = open(&path);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+}

@@ -1,0 +1,145 @@
+//! What only the sled store has to show: everything survives a reopen, the directory is
+//! locked while open, and an acknowledged write survives `kill -9` of the writing process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tessera_server::datastore::{
+    AttestedNode, ChangeKind, DataStore, DataStoreError, DataStoreOptions, EntryFilter, JoinToken, NodeFilter,
+    PageRequest, RegistrationEntry, SledDataStore,
+};
+use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
+
+const AGENT: &str = "spiffe://example.org/tessera/agent/join_token/abc";
+const CHILD_DIR_VAR: &str = "TESSERA_TEST_DATASTORE_CHILD_DIR";
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+fn entry(entry_id: &str, path: &str) -> RegistrationEntry {
+    RegistrationEntry::new(
+        entry_id,
+        id(&format!("spiffe://example.org/{path}")),
+        id(AGENT),
+        SelectorSet::parse_all(&["unix:uid:1000"]).unwrap(),
+    )
+}
+
+fn open(path: &Path) -> SledDataStore {
+    SledDataStore::open(path, DataStoreOptions::default()).unwrap()
+}
+
+#[test]
+fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    let td = TrustDomain::new("example.org").unwrap();
+    let node = AttestedNode {
+        spiffe_id: id(AGENT),
+        attestation_type: "join_token".into(),
+        serial: "01".into(),
+        new_serial: Some("02".into()),
+        expires_at: 500,
+        banned: false,
+        selectors: SelectorSet::parse_all(&["k8s:cluster:prod"]).unwrap(),
+        can_reattest: true,
+    };
+    let (entries, bundle, journal) = {
+        let store = open(&path);
+        let a = store.create_entry(&entry("a", "web")).unwrap();
+        let b = store.create_entry(&entry("b", "db")).unwrap();
+        store.create_entry(&entry("c", "gone")).unwrap();
+        store.delete_entry("c").unwrap();
+        store.create_attested_node(&node).unwrap();
+        store.create_join_token(&JoinToken { token: "tok".into(), expires_at: 100, alias_spiffe_id: None }).unwrap();
+        store.create_join_token(&JoinToken { token: "used".into(), expires_at: 100, alias_spiffe_id: None }).unwrap();
+        store.consume_join_token("used", 0).unwrap();
+        let bundle = store.set_bundle(&td, b"bundle", None).unwrap();
+        let journal = store.put_ca_journal(b"journal", 0).unwrap();
+        assert!(store.insert_jti_if_absent("iss", "jti", 100).unwrap());
+        (vec![a, b], bundle, journal)
+    };
+
+    let store = open(&path);
+    assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items, entries);
+    assert_eq!(store.current_revision().unwrap(), 4);
+    assert_eq!(*store.subscribe().borrow(), 4);
+    let kinds: Vec<ChangeKind> = store.changes_since(0, 10).unwrap().into_iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [ChangeKind::Upsert, ChangeKind::Upsert, ChangeKind::Upsert, ChangeKind::Delete]);
+    assert_eq!(store.get_attested_node(&node.spiffe_id).unwrap(), Some(node.clone()));
+    assert_eq!(store.list_attested_nodes(&NodeFilter::default(), &PageRequest::all()).unwrap().items, [node]);
+    assert!(matches!(store.consume_join_token("used", 0), Err(DataStoreError::TokenNotFound)));
+    assert_eq!(store.consume_join_token("tok", 0).unwrap().expires_at, 100);
+    assert_eq!(store.get_bundle(&td).unwrap(), Some(bundle));
+    assert_eq!(store.get_ca_journal().unwrap(), Some(journal));
+    assert!(!store.insert_jti_if_absent("iss", "jti", 100).unwrap());
+    // The duplicate index survived too, and revisions carry on.
+    assert!(matches!(store.create_entry(&entry("z", "web")), Err(DataStoreError::AlreadyExists { .. })));
+    assert_eq!(store.create_entry(&entry("d", "new")).unwrap().revision, 5);
+}
+
+#[test]
+fn a_store_open_elsewhere_is_refused_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    let _first = open(&path);
+    let err = SledDataStore::open(&path, DataStoreOptions::default()).unwrap_err();
+    assert!(matches!(err, DataStoreError::Open { .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+}
+
+/// The writer half of [`acknowledged_writes_survive_kill_9`]: runs only when that test
+/// starts this test binary as a child process; otherwise it does nothing.
+#[test]
+fn durability_child_writer() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_VAR) else {
+        return;
+    };
+    let store = open(Path::new(&dir));
+    let mut stdout = std::io::stdout().lock();
+    for i in 0.. {
+        let created = store.create_entry(&entry(&format!("e{i:06}"), &format!("w/{i}"))).unwrap();
+        // Printed only after `create_entry` returned: the write is acknowledged.
+        writeln!(stdout, "acked {}", created.id).unwrap();
+        stdout.flush().unwrap();
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "durability_child_writer", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR_VAR, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.len() < 100 && Instant::now() < deadline {
+        let Some(line) = lines.next() else { break };
+        if let Some(entry_id) = line.unwrap().strip_prefix("acked ") {
+            acked.push(entry_id.to_owned());
+        }
+    }
+    assert!(acked.len() >= 10, "the child acknowledged only {} writes", acked.len());
+    child.kill().unwrap(); // SIGKILL: no destructor, no flush
+    child.wait().unwrap();
+    // Acknowledgements already in the pipe count too.
+    acked.extend(lines.map_while(Result::ok).filter_map(|line| line.strip_prefix("acked ").map(str::to_owned)));
+
+    let store = open(&path);
+    for entry_id in &acked {
+        assert!(store.get_entry(entry_id).unwrap().is_some(), "acknowledged entry {entry_id} was lost");
+    }
+    let revision = store.current_revision().unwrap();
+    assert!(revision >= u64::try_from(acked.len()).unwrap());
+    assert_eq!(store.count_entries().unwrap(), revision, "entries and revisions agree after the crash");
+}
