@@ -1,26 +1,68 @@
 //! `tessera-server`: the CA and control plane of one SPIFFE trust domain.
 //!
-//! Status: the command line is defined (the interface contract); the server itself is built
-//! under issue 3. Every subcommand currently reports that it is not available yet and exits
-//! non-zero, so no script can mistake this build for a working server.
+//! # Code map
+//!
+//! - [`cli`]: the command line of the interface contract.
+//! - [`config`]: the TOML configuration, loaded and checked before anything opens.
+//! - [`server`]: `tessera-server run`: the shared [`server::ServerState`], the admin socket
+//!   (peer-credential authorization), the health endpoints, graceful shutdown.
+//! - [`admin`]: the operator API (`tessera.admin.v1`); protobuf types stop there.
+//! - `commands`: the client side of every management subcommand.
+//! - [`datastore`]: everything persisted, behind the `DataStore` trait.
+//!
+//! Not built yet: the CA, the agent API. Admin calls that need the CA answer
+//! `UNIMPLEMENTED` ([`admin::CA_PENDING`]).
 
+pub mod admin;
+pub mod ca;
 pub mod cli;
+mod commands;
 pub mod config;
 pub mod datastore;
+pub mod server;
 
+use std::path::Path;
+
+use anyhow::Context as _;
 use cli::{Cli, Command};
+use config::{LogFormat, ServerConfig};
 
-/// Run the parsed command line. Returns the process exit code.
+/// Runs the parsed command line. An error is printed by `main` as one line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let name = match cli.command {
-        Command::Run { .. } => "run",
-        Command::Healthcheck(_) => "healthcheck",
-        Command::Token(_) => "token",
-        Command::Entry(_) => "entry",
-        Command::Bundle(_) => "bundle",
-        Command::Agent(_) => "agent",
-        Command::X509(_) => "x509",
-        Command::Jwt(_) => "jwt",
+    match cli.command {
+        Command::Run { config } => run_server(config.as_deref()),
+        command => commands::run(command),
+    }
+}
+
+/// `tessera-server run`: the configuration is checked before a runtime, a log line or a
+/// socket exists.
+fn run_server(file: Option<&Path>) -> anyhow::Result<()> {
+    let config = config::load(file)?;
+    init_logging(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tessera-server")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(server::run(config))?;
+    Ok(())
+}
+
+/// Logs go to stderr (stdout only carries command output), at `log_level`, as text or JSON.
+/// `RUST_LOG` is not consulted: the configuration file is the one source.
+fn init_logging(config: &ServerConfig) {
+    let level = config.log_level.as_str();
+    // The protocol crates are chatty at debug level; keep them at warn unless tracing.
+    let quiet = if level == "trace" { "" } else { ",h2=warn,hyper=warn,hyper_util=warn,tower=warn,sled=warn" };
+    let filter = tracing_subscriber::EnvFilter::new(format!("{level}{quiet}"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    // `try_init` fails only when a subscriber is already set (tests): keep that one.
+    let _ = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
     };
-    anyhow::bail!("`tessera-server {name}` is not available in this build yet")
 }

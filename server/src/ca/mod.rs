@@ -1,0 +1,771 @@
+//! The server's certificate authority for one trust domain: the X.509 CA, the JWT signing
+//! key, and the trust bundle that publishes them.
+//!
+//! [`CertificateAuthority::load_or_create`] reads the CA from `<data_dir>/ca/` (layout in
+//! [`storage`]) or creates it there on first start, publishes the trust bundle in the
+//! datastore, and checks that it can sign. Afterwards every signing method is synchronous,
+//! takes `&self` and is cheap, so one `Arc<CertificateAuthority>` serves every task.
+//!
+//! # Invariants
+//!
+//! - An existing CA is never replaced because it cannot be read: a missing, corrupt or
+//!   mismatched file named by the journal stops the server with an error naming the file.
+//! - No SVID outlives its CA: X.509 lifetimes are capped by `X509Issuer`, JWT lifetimes by the
+//!   JWT key's `not_after`.
+//! - An authority leaves the bundle only once it has expired, so everything it signed stays
+//!   verifiable.
+//! - Only IDs of the CA's trust domain are signed.
+//!
+//! # Rotation
+//!
+//! The journal holds a list of authorities with a status. Today a start renews an authority
+//! that has expired or has less than a sixth of its lifetime left, retiring the old one (kept
+//! in the bundle until it expires). Issue 5 adds a prepared "next" status and a timer that
+//! swaps the active authorities in place (the state sits behind a lock for that reason).
+
+pub mod storage;
+
+mod error;
+mod upstream;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use tessera_spiffe::bundle::Bundle;
+use tessera_spiffe::jwt::{self, JwtSvidClaims};
+use tessera_spiffe::keys::{KeyType, SigningKey};
+use tessera_spiffe::x509::{CaTemplate, X509Issuer, X509SvidTemplate, verify_x509_svid};
+use tessera_spiffe::{SpiffeId, TrustDomain, ttl};
+use tracing::{info, warn};
+
+pub use error::CaError;
+use storage::{
+    CA_DIR, JOURNAL_FILE, JOURNAL_VERSION, Journal, STAGING_DIR, Slot, SlotKind, SlotStatus, create_private_dir,
+    from_unix, is_absent_or_empty, publish_staging, read_file, read_journal, remove_dir_if_exists, to_unix,
+    write_atomic,
+};
+use upstream::Upstream;
+
+use crate::config::{self, ServerConfig};
+use crate::datastore::DataStore;
+
+/// Renew an authority when less than `1/RENEW_FRACTION` of its lifetime remains.
+const RENEW_FRACTION: u32 = 6;
+/// Audience of the self-check JWT-SVID.
+const SELF_CHECK_AUDIENCE: &str = "tessera-self-check";
+/// Lifetime of the self-check SVIDs.
+const SELF_CHECK_TTL: Duration = Duration::from_secs(60);
+
+/// A signed X.509-SVID with the chain to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X509SvidChain {
+    /// DER certificates, leaf first, then any intermediates (never the root).
+    pub chain: Vec<Vec<u8>>,
+    /// The leaf's `notAfter`.
+    pub expires_at: SystemTime,
+}
+
+/// The authorities that sign now, and the bundle that publishes them.
+struct ActiveAuthorities {
+    x509: X509Issuer,
+    /// Served after the leaf: the server's intermediate and the upstream's intermediates
+    /// (empty for a self-signed CA, whose certificate is in the bundle).
+    chain_tail: Vec<Vec<u8>>,
+    jwt_key: SigningKey,
+    jwt_key_id: String,
+    jwt_not_after: SystemTime,
+    bundle: Bundle,
+}
+
+/// The CA of one trust domain. See the [module documentation](self).
+pub struct CertificateAuthority {
+    trust_domain: TrustDomain,
+    ca_dir: PathBuf,
+    jwt_issuer: Option<String>,
+    /// Randomness for serial numbers and signatures (not worth injecting: tests cannot
+    /// observe it beyond uniqueness).
+    rng: SystemRandom,
+    current: RwLock<Arc<ActiveAuthorities>>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .field("ca_dir", &self.ca_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `load_or_create` needs from the configuration.
+struct Settings {
+    trust_domain: TrustDomain,
+    ca_key_type: KeyType,
+    jwt_key_type: KeyType,
+    ca_ttl: Duration,
+}
+
+fn key_type(value: config::KeyType) -> KeyType {
+    match value {
+        config::KeyType::EcP256 => KeyType::EcP256,
+        config::KeyType::EcP384 => KeyType::EcP384,
+        config::KeyType::Rsa2048 => KeyType::Rsa2048,
+    }
+}
+
+/// The authority ID of an X.509 CA: the first 16 bytes of its certificate's SHA-256, hex.
+fn x509_id(cert_der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
+    hex::encode(&digest.as_ref()[..16])
+}
+
+/// Whether an authority valid over `[not_before, not_after]` should be replaced at `now`.
+fn needs_renewal(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
+    let lifetime = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
+    match not_after.duration_since(now) {
+        Ok(remaining) => remaining.is_zero() || remaining < lifetime / RENEW_FRACTION,
+        Err(_) => true,
+    }
+}
+
+/// Whole seconds, as certificates and JWTs encode times.
+fn floor_seconds(time: SystemTime) -> SystemTime {
+    from_unix(to_unix(time))
+}
+
+impl CertificateAuthority {
+    /// Loads the CA of `config.trust_domain` from `<data_dir>/ca/`, creating it on first
+    /// start, renewing authorities that expire soon, and publishing the bundle in `datastore`
+    /// (its sequence grows only when its content changes).
+    ///
+    /// Blocking (file I/O, fsync, datastore); call it from `spawn_blocking` in async code.
+    pub fn load_or_create(
+        data_dir: &Path,
+        config: &ServerConfig,
+        datastore: &dyn DataStore,
+        now: SystemTime,
+        rng: &dyn SecureRandom,
+    ) -> Result<Self, CaError> {
+        let settings = Settings {
+            trust_domain: config.trust_domain.clone(),
+            ca_key_type: key_type(config.ca_key_type),
+            jwt_key_type: key_type(config.jwt_key_type),
+            ca_ttl: config.ca_ttl,
+        };
+        let ca_dir = data_dir.join(CA_DIR);
+        let upstream = config.upstream_authority.as_ref().map(upstream::load).transpose()?;
+        create_private_dir(data_dir)?;
+
+        let mut loaded = Loaded::default();
+        let mut journal = if is_absent_or_empty(&ca_dir)? {
+            create_first(data_dir, &ca_dir, &settings, upstream.as_ref(), now, rng, &mut loaded)?
+        } else {
+            read_journal(&ca_dir)?
+        };
+
+        // Retired authorities leave once expired: nothing they signed is valid any more.
+        let (keep, dropped): (Vec<Slot>, Vec<Slot>) =
+            journal.slots.drain(..).partition(|s| s.status == SlotStatus::Active || s.not_after_time() > now);
+        journal.slots = keep;
+        let mut changed = !dropped.is_empty();
+
+        for slot in &journal.slots {
+            if !loaded.contains(slot) {
+                loaded.load(&ca_dir, slot, &settings.trust_domain, rng)?;
+            }
+        }
+
+        changed |= renew_x509(&ca_dir, &mut journal, &mut loaded, &settings, upstream.as_ref(), now, rng)?;
+        changed |= renew_jwt(&ca_dir, &mut journal, &mut loaded, &settings, now, rng)?;
+        if changed {
+            write_atomic(&ca_dir.join(JOURNAL_FILE), &journal.encode())?;
+            for slot in dropped.iter().chain(loaded.replaced.iter()) {
+                // Best effort: these files are no longer named by the journal.
+                let _ = std::fs::remove_file(slot.key_path(&ca_dir));
+                if slot.kind == SlotKind::X509 {
+                    let _ = std::fs::remove_file(slot.cert_path(&ca_dir));
+                }
+            }
+        }
+
+        let (active, bundle) = loaded.assemble(&journal, &settings.trust_domain, upstream.as_ref(), &ca_dir)?;
+        let bundle = publish_bundle(datastore, &settings.trust_domain, bundle)?;
+        let ca = Self {
+            trust_domain: settings.trust_domain,
+            ca_dir,
+            jwt_issuer: config.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            rng: SystemRandom::new(),
+            current: RwLock::new(Arc::new(ActiveAuthorities { bundle, ..active })),
+        };
+        ca.can_sign(now)?;
+        Ok(ca)
+    }
+
+    fn current(&self) -> Arc<ActiveAuthorities> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The CA directory (`<data_dir>/ca`).
+    pub fn ca_dir(&self) -> &Path {
+        &self.ca_dir
+    }
+
+    /// The current trust bundle (X.509 roots and JWT keys, with its sequence).
+    pub fn bundle(&self) -> Bundle {
+        self.current().bundle.clone()
+    }
+
+    /// End of validity of the X.509 CA that signs now; no X.509-SVID outlives it.
+    pub fn x509_authority_not_after(&self) -> SystemTime {
+        self.current().x509.not_after()
+    }
+
+    /// DER certificate of the X.509 CA that signs now (the root, or the intermediate when an
+    /// upstream authority is configured).
+    pub fn x509_authority_der(&self) -> Vec<u8> {
+        self.current().x509.certificate_der().to_vec()
+    }
+
+    /// Key ID of the JWT signing key.
+    pub fn jwt_key_id(&self) -> String {
+        self.current().jwt_key_id.clone()
+    }
+
+    /// End of the JWT signing key's intended lifetime; no JWT-SVID outlives it.
+    pub fn jwt_authority_not_after(&self) -> SystemTime {
+        self.current().jwt_not_after
+    }
+
+    fn check_member(&self, spiffe_id: &SpiffeId) -> Result<(), CaError> {
+        if spiffe_id.is_member_of(&self.trust_domain) {
+            Ok(())
+        } else {
+            Err(CaError::ForeignTrustDomain { spiffe_id: spiffe_id.clone(), trust_domain: self.trust_domain.clone() })
+        }
+    }
+
+    fn template(&self, spiffe_id: &SpiffeId, dns_names: &[String], ttl: Duration) -> Result<X509SvidTemplate, CaError> {
+        self.check_member(spiffe_id)?;
+        let x509_err = |source| CaError::X509Svid { spiffe_id: spiffe_id.clone(), source };
+        X509SvidTemplate::new(spiffe_id.clone(), ttl)
+            .and_then(|t| t.with_dns_names(dns_names.iter().cloned()))
+            .map_err(x509_err)
+    }
+
+    fn chain(active: &ActiveAuthorities, leaf: Vec<u8>, ttl: Duration, now: SystemTime) -> X509SvidChain {
+        let mut chain = Vec::with_capacity(1 + active.chain_tail.len());
+        chain.push(leaf);
+        chain.extend(active.chain_tail.iter().cloned());
+        // The same computation the issuer used, in the whole seconds the certificate holds.
+        let expires_at = floor_seconds(ttl::validity(now, ttl, Some(active.x509.not_after())).not_after);
+        X509SvidChain { chain, expires_at }
+    }
+
+    /// Signs an X.509-SVID for `spiffe_id` over the key of a DER PKCS#10 CSR (whose signature
+    /// is checked; nothing else in it is used). The lifetime is `ttl`, capped by the CA.
+    pub fn sign_x509_svid_from_csr(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
+        let template = self.template(spiffe_id, dns_names, ttl)?;
+        let active = self.current();
+        let leaf = active
+            .x509
+            .sign_x509_svid_from_csr(&template, csr_der, now, &self.rng)
+            .map_err(|source| CaError::X509Svid { spiffe_id: spiffe_id.clone(), source })?;
+        Ok(Self::chain(&active, leaf, ttl, now))
+    }
+
+    /// Signs an X.509-SVID over a DER SubjectPublicKeyInfo whose private key the caller has
+    /// already proven possession of.
+    pub fn sign_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        subject_public_key_info_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
+        let template = self.template(spiffe_id, dns_names, ttl)?;
+        let active = self.current();
+        let leaf = active
+            .x509
+            .sign_x509_svid(&template, subject_public_key_info_der, now, &self.rng)
+            .map_err(|source| CaError::X509Svid { spiffe_id: spiffe_id.clone(), source })?;
+        Ok(Self::chain(&active, leaf, ttl, now))
+    }
+
+    /// Signs an agent's X.509-SVID from its CSR (same rules as
+    /// [`CertificateAuthority::sign_x509_svid_from_csr`], without DNS names).
+    pub fn sign_agent_svid(
+        &self,
+        agent_id: &SpiffeId,
+        ttl: Duration,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
+        self.sign_x509_svid_from_csr(agent_id, &[], ttl, csr_der, now)
+    }
+
+    /// Signs a JWT-SVID for `spiffe_id` and `audiences`, valid for `ttl` capped by the JWT
+    /// key's lifetime; `iss` is `jwt_issuer` when configured. Returns the token and its `exp`.
+    pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audiences: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), CaError> {
+        self.check_member(spiffe_id)?;
+        let active = self.current();
+        if now >= active.jwt_not_after {
+            return Err(CaError::JwtKeyExpired { key_id: active.jwt_key_id.clone() });
+        }
+        let requested = now.checked_add(ttl).unwrap_or(now);
+        let expires_at = floor_seconds(ttl::cap_not_after(requested, active.jwt_not_after));
+        let claims = JwtSvidClaims {
+            subject: spiffe_id.clone(),
+            audience: audiences.to_vec(),
+            issued_at: now,
+            expires_at,
+            issuer: self.jwt_issuer.clone(),
+            jwt_id: None,
+        };
+        let token = jwt::sign(&claims, &active.jwt_key, &active.jwt_key_id, &self.rng)
+            .map_err(|source| CaError::JwtSvid { spiffe_id: spiffe_id.clone(), source })?;
+        Ok((token, expires_at))
+    }
+
+    /// Health probe: signs a throwaway X.509-SVID and JWT-SVID and verifies both against the
+    /// current bundle.
+    pub fn can_sign(&self, now: SystemTime) -> Result<(), CaError> {
+        let id = self
+            .trust_domain
+            .id_from_segments(&["tessera", "server"])
+            .map_err(|e| CaError::SelfCheck(e.to_string()))?;
+        let key = SigningKey::generate(KeyType::EcP256, &self.rng)
+            .map_err(|source| CaError::KeyGeneration { what: "self-check key", source })?;
+        let svid = self.sign_x509_svid(&id, &[], SELF_CHECK_TTL, key.public_key().spki_der(), now)?;
+        let bundle = self.bundle();
+        let chain: Vec<&[u8]> = svid.chain.iter().map(Vec::as_slice).collect();
+        verify_x509_svid(&chain, &bundle, now)
+            .map_err(|e| CaError::SelfCheck(format!("X.509-SVID does not verify against the bundle: {e}")))?;
+        let (token, _) = self.sign_jwt_svid(&id, &[SELF_CHECK_AUDIENCE.to_owned()], SELF_CHECK_TTL, now)?;
+        jwt::validate(&token, &bundle, &[SELF_CHECK_AUDIENCE], now)
+            .map_err(|e| CaError::SelfCheck(format!("JWT-SVID does not validate against the bundle: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Authorities read from (or just written to) the CA directory, by authority ID.
+#[derive(Default)]
+struct Loaded {
+    x509: HashMap<String, X509Issuer>,
+    jwt: HashMap<String, SigningKey>,
+    /// Slots replaced during this start, whose files can go.
+    replaced: Vec<Slot>,
+}
+
+impl Loaded {
+    fn contains(&self, slot: &Slot) -> bool {
+        match slot.kind {
+            SlotKind::X509 => self.x509.contains_key(&slot.id),
+            SlotKind::Jwt => self.jwt.contains_key(&slot.id),
+        }
+    }
+
+    /// Reads and checks the files of `slot`, refusing any damage.
+    fn load(
+        &mut self,
+        ca_dir: &Path,
+        slot: &Slot,
+        trust_domain: &TrustDomain,
+        rng: &dyn SecureRandom,
+    ) -> Result<(), CaError> {
+        let key_path = slot.key_path(ca_dir);
+        let what_key = if slot.kind == SlotKind::X509 { "ca key file" } else { "jwt key file" };
+        let key_der = read_file(&key_path, what_key, ca_dir, None)?;
+        let key = SigningKey::from_pkcs8_der(&key_der, rng).map_err(|e| CaError::Corrupt {
+            what: what_key,
+            path: key_path.clone(),
+            reason: e.to_string(),
+            ca_dir: ca_dir.to_path_buf(),
+        })?;
+        match slot.kind {
+            SlotKind::Jwt => {
+                let thumbprint = key.public_key().thumbprint();
+                if thumbprint != slot.id {
+                    return Err(CaError::Mismatch {
+                        key_path,
+                        other_path: ca_dir.join(JOURNAL_FILE),
+                        reason: format!("its key id is {thumbprint}, the journal records {}", slot.id),
+                        ca_dir: ca_dir.to_path_buf(),
+                    });
+                }
+                self.jwt.insert(slot.id.clone(), key);
+            }
+            SlotKind::X509 => {
+                let cert_path = slot.cert_path(ca_dir);
+                let cert_der = read_file(&cert_path, "ca certificate file", ca_dir, None)?;
+                let corrupt_cert = |reason: String| CaError::Corrupt {
+                    what: "ca certificate file",
+                    path: cert_path.clone(),
+                    reason,
+                    ca_dir: ca_dir.to_path_buf(),
+                };
+                Bundle::new(trust_domain.clone())
+                    .add_x509_authority(&cert_der)
+                    .map_err(|e| corrupt_cert(e.to_string()))?;
+                if x509_id(&cert_der) != slot.id {
+                    return Err(corrupt_cert(format!(
+                        "its digest does not match authority id {} recorded in {JOURNAL_FILE}",
+                        slot.id
+                    )));
+                }
+                let issuer = X509Issuer::from_pkcs8_der(cert_der, &key_der).map_err(|e| CaError::Mismatch {
+                    key_path: key_path.clone(),
+                    other_path: cert_path.clone(),
+                    reason: e.to_string(),
+                    ca_dir: ca_dir.to_path_buf(),
+                })?;
+                if issuer.trust_domain() != Some(trust_domain) {
+                    return Err(CaError::TrustDomainChanged {
+                        path: cert_path,
+                        found: issuer.trust_domain().map_or_else(|| "none".to_owned(), ToString::to_string),
+                        configured: trust_domain.clone(),
+                        ca_dir: ca_dir.to_path_buf(),
+                    });
+                }
+                self.x509.insert(slot.id.clone(), issuer);
+            }
+        }
+        Ok(())
+    }
+
+    /// The active authorities and the bundle (sequence 0) of the journal.
+    fn assemble(
+        mut self,
+        journal: &Journal,
+        trust_domain: &TrustDomain,
+        upstream: Option<&Upstream>,
+        ca_dir: &Path,
+    ) -> Result<(ActiveAuthorities, Bundle), CaError> {
+        let corrupt = |reason: &str| CaError::Corrupt {
+            what: "ca journal file",
+            path: ca_dir.join(JOURNAL_FILE),
+            reason: reason.to_owned(),
+            ca_dir: ca_dir.to_path_buf(),
+        };
+        let mut bundle = Bundle::new(trust_domain.clone());
+        for root in upstream.map(|u| u.roots.as_slice()).unwrap_or_default() {
+            bundle.add_x509_authority(root)?;
+        }
+        for slot in &journal.slots {
+            match slot.kind {
+                // Intermediates travel in SVID chains; only roots go in the bundle.
+                SlotKind::X509 if !slot.upstream => {
+                    if let Some(issuer) = self.x509.get(&slot.id) {
+                        bundle.add_x509_authority(issuer.certificate_der())?;
+                    }
+                }
+                SlotKind::X509 => {}
+                SlotKind::Jwt => {
+                    if let Some(key) = self.jwt.get(&slot.id) {
+                        bundle.add_jwt_authority(slot.id.clone(), key.public_key().clone())?;
+                    }
+                }
+            }
+        }
+        let x509_slot = journal.active(SlotKind::X509).ok_or_else(|| corrupt("no active x509 authority"))?;
+        let jwt_slot = journal.active(SlotKind::Jwt).ok_or_else(|| corrupt("no active jwt authority"))?;
+        let x509 = self.x509.remove(&x509_slot.id).ok_or_else(|| corrupt("active x509 authority not loaded"))?;
+        let jwt_key = self.jwt.remove(&jwt_slot.id).ok_or_else(|| corrupt("active jwt authority not loaded"))?;
+        let chain_tail = if x509_slot.upstream {
+            std::iter::once(x509.certificate_der().to_vec())
+                .chain(upstream.map(|u| u.chain.clone()).unwrap_or_default())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let active = ActiveAuthorities {
+            x509,
+            chain_tail,
+            jwt_key,
+            jwt_key_id: jwt_slot.id.clone(),
+            jwt_not_after: jwt_slot.not_after_time(),
+            bundle: Bundle::new(trust_domain.clone()),
+        };
+        Ok((active, bundle))
+    }
+}
+
+/// Builds the first CA in `<data_dir>/ca.new/` and renames it to `<data_dir>/ca/`.
+fn create_first(
+    data_dir: &Path,
+    ca_dir: &Path,
+    settings: &Settings,
+    upstream: Option<&Upstream>,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+    loaded: &mut Loaded,
+) -> Result<Journal, CaError> {
+    let staging = data_dir.join(STAGING_DIR);
+    // A staging directory is a first creation that was interrupted before it was published:
+    // nothing was ever signed with it.
+    remove_dir_if_exists(&staging)?;
+    create_private_dir(&staging)?;
+    let x509 = create_x509(&staging, settings, upstream, now, rng, loaded)?;
+    let jwt = create_jwt(&staging, settings, now, rng, loaded)?;
+    let journal = Journal { version: JOURNAL_VERSION, slots: vec![x509, jwt] };
+    write_atomic(&staging.join(JOURNAL_FILE), &journal.encode())?;
+    if ca_dir.exists() {
+        // Checked empty by the caller; remove_dir refuses anything else.
+        std::fs::remove_dir(ca_dir).map_err(|source| CaError::Io {
+            action: "remove empty directory",
+            path: ca_dir.to_path_buf(),
+            source,
+        })?;
+    }
+    publish_staging(&staging, ca_dir, data_dir)?;
+    info!(ca_dir = %ca_dir.display(), trust_domain = %settings.trust_domain, "created a new CA");
+    Ok(journal)
+}
+
+/// Creates a new X.509 CA (self-signed, or an intermediate of `upstream`) in `dir`.
+fn create_x509(
+    dir: &Path,
+    settings: &Settings,
+    upstream: Option<&Upstream>,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+    loaded: &mut Loaded,
+) -> Result<Slot, CaError> {
+    let key = SigningKey::generate(settings.ca_key_type, rng)
+        .map_err(|source| CaError::KeyGeneration { what: "CA key", source })?;
+    let template = CaTemplate::new(settings.trust_domain.clone(), settings.ca_ttl).map_err(CaError::CaCertificate)?;
+    let cert_der = match upstream {
+        None => {
+            let key_pair = rcgen::KeyPair::try_from(key.pkcs8_der())
+                .map_err(|e| CaError::SelfCheck(format!("generated CA key is unusable: {e}")))?;
+            template.self_signed(&key_pair, now, rng)
+        }
+        Some(up) => up.issuer.sign_intermediate_ca(&template, key.public_key().spki_der(), now, rng),
+    }
+    .map_err(CaError::CaCertificate)?;
+    let issuer = X509Issuer::from_pkcs8_der(cert_der.clone(), key.pkcs8_der()).map_err(CaError::CaCertificate)?;
+    let slot = Slot {
+        id: x509_id(&cert_der),
+        kind: SlotKind::X509,
+        status: SlotStatus::Active,
+        upstream: upstream.is_some(),
+        not_after: to_unix(issuer.not_after()),
+        created: to_unix(now),
+    };
+    write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
+    write_atomic(&slot.cert_path(dir), &cert_der)?;
+    loaded.x509.insert(slot.id.clone(), issuer);
+    Ok(slot)
+}
+
+/// Creates a new JWT signing key in `dir`, meant to live as long as a CA.
+fn create_jwt(
+    dir: &Path,
+    settings: &Settings,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+    loaded: &mut Loaded,
+) -> Result<Slot, CaError> {
+    let key = SigningKey::generate(settings.jwt_key_type, rng)
+        .map_err(|source| CaError::KeyGeneration { what: "JWT signing key", source })?;
+    let not_after = now.checked_add(settings.ca_ttl).unwrap_or(now);
+    let slot = Slot {
+        id: key.public_key().thumbprint(),
+        kind: SlotKind::Jwt,
+        status: SlotStatus::Active,
+        upstream: false,
+        not_after: to_unix(not_after),
+        created: to_unix(now),
+    };
+    write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
+    loaded.jwt.insert(slot.id.clone(), key);
+    Ok(slot)
+}
+
+/// Retires the active slot of `kind` (kept while valid and publishable, dropped otherwise)
+/// and appends `new_slot` as active.
+fn replace_active(journal: &mut Journal, kind: SlotKind, new_slot: Slot, now: SystemTime, loaded: &mut Loaded) {
+    let mut keep = Vec::with_capacity(journal.slots.len() + 1);
+    for mut slot in journal.slots.drain(..) {
+        if slot.kind == kind && slot.status == SlotStatus::Active {
+            // Intermediates are not in the bundle, so they need not be kept.
+            if slot.not_after_time() > now && !slot.upstream {
+                slot.status = SlotStatus::Retired;
+            } else {
+                loaded.replaced.push(slot);
+                continue;
+            }
+        }
+        keep.push(slot);
+    }
+    keep.push(new_slot);
+    journal.slots = keep;
+}
+
+/// Renews the active X.509 CA when it expires soon or no longer fits the upstream setting.
+fn renew_x509(
+    ca_dir: &Path,
+    journal: &mut Journal,
+    loaded: &mut Loaded,
+    settings: &Settings,
+    upstream: Option<&Upstream>,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+) -> Result<bool, CaError> {
+    let Some(slot) = journal.active(SlotKind::X509).cloned() else {
+        return Ok(false);
+    };
+    let Some(issuer) = loaded.x509.get(&slot.id) else {
+        return Ok(false);
+    };
+    let reason = if needs_renewal(issuer.not_before(), issuer.not_after(), now) {
+        Some("it has expired or less than a sixth of its lifetime remains".to_owned())
+    } else {
+        match (upstream, slot.upstream) {
+            (Some(_), false) => Some("upstream_authority is now configured".to_owned()),
+            (None, true) => Some("upstream_authority is no longer configured".to_owned()),
+            (Some(up), true) => chains_to_upstream(issuer, up, &settings.trust_domain, now, rng)
+                .err()
+                .map(|e| format!("it does not chain to the configured upstream authority ({e})")),
+            (None, false) => None,
+        }
+    };
+    let Some(reason) = reason else {
+        if key_type_of(issuer) != Some(settings.ca_key_type) {
+            warn!(ca_key_type = %settings.ca_key_type, "ca_key_type changed; it applies to the next X.509 CA");
+        }
+        return Ok(false);
+    };
+    let new_slot = create_x509(ca_dir, settings, upstream, now, rng, loaded)?;
+    warn!(old = %slot.id, new = %new_slot.id, not_after = new_slot.not_after, "renewed the X.509 CA: {reason}");
+    replace_active(journal, SlotKind::X509, new_slot, now, loaded);
+    Ok(true)
+}
+
+fn key_type_of(issuer: &X509Issuer) -> Option<KeyType> {
+    let alg = issuer.key_pair().algorithm();
+    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        Some(KeyType::EcP256)
+    } else if alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+        Some(KeyType::EcP384)
+    } else if alg == &rcgen::PKCS_RSA_SHA256 {
+        Some(KeyType::Rsa2048)
+    } else {
+        None
+    }
+}
+
+/// Renews the JWT signing key when it expires soon.
+fn renew_jwt(
+    ca_dir: &Path,
+    journal: &mut Journal,
+    loaded: &mut Loaded,
+    settings: &Settings,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+) -> Result<bool, CaError> {
+    let Some(slot) = journal.active(SlotKind::Jwt).cloned() else {
+        return Ok(false);
+    };
+    if !needs_renewal(from_unix(slot.created), slot.not_after_time(), now) {
+        return Ok(false);
+    }
+    let new_slot = create_jwt(ca_dir, settings, now, rng, loaded)?;
+    warn!(old = %slot.id, new = %new_slot.id, "renewed the JWT signing key: it has expired or less than a sixth of its lifetime remains");
+    replace_active(journal, SlotKind::Jwt, new_slot, now, loaded);
+    Ok(true)
+}
+
+/// Whether an SVID signed by `issuer` verifies against the upstream roots.
+fn chains_to_upstream(
+    issuer: &X509Issuer,
+    upstream: &Upstream,
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+) -> Result<(), String> {
+    let id = trust_domain.id_from_segments(&["tessera", "server"]).map_err(|e| e.to_string())?;
+    let key = SigningKey::generate(KeyType::EcP256, rng).map_err(|e| e.to_string())?;
+    let template = X509SvidTemplate::new(id, SELF_CHECK_TTL).map_err(|e| e.to_string())?;
+    let leaf = issuer.sign_x509_svid(&template, key.public_key().spki_der(), now, rng).map_err(|e| e.to_string())?;
+    let mut roots = Bundle::new(trust_domain.clone());
+    for root in &upstream.roots {
+        roots.add_x509_authority(root).map_err(|e| e.to_string())?;
+    }
+    let mut chain: Vec<&[u8]> = vec![&leaf, issuer.certificate_der()];
+    chain.extend(upstream.chain.iter().map(Vec::as_slice));
+    verify_x509_svid(&chain, &roots, now).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Stores `bundle` in the datastore when its content differs from the stored one (sequence
+/// + 1) and returns it with the stored sequence.
+fn publish_bundle(
+    datastore: &dyn DataStore,
+    trust_domain: &TrustDomain,
+    mut bundle: Bundle,
+) -> Result<Bundle, CaError> {
+    let stored = datastore.get_bundle(trust_domain)?;
+    let expected = match &stored {
+        Some(stored) => {
+            if let Ok(mut old) = Bundle::from_json(trust_domain.clone(), &stored.data) {
+                old.set_sequence(0);
+                bundle.set_sequence(0);
+                if old == bundle {
+                    bundle.set_sequence(stored.sequence);
+                    return Ok(bundle);
+                }
+            }
+            stored.sequence
+        }
+        None => 0,
+    };
+    bundle.set_sequence(expected.saturating_add(1));
+    let written = datastore.set_bundle(trust_domain, bundle.to_json().as_bytes(), Some(expected))?;
+    bundle.set_sequence(written.sequence);
+    info!(trust_domain = %trust_domain, sequence = written.sequence, "published the trust bundle");
+    Ok(bundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_threshold_is_a_sixth_of_the_lifetime() {
+        let start = from_unix(1_000_000);
+        let end = start + Duration::from_secs(600);
+        assert!(!needs_renewal(start, end, start));
+        assert!(!needs_renewal(start, end, end - Duration::from_secs(101)));
+        assert!(needs_renewal(start, end, end - Duration::from_secs(99)));
+        assert!(needs_renewal(start, end, end));
+        assert!(needs_renewal(start, end, end + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn x509_id_is_hex_and_safe() {
+        let id = x509_id(b"cert");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,266 @@
+//! The client side of the management subcommands: connect to the admin socket, call the
+//! admin API, print the result (human text or `--output json`) on stdout.
+//!
+//! Errors are one line (printed by `main`): the socket that cannot be reached, the flag
+//! that is wrong, or the server's status message, which names the field at fault.
+
+mod entry;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, anyhow, bail};
+use hyper_util::rt::TokioIo;
+use tessera_wire::tessera::admin::v1 as pb;
+use tessera_wire::tessera::admin::v1::admin_service_client::AdminServiceClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
+
+use crate::cli::{
+    AdminArgs, AgentCommand, BundleCommand, Command, JwtCommand, OutputFormat, TokenCommand, X509Command,
+};
+use output::{AgentOutput, Print};
+
+/// Runs one management subcommand on a small single-threaded runtime.
+pub(crate) fn run(command: Command) -> anyhow::Result<()> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(dispatch(command))
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { .. } => bail!("`run` is not a management subcommand"),
+        Command::Healthcheck(admin) => healthcheck(&admin).await,
+        Command::Token(TokenCommand::Generate { spiffe_id, ttl, admin }) => {
+            token_generate(spiffe_id, ttl, &admin).await
+        }
+        Command::Entry(command) => entry::run(command).await,
+        Command::Agent(command) => agent(command).await,
+        Command::Bundle(command) => bundle(command).await,
+        Command::X509(X509Command::Mint { spiffe_id, ttl, dns_names, admin, .. }) => {
+            // The server answers UNIMPLEMENTED until the CA exists; the client side (CSR,
+            // --write) lands with it.
+            let client = AdminClient::connect(&admin).await?;
+            let request =
+                pb::MintX509SvidRequest { spiffe_id, ttl: ttl_flag("--ttl", ttl)?, dns_names, csr: Vec::new() };
+            client.call(client.inner.clone().mint_x509_svid(request).await)?;
+            bail!("`x509 mint` output is not available in this build yet")
+        }
+        Command::Jwt(JwtCommand::Mint { spiffe_id, audiences, ttl, admin }) => {
+            let client = AdminClient::connect(&admin).await?;
+            let request = pb::MintJwtSvidRequest { spiffe_id, audiences, ttl: ttl_flag("--ttl", ttl)? };
+            let response = client.call(client.inner.clone().mint_jwt_svid(request).await)?;
+            output::JwtOutput { token: response.token, expires_at: response.expires_at }.print(admin.output)
+        }
+    }
+}
+
+/// A connected admin API client that knows its socket path for error messages.
+struct AdminClient {
+    inner: AdminServiceClient<Channel>,
+    socket: PathBuf,
+}
+
+impl AdminClient {
+    /// Connects to the admin socket. The first connection is made here so that a missing
+    /// socket or a server that is down gives a precise error.
+    async fn connect(admin: &AdminArgs) -> anyhow::Result<Self> {
+        let socket = admin.admin_socket.clone();
+        let first = UnixStream::connect(&socket).await.map_err(|err| {
+            anyhow!(
+                "cannot connect to admin socket {}: {} (is tessera-server running?)",
+                socket.display(),
+                io_message(&err)
+            )
+        })?;
+        let first = Arc::new(Mutex::new(Some(first)));
+        let path = socket.clone();
+        let connector = tower::service_fn(move |_: Uri| {
+            let ready = first.lock().ok().and_then(|mut slot| slot.take());
+            let path = path.clone();
+            async move {
+                let stream = match ready {
+                    Some(stream) => stream,
+                    None => UnixStream::connect(path).await?,
+                };
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        // The URI is required by the API but unused: the connector decides where to go.
+        let channel = Endpoint::from_static("http://tessera-server.admin")
+            .connect_with_connector(connector)
+            .await
+            .map_err(|err| {
+                // The socket accepted, then the HTTP/2 handshake failed: the server closes
+                // connections from peers it does not admit.
+                anyhow!(
+                    "cannot connect to admin socket {}: the server closed the connection ({err}); only the server's uid and root may use it",
+                    socket.display()
+                )
+            })?;
+        Ok(Self { inner: AdminServiceClient::new(channel), socket })
+    }
+
+    /// The response message, or a one-line error from the status.
+    fn call<T>(&self, result: Result<tonic::Response<T>, Status>) -> anyhow::Result<T> {
+        result.map(tonic::Response::into_inner).map_err(|status| status_error(&self.socket, &status))
+    }
+}
+
+/// One line for a failed call: the server's message (which names the field), or what
+/// happened to the connection.
+fn status_error(socket: &Path, status: &Status) -> anyhow::Error {
+    let message = status.message();
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled if message.contains("transport") || message.is_empty() => {
+            anyhow!(
+                "admin socket {}: the server closed the connection (only the server's uid and root may use it): {message}",
+                socket.display()
+            )
+        }
+        _ if message.is_empty() => anyhow!("the server answered {:?}", status.code()),
+        _ => anyhow!("{message}"),
+    }
+}
+
+/// The I/O error without Rust's " (os error N)" suffix.
+fn io_message(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    match text.find(" (os error ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
+/// A TTL flag: whole seconds, at least 1, at most `u32::MAX`; absent is 0 (server default).
+fn ttl_flag(flag: &str, ttl: Option<u64>) -> anyhow::Result<u32> {
+    match ttl {
+        None => Ok(0),
+        Some(0) => bail!("invalid {flag} 0: a TTL must be at least 1 second"),
+        Some(secs) => u32::try_from(secs).map_err(|_| anyhow!("invalid {flag} {secs}: at most {} seconds", u32::MAX)),
+    }
+}
+
+async fn healthcheck(admin: &AdminArgs) -> anyhow::Result<()> {
+    let client = AdminClient::connect(admin).await?;
+    let response = client.call(client.inner.clone().healthcheck(pb::HealthcheckRequest {}).await)?;
+    output::HealthOutput { healthy: true, trust_domain: response.trust_domain, version: response.version }
+        .print(admin.output)
+}
+
+async fn token_generate(spiffe_id: Option<String>, ttl: Option<u64>, admin: &AdminArgs) -> anyhow::Result<()> {
+    let request =
+        pb::GenerateJoinTokenRequest { spiffe_id: spiffe_id.unwrap_or_default(), ttl: ttl_flag("--ttl", ttl)? };
+    let client = AdminClient::connect(admin).await?;
+    let response = client.call(client.inner.clone().generate_join_token(request).await)?;
+    output::TokenOutput {
+        token: response.token,
+        expires_at: output::rfc3339(response.expires_at),
+        entry_id: (!response.entry_id.is_empty()).then_some(response.entry_id),
+    }
+    .print(admin.output)
+}
+
+async fn agent(command: AgentCommand) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::List { admin } => {
+            let client = AdminClient::connect(&admin).await?;
+            let mut agents = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = pb::ListAgentsRequest { page_size: 0, page_token };
+                let response = client.call(client.inner.clone().list_agents(request).await)?;
+                agents.extend(response.agents.iter().map(AgentOutput::from));
+                if response.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = response.next_page_token;
+            }
+            output::AgentList { agents }.print(admin.output)
+        }
+        AgentCommand::Show { spiffe_id, admin } => {
+            let client = AdminClient::connect(&admin).await?;
+            let response = client.call(client.inner.clone().get_agent(pb::GetAgentRequest { spiffe_id }).await)?;
+            let agent = response.agent.ok_or_else(|| anyhow!("the server answered without the agent"))?;
+            AgentOutput::from(&agent).print(admin.output)
+        }
+        AgentCommand::Ban { spiffe_id, admin } => {
+            let client = AdminClient::connect(&admin).await?;
+            let request = pb::BanAgentRequest { spiffe_id: spiffe_id.clone() };
+            client.call(client.inner.clone().ban_agent(request).await)?;
+            output::Done { action: "banned", id: spiffe_id }.print(admin.output)
+        }
+        AgentCommand::Evict { spiffe_id, admin } => {
+            let client = AdminClient::connect(&admin).await?;
+            let request = pb::EvictAgentRequest { spiffe_id: spiffe_id.clone() };
+            client.call(client.inner.clone().evict_agent(request).await)?;
+            output::Done { action: "evicted", id: spiffe_id }.print(admin.output)
+        }
+    }
+}
+
+async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
+    // Every bundle call needs the CA's bundle codec; the server answers UNIMPLEMENTED until
+    // then, and the output formatting (pem|spiffe) lands with it.
+    let pending = || anyhow!("bundle output is not available in this build yet");
+    match command {
+        BundleCommand::Show { admin, .. } => {
+            let client = AdminClient::connect(&admin).await?;
+            client.call(client.inner.clone().get_bundle(pb::GetBundleRequest {}).await)?;
+            Err(pending())
+        }
+        BundleCommand::List { admin, .. } => {
+            let client = AdminClient::connect(&admin).await?;
+            client.call(client.inner.clone().list_federated_bundles(pb::ListFederatedBundlesRequest {}).await)?;
+            Err(pending())
+        }
+        BundleCommand::Set { id, path, format, admin } => {
+            let bundle = std::fs::read(&path)
+                .map_err(|err| anyhow!("cannot read bundle file {}: {}", path.display(), io_message(&err)))?;
+            let format = match format {
+                crate::cli::BundleFormat::Pem => pb::BundleFormat::Pem,
+                crate::cli::BundleFormat::Spiffe => pb::BundleFormat::Spiffe,
+            };
+            let request = pb::SetFederatedBundleRequest { trust_domain: id.clone(), bundle, format: format as i32 };
+            let client = AdminClient::connect(&admin).await?;
+            client.call(client.inner.clone().set_federated_bundle(request).await)?;
+            output::Done { action: "set", id }.print(admin.output)
+        }
+        BundleCommand::Delete { id, admin } => {
+            let client = AdminClient::connect(&admin).await?;
+            let request = pb::DeleteFederatedBundleRequest { trust_domain: id.clone() };
+            client.call(client.inner.clone().delete_federated_bundle(request).await)?;
+            output::Done { action: "deleted", id }.print(admin.output)
+        }
+    }
+}
+
+/// Whether the output is JSON.
+fn is_json(format: OutputFormat) -> bool {
+    format == OutputFormat::Json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_flags() {
+        assert_eq!(ttl_flag("--ttl", None).unwrap(), 0);
+        assert_eq!(ttl_flag("--ttl", Some(60)).unwrap(), 60);
+        assert_eq!(
+            ttl_flag("--ttl", Some(0)).unwrap_err().to_string(),
+            "invalid --ttl 0: a TTL must be at least 1 second"
+        );
+        assert!(ttl_flag("--x509-svid-ttl", Some(u64::MAX)).unwrap_err().to_string().contains("--x509-svid-ttl"));
+    }
+
+    #[test]
+    fn io_messages_drop_the_os_error_number() {
+        let err = std::io::Error::from_raw_os_error(2);
+        assert_eq!(io_message(&err), "No such file or directory");
+    }
+}

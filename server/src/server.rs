@@ -1,0 +1,435 @@
+//! The running server: its shared state, its listeners and its lifecycle.
+//!
+//! [`start`] opens the datastore, binds the admin socket (and the health endpoints when
+//! configured) and spawns their tasks; [`RunningServer::shutdown`] stops them gracefully and
+//! removes the socket file. [`run`] is `start` + wait for SIGINT/SIGTERM + `shutdown`, what
+//! `tessera-server run` does. Tests call `start` and `shutdown` directly.
+//!
+//! # Extending the state
+//!
+//! [`ServerState`] is what every API handler holds (behind an `Arc`). The CA work adds its
+//! handle there (a field set in [`ServerState::new`]), joins the readiness check in
+//! [`ServerState::readiness`], and fills in the admin calls marked `requires_ca` in
+//! `crate::admin`. The agent API is another service added next to the admin one.
+//!
+//! # Admin socket authorization
+//!
+//! The socket's directory is 0700, and on top of that every accepted connection is checked
+//! by its peer credentials (`SO_PEERCRED`, through tokio): only the server's own effective
+//! uid and root are served; any other connection is logged and closed before a byte of
+//! HTTP/2 is read.
+
+use std::fs::{self, DirBuilder, Permissions};
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tessera_spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::admin::AdminApi;
+use crate::config::ServerConfig;
+use crate::datastore::{DataStore, DataStoreError, DataStoreOptions, SledDataStore, blocking};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {}: {source}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// The datastore could not be opened.
+    #[error(transparent)]
+    Datastore(#[from] DataStoreError),
+    /// A well-known SPIFFE ID of the trust domain could not be built.
+    #[error("trust domain {trust_domain}: {source}")]
+    WellKnownId {
+        /// The configured trust domain.
+        trust_domain: String,
+        /// Why.
+        source: SpiffeIdError,
+    },
+    /// The admin socket could not be prepared or bound.
+    #[error("admin socket {}: {reason}", path.display())]
+    AdminSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The health endpoint address could not be bound.
+    #[error("health.bind_address {addr}: {source}")]
+    HealthBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// A listener failed while serving.
+    #[error("{listener} failed: {reason}")]
+    Serve {
+        /// Which listener.
+        listener: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What every API handler of one server shares.
+#[derive(Debug)]
+pub struct ServerState {
+    config: ServerConfig,
+    server_id: SpiffeId,
+    datastore: Arc<dyn DataStore>,
+    // The CA handle goes here (see the module documentation).
+}
+
+impl ServerState {
+    /// The state of a server with this configuration and datastore.
+    pub fn new(config: ServerConfig, datastore: Arc<dyn DataStore>) -> Result<Self, ServerError> {
+        let server_id = config.trust_domain.id_from_segments(&["tessera", "server"]).map_err(|source| {
+            ServerError::WellKnownId { trust_domain: config.trust_domain.name().to_owned(), source }
+        })?;
+        Ok(Self { config, server_id, datastore })
+    }
+
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The trust domain the server is the CA of.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// `spiffe://<td>/tessera/server`.
+    pub fn server_id(&self) -> &SpiffeId {
+        &self.server_id
+    }
+
+    /// The datastore.
+    pub fn datastore(&self) -> &Arc<dyn DataStore> {
+        &self.datastore
+    }
+
+    /// The agent ID a join token attests: `spiffe://<td>/tessera/agent/join_token/<token>`.
+    pub fn join_token_agent_id(&self, token: &str) -> Result<SpiffeId, SpiffeIdError> {
+        self.config.trust_domain.id_from_segments(&["tessera", "agent", "join_token", token])
+    }
+
+    /// `Ok` when the server can serve: the datastore answers. The CA check (it can sign)
+    /// joins here once the CA exists. The error is a one-line reason.
+    pub async fn readiness(&self) -> Result<(), String> {
+        blocking(&self.datastore, |store| store.current_revision())
+            .await
+            .map(|_| ())
+            .map_err(|err| format!("datastore not answering: {err}"))
+    }
+}
+
+/// A started server; see the [module documentation](self).
+#[derive(Debug)]
+pub struct RunningServer {
+    state: Arc<ServerState>,
+    admin_socket: PathBuf,
+    health_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// The shared state.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// Where the health endpoints listen (the bound address, so port 0 is resolved).
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
+    }
+
+    /// Stops accepting, lets in-flight calls finish, removes the admin socket file.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop.send_replace(true);
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined.map_err(|err| ServerError::Serve { listener: "server task", reason: err.to_string() });
+            if let Err(err) = outcome.and_then(|inner| inner)
+                && result.is_ok()
+            {
+                result = Err(err);
+            }
+        }
+        remove_socket_file(&self.admin_socket);
+        result
+    }
+
+    /// Waits until one of the server's tasks ends by itself (which is a failure: they only
+    /// end when told to).
+    async fn failed(&mut self) -> ServerError {
+        match self.tasks.join_next().await {
+            Some(Ok(Err(err))) => err,
+            Some(Ok(Ok(()))) => ServerError::Serve { listener: "a listener", reason: "stopped unexpectedly".into() },
+            Some(Err(err)) => ServerError::Serve { listener: "server task", reason: err.to_string() },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, then shuts it down gracefully.
+pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
+    let mut server = start(config).await?;
+    tracing::info!(
+        trust_domain = %server.state.trust_domain(),
+        admin_socket = %server.admin_socket.display(),
+        health = ?server.health_addr,
+        "tessera-server started"
+    );
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "shutting down");
+            server.shutdown().await?;
+            tracing::info!("tessera-server stopped");
+            Ok(())
+        }
+        err = server.failed() => {
+            tracing::error!(error = %err, "shutting down after a failure");
+            let _ = server.shutdown().await;
+            Err(err)
+        }
+    }
+}
+
+/// Opens the datastore, binds the listeners and spawns them.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    create_private_dir(&config.data_dir)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    let path = config.datastore_path();
+    let datastore = tokio::task::spawn_blocking(move || SledDataStore::open(path, DataStoreOptions::default()))
+        .await
+        .map_err(|err| DataStoreError::Open { path: config.datastore_path(), source: Box::new(err) })??;
+    let datastore: Arc<dyn DataStore> = Arc::new(datastore);
+    start_with(config, datastore).await
+}
+
+/// Like [`start`] with a datastore the caller opened (tests pass the in-memory one).
+pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> Result<RunningServer, ServerError> {
+    let admin_socket = config.admin_socket.clone();
+    let health_bind = config.health.bind_address;
+    let state = Arc::new(ServerState::new(config, datastore)?);
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    // Bind everything before spawning anything, so a bind failure leaves nothing running.
+    let admin_listener = bind_admin_socket(&admin_socket)?;
+    let health_listener = match health_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServerError::HealthBind { addr, source })?),
+        None => None,
+    };
+    let health_addr = match &health_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|source| ServerError::HealthBind {
+            addr: health_bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        })?),
+        None => None,
+    };
+
+    tasks.spawn(serve_admin(Arc::clone(&state), admin_listener, stopped.clone()));
+    if let Some(listener) = health_listener {
+        tasks.spawn(serve_health(Arc::clone(&state), listener, stopped));
+    }
+    Ok(RunningServer { state, admin_socket, health_addr, stop, tasks })
+}
+
+/// Resolves when the stop flag is raised (or its sender is gone).
+async fn stop_requested(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+// ---- Admin socket ------------------------------------------------------------------------------
+
+fn create_private_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// Prepares the socket's directory (0700), removes a stale socket file nobody listens on,
+/// and binds.
+fn bind_admin_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let fail = |reason: String| ServerError::AdminSocket { path: path.to_path_buf(), reason };
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    create_private_dir(parent).map_err(|err| fail(format!("cannot create directory {}: {err}", parent.display())))?;
+    let meta = fs::metadata(parent).map_err(|err| fail(format!("cannot inspect {}: {err}", parent.display())))?;
+    if meta.mode() & 0o1000 != 0 {
+        // A shared sticky directory such as /tmp: never chmod it; the peer credential check
+        // still protects the API.
+        tracing::warn!(
+            directory = %parent.display(),
+            "the admin socket's directory is shared; put the socket in a private directory"
+        );
+    } else if meta.mode() & 0o777 != 0o700 {
+        fs::set_permissions(parent, Permissions::from_mode(0o700))
+            .map_err(|err| fail(format!("cannot make {} private (0700): {err}", parent.display())))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(fail("exists and is not a socket; refusing to remove it".into()));
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail("another server is listening on it".into()));
+            }
+            tracing::info!(socket = %path.display(), "removing stale admin socket");
+            fs::remove_file(path).map_err(|err| fail(format!("cannot remove the stale socket: {err}")))?;
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(fail(format!("cannot inspect: {err}"))),
+    }
+    UnixListener::bind(path).map_err(|err| fail(format!("cannot bind: {err}")))
+}
+
+fn remove_socket_file(path: &Path) {
+    if let Err(err) = fs::remove_file(path)
+        && err.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %path.display(), error = %err, "cannot remove the admin socket");
+    }
+}
+
+/// Whether a connection with these peer credentials may use the admin API.
+fn peer_allowed(peer_uid: u32, server_uid: u32) -> bool {
+    peer_uid == server_uid || peer_uid == 0
+}
+
+/// Admits the connection if its peer may use the admin API; logs and drops (closes) it
+/// otherwise.
+fn admit(stream: UnixStream, server_uid: u32) -> Option<UnixStream> {
+    match stream.peer_cred() {
+        Ok(cred) if peer_allowed(cred.uid(), server_uid) => Some(stream),
+        Ok(cred) => {
+            tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin connection refused: only the server's uid and root may connect");
+            None
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "admin connection refused: cannot read its peer credentials");
+            None
+        }
+    }
+}
+
+async fn serve_admin(
+    state: Arc<ServerState>,
+    listener: UnixListener,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let server_uid = rustix::process::geteuid().as_raw();
+    let incoming = UnixListenerStream::new(listener).filter_map(move |accepted| match accepted {
+        Ok(stream) => admit(stream, server_uid).map(Ok),
+        Err(err) => Some(Err(err)),
+    });
+    tonic::transport::Server::builder()
+        .add_service(AdminApi::new(state).into_service())
+        .serve_with_incoming_shutdown(incoming, stop_requested(stopped))
+        .await
+        .map_err(|err| ServerError::Serve { listener: "admin API", reason: err.to_string() })
+}
+
+// ---- Health ------------------------------------------------------------------------------------
+
+async fn serve_health(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let router = Router::new().route("/live", get(live)).route("/ready", get(ready)).with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop_requested(stopped))
+        .await
+        .map_err(|err| ServerError::Serve { listener: "health endpoint", reason: err.to_string() })
+}
+
+async fn live() -> (StatusCode, &'static str) {
+    (StatusCode::OK, "live\n")
+}
+
+async fn ready(State(state): State<Arc<ServerState>>) -> (StatusCode, String) {
+    match state.readiness().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_own_uid_and_root_are_admitted() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(!peer_allowed(65534, 1000));
+        assert!(peer_allowed(0, 0));
+        assert!(!peer_allowed(1000, 0));
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private/admin.sock");
+        // A stale socket: bound, then its listener dropped.
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = rt.block_on(async { bind_admin_socket(&path) }).unwrap();
+        let mode = fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        // A live one is not taken over.
+        let err = rt.block_on(async { bind_admin_socket(&path) }).unwrap_err();
+        assert!(err.to_string().contains("another server is listening"), "{err}");
+        drop(listener);
+        // A regular file is never removed.
+        let file = dir.path().join("private/file");
+        fs::write(&file, b"x").unwrap();
+        assert!(rt.block_on(async { bind_admin_socket(&file) }).is_err());
+        assert!(file.exists());
+    }
+}
