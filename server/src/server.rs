@@ -7,10 +7,10 @@
 //!
 //! # Extending the state
 //!
-//! [`ServerState`] is what every API handler holds (behind an `Arc`). The CA work adds its
-//! handle there (a field set in [`ServerState::new`]), joins the readiness check in
-//! [`ServerState::readiness`], and fills in the admin calls marked `requires_ca` in
-//! `crate::admin`. The agent API is another service added next to the admin one.
+//! [`ServerState`] is what every API handler holds (behind an `Arc`): the configuration, the
+//! datastore and the CA ([`crate::ca::CertificateAuthority`], loaded or created at start, before
+//! any socket accepts). [`ServerState::readiness`] checks both the datastore and that the CA
+//! can sign. The agent API is another service added next to the admin one in [`start_with`].
 //!
 //! # Admin socket authorization
 //!
@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::Router;
 use axum::extract::State;
@@ -38,6 +39,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::admin::AdminApi;
+use crate::ca::{CaError, CertificateAuthority};
 use crate::config::ServerConfig;
 use crate::datastore::{DataStore, DataStoreError, DataStoreOptions, SledDataStore, blocking};
 
@@ -56,6 +58,9 @@ pub enum ServerError {
     /// The datastore could not be opened.
     #[error(transparent)]
     Datastore(#[from] DataStoreError),
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] CaError),
     /// A well-known SPIFFE ID of the trust domain could not be built.
     #[error("trust domain {trust_domain}: {source}")]
     WellKnownId {
@@ -96,16 +101,25 @@ pub struct ServerState {
     config: ServerConfig,
     server_id: SpiffeId,
     datastore: Arc<dyn DataStore>,
-    // The CA handle goes here (see the module documentation).
+    ca: Arc<CertificateAuthority>,
 }
 
 impl ServerState {
     /// The state of a server with this configuration and datastore.
-    pub fn new(config: ServerConfig, datastore: Arc<dyn DataStore>) -> Result<Self, ServerError> {
+    pub fn new(
+        config: ServerConfig,
+        datastore: Arc<dyn DataStore>,
+        ca: Arc<CertificateAuthority>,
+    ) -> Result<Self, ServerError> {
         let server_id = config.trust_domain.id_from_segments(&["tessera", "server"]).map_err(|source| {
             ServerError::WellKnownId { trust_domain: config.trust_domain.name().to_owned(), source }
         })?;
-        Ok(Self { config, server_id, datastore })
+        Ok(Self { config, server_id, datastore, ca })
+    }
+
+    /// The certificate authority of the trust domain.
+    pub fn ca(&self) -> &Arc<CertificateAuthority> {
+        &self.ca
     }
 
     /// The configuration the server runs with.
@@ -133,13 +147,17 @@ impl ServerState {
         self.config.trust_domain.id_from_segments(&["tessera", "agent", "join_token", token])
     }
 
-    /// `Ok` when the server can serve: the datastore answers. The CA check (it can sign)
-    /// joins here once the CA exists. The error is a one-line reason.
+    /// `Ok` when the server can serve: the datastore answers and the CA can sign (a throwaway
+    /// X.509-SVID and JWT-SVID are signed and verified). The error is a one-line reason.
     pub async fn readiness(&self) -> Result<(), String> {
         blocking(&self.datastore, |store| store.current_revision())
             .await
-            .map(|_| ())
-            .map_err(|err| format!("datastore not answering: {err}"))
+            .map_err(|err| format!("datastore not answering: {err}"))?;
+        let ca = Arc::clone(&self.ca);
+        tokio::task::spawn_blocking(move || ca.can_sign(SystemTime::now()))
+            .await
+            .map_err(|err| format!("CA check did not finish: {err}"))?
+            .map_err(|err| format!("CA cannot sign: {err}"))
     }
 }
 
@@ -237,7 +255,21 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> Result<RunningServer, ServerError> {
     let admin_socket = config.admin_socket.clone();
     let health_bind = config.health.bind_address;
-    let state = Arc::new(ServerState::new(config, datastore)?);
+    let ca = {
+        let (config, datastore) = (config.clone(), Arc::clone(&datastore));
+        tokio::task::spawn_blocking(move || {
+            CertificateAuthority::load_or_create(
+                &config.data_dir,
+                &config,
+                datastore.as_ref(),
+                SystemTime::now(),
+                &ring::rand::SystemRandom::new(),
+            )
+        })
+        .await
+        .map_err(|err| ServerError::Serve { listener: "CA start-up", reason: err.to_string() })??
+    };
+    let state = Arc::new(ServerState::new(config, datastore, Arc::new(ca))?);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
