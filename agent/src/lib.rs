@@ -6,6 +6,7 @@
 //! non-zero.
 
 pub mod attestor;
+pub mod cache;
 pub mod cli;
 pub mod config;
 
