@@ -253,7 +253,7 @@ pub enum AgentCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum X509Command {
-    /// Mint an X.509-SVID with a server-generated key.
+    /// Mint an X.509-SVID for a new EC P-256 key generated here (only a CSR is sent).
     Mint {
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
@@ -261,7 +261,8 @@ pub enum X509Command {
         ttl: Option<u64>,
         #[arg(long = "dns-name", value_name = "NAME")]
         dns_names: Vec<String>,
-        /// Write svid.pem, key.pem and bundle.pem into this directory instead of stdout.
+        /// Write svid.pem, key.pem (mode 0600) and bundle.pem into this directory instead of
+        /// printing them.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
         #[command(flatten)]
