@@ -335,6 +335,7 @@ async fn bundles_and_minting() {
         (x509("", vec![], vec![]), "invalid spiffe_id"),
         (x509("spiffe://example.org/web", b"not a csr".to_vec(), vec![]), "invalid csr"),
         (x509("spiffe://example.org/web", vec![], vec![String::new()]), "invalid dns_names"),
+        (x509("spiffe://example.org/web", vec![], vec!["web_.-x".into()]), "invalid dns_names"),
     ];
     for (request, needle) in cases {
         assert_status(client.mint_x509_svid(request).await, Code::InvalidArgument, needle);

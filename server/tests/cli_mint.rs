@@ -172,6 +172,7 @@ fn mint_errors_are_one_clear_line() {
     fails(x509(&["--spiffe-id", "web"]), "invalid spiffe_id");
     fails(x509(&["--spiffe-id", "spiffe://example.org/web", "--ttl", "0"]), "--ttl");
     fails(x509(&["--spiffe-id", "spiffe://example.org/web", "--dns-name", "bad name"]), "invalid dns_names");
+    fails(x509(&["--spiffe-id", "spiffe://example.org/web", "--dns-name", "a..b.example.org"]), "invalid dns_names");
     // --write under a regular file cannot be created.
     let file = server.dir.path().join("plain");
     std::fs::write(&file, "x").unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tessera_spiffe::bundle::Bundle;
 use tessera_spiffe::keys::PublicKey;
+use tessera_spiffe::x509::X509SvidTemplate;
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tessera_wire::tessera::admin::v1 as admin;
 use tessera_wire::tessera::common::v1 as common;
@@ -87,11 +88,16 @@ fn ttl_to_proto(ttl: Option<Duration>) -> u32 {
     ttl.map_or(0, |ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))
 }
 
+/// DNS SANs, checked with the very rule the X.509-SVID template applies when signing (so an
+/// entry can never hold a name its SVIDs cannot carry): ASCII labels, an optional leading `*`
+/// label, at most 253 bytes.
 pub(crate) fn parse_dns_names(names: &[String]) -> Result<Vec<String>, FieldError> {
+    let probe = SpiffeId::parse("spiffe://dns-name-check.invalid/probe")
+        .map_err(|err| FieldError::new("dns_names", format!("cannot check DNS names: {err}")))?;
     for name in names {
-        if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(FieldError::new("dns_names", format!("{name:?} is not a DNS name")));
-        }
+        X509SvidTemplate::new(probe.clone(), Duration::from_secs(1))
+            .and_then(|template| template.with_dns_names([name.as_str()]))
+            .map_err(|_| FieldError::new("dns_names", format!("{name:?} is not a DNS name")))?;
     }
     Ok(names.to_vec())
 }
@@ -373,6 +379,9 @@ mod tests {
             (|e| e.selectors[0].value = String::new(), "invalid selectors"),
             (|e| e.federates_with = vec!["example.org".into()], "invalid federates_with"),
             (|e| e.dns_names = vec![String::new()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["bad name".into()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["-web.example.org".into()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["a..b".into()], "invalid dns_names"),
             (|e| e.expires_at = -1, "invalid expires_at"),
         ];
         for (mutate, expected) in cases {
