@@ -140,19 +140,24 @@ pub enum EntryCommand {
     },
     /// Show entries, optionally filtered.
     Show {
+        /// Show only this entry.
         #[arg(long, value_name = "ID")]
         entry_id: Option<String>,
+        /// Only entries with this SPIFFE ID.
         #[arg(long, value_name = "ID")]
         spiffe_id: Option<String>,
+        /// Only entries with this parent ID.
         #[arg(long, value_name = "ID")]
         parent_id: Option<String>,
+        /// Only entries having this selector among theirs; repeatable (all must be present).
         #[arg(long = "selector", value_name = "TYPE:VALUE")]
         selectors: Vec<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Update an entry.
+    /// Update an entry: only the flags given change.
     Update {
+        /// The entry to update.
         #[arg(long, value_name = "ID")]
         entry_id: String,
         #[command(flatten)]
@@ -162,6 +167,7 @@ pub enum EntryCommand {
     },
     /// Delete an entry.
     Delete {
+        /// The entry to delete.
         #[arg(long, value_name = "ID")]
         entry_id: String,
         #[command(flatten)]
@@ -187,6 +193,7 @@ pub enum BundleFormat {
 pub enum BundleCommand {
     /// Show this trust domain's bundle.
     Show {
+        /// Encoding of the printed bundle.
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
         #[command(flatten)]
@@ -194,6 +201,7 @@ pub enum BundleCommand {
     },
     /// List federated bundles.
     List {
+        /// Encoding of the printed bundles.
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
         #[command(flatten)]
@@ -207,6 +215,7 @@ pub enum BundleCommand {
         /// File holding the bundle.
         #[arg(long, value_name = "FILE")]
         path: PathBuf,
+        /// Encoding of the file.
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
         #[command(flatten)]
@@ -214,6 +223,7 @@ pub enum BundleCommand {
     },
     /// Delete a federated bundle.
     Delete {
+        /// Trust domain ID of the bundle, `spiffe://TD`.
         #[arg(long, value_name = "spiffe://TD")]
         id: String,
         #[command(flatten)]
@@ -230,6 +240,7 @@ pub enum AgentCommand {
     },
     /// Show one agent.
     Show {
+        /// SPIFFE ID of the agent.
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
         #[command(flatten)]
@@ -237,6 +248,7 @@ pub enum AgentCommand {
     },
     /// Ban an agent: it keeps no valid serial and cannot attest again.
     Ban {
+        /// SPIFFE ID of the agent.
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
         #[command(flatten)]
@@ -244,6 +256,7 @@ pub enum AgentCommand {
     },
     /// Evict an agent: it must attest again.
     Evict {
+        /// SPIFFE ID of the agent.
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
         #[command(flatten)]
@@ -253,15 +266,19 @@ pub enum AgentCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum X509Command {
-    /// Mint an X.509-SVID with a server-generated key.
+    /// Mint an X.509-SVID for a new EC P-256 key generated here (only a CSR is sent).
     Mint {
+        /// SPIFFE ID of the SVID (in the server's trust domain).
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
+        /// Lifetime in seconds (default: the server's default_x509_svid_ttl; capped by the CA).
         #[arg(long, value_name = "SECONDS")]
         ttl: Option<u64>,
+        /// DNS SAN to add; repeatable.
         #[arg(long = "dns-name", value_name = "NAME")]
         dns_names: Vec<String>,
-        /// Write svid.pem, key.pem and bundle.pem into this directory instead of stdout.
+        /// Write svid.pem, key.pem (mode 0600) and bundle.pem into this directory instead of
+        /// printing them.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
         #[command(flatten)]
@@ -271,12 +288,15 @@ pub enum X509Command {
 
 #[derive(Debug, Subcommand)]
 pub enum JwtCommand {
-    /// Mint a JWT-SVID.
+    /// Mint a JWT-SVID. Prints the token.
     Mint {
+        /// `sub` of the token (in the server's trust domain).
         #[arg(long, value_name = "ID")]
         spiffe_id: String,
+        /// `aud` value; at least one, repeatable.
         #[arg(long = "audience", value_name = "AUD", required = true)]
         audiences: Vec<String>,
+        /// Lifetime in seconds (default: the server's default_jwt_svid_ttl; capped by the CA).
         #[arg(long, value_name = "SECONDS")]
         ttl: Option<u64>,
         #[command(flatten)]

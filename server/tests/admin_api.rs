@@ -1,16 +1,23 @@
 //! The admin API against a real server started in-process: sled datastore in a temporary
-//! data directory, tonic over the real admin Unix socket, the real health endpoints.
+//! data directory (or an in-memory one where the test needs to plant an attested node), tonic
+//! over the real admin Unix socket, the real health endpoints.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
-use tessera_server::admin::CA_PENDING;
+use ring::rand::SystemRandom;
 use tessera_server::config::ServerConfig;
+use tessera_server::datastore::{AttestedNode, DataStore, DataStoreOptions, MemoryDataStore};
 use tessera_server::server::{self, RunningServer};
-use tessera_spiffe::TrustDomain;
+use tessera_spiffe::bundle::{Bundle, encode_pem_certificates};
+use tessera_spiffe::keys::PublicKey;
+use tessera_spiffe::x509::{CaTemplate, X509Svid, verify_x509_svid};
+use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tessera_wire::tessera::admin::v1 as pb;
 use tessera_wire::tessera::admin::v1::admin_service_client::AdminServiceClient;
 use tessera_wire::tessera::common::v1 as common;
@@ -22,15 +29,18 @@ use tonic::transport::{Channel, Endpoint, Uri};
 type Client = AdminServiceClient<Channel>;
 
 async fn start(dir: &Path) -> RunningServer {
-    let config = ServerConfig {
+    server::start(config(dir)).await.unwrap()
+}
+
+fn config(dir: &Path) -> ServerConfig {
+    ServerConfig {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         data_dir: dir.join("data"),
         bind_address: "127.0.0.1:0".parse().unwrap(),
         admin_socket: dir.join("private/admin.sock"),
         health: tessera_server::config::HealthConfig { bind_address: Some("127.0.0.1:0".parse().unwrap()) },
         ..ServerConfig::default()
-    };
-    server::start(config).await.unwrap()
+    }
 }
 
 async fn connect(socket: &Path) -> Client {
@@ -211,12 +221,6 @@ async fn entries_tokens_agents_and_health() {
     assert_status(client.ban_agent(malformed).await, Code::InvalidArgument, "invalid spiffe_id");
     assert_status(client.evict_agent(pb::EvictAgentRequest { spiffe_id: AGENT.into() }).await, Code::NotFound, AGENT);
 
-    // What needs the CA says so.
-    assert_status(client.get_bundle(pb::GetBundleRequest {}).await, Code::Unimplemented, CA_PENDING);
-    let mint =
-        pb::MintJwtSvidRequest { spiffe_id: "spiffe://example.org/web".into(), audiences: vec!["a".into()], ttl: 0 };
-    assert_status(client.mint_jwt_svid(mint).await, Code::Unimplemented, CA_PENDING);
-
     // Graceful shutdown removes the socket.
     drop(client);
     server.shutdown().await.unwrap();
@@ -247,6 +251,242 @@ async fn restart_keeps_entries_and_replaces_the_stale_socket() {
         ServerConfig { data_dir: other.path().join("data"), admin_socket: socket.clone(), ..ServerConfig::default() };
     let err = server::start(config).await.unwrap_err();
     assert!(err.to_string().contains("another server is listening"), "{err}");
+    drop(client);
+    server.shutdown().await.unwrap();
+}
+
+/// The protobuf bundle as a tessera-spiffe bundle (what a client of the API would do).
+fn bundle_of(proto: &common::Bundle) -> Bundle {
+    let mut bundle = Bundle::new(TrustDomain::new(&proto.trust_domain).unwrap());
+    for der in &proto.x509_authorities {
+        bundle.add_x509_authority(der).unwrap();
+    }
+    for jwt in &proto.jwt_authorities {
+        bundle.add_jwt_authority(jwt.key_id.clone(), PublicKey::from_spki_der(&jwt.public_key).unwrap()).unwrap();
+    }
+    bundle
+}
+
+/// A self-signed CA certificate (DER) of another trust domain.
+fn foreign_ca(trust_domain: &str) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    CaTemplate::new(TrustDomain::new(trust_domain).unwrap(), Duration::from_secs(3600))
+        .unwrap()
+        .self_signed(&key, SystemTime::now(), &SystemRandom::new())
+        .unwrap()
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_and_minting() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut client = connect(server.admin_socket()).await;
+
+    // The own bundle: the CA's root and JWT key, published (sequence >= 1).
+    let own = client.get_bundle(pb::GetBundleRequest {}).await.unwrap().into_inner().bundle.unwrap();
+    assert_eq!(own.trust_domain, "example.org");
+    assert_eq!(own.x509_authorities.len(), 1);
+    assert_eq!(own.jwt_authorities.len(), 1);
+    assert!(own.sequence >= 1);
+    let own_bundle = bundle_of(&own);
+
+    // X.509-SVID with a server-generated key: verifies against the bundle, key matches.
+    let request = pb::MintX509SvidRequest {
+        spiffe_id: "spiffe://example.org/web".into(),
+        ttl: 120,
+        dns_names: vec!["web.example.org".into()],
+        csr: Vec::new(),
+    };
+    let minted = client.mint_x509_svid(request).await.unwrap().into_inner();
+    assert!(!minted.private_key.is_empty());
+    let chain: Vec<&[u8]> = minted.cert_chain.iter().map(Vec::as_slice).collect();
+    let verified = verify_x509_svid(&chain, &own_bundle, SystemTime::now()).unwrap();
+    assert_eq!(verified.spiffe_id().as_str(), "spiffe://example.org/web");
+    let svid = X509Svid::parse(&minted.cert_chain.concat(), &minted.private_key, &SystemRandom::new()).unwrap();
+    assert_eq!(svid.spiffe_id().as_str(), "spiffe://example.org/web");
+    assert!((minted.expires_at - unix_now() - 120).abs() <= 5, "ttl 120 honoured: {}", minted.expires_at);
+    assert_eq!(minted.bundle.unwrap(), own);
+
+    // With a CSR the key stays with the caller; a huge TTL is capped by the CA (24h default).
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+    let request =
+        pb::MintX509SvidRequest { spiffe_id: "spiffe://example.org/db".into(), ttl: u32::MAX, dns_names: vec![], csr };
+    let minted = client.mint_x509_svid(request).await.unwrap().into_inner();
+    assert!(minted.private_key.is_empty());
+    assert!(minted.expires_at <= unix_now() + 24 * 3600 + 5, "capped by the CA: {}", minted.expires_at);
+    let svid = X509Svid::parse(&minted.cert_chain.concat(), &key.serialize_der(), &SystemRandom::new()).unwrap();
+    assert_eq!(svid.spiffe_id().as_str(), "spiffe://example.org/db");
+
+    // Bad mint requests name the field.
+    let x509 = |spiffe_id: &str, csr: Vec<u8>, dns_names: Vec<String>| pb::MintX509SvidRequest {
+        spiffe_id: spiffe_id.into(),
+        ttl: 0,
+        dns_names,
+        csr,
+    };
+    let cases = [
+        (x509("spiffe://other.org/web", vec![], vec![]), "invalid spiffe_id"),
+        (x509("spiffe://example.org", vec![], vec![]), "invalid spiffe_id"),
+        (x509("", vec![], vec![]), "invalid spiffe_id"),
+        (x509("spiffe://example.org/web", b"not a csr".to_vec(), vec![]), "invalid csr"),
+        (x509("spiffe://example.org/web", vec![], vec![String::new()]), "invalid dns_names"),
+        (x509("spiffe://example.org/web", vec![], vec!["web_.-x".into()]), "invalid dns_names"),
+    ];
+    for (request, needle) in cases {
+        assert_status(client.mint_x509_svid(request).await, Code::InvalidArgument, needle);
+    }
+
+    // JWT-SVID: validates against the bundle with the right sub and aud; default TTL 5m.
+    let request = pb::MintJwtSvidRequest {
+        spiffe_id: "spiffe://example.org/web".into(),
+        audiences: vec!["aud-1".into(), "aud-2".into()],
+        ttl: 0,
+    };
+    let jwt = client.mint_jwt_svid(request).await.unwrap().into_inner();
+    let validated = tessera_spiffe::jwt::validate(&jwt.token, &own_bundle, &["aud-2"], SystemTime::now()).unwrap();
+    assert_eq!(validated.spiffe_id().as_str(), "spiffe://example.org/web");
+    assert_eq!(validated.audience(), ["aud-1", "aud-2"]);
+    assert!((jwt.expires_at - unix_now() - 300).abs() <= 5, "default ttl: {}", jwt.expires_at);
+    let jwt_req = |spiffe_id: &str, audiences: Vec<String>| pb::MintJwtSvidRequest {
+        spiffe_id: spiffe_id.into(),
+        audiences,
+        ttl: 60,
+    };
+    assert_status(
+        client.mint_jwt_svid(jwt_req("spiffe://example.org/web", vec![])).await,
+        Code::InvalidArgument,
+        "invalid audiences",
+    );
+    assert_status(
+        client.mint_jwt_svid(jwt_req("spiffe://example.org/web", vec![String::new()])).await,
+        Code::InvalidArgument,
+        "invalid audiences",
+    );
+    assert_status(
+        client.mint_jwt_svid(jwt_req("spiffe://other.org/web", vec!["a".into()])).await,
+        Code::InvalidArgument,
+        "invalid spiffe_id",
+    );
+
+    // Federated bundles: none, then set (PEM, then SPIFFE JSON), list, delete.
+    let listed = client.list_federated_bundles(pb::ListFederatedBundlesRequest {}).await.unwrap().into_inner();
+    assert!(listed.bundles.is_empty(), "the own bundle is not federated: {listed:?}");
+    let other_ca = foreign_ca("other.org");
+    let set = |trust_domain: &str, bundle: Vec<u8>, format: pb::BundleFormat| pb::SetFederatedBundleRequest {
+        trust_domain: trust_domain.into(),
+        bundle,
+        format: format as i32,
+    };
+    let pem = encode_pem_certificates([other_ca.as_slice()]).into_bytes();
+    let stored = client
+        .set_federated_bundle(set("spiffe://other.org", pem.clone(), pb::BundleFormat::Pem))
+        .await
+        .unwrap()
+        .into_inner()
+        .bundle
+        .unwrap();
+    assert_eq!((stored.trust_domain.as_str(), stored.sequence), ("other.org", 1));
+    assert_eq!(stored.x509_authorities, vec![other_ca.clone()]);
+    let mut third = Bundle::new(TrustDomain::new("third.org").unwrap());
+    third.add_x509_authority(&foreign_ca("third.org")).unwrap();
+    third.add_jwt_authority("k1", own_bundle.jwt_authorities().values().next().unwrap().clone()).unwrap();
+    let stored = client
+        .set_federated_bundle(set("third.org", third.to_json().into_bytes(), pb::BundleFormat::Spiffe))
+        .await
+        .unwrap()
+        .into_inner()
+        .bundle
+        .unwrap();
+    assert_eq!(stored.jwt_authorities[0].key_id, "k1");
+    // Setting again replaces and bumps the sequence.
+    let again = client
+        .set_federated_bundle(set("other.org", pem.clone(), pb::BundleFormat::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.bundle.unwrap().sequence, 2);
+    let listed = client.list_federated_bundles(pb::ListFederatedBundlesRequest {}).await.unwrap().into_inner();
+    let names: Vec<_> = listed.bundles.iter().map(|b| (b.trust_domain.as_str(), b.sequence)).collect();
+    assert_eq!(names, [("other.org", 2), ("third.org", 1)]);
+    assert_eq!(bundle_of(&listed.bundles[1]).jwt_authorities().len(), 1);
+
+    // Refusals, each naming the field.
+    let cases = [
+        (set("example.org", pem.clone(), pb::BundleFormat::Pem), "own trust domain"),
+        (set("spiffe://example.org", pem.clone(), pb::BundleFormat::Pem), "own trust domain"),
+        (set("spiffe://other.org/workload", pem.clone(), pb::BundleFormat::Pem), "invalid trust_domain"),
+        (set("Not A Domain", pem.clone(), pb::BundleFormat::Pem), "invalid trust_domain"),
+        (set("", pem.clone(), pb::BundleFormat::Pem), "invalid trust_domain"),
+        (set("other.org", b"garbage".to_vec(), pb::BundleFormat::Pem), "invalid bundle"),
+        (set("other.org", b"{\"keys\": [}".to_vec(), pb::BundleFormat::Spiffe), "invalid bundle"),
+        (set("other.org", b"{\"keys\": []}".to_vec(), pb::BundleFormat::Spiffe), "trust nothing"),
+        (set("other.org", pem.clone(), pb::BundleFormat::Spiffe), "invalid bundle"),
+    ];
+    for (request, needle) in cases {
+        assert_status(client.set_federated_bundle(request).await, Code::InvalidArgument, needle);
+    }
+    let bad_format = pb::SetFederatedBundleRequest { trust_domain: "other.org".into(), bundle: pem, format: 99 };
+    assert_status(client.set_federated_bundle(bad_format).await, Code::InvalidArgument, "invalid format");
+
+    let delete = |trust_domain: &str| pb::DeleteFederatedBundleRequest { trust_domain: trust_domain.into() };
+    client.delete_federated_bundle(delete("spiffe://other.org")).await.unwrap();
+    assert_status(client.delete_federated_bundle(delete("other.org")).await, Code::NotFound, "other.org");
+    assert_status(client.delete_federated_bundle(delete("example.org")).await, Code::InvalidArgument, "own trust");
+    assert_status(client.delete_federated_bundle(delete("a/b")).await, Code::InvalidArgument, "invalid trust_domain");
+    let listed = client.list_federated_bundles(pb::ListFederatedBundlesRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.bundles.len(), 1);
+    // The own bundle is untouched by all of this.
+    let own_after = client.get_bundle(pb::GetBundleRequest {}).await.unwrap().into_inner().bundle.unwrap();
+    assert_eq!(own_after, own);
+    drop(client);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_show_ban_and_evict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryDataStore::new(DataStoreOptions::default()));
+    let server = server::start_with(config(dir.path()), Arc::clone(&store) as Arc<dyn DataStore>).await.unwrap();
+    let mut client = connect(server.admin_socket()).await;
+
+    let id = SpiffeId::parse(AGENT).unwrap();
+    let selectors: SelectorSet = [Selector::new("join_token", "t1").unwrap()].into_iter().collect();
+    let node = AttestedNode {
+        spiffe_id: id.clone(),
+        attestation_type: "join_token".into(),
+        serial: "0a1b".into(),
+        new_serial: None,
+        expires_at: 4_000_000_000,
+        banned: false,
+        selectors,
+        can_reattest: false,
+    };
+    store.create_attested_node(&node).unwrap();
+
+    let agent = client.get_agent(pb::GetAgentRequest { spiffe_id: AGENT.into() }).await.unwrap().into_inner();
+    let agent = agent.agent.unwrap();
+    assert_eq!(agent.attestation_type, "join_token");
+    assert_eq!((agent.serial.as_str(), agent.expires_at, agent.banned), ("0a1b", 4_000_000_000, false));
+    assert_eq!(agent.selectors, vec![selector("join_token", "t1")]);
+    let listed = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.agents, vec![agent]);
+
+    client.ban_agent(pb::BanAgentRequest { spiffe_id: AGENT.into() }).await.unwrap();
+    let banned = store.get_attested_node(&id).unwrap().unwrap();
+    assert!(banned.banned);
+    assert!(banned.serial.is_empty());
+    let shown = client.get_agent(pb::GetAgentRequest { spiffe_id: AGENT.into() }).await.unwrap().into_inner();
+    assert!(shown.agent.unwrap().banned);
+
+    client.evict_agent(pb::EvictAgentRequest { spiffe_id: AGENT.into() }).await.unwrap();
+    assert!(store.get_attested_node(&id).unwrap().is_none());
+    assert_status(client.get_agent(pb::GetAgentRequest { spiffe_id: AGENT.into() }).await, Code::NotFound, AGENT);
+    assert_status(client.ban_agent(pb::BanAgentRequest { spiffe_id: AGENT.into() }).await, Code::NotFound, AGENT);
     drop(client);
     server.shutdown().await.unwrap();
 }

@@ -1,5 +1,6 @@
-//! The real `tessera-server` binary: `run` in a child process, every implemented management
-//! subcommand against it, bad input, a bad config, `kill -9` durability, and (as root) a
+//! The real `tessera-server` binary: `run` in a child process, the token and entry
+//! subcommands against it (bundle, agent and mint commands: `cli_bundle.rs`, `cli_agent.rs`,
+//! `cli_mint.rs`), bad input, a bad config, `kill -9` durability, and (as root) a
 //! connection from another uid being refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -246,13 +247,6 @@ fn management_commands_against_a_running_server() {
     fails(server.cli(&["entry", "show", "--entry-id", "nope"]), "\"nope\" not found");
     fails(server.cli(&["entry", "update", "--entry-id", "nope", "--hint", "x"]), "\"nope\" not found");
     fails(server.cli(&["entry", "delete", "--entry-id", "nope"]), "\"nope\" not found");
-
-    // What needs the CA says so.
-    fails(server.cli(&["bundle", "show"]), "requires the CA");
-    fails(
-        server.cli(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/web", "--audience", "a"]),
-        "requires the CA",
-    );
 }
 
 #[test]

@@ -6,6 +6,9 @@
 
 use std::time::Duration;
 
+use tessera_spiffe::bundle::Bundle;
+use tessera_spiffe::keys::PublicKey;
+use tessera_spiffe::x509::X509SvidTemplate;
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tessera_wire::tessera::admin::v1 as admin;
 use tessera_wire::tessera::common::v1 as common;
@@ -85,11 +88,16 @@ fn ttl_to_proto(ttl: Option<Duration>) -> u32 {
     ttl.map_or(0, |ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))
 }
 
-fn parse_dns_names(names: &[String]) -> Result<Vec<String>, FieldError> {
+/// DNS SANs, checked with the very rule the X.509-SVID template applies when signing (so an
+/// entry can never hold a name its SVIDs cannot carry): ASCII labels, an optional leading `*`
+/// label, at most 253 bytes.
+pub(crate) fn parse_dns_names(names: &[String]) -> Result<Vec<String>, FieldError> {
+    let probe = SpiffeId::parse("spiffe://dns-name-check.invalid/probe")
+        .map_err(|err| FieldError::new("dns_names", format!("cannot check DNS names: {err}")))?;
     for name in names {
-        if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(FieldError::new("dns_names", format!("{name:?} is not a DNS name")));
-        }
+        X509SvidTemplate::new(probe.clone(), Duration::from_secs(1))
+            .and_then(|template| template.with_dns_names([name.as_str()]))
+            .map_err(|_| FieldError::new("dns_names", format!("{name:?} is not a DNS name")))?;
     }
     Ok(names.to_vec())
 }
@@ -253,6 +261,68 @@ pub(crate) fn entry_filter_from_proto(filter: Option<&admin::EntryFilter>) -> Re
     })
 }
 
+/// Parses a trust domain given as a bare name (`example.com`) or as a trust domain SPIFFE ID
+/// (`spiffe://example.com`). A SPIFFE ID with a path names a workload and is refused.
+pub(crate) fn parse_trust_domain(field: &'static str, input: &str) -> Result<TrustDomain, FieldError> {
+    if input.is_empty() {
+        return Err(FieldError::new(field, "must be set"));
+    }
+    if input.contains(":/") {
+        let id = SpiffeId::parse(input)
+            .map_err(|err| FieldError::new(field, format!("{input:?} is not a valid trust domain ID: {err}")))?;
+        if !id.is_trust_domain_id() {
+            return Err(FieldError::new(
+                field,
+                format!("{input:?} names a workload, not a trust domain (expected spiffe://<trust domain>)"),
+            ));
+        }
+        return Ok(id.trust_domain());
+    }
+    TrustDomain::new(input)
+        .map_err(|err| FieldError::new(field, format!("{input:?} is not a valid trust domain: {err}")))
+}
+
+/// A trust bundle as the protobuf `Bundle`.
+pub(crate) fn bundle_to_proto(bundle: &Bundle) -> common::Bundle {
+    common::Bundle {
+        trust_domain: bundle.trust_domain().name().to_owned(),
+        x509_authorities: bundle.x509_authorities().map(<[u8]>::to_vec).collect(),
+        jwt_authorities: bundle
+            .jwt_authorities()
+            .iter()
+            .map(|(key_id, key)| common::JwtAuthority {
+                key_id: key_id.clone(),
+                public_key: key.spki_der().to_vec(),
+                expires_at: 0,
+            })
+            .collect(),
+        sequence: bundle.sequence(),
+        refresh_hint_seconds: bundle.refresh_hint().map_or(0, |hint| i64::try_from(hint.as_secs()).unwrap_or(i64::MAX)),
+    }
+}
+
+/// The protobuf `Bundle` as a trust bundle, every authority checked (the CLI turns what the
+/// server sends into PEM or SPIFFE bundle JSON with it). The error names what is wrong.
+pub(crate) fn bundle_from_proto(proto: &common::Bundle) -> Result<Bundle, String> {
+    let trust_domain = TrustDomain::new(&proto.trust_domain)
+        .map_err(|err| format!("invalid trust domain {:?}: {err}", proto.trust_domain))?;
+    let mut bundle = Bundle::new(trust_domain);
+    for der in &proto.x509_authorities {
+        bundle.add_x509_authority(der).map_err(|err| format!("invalid X.509 authority: {err}"))?;
+    }
+    for authority in &proto.jwt_authorities {
+        let key = PublicKey::from_spki_der(&authority.public_key)
+            .map_err(|err| format!("invalid JWT authority {:?}: {err}", authority.key_id))?;
+        bundle
+            .add_jwt_authority(authority.key_id.clone(), key)
+            .map_err(|err| format!("invalid JWT authority {:?}: {err}", authority.key_id))?;
+    }
+    bundle.set_sequence(proto.sequence);
+    let hint = u64::try_from(proto.refresh_hint_seconds).ok().filter(|&secs| secs > 0);
+    bundle.set_refresh_hint(hint.map(Duration::from_secs));
+    Ok(bundle)
+}
+
 /// An attested node as the admin API's `Agent`.
 pub(crate) fn agent_to_proto(node: &AttestedNode) -> admin::Agent {
     admin::Agent {
@@ -309,6 +379,9 @@ mod tests {
             (|e| e.selectors[0].value = String::new(), "invalid selectors"),
             (|e| e.federates_with = vec!["example.org".into()], "invalid federates_with"),
             (|e| e.dns_names = vec![String::new()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["bad name".into()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["-web.example.org".into()], "invalid dns_names"),
+            (|e| e.dns_names = vec!["a..b".into()], "invalid dns_names"),
             (|e| e.expires_at = -1, "invalid expires_at"),
         ];
         for (mutate, expected) in cases {
@@ -326,6 +399,32 @@ mod tests {
         let mask = admin::EntryMask { hint: true, ..Default::default() };
         let updated = apply_entry(entry.clone(), &change, &mask, &td()).unwrap();
         assert_eq!(updated, RegistrationEntry { hint: "new".into(), ..entry });
+    }
+
+    #[test]
+    fn trust_domains_bare_or_as_ids() {
+        assert_eq!(parse_trust_domain("trust_domain", "other.org").unwrap().name(), "other.org");
+        assert_eq!(parse_trust_domain("trust_domain", "spiffe://other.org").unwrap().name(), "other.org");
+        for bad in ["", "spiffe://other.org/workload", "Other.org", "http://other.org", "spiffe://"] {
+            let err = parse_trust_domain("trust_domain", bad).unwrap_err();
+            assert_eq!(err.field, "trust_domain", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bundles_round_trip_through_proto() {
+        let rng = ring::rand::SystemRandom::new();
+        let key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
+        let mut bundle = Bundle::new(td());
+        bundle.add_jwt_authority("kid-1", key.public_key().clone()).unwrap();
+        bundle.set_sequence(7);
+        bundle.set_refresh_hint(Some(Duration::from_secs(300)));
+        let proto = bundle_to_proto(&bundle);
+        assert_eq!(proto.trust_domain, "example.org");
+        assert_eq!(proto.refresh_hint_seconds, 300);
+        assert_eq!(bundle_from_proto(&proto).unwrap(), bundle);
+        let broken = common::Bundle { x509_authorities: vec![b"junk".to_vec()], ..proto };
+        assert!(bundle_from_proto(&broken).unwrap_err().contains("X.509 authority"));
     }
 
     #[test]

@@ -5,11 +5,22 @@
 //! uid or root. Every handler here parses its request into domain types (`convert`), calls
 //! the datastore through [`blocking`], and maps errors in one place (`status`).
 //!
-//! # Parts that need the CA
+//! # Bundles
 //!
-//! `GetBundle`, the federated bundle calls, `MintX509Svid` and `MintJwtSvid` answer
-//! `UNIMPLEMENTED` with [`CA_PENDING`] until the CA module exists; search for
-//! `requires_ca` to find them. `Healthcheck` checks the datastore only so far.
+//! `GetBundle` answers from the CA's in-memory bundle (the one it published in the datastore
+//! at start-up). Federated bundles live in the datastore as SPIFFE bundle JSON, keyed by trust
+//! domain; the server's own trust domain is refused by every federated call, since the CA
+//! owns that bundle. `SetFederatedBundle` parses the document with tessera-spiffe's bundle
+//! decoder (PEM or SPIFFE JSON), refuses one without authorities, and stores it with
+//! `spiffe_sequence` set to the datastore's sequence for that trust domain (compare-and-set,
+//! so the sequence grows by one with every set, whatever the document said).
+//!
+//! # Minting
+//!
+//! `MintX509Svid` signs over the key of the request's CSR (the CLI's way: the private key never
+//! leaves the caller) or, without a CSR, over an EC P-256 key the server generates and returns.
+//! Lifetimes default to `default_x509_svid_ttl` / `default_jwt_svid_ttl` and are capped by the
+//! CA so no SVID outlives it.
 //!
 //! # Join tokens with a node alias
 //!
@@ -27,7 +38,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
-use tessera_spiffe::{Selector, SelectorSet, SpiffeId};
+use tessera_spiffe::bundle::Bundle;
+use tessera_spiffe::keys::{KeyType, SigningKey};
+use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tessera_wire::tessera::admin::v1 as pb;
 use tessera_wire::tessera::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
 use tonic::{Request, Response, Status};
@@ -35,11 +48,12 @@ use tonic::{Request, Response, Status};
 use crate::datastore::{DataStore, DataStoreError, JoinToken, NodeFilter, PageRequest, RegistrationEntry, blocking};
 use crate::server::ServerState;
 
-use convert::{FieldError, agent_to_proto, apply_entry, entry_filter_from_proto, entry_from_proto, entry_to_proto};
+pub(crate) use convert::bundle_from_proto;
+use convert::{
+    FieldError, agent_to_proto, apply_entry, bundle_to_proto, entry_filter_from_proto, entry_from_proto,
+    entry_to_proto, parse_trust_domain,
+};
 pub(crate) use status::datastore_status;
-
-/// The message of every admin call that needs the CA, until the CA module lands.
-pub const CA_PENDING: &str = "requires the CA, which this build does not have yet";
 
 /// Lifetime of a join token when the request gives none.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -77,10 +91,15 @@ impl AdminApi {
     }
 }
 
-/// The `UNIMPLEMENTED` answer of calls that need the CA.
-fn requires_ca() -> Status {
-    Status::unimplemented(CA_PENDING)
-}
+/// How often a federated bundle write retries its compare-and-set after losing a race.
+const BUNDLE_ATTEMPTS: usize = 5;
+
+/// Longest list of audiences a minted JWT-SVID may carry, and longest audience.
+const MAX_AUDIENCES: usize = 32;
+const MAX_AUDIENCE_LEN: usize = 1024;
+
+/// Most DNS names a minted X.509-SVID may carry.
+const MAX_DNS_NAMES: usize = 64;
 
 /// Now, in unix seconds.
 pub(crate) fn unix_now() -> u64 {
@@ -114,7 +133,7 @@ impl AdminService for AdminApi {
         &self,
         _: Request<pb::HealthcheckRequest>,
     ) -> Result<Response<pb::HealthcheckResponse>, Status> {
-        // The CA check joins here once the CA exists (see `ServerState::readiness`).
+        // Datastore answers and the CA signs and verifies a throwaway SVID of each kind.
         self.state.readiness().await.map_err(Status::unavailable)?;
         Ok(Response::new(pb::HealthcheckResponse {
             trust_domain: self.state.trust_domain().name().to_owned(),
@@ -263,29 +282,82 @@ impl AdminService for AdminApi {
     }
 
     async fn get_bundle(&self, _: Request<pb::GetBundleRequest>) -> Result<Response<pb::GetBundleResponse>, Status> {
-        Err(requires_ca())
+        let bundle = self.state.ca().bundle();
+        Ok(Response::new(pb::GetBundleResponse { bundle: Some(bundle_to_proto(&bundle)) }))
     }
 
     async fn list_federated_bundles(
         &self,
         _: Request<pb::ListFederatedBundlesRequest>,
     ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
-        // Needs the bundle codec (SPIFFE bundle JSON <-> structured bundle) of the CA work.
-        Err(requires_ca())
+        let own = self.state.trust_domain().clone();
+        let stored = self.store(|store| store.list_bundles()).await?;
+        let mut bundles = Vec::with_capacity(stored.len());
+        for record in stored.into_iter().filter(|b| b.trust_domain != own) {
+            let mut bundle = Bundle::from_json(record.trust_domain.clone(), &record.data).map_err(|err| {
+                let message =
+                    format!("stored bundle of trust domain {:?} is unreadable: {err}", record.trust_domain.name());
+                tracing::error!(error = %message, "datastore holds a bundle this server cannot read");
+                Status::data_loss(message)
+            })?;
+            bundle.set_sequence(record.sequence);
+            bundles.push(bundle_to_proto(&bundle));
+        }
+        // The datastore lists by trust domain already; sort anyway, the API promises it.
+        bundles.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
+        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles }))
     }
 
     async fn set_federated_bundle(
         &self,
-        _: Request<pb::SetFederatedBundleRequest>,
+        request: Request<pb::SetFederatedBundleRequest>,
     ) -> Result<Response<pb::SetFederatedBundleResponse>, Status> {
-        Err(requires_ca())
+        let request = request.into_inner();
+        let trust_domain = self.federated_trust_domain(&request.trust_domain)?;
+        let mut bundle = match pb::BundleFormat::try_from(request.format) {
+            Ok(pb::BundleFormat::Pem | pb::BundleFormat::Unspecified) => {
+                Bundle::from_x509_authorities_pem(trust_domain.clone(), &request.bundle)
+            }
+            Ok(pb::BundleFormat::Spiffe) => Bundle::from_json(trust_domain.clone(), &request.bundle),
+            Err(_) => return Err(FieldError::new("format", format!("unknown bundle format {}", request.format)).into()),
+        }
+        .map_err(|err| FieldError::new("bundle", err.to_string()))?;
+        if bundle.is_empty() {
+            return Err(
+                FieldError::new("bundle", "it holds no X.509 or JWT authority, so it would trust nothing").into()
+            );
+        }
+        for _ in 0..BUNDLE_ATTEMPTS {
+            let lookup = trust_domain.clone();
+            let expected = self.store(move |store| store.get_bundle(&lookup)).await?.map_or(0, |b| b.sequence);
+            bundle.set_sequence(expected.saturating_add(1));
+            let (td, json) = (trust_domain.clone(), bundle.to_json());
+            match blocking(self.state.datastore(), move |store| store.set_bundle(&td, json.as_bytes(), Some(expected)))
+                .await
+            {
+                Ok(stored) => {
+                    bundle.set_sequence(stored.sequence);
+                    tracing::info!(trust_domain = %trust_domain, sequence = stored.sequence, "federated bundle set");
+                    return Ok(Response::new(pb::SetFederatedBundleResponse {
+                        bundle: Some(bundle_to_proto(&bundle)),
+                    }));
+                }
+                Err(DataStoreError::Conflict { .. }) => continue,
+                Err(err) => return Err(datastore_status(err)),
+            }
+        }
+        Err(Status::aborted(format!("bundle of trust domain {trust_domain} kept changing; try again")))
     }
 
     async fn delete_federated_bundle(
         &self,
-        _: Request<pb::DeleteFederatedBundleRequest>,
+        request: Request<pb::DeleteFederatedBundleRequest>,
     ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
-        Err(requires_ca())
+        let trust_domain = self.federated_trust_domain(&request.into_inner().trust_domain)?;
+        let lookup = trust_domain.clone();
+        self.store(move |store| store.delete_bundle(&lookup)).await?;
+        tracing::info!(trust_domain = %trust_domain, "federated bundle deleted");
+        Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
     }
 
     async fn list_agents(
@@ -330,22 +402,107 @@ impl AdminService for AdminApi {
 
     async fn mint_x509_svid(
         &self,
-        _: Request<pb::MintX509SvidRequest>,
+        request: Request<pb::MintX509SvidRequest>,
     ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
-        Err(requires_ca())
+        let request = request.into_inner();
+        let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
+        if request.dns_names.len() > MAX_DNS_NAMES {
+            return Err(FieldError::new("dns_names", format!("at most {MAX_DNS_NAMES} names")).into());
+        }
+        let dns_names = convert::parse_dns_names(&request.dns_names)?;
+        let ttl = match request.ttl {
+            0 => self.state.config().default_x509_svid_ttl,
+            secs => Duration::from_secs(u64::from(secs)),
+        };
+        let ca = Arc::clone(self.state.ca());
+        let now = SystemTime::now();
+        let (svid, private_key) = if request.csr.is_empty() {
+            let key = SigningKey::generate(KeyType::EcP256, &SystemRandom::new())
+                .map_err(|err| Status::internal(format!("cannot generate the SVID key: {err}")))?;
+            let svid = ca.sign_x509_svid(&spiffe_id, &dns_names, ttl, key.public_key().spki_der(), now);
+            (svid, key.pkcs8_der().to_vec())
+        } else {
+            // Checked here so that a bad CSR is the caller's mistake, not a CA failure.
+            tessera_spiffe::x509::verify_csr(&request.csr).map_err(|err| FieldError::new("csr", err.to_string()))?;
+            (ca.sign_x509_svid_from_csr(&spiffe_id, &dns_names, ttl, &request.csr, now), Vec::new())
+        };
+        let svid = svid.map_err(|err| {
+            tracing::error!(error = %err, spiffe_id = %spiffe_id, "minting an X.509-SVID failed");
+            Status::internal(err.to_string())
+        })?;
+        let expires_at = unix_seconds(svid.expires_at);
+        tracing::info!(spiffe_id = %spiffe_id, expires_at, "X.509-SVID minted");
+        Ok(Response::new(pb::MintX509SvidResponse {
+            cert_chain: svid.chain,
+            expires_at,
+            bundle: Some(bundle_to_proto(&ca.bundle())),
+            private_key,
+        }))
     }
 
     async fn mint_jwt_svid(
         &self,
-        _: Request<pb::MintJwtSvidRequest>,
+        request: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
-        Err(requires_ca())
+        let request = request.into_inner();
+        let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
+        check_audiences(&request.audiences)?;
+        let ttl = match request.ttl {
+            0 => self.state.config().default_jwt_svid_ttl,
+            secs => Duration::from_secs(u64::from(secs)),
+        };
+        let (token, expires_at) =
+            self.state.ca().sign_jwt_svid(&spiffe_id, &request.audiences, ttl, SystemTime::now()).map_err(|err| {
+                tracing::error!(error = %err, spiffe_id = %spiffe_id, "minting a JWT-SVID failed");
+                Status::internal(err.to_string())
+            })?;
+        let expires_at = unix_seconds(expires_at);
+        tracing::info!(spiffe_id = %spiffe_id, expires_at, "JWT-SVID minted");
+        Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
     }
+}
+
+/// `audiences` of a JWT-SVID request: at least one, each non-empty and printable.
+fn check_audiences(audiences: &[String]) -> Result<(), FieldError> {
+    if audiences.is_empty() {
+        return Err(FieldError::new("audiences", "at least one audience is required"));
+    }
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(FieldError::new("audiences", format!("at most {MAX_AUDIENCES} audiences")));
+    }
+    for audience in audiences {
+        if audience.is_empty() || audience.len() > MAX_AUDIENCE_LEN || audience.chars().any(char::is_control) {
+            return Err(FieldError::new(
+                "audiences",
+                format!("{audience:?} must be 1 to {MAX_AUDIENCE_LEN} bytes without control characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A time as unix seconds for the wire.
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl AdminApi {
     fn agent_id(&self, input: &str) -> Result<SpiffeId, FieldError> {
         convert::parse_member_id("spiffe_id", input, self.state.trust_domain())
+    }
+
+    /// The `trust_domain` of a federated bundle call: well formed and not the server's own.
+    fn federated_trust_domain(&self, input: &str) -> Result<TrustDomain, FieldError> {
+        let trust_domain = parse_trust_domain("trust_domain", input)?;
+        if &trust_domain == self.state.trust_domain() {
+            return Err(FieldError::new(
+                "trust_domain",
+                format!(
+                    "{input:?} is this server's own trust domain; its bundle is managed by the CA (see `bundle show`)"
+                ),
+            ));
+        }
+        Ok(trust_domain)
     }
 }
 
@@ -359,6 +516,15 @@ mod tests {
         assert_eq!(id.len(), 36);
         assert_eq!(id.matches('-').count(), 4);
         assert_ne!(id, random_id().unwrap());
+    }
+
+    #[test]
+    fn audiences() {
+        assert!(check_audiences(&["a".into()]).is_ok());
+        assert_eq!(check_audiences(&[]).unwrap_err().field, "audiences");
+        assert_eq!(check_audiences(&["a".into(), String::new()]).unwrap_err().field, "audiences");
+        assert_eq!(check_audiences(&["a\nb".into()]).unwrap_err().field, "audiences");
+        assert!(check_audiences(&vec!["a".to_owned(); MAX_AUDIENCES + 1]).is_err());
     }
 
     #[test]

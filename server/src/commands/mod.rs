@@ -4,7 +4,9 @@
 //! Errors are one line (printed by `main`): the socket that cannot be reached, the flag
 //! that is wrong, or the server's status message, which names the field at fault.
 
+mod bundle;
 mod entry;
+mod mint;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -18,9 +20,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
-use crate::cli::{
-    AdminArgs, AgentCommand, BundleCommand, Command, JwtCommand, OutputFormat, TokenCommand, X509Command,
-};
+use crate::cli::{AdminArgs, AgentCommand, Command, JwtCommand, OutputFormat, TokenCommand, X509Command};
 use output::{AgentOutput, Print};
 
 /// Runs one management subcommand on a small single-threaded runtime.
@@ -39,21 +39,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Entry(command) => entry::run(command).await,
         Command::Agent(command) => agent(command).await,
-        Command::Bundle(command) => bundle(command).await,
-        Command::X509(X509Command::Mint { spiffe_id, ttl, dns_names, admin, .. }) => {
-            // The server answers UNIMPLEMENTED until the CA exists; the client side (CSR,
-            // --write) lands with it.
-            let client = AdminClient::connect(&admin).await?;
-            let request =
-                pb::MintX509SvidRequest { spiffe_id, ttl: ttl_flag("--ttl", ttl)?, dns_names, csr: Vec::new() };
-            client.call(client.inner.clone().mint_x509_svid(request).await)?;
-            bail!("`x509 mint` output is not available in this build yet")
+        Command::Bundle(command) => bundle::run(command).await,
+        Command::X509(X509Command::Mint { spiffe_id, ttl, dns_names, write, admin }) => {
+            mint::x509(spiffe_id, ttl, dns_names, write, &admin).await
         }
         Command::Jwt(JwtCommand::Mint { spiffe_id, audiences, ttl, admin }) => {
-            let client = AdminClient::connect(&admin).await?;
-            let request = pb::MintJwtSvidRequest { spiffe_id, audiences, ttl: ttl_flag("--ttl", ttl)? };
-            let response = client.call(client.inner.clone().mint_jwt_svid(request).await)?;
-            output::JwtOutput { token: response.token, expires_at: response.expires_at }.print(admin.output)
+            mint::jwt(spiffe_id, audiences, ttl, &admin).await
         }
     }
 }
@@ -198,42 +189,6 @@ async fn agent(command: AgentCommand) -> anyhow::Result<()> {
             let request = pb::EvictAgentRequest { spiffe_id: spiffe_id.clone() };
             client.call(client.inner.clone().evict_agent(request).await)?;
             output::Done { action: "evicted", id: spiffe_id }.print(admin.output)
-        }
-    }
-}
-
-async fn bundle(command: BundleCommand) -> anyhow::Result<()> {
-    // Every bundle call needs the CA's bundle codec; the server answers UNIMPLEMENTED until
-    // then, and the output formatting (pem|spiffe) lands with it.
-    let pending = || anyhow!("bundle output is not available in this build yet");
-    match command {
-        BundleCommand::Show { admin, .. } => {
-            let client = AdminClient::connect(&admin).await?;
-            client.call(client.inner.clone().get_bundle(pb::GetBundleRequest {}).await)?;
-            Err(pending())
-        }
-        BundleCommand::List { admin, .. } => {
-            let client = AdminClient::connect(&admin).await?;
-            client.call(client.inner.clone().list_federated_bundles(pb::ListFederatedBundlesRequest {}).await)?;
-            Err(pending())
-        }
-        BundleCommand::Set { id, path, format, admin } => {
-            let bundle = std::fs::read(&path)
-                .map_err(|err| anyhow!("cannot read bundle file {}: {}", path.display(), io_message(&err)))?;
-            let format = match format {
-                crate::cli::BundleFormat::Pem => pb::BundleFormat::Pem,
-                crate::cli::BundleFormat::Spiffe => pb::BundleFormat::Spiffe,
-            };
-            let request = pb::SetFederatedBundleRequest { trust_domain: id.clone(), bundle, format: format as i32 };
-            let client = AdminClient::connect(&admin).await?;
-            client.call(client.inner.clone().set_federated_bundle(request).await)?;
-            output::Done { action: "set", id }.print(admin.output)
-        }
-        BundleCommand::Delete { id, admin } => {
-            let client = AdminClient::connect(&admin).await?;
-            let request = pb::DeleteFederatedBundleRequest { trust_domain: id.clone() };
-            client.call(client.inner.clone().delete_federated_bundle(request).await)?;
-            output::Done { action: "deleted", id }.print(admin.output)
         }
     }
 }

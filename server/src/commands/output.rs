@@ -268,19 +268,6 @@ impl Print for AgentList {
     }
 }
 
-/// `jwt mint`.
-#[derive(Debug, Serialize)]
-pub(super) struct JwtOutput {
-    pub(super) token: String,
-    pub(super) expires_at: i64,
-}
-
-impl Print for JwtOutput {
-    fn human(&self) -> String {
-        format!("{}\n", self.token)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -634,7 +634,9 @@ pub struct MintX509SvidRequest {
     #[prost(string, repeated, tag = "3")]
     pub dns_names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// PKCS#10 CSR (DER) for the caller's key; the private key never leaves the
-    /// caller. Only the public key is taken from it.
+    /// caller. Only the public key is taken from it (after its signature is
+    /// checked). When empty, the server generates an EC P-256 key and returns it
+    /// in `MintX509SvidResponse.private_key`.
     #[prost(bytes = "vec", tag = "4")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
 }
@@ -659,6 +661,10 @@ pub struct MintX509SvidResponse {
     /// The server's own trust bundle.
     #[prost(message, optional, tag = "3")]
     pub bundle: ::core::option::Option<super::super::common::v1::Bundle>,
+    /// PKCS#8 DER of the key the server generated when the request had no `csr`;
+    /// empty otherwise.
+    #[prost(bytes = "vec", tag = "4")]
+    pub private_key: ::prost::alloc::vec::Vec<u8>,
 }
 impl ::prost::Name for MintX509SvidResponse {
     const NAME: &'static str = "MintX509SvidResponse";
