@@ -72,6 +72,7 @@ pub const NOT_AUTHORIZED: &str = "entry not found or not authorized";
 pub struct AgentApi {
     state: Arc<ServerState>,
     signing: Arc<Semaphore>,
+    signing_timeout: Duration,
     stopped: watch::Receiver<bool>,
 }
 
@@ -88,7 +89,12 @@ fn now_secs() -> u64 {
 impl AgentApi {
     /// The service over `state`; streams end when `stopped` turns true.
     pub fn new(state: Arc<ServerState>, stopped: watch::Receiver<bool>) -> Self {
-        Self { state, signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)), stopped }
+        Self {
+            state,
+            signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)),
+            signing_timeout: SIGNING_QUEUE_TIMEOUT,
+            stopped,
+        }
     }
 
     /// The tonic service.
@@ -104,7 +110,7 @@ impl AgentApi {
     }
 
     async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        match tokio::time::timeout(SIGNING_QUEUE_TIMEOUT, Arc::clone(&self.signing).acquire_owned()).await {
+        match tokio::time::timeout(self.signing_timeout, Arc::clone(&self.signing).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
                 tracing::warn!(agent = %agent.id(), "signing capacity exhausted; asking the agent to retry");
@@ -318,15 +324,66 @@ impl AgentService for AgentApi {
     ) -> Result<Response<pb::FetchBundleResponse>, Status> {
         let agent = authenticate(&self.state, &request, "FetchBundle").await?;
         let authorized = self.authorized(&agent).await?;
-        let own_td = self.state.trust_domain().clone();
-        let mut domains: Vec<_> =
-            authorized.values().flat_map(|e| e.federates_with.iter().cloned()).filter(|td| *td != own_td).collect();
-        domains.sort_by(|a, b| a.name().cmp(b.name()));
-        domains.dedup();
+        let domains = sync::federated_domains(&authorized, self.state.trust_domain());
         let (own, federated) = sync::load_bundles(&self.state, domains).await?;
         Ok(Response::new(pb::FetchBundleResponse {
             bundle: Some(bundle_document(&own)),
             federated_bundles: federated.iter().map(bundle_document).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::datastore::{AttestedNode, DataStore, MemoryDataStore};
+    use tessera_spiffe::{SelectorSet, TrustDomain};
+
+    /// Overload: when every signing permit is taken, a signing call gets a retryable
+    /// UNAVAILABLE instead of queueing without bound.
+    #[tokio::test]
+    async fn signing_overload_answers_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
+        let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+        let ca = crate::ca::CertificateAuthority::load_or_create(
+            dir.path(),
+            &config,
+            store.as_ref(),
+            SystemTime::now(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
+        let (_stop, stopped) = watch::channel(false);
+        let mut api = AgentApi::new(state, stopped);
+        api.signing_timeout = Duration::from_millis(50);
+        let agent_id = tessera_spiffe::SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap();
+        let agent = AuthenticatedAgent {
+            identity: authz::AgentIdentity { agent_id: agent_id.clone(), node_selectors: SelectorSet::new() },
+            serial: "01".into(),
+            svid_expires_at: SystemTime::now(),
+            node: AttestedNode {
+                spiffe_id: agent_id,
+                attestation_type: "join_token".into(),
+                serial: "01".into(),
+                new_serial: None,
+                expires_at: 0,
+                banned: false,
+                selectors: SelectorSet::new(),
+                can_reattest: false,
+            },
+        };
+        let held: Vec<_> =
+            (0..SIGNING_CONCURRENCY).map(|_| Arc::clone(&api.signing).try_acquire_owned().unwrap()).collect();
+        let status = api.signing_permit(&agent).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        drop(held);
+        assert!(api.signing_permit(&agent).await.is_ok());
     }
 }

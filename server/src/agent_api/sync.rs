@@ -94,7 +94,7 @@ async fn read_set(
 /// each federated bundle.
 type BundlesKey = (u64, Vec<(String, u64)>);
 
-fn federated_domains(set: &BTreeMap<String, RegistrationEntry>, own: &TrustDomain) -> Vec<TrustDomain> {
+pub(crate) fn federated_domains(set: &BTreeMap<String, RegistrationEntry>, own: &TrustDomain) -> Vec<TrustDomain> {
     let mut domains: Vec<TrustDomain> =
         set.values().flat_map(|e| e.federates_with.iter().cloned()).filter(|td| td != own).collect();
     domains.sort_by(|a, b| a.name().cmp(b.name()));
