@@ -282,7 +282,10 @@ async fn calls_without_a_valid_agent_svid_are_refused() {
         Err(_) => {}
         Ok(mut client) => {
             let status = client.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
-            assert!(matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{status:?}");
+            assert!(
+                matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+                "{status:?}"
+            );
         }
     }
     // The agent does not accept a server of another trust domain's CA either.
@@ -564,5 +567,88 @@ async fn serials_cannot_be_handed_over_on_a_banned_node() {
     let mut client = agent.client.clone();
     let status = client.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_follow_the_entries_and_their_updates() {
+    let dir = tempdir();
+    let server = start_memory(dir.path()).await;
+    let mut agent = attest(&server, "f1").await;
+    let store = store(&server);
+    let other_td = tessera_spiffe::TrustDomain::new("other.org").unwrap();
+    let unrelated_td = tessera_spiffe::TrustDomain::new("unrelated.org").unwrap();
+    let mut federated = tessera_spiffe::bundle::Bundle::new(other_td.clone());
+    federated.add_x509_authority(bundle(&server).x509_authorities().next().unwrap()).unwrap();
+    store.set_bundle(&other_td, federated.to_json().as_bytes(), None).unwrap();
+    let mut unrelated = tessera_spiffe::bundle::Bundle::new(unrelated_td.clone());
+    unrelated.add_x509_authority(bundle(&server).x509_authorities().next().unwrap()).unwrap();
+    store.set_bundle(&unrelated_td, unrelated.to_json().as_bytes(), None).unwrap();
+
+    let mut web = tessera_server::datastore::RegistrationEntry::new(
+        "web",
+        id("/web"),
+        agent.id.clone(),
+        tessera_spiffe::SelectorSet::parse_all(&["unix:uid:1"]).unwrap(),
+    );
+    web.federates_with = vec![other_td.clone()];
+    store.create_entry(&web).unwrap();
+
+    let fetched = agent.client.fetch_bundle(pb::FetchBundleRequest {}).await.unwrap().into_inner();
+    let own = fetched.bundle.unwrap();
+    assert_eq!(own.trust_domain, TD);
+    tessera_spiffe::bundle::Bundle::from_json(tessera_spiffe::TrustDomain::new(TD).unwrap(), &own.spiffe_bundle)
+        .unwrap();
+    let names: Vec<_> = fetched.federated_bundles.iter().map(|b| b.trust_domain.as_str()).collect();
+    assert_eq!(names, vec!["other.org"]);
+
+    let mut stream = sync(&mut agent.client, 0).await.unwrap();
+    let Event::Bundles(first) = next_event(&mut stream, 20).await.unwrap() else { panic!("bundles first") };
+    let names: Vec<_> = first.federated_bundles.iter().map(|b| b.trust_domain.as_str()).collect();
+    assert_eq!(names, vec!["other.org"]);
+    let first_sequence = first.federated_bundles[0].sequence;
+    loop {
+        if let Event::Synced(_) = next_event(&mut stream, 20).await.unwrap() {
+            break;
+        }
+    }
+    // The federated bundle changes: the open stream gets the new set of bundles.
+    let mut changed = federated.clone();
+    changed.set_refresh_hint(Some(Duration::from_secs(60)));
+    store.set_bundle(&other_td, changed.to_json().as_bytes(), None).unwrap();
+    let Event::Bundles(update) = next_event(&mut stream, 20).await.unwrap() else { panic!("expected bundles") };
+    assert_eq!(update.federated_bundles.len(), 1);
+    assert!(update.federated_bundles[0].sequence > first_sequence);
+    assert_eq!(update.federated_bundles[0].refresh_hint_seconds, 60);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_agent_svid_is_refused() {
+    let dir = tempdir();
+    let config = tessera_server::config::ServerConfig { agent_ttl: Duration::from_secs(2), ..config(dir.path()) };
+    let server = start_memory_with(config).await;
+    let mut agent = attest(&server, "exp").await;
+    let expires_at = agent.result.svid.as_ref().unwrap().expires_at;
+    // The connection was made while the SVID was valid; once it expires, calls on it are
+    // refused. Poll with a deadline: expiry is the event waited for.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        match agent.client.fetch_bundle(pb::FetchBundleRequest {}).await {
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "SVID still accepted long after expiry");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => break status,
+        }
+    };
+    assert!(now_secs() >= expires_at, "refused before the SVID expired: {status:?}");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // A new connection with it fails at the handshake or on the call.
+    if let Ok(mut client) =
+        try_connect(server.agent_api_addr(), bundle(&server), Some((&agent.chain, &agent.key))).await
+    {
+        assert!(client.fetch_bundle(pb::FetchBundleRequest {}).await.is_err());
+    }
     server.shutdown().await.unwrap();
 }
