@@ -10,9 +10,7 @@
 //! - [`admin`]: the operator API (`tessera.admin.v1`); protobuf types stop there.
 //! - `commands`: the client side of every management subcommand.
 //! - [`datastore`]: everything persisted, behind the `DataStore` trait.
-//!
-//! Not built yet: the CA, the agent API. Admin calls that need the CA answer
-//! `UNIMPLEMENTED` ([`admin::CA_PENDING`]).
+//! - [`ca`]: the X.509 CA and JWT signing key, persisted under `<data_dir>/ca`.
 
 pub mod admin;
 pub mod agent_api;
