@@ -298,6 +298,12 @@ async fn garbage_and_abandoned_streams_do_not_hurt_other_callers() {
         assert_eq!(agent.cache.subscribers(), baseline + 1);
     }
     eventually("the abandoned stream to be dropped", || agent.cache.subscribers() == baseline).await;
+    // An oversized request is refused without reading it into a message.
+    let mut client = raw_client(&agent.socket).await;
+    let huge = pb::ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(100 * 1024) };
+    let status = client.validate_jwtsvid(with_header(huge)).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+
     // A half-open connection: connected, never speaks.
     let _silent = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
 
