@@ -214,3 +214,35 @@ async fn watch_prints_each_update() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no identity issued"));
 }
+
+/// A CLI process running as another user (uid 65534, `nobody`) is attested from its own
+/// credentials: it gets the entry for that user and not the one for the test's user. Switching
+/// users needs root; as any other user only the second half runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_of_another_user_gets_that_users_identity() {
+    const NOBODY: u32 = 65534;
+    let agent = Agent::start().await;
+    let cli_path = format!("unix:path:{}", bin().display());
+    agent.add_identity(entry("mine", "/mine", &[&my_uid_selector(), &cli_path], &[]));
+    agent.add_identity(entry("nobody", "/nobody", &[&format!("unix:uid:{NOBODY}"), "unix:user:nobody"], &[]));
+    // The other user must be able to reach the socket inside the test's private directory.
+    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = socket_arg(&agent);
+
+    let output = run(command(&["api", "fetch", "x509", "--socket-path", &socket, "--output", "json"])).await;
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["svids"].as_array().unwrap().len(), 1);
+    assert_eq!(json["svids"][0]["spiffe_id"], "spiffe://example.org/mine");
+
+    if !rustix::process::getuid().is_root() {
+        eprintln!("not root: the run as uid {NOBODY} is skipped");
+        return;
+    }
+    let mut as_nobody = command(&["api", "fetch", "x509", "--socket-path", &socket, "--output", "json"]);
+    as_nobody.uid(NOBODY).gid(NOBODY);
+    let output = run(as_nobody).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["svids"].as_array().unwrap().len(), 1);
+    assert_eq!(json["svids"][0]["spiffe_id"], "spiffe://example.org/nobody");
+}
