@@ -502,3 +502,34 @@ async fn one_uid_cannot_take_every_connection_slot() {
     agent.rotate("web");
     first(&mut b).await.unwrap();
 }
+
+/// The pid is reused by another process between attestation and answer (simulated with the
+/// attestor's fake process table): the caller gets Unavailable, never the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_when_the_pid_names_another_process_by_then() {
+    use tessera_agent::attestor::{FakeProcessInspector, ProcessFacts, UnixAttestor};
+    let fake = FakeProcessInspector::new();
+    let me = std::process::id();
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    fake.set_process(me, ProcessFacts::new(uid, gid));
+    let attestor = UnixAttestor::with_inspector(Arc::new(fake.clone()), 1);
+    let agent = Agent::start_with_attestor(WorkloadApiLimits::default(), true, attestor).await;
+    agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
+    let mut client = raw_client(&agent.socket).await;
+    let request = || with_header(pb::JwtsvidRequest { audience: vec!["a".into()], spiffe_id: String::new() });
+    assert_eq!(client.fetch_jwtsvid(request()).await.unwrap().into_inner().svids.len(), 1);
+
+    let reuse = fake.clone();
+    *agent.jwt_source.during_next_fetch.lock().unwrap() =
+        Some(Box::new(move || reuse.set_process(me, ProcessFacts::new(uid, gid))));
+    let status = client.fetch_jwtsvid(request()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().starts_with("workload attestation failed: "), "{}", status.message());
+    assert!(status.message().contains("no longer the process that was attested"), "{}", status.message());
+
+    // A caller that is gone before it is attested is not answered either.
+    fake.exit(me);
+    let status = fetch_x509(&agent).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("is gone"), "{}", status.message());
+}
