@@ -315,6 +315,7 @@ async fn garbage_and_abandoned_streams_do_not_hurt_other_callers() {
 async fn a_thousand_streams_open_and_close_without_leaks() {
     const CONNECTIONS: usize = 10;
     const STREAMS_PER_CONNECTION: usize = 100;
+    raise_open_file_limit();
     let agent = Agent::start().await;
     agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
     let baseline = agent.cache.subscribers();
