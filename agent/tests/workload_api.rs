@@ -298,6 +298,18 @@ async fn garbage_and_abandoned_streams_do_not_hurt_other_callers() {
         assert_eq!(agent.cache.subscribers(), baseline + 1);
     }
     eventually("the abandoned stream to be dropped", || agent.cache.subscribers() == baseline).await;
+
+    // A client that cancels one stream (RST_STREAM) and keeps its connection.
+    let mut client = raw_client(&agent.socket).await;
+    {
+        let mut stream = client.fetch_x509svid(with_header(pb::X509svidRequest {})).await.unwrap().into_inner();
+        first(&mut stream).await.unwrap();
+        assert_eq!(agent.cache.subscribers(), baseline + 1);
+    }
+    eventually("the cancelled stream to be dropped", || agent.cache.subscribers() == baseline).await;
+    let mut stream = client.fetch_x509svid(with_header(pb::X509svidRequest {})).await.unwrap().into_inner();
+    first(&mut stream).await.unwrap();
+    drop(stream);
     // An oversized request is refused without reading it into a message.
     let mut client = raw_client(&agent.socket).await;
     let huge = pb::ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(100 * 1024) };
