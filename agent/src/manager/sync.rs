@@ -1,0 +1,109 @@
+//! The `SyncEntries` stream: one long-lived server-push stream, reopened with the last fully
+//! applied revision whenever it ends (server restart, network failure, agent SVID renewal),
+//! after an exponential backoff with jitter. While it is down the cache keeps serving.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tessera_wire::tessera::agent::v1::SyncEntriesRequest;
+use tokio::sync::watch;
+
+use super::{Backoff, Shared, sleep_or_stop};
+
+/// Runs until `stop` turns true.
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new();
+    let mut generation = shared.client.generation();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        generation.borrow_and_update();
+        let revision = shared.state().revision;
+        let mut client = shared.client.agent();
+        let opened = tokio::select! {
+            opened = client.sync_entries(SyncEntriesRequest { revision }) => opened,
+            _ = stop.changed() => return,
+        };
+        match opened {
+            Ok(response) => {
+                tracing::debug!(revision, "sync stream open");
+                let mut stream = response.into_inner();
+                loop {
+                    let message = tokio::select! {
+                        message = stream.message() => message,
+                        _ = generation.changed() => {
+                            tracing::debug!("agent SVID renewed; reopening the sync stream");
+                            break;
+                        }
+                        _ = stop.changed() => return,
+                    };
+                    match message {
+                        Ok(Some(response)) => {
+                            backoff.reset();
+                            let Some(event) = response.event else {
+                                tracing::warn!("ignoring an empty sync event");
+                                continue;
+                            };
+                            if let Err(reason) = apply(&shared, event) {
+                                tracing::warn!("sync protocol error, reopening the stream: {reason}");
+                                break;
+                            }
+                        }
+                        Ok(None) => {
+                            tracing::info!("the server closed the sync stream");
+                            break;
+                        }
+                        Err(status) => {
+                            tracing::warn!(code = ?status.code(), "sync stream failed: {}", status.message());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "cannot open the sync stream: {}", status.message());
+            }
+        }
+        shared.state().stream_reset();
+        shared.status.send_modify(|status| status.connected = false);
+        let delay = backoff.next_delay(&shared.rng);
+        tracing::info!("reconnecting to the server in {delay:?}; serving cached identities meanwhile");
+        if sleep_or_stop(delay, &mut stop).await {
+            return;
+        }
+    }
+}
+
+/// Applies one event under the state lock, publishes, and wakes the minter.
+fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_response::Event) -> Result<(), String> {
+    let now = SystemTime::now();
+    let (applied, revision, own_bundle) = {
+        let mut state = shared.state();
+        let applied = state.apply(event, now)?;
+        if applied.entries_changed || applied.bundles_changed || applied.synced {
+            shared.publish(&state);
+        }
+        (applied, state.revision, state.bundles.own().clone())
+    };
+    if applied.bundles_changed {
+        if let Ok(mut trust) = shared.trust.write() {
+            trust.bundle = Some(own_bundle.clone());
+            trust.insecure_first_use = false;
+        }
+        if let Err(error) = shared.storage.save_bundle(&own_bundle) {
+            tracing::error!("cannot persist the trust bundle: {error}");
+        }
+    }
+    if applied.entries_changed {
+        shared.mint_wakeup.notify_one();
+    }
+    shared.status.send_modify(|status| {
+        status.connected = true;
+        status.revision = revision;
+        if applied.synced || (status.last_sync.is_some() && applied.entries_changed) {
+            status.last_sync = Some(now);
+        }
+    });
+    Ok(())
+}
