@@ -6,14 +6,15 @@
 //! - [`config`]: the TOML configuration, loaded and checked before anything opens.
 //! - [`server`]: `tessera-server run`: the shared [`server::ServerState`], the admin socket
 //!   (peer-credential authorization), the health endpoints, graceful shutdown.
+//! - [`agent_api`]: the server<->agent API (`tessera.agent.v1`) over TLS on `bind_address`.
 //! - [`admin`]: the operator API (`tessera.admin.v1`); protobuf types stop there.
 //! - `commands`: the client side of every management subcommand.
 //! - [`datastore`]: everything persisted, behind the `DataStore` trait.
 //!
-//! Not built yet: the CA, the agent API. Admin calls that need the CA answer
-//! `UNIMPLEMENTED` ([`admin::CA_PENDING`]).
+//! - [`ca`]: the certificate authority.
 
 pub mod admin;
+pub mod agent_api;
 pub mod ca;
 pub mod cli;
 mod commands;

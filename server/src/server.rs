@@ -1,6 +1,7 @@
 //! The running server: its shared state, its listeners and its lifecycle.
 //!
-//! [`start`] opens the datastore, binds the admin socket (and the health endpoints when
+//! [`start`] opens the datastore, loads the CA, signs the agent API's TLS certificate, binds the
+//! agent API (`bind_address`, TLS), the admin socket (and the health endpoints when
 //! configured) and spawns their tasks; [`RunningServer::shutdown`] stops them gracefully and
 //! removes the socket file. [`run`] is `start` + wait for SIGINT/SIGTERM + `shutdown`, what
 //! `tessera-server run` does. Tests call `start` and `shutdown` directly.
@@ -10,7 +11,7 @@
 //! [`ServerState`] is what every API handler holds (behind an `Arc`): the configuration, the
 //! datastore and the CA ([`crate::ca::CertificateAuthority`], loaded or created at start, before
 //! any socket accepts). [`ServerState::readiness`] checks both the datastore and that the CA
-//! can sign. The agent API is another service added next to the admin one in [`start_with`].
+//! can sign. The agent API ([`crate::agent_api`]) is served next to the admin one from [`start_with`].
 //!
 //! # Admin socket authorization
 //!
@@ -38,7 +39,11 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use tessera_spiffe::tls::{BundleSource, SpiffeClientVerifier};
+
 use crate::admin::AdminApi;
+use crate::agent_api::AgentApi;
+use crate::agent_api::tls::ServerSvid;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::ServerConfig;
 use crate::datastore::{DataStore, DataStoreError, DataStoreOptions, SledDataStore, blocking};
@@ -77,6 +82,17 @@ pub enum ServerError {
         /// What went wrong.
         reason: String,
     },
+    /// The agent API address could not be bound.
+    #[error("bind_address {addr}: {source}")]
+    AgentBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// The agent API's TLS identity could not be set up.
+    #[error("agent API TLS: {0}")]
+    AgentTls(String),
     /// The health endpoint address could not be bound.
     #[error("health.bind_address {addr}: {source}")]
     HealthBind {
@@ -166,6 +182,7 @@ impl ServerState {
 pub struct RunningServer {
     state: Arc<ServerState>,
     admin_socket: PathBuf,
+    agent_api_addr: SocketAddr,
     health_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
@@ -180,6 +197,11 @@ impl RunningServer {
     /// Where the admin API listens.
     pub fn admin_socket(&self) -> &Path {
         &self.admin_socket
+    }
+
+    /// Where the agent API listens (the bound address, so port 0 is resolved).
+    pub fn agent_api_addr(&self) -> SocketAddr {
+        self.agent_api_addr
     }
 
     /// Where the health endpoints listen (the bound address, so port 0 is resolved).
@@ -221,6 +243,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
     tracing::info!(
         trust_domain = %server.state.trust_domain(),
         admin_socket = %server.admin_socket.display(),
+        agent_api = %server.agent_api_addr,
         health = ?server.health_addr,
         "tessera-server started"
     );
@@ -273,7 +296,29 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    // The agent API's own certificate, signed by the CA before anything listens.
+    let server_svid = {
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || ServerSvid::issue(&state))
+            .await
+            .map_err(|err| ServerError::AgentTls(err.to_string()))?
+            .map_err(ServerError::AgentTls)?
+    };
+    let tls_config = {
+        // The CA only (not the whole state): live TLS connections hold this closure.
+        let ca = Arc::clone(state.ca());
+        let bundle = BundleSource::from_fn(move || Arc::new(ca.bundle()));
+        let clients = Arc::new(SpiffeClientVerifier::new(bundle).allow_anonymous());
+        tessera_spiffe::tls::server_config(clients, server_svid.resolver())
+            .map_err(|err| ServerError::AgentTls(err.to_string()))?
+    };
+
     // Bind everything before spawning anything, so a bind failure leaves nothing running.
+    let agent_bind = state.config().bind_address;
+    let agent_listener =
+        TcpListener::bind(agent_bind).await.map_err(|source| ServerError::AgentBind { addr: agent_bind, source })?;
+    let agent_api_addr =
+        agent_listener.local_addr().map_err(|source| ServerError::AgentBind { addr: agent_bind, source })?;
     let admin_listener = bind_admin_socket(&admin_socket)?;
     let health_listener = match health_bind {
         Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServerError::HealthBind { addr, source })?),
@@ -288,14 +333,22 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
     };
 
     tasks.spawn(serve_admin(Arc::clone(&state), admin_listener, stopped.clone()));
+    tasks.spawn(serve_agent_api(Arc::clone(&state), agent_listener, tls_config, stopped.clone()));
+    {
+        let (state, stopped) = (Arc::clone(&state), stopped.clone());
+        tasks.spawn(async move {
+            server_svid.renew_loop(state, stopped).await;
+            Ok(())
+        });
+    }
     if let Some(listener) = health_listener {
         tasks.spawn(serve_health(Arc::clone(&state), listener, stopped));
     }
-    Ok(RunningServer { state, admin_socket, health_addr, stop, tasks })
+    Ok(RunningServer { state, admin_socket, agent_api_addr, health_addr, stop, tasks })
 }
 
 /// Resolves when the stop flag is raised (or its sender is gone).
-async fn stop_requested(mut stopped: watch::Receiver<bool>) {
+pub(crate) async fn stop_requested(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
 }
 
@@ -403,6 +456,23 @@ async fn serve_admin(
         .serve_with_incoming_shutdown(incoming, stop_requested(stopped))
         .await
         .map_err(|err| ServerError::Serve { listener: "admin API", reason: err.to_string() })
+}
+
+// ---- Agent API ---------------------------------------------------------------------------------
+
+async fn serve_agent_api(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    tls_config: rustls::ServerConfig,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let incoming = crate::agent_api::tls::incoming(listener, acceptor, stopped.clone());
+    tonic::transport::Server::builder()
+        .add_service(AgentApi::new(state, stopped.clone()).into_service())
+        .serve_with_incoming_shutdown(incoming, stop_requested(stopped))
+        .await
+        .map_err(|err| ServerError::Serve { listener: "agent API", reason: err.to_string() })
 }
 
 // ---- Health ------------------------------------------------------------------------------------

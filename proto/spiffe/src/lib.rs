@@ -12,12 +12,14 @@
 //! - [`bundle`]: SPIFFE trust bundles (JWKS), PEM and DER forms, and bundle maps.
 //! - [`keys`]: signing key types (EC P-256/P-384, RSA-2048) and their JWK forms.
 //! - [`ttl`]: lifetime capping and renewal-point maths.
+//! - [`tls`]: SPIFFE mutual TLS on rustls (certificate verifiers, swappable SVID resolver).
 
 pub mod bundle;
 pub mod jwt;
 pub mod keys;
 pub mod selector;
 pub mod spiffe_id;
+pub mod tls;
 pub mod ttl;
 pub mod x509;
 

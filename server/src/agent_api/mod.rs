@@ -1,0 +1,389 @@
+//! The agent API (`tessera.agent.v1.AgentService`) on `bind_address`, over TLS.
+//!
+//! # Code map
+//!
+//! - [`tls`]: the server's own X.509-SVID (`spiffe://<td>/tessera/server`, renewed at half
+//!   life) and the TLS acceptor; the peer's certificate chain reaches every request as
+//!   connect info.
+//! - [`auth`]: every call but `AttestAgent` is authenticated by the agent SVID: chain to the
+//!   current bundle, unexpired, node attested and not banned, serial current or the renewal's
+//!   (spec: server-agent-flow §3).
+//! - [`authz`]: the one computation of the entries an agent is authorized for (§4).
+//! - [`attest`]: join-token attestation (§2).
+//! - [`sync`]: the `SyncEntries` push stream.
+//! - this module: the service, `RenewAgent`, `BatchNewX509Svid`, `NewJwtSvid`, `FetchBundle`.
+//!
+//! # Security rules (spec: server-agent-flow §5, §6)
+//!
+//! - An SVID is signed only for an entry in the calling agent's authorized set; anything else
+//!   is answered per item with `NOT_FOUND` "entry not found or not authorized" (the same
+//!   answer for both, so an agent learns nothing about other agents' entries).
+//! - The SPIFFE ID, DNS names and TTL come from the entry (TTL 0 = the configured default);
+//!   only the public key is taken from a CSR, whose signature must verify. The CA caps every
+//!   lifetime at its own notAfter.
+//! - Batches hold at most [`MAX_BATCH`] items (`INVALID_ARGUMENT` for the whole call).
+//!   Signing runs on the blocking pool under a semaphore of [`SIGNING_CONCURRENCY`] permits;
+//!   a call that cannot get one within [`SIGNING_QUEUE_TIMEOUT`] gets `UNAVAILABLE` (retryable)
+//!   so an outage's reconnect storm cannot pile up unbounded work.
+//! - Every refusal is logged with the agent ID; a refused call writes nothing.
+
+pub(crate) mod attest;
+pub(crate) mod auth;
+pub(crate) mod authz;
+mod convert;
+pub(crate) mod sync;
+pub(crate) mod tls;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_wire::google::rpc;
+use tessera_wire::tessera::agent::v1 as pb;
+use tessera_wire::tessera::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use self::auth::{AuthenticatedAgent, authenticate};
+use self::authz::authorized_entries;
+use self::convert::{bundle_document, unix_seconds};
+use crate::ca::CaError;
+use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
+use crate::server::ServerState;
+
+/// Most items in one `BatchNewX509Svid` call.
+pub const MAX_BATCH: usize = 500;
+/// Most audiences in one `NewJwtSvid` call.
+pub const MAX_AUDIENCES: usize = 32;
+/// Longest audience value, in bytes.
+pub const MAX_AUDIENCE_LEN: usize = 1024;
+/// Signing calls (a batch counts once) running at the same time.
+pub const SIGNING_CONCURRENCY: usize = 4;
+/// How long a signing call waits for a permit before `UNAVAILABLE`.
+pub const SIGNING_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The message every unauthorized or unknown entry gets.
+pub const NOT_AUTHORIZED: &str = "entry not found or not authorized";
+
+/// The agent API service.
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    state: Arc<ServerState>,
+    signing: Arc<Semaphore>,
+    signing_timeout: Duration,
+    stopped: watch::Receiver<bool>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn datastore_status(err: DataStoreError) -> Status {
+    Status::unavailable(format!("datastore: {err}"))
+}
+
+fn now_secs() -> u64 {
+    u64::try_from(unix_seconds(SystemTime::now())).unwrap_or(0)
+}
+
+impl AgentApi {
+    /// The service over `state`; streams end when `stopped` turns true.
+    pub fn new(state: Arc<ServerState>, stopped: watch::Receiver<bool>) -> Self {
+        Self {
+            state,
+            signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)),
+            signing_timeout: SIGNING_QUEUE_TIMEOUT,
+            stopped,
+        }
+    }
+
+    /// The tonic service.
+    pub fn into_service(self) -> AgentServiceServer<Self> {
+        AgentServiceServer::new(self)
+    }
+
+    async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<BTreeMap<String, RegistrationEntry>, Status> {
+        let (server_id, identity) = (self.state.server_id().clone(), agent.identity.clone());
+        blocking(self.state.datastore(), move |store| authorized_entries(store, &server_id, &identity, now_secs()))
+            .await
+            .map_err(datastore_status)
+    }
+
+    async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        match tokio::time::timeout(self.signing_timeout, Arc::clone(&self.signing).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                tracing::warn!(agent = %agent.id(), "signing capacity exhausted; asking the agent to retry");
+                Err(Status::unavailable("server is busy signing; retry with backoff"))
+            }
+        }
+    }
+}
+
+/// The per-item status of a signing failure.
+fn sign_error_status(err: &CaError) -> rpc::Status {
+    let code = match err {
+        CaError::X509Svid { .. } => Code::InvalidArgument,
+        _ => Code::Internal,
+    };
+    let message = match err {
+        CaError::X509Svid { source, .. } => format!("csr: {source}"),
+        other => other.to_string(),
+    };
+    rpc::Status { code: code as i32, message, details: Vec::new() }
+}
+
+fn item_error(code: Code, message: impl Into<String>) -> rpc::Status {
+    rpc::Status { code: code as i32, message: message.into(), details: Vec::new() }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    type AttestAgentStream = BoxStream<pb::AttestAgentResponse>;
+
+    async fn attest_agent(
+        &self,
+        request: Request<Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        let peer = auth::conn_info(&request).and_then(|i| i.remote_addr).map(|a| a.to_string()).unwrap_or_default();
+        let result = attest::attest(&self.state, request.into_inner()).await.inspect_err(|status| {
+            tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+        })?;
+        let response = pb::AttestAgentResponse { step: Some(pb::attest_agent_response::Step::Result(result)) };
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(response)))))
+    }
+
+    async fn renew_agent(
+        &self,
+        request: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "RenewAgent").await?;
+        let csr = request.into_inner().csr;
+        let refuse = |status: Status| {
+            tracing::warn!(agent = %agent.id(), reason = %status.message(), "agent renewal refused");
+            status
+        };
+        if csr.len() > attest::MAX_CSR_LEN {
+            return Err(refuse(Status::invalid_argument(format!("csr: larger than {} bytes", attest::MAX_CSR_LEN))));
+        }
+        let permit = self.signing_permit(&agent).await?;
+        let (state, id) = (Arc::clone(&self.state), agent.id().clone());
+        let ttl = self.state.config().agent_ttl;
+        let signed = tokio::task::spawn_blocking(move || state.ca().sign_agent_svid(&id, ttl, &csr, SystemTime::now()))
+            .await
+            .map_err(|err| Status::internal(format!("signing task: {err}")))?;
+        drop(permit);
+        let svid = signed.map_err(|err| match err {
+            CaError::X509Svid { source, .. } => refuse(Status::invalid_argument(format!("csr: {source}"))),
+            other => Status::internal(format!("cannot sign the agent SVID: {other}")),
+        })?;
+        let leaf = svid.chain.first().ok_or_else(|| Status::internal("empty agent SVID chain"))?;
+        let new_serial = tessera_spiffe::tls::certificate_serial_hex(leaf)
+            .map_err(|err| Status::internal(format!("agent SVID serial: {err}")))?;
+        let (id, current) = (agent.id().clone(), agent.node.clone());
+        let serials = crate::datastore::NodeSerials {
+            serial: current.serial.clone(),
+            new_serial: Some(new_serial),
+            expires_at: current.expires_at,
+        };
+        blocking(self.state.datastore(), move |store| {
+            store.update_attested_node_serials(&id, &current.serial, &serials)
+        })
+        .await
+        .map_err(|err| match err {
+            DataStoreError::Conflict { .. } => Status::aborted("agent serial changed concurrently; retry"),
+            DataStoreError::NodeBanned { .. } => refuse(Status::permission_denied("agent is banned")),
+            DataStoreError::NotFound { .. } => refuse(Status::unauthenticated("agent is not attested")),
+            other => datastore_status(other),
+        })?;
+        tracing::info!(agent = %agent.id(), expires_at = ?svid.expires_at, "agent SVID renewed");
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid: Some(attest::agent_svid(agent.id(), svid.chain, svid.expires_at)),
+        }))
+    }
+
+    type SyncEntriesStream = BoxStream<pb::SyncEntriesResponse>;
+
+    async fn sync_entries(
+        &self,
+        request: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+        let agent = authenticate(&self.state, &request, "SyncEntries").await?;
+        let from_revision = request.into_inner().revision;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(sync::run(Arc::clone(&self.state), agent, from_revision, tx, self.stopped.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn batch_new_x509_svid(
+        &self,
+        request: Request<pb::BatchNewX509SvidRequest>,
+    ) -> Result<Response<pb::BatchNewX509SvidResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "BatchNewX509Svid").await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            tracing::warn!(agent = %agent.id(), items = params.len(), "X.509-SVID batch refused: too large");
+            return Err(Status::invalid_argument(format!(
+                "params: {} items; at most {MAX_BATCH} per call",
+                params.len()
+            )));
+        }
+        if params.is_empty() {
+            return Ok(Response::new(pb::BatchNewX509SvidResponse { results: Vec::new() }));
+        }
+        let authorized = self.authorized(&agent).await?;
+        let permit = self.signing_permit(&agent).await?;
+        let state = Arc::clone(&self.state);
+        let default_ttl = self.state.config().default_x509_svid_ttl;
+        let agent_id = agent.id().clone();
+        let results = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            params
+                .into_iter()
+                .map(|item| {
+                    let result = match authorized.get(&item.entry_id) {
+                        None => {
+                            tracing::warn!(agent = %agent_id, entry = %item.entry_id, "X.509-SVID refused: entry not found or not authorized");
+                            Err(item_error(Code::NotFound, NOT_AUTHORIZED))
+                        }
+                        Some(_) if item.csr.len() > attest::MAX_CSR_LEN => {
+                            Err(item_error(Code::InvalidArgument, format!("csr: larger than {} bytes", attest::MAX_CSR_LEN)))
+                        }
+                        Some(entry) => {
+                            let ttl = entry.x509_svid_ttl.unwrap_or(default_ttl);
+                            state
+                                .ca()
+                                .sign_x509_svid_from_csr(&entry.spiffe_id, &entry.dns_names, ttl, &item.csr, now)
+                                .map_err(|err| {
+                                    tracing::warn!(agent = %agent_id, entry = %item.entry_id, error = %err, "X.509-SVID refused");
+                                    sign_error_status(&err)
+                                })
+                        }
+                    };
+                    pb::NewX509SvidResult {
+                        entry_id: item.entry_id,
+                        result: Some(match result {
+                            Ok(svid) => pb::new_x509_svid_result::Result::Svid(pb::X509Svid {
+                                cert_chain: svid.chain,
+                                expires_at: unix_seconds(svid.expires_at),
+                            }),
+                            Err(status) => pb::new_x509_svid_result::Result::Error(status),
+                        }),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|err| Status::internal(format!("signing task: {err}")))?;
+        drop(permit);
+        Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
+    }
+
+    async fn new_jwt_svid(
+        &self,
+        request: Request<pb::NewJwtSvidRequest>,
+    ) -> Result<Response<pb::NewJwtSvidResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "NewJwtSvid").await?;
+        let request = request.into_inner();
+        let refuse = |status: Status| {
+            tracing::warn!(agent = %agent.id(), entry = %request.entry_id, reason = %status.message(), "JWT-SVID refused");
+            status
+        };
+        if request.audiences.is_empty() {
+            return Err(refuse(Status::invalid_argument("audiences: at least one audience is required")));
+        }
+        if request.audiences.len() > MAX_AUDIENCES {
+            return Err(refuse(Status::invalid_argument(format!("audiences: at most {MAX_AUDIENCES}"))));
+        }
+        if request.audiences.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
+            return Err(refuse(Status::invalid_argument(format!(
+                "audiences: each must be 1 to {MAX_AUDIENCE_LEN} bytes"
+            ))));
+        }
+        let authorized = self.authorized(&agent).await?;
+        let Some(entry) = authorized.get(&request.entry_id).cloned() else {
+            return Err(refuse(Status::not_found(NOT_AUTHORIZED)));
+        };
+        let permit = self.signing_permit(&agent).await?;
+        let state = Arc::clone(&self.state);
+        let ttl = entry.jwt_svid_ttl.unwrap_or(self.state.config().default_jwt_svid_ttl);
+        let audiences = request.audiences.clone();
+        let (token, expires_at) = tokio::task::spawn_blocking(move || {
+            state.ca().sign_jwt_svid(&entry.spiffe_id, &audiences, ttl, SystemTime::now())
+        })
+        .await
+        .map_err(|err| Status::internal(format!("signing task: {err}")))?
+        .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
+        drop(permit);
+        Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
+    }
+
+    async fn fetch_bundle(
+        &self,
+        request: Request<pb::FetchBundleRequest>,
+    ) -> Result<Response<pb::FetchBundleResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "FetchBundle").await?;
+        let authorized = self.authorized(&agent).await?;
+        let domains = sync::federated_domains(&authorized, self.state.trust_domain());
+        let (own, federated) = sync::load_bundles(&self.state, domains).await?;
+        Ok(Response::new(pb::FetchBundleResponse {
+            bundle: Some(bundle_document(&own)),
+            federated_bundles: federated.iter().map(bundle_document).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+    use crate::datastore::{AttestedNode, DataStore, MemoryDataStore};
+    use tessera_spiffe::{SelectorSet, TrustDomain};
+
+    /// Overload: when every signing permit is taken, a signing call gets a retryable
+    /// UNAVAILABLE instead of queueing without bound.
+    #[tokio::test]
+    async fn signing_overload_answers_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            ..ServerConfig::default()
+        };
+        let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+        let ca = crate::ca::CertificateAuthority::load_or_create(
+            dir.path(),
+            &config,
+            store.as_ref(),
+            SystemTime::now(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
+        let (_stop, stopped) = watch::channel(false);
+        let mut api = AgentApi::new(state, stopped);
+        api.signing_timeout = Duration::from_millis(50);
+        let agent_id = tessera_spiffe::SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap();
+        let agent = AuthenticatedAgent {
+            identity: authz::AgentIdentity { agent_id: agent_id.clone(), node_selectors: SelectorSet::new() },
+            serial: "01".into(),
+            svid_expires_at: SystemTime::now(),
+            node: AttestedNode {
+                spiffe_id: agent_id,
+                attestation_type: "join_token".into(),
+                serial: "01".into(),
+                new_serial: None,
+                expires_at: 0,
+                banned: false,
+                selectors: SelectorSet::new(),
+                can_reattest: false,
+            },
+        };
+        let held: Vec<_> =
+            (0..SIGNING_CONCURRENCY).map(|_| Arc::clone(&api.signing).try_acquire_owned().unwrap()).collect();
+        let status = api.signing_permit(&agent).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        drop(held);
+        assert!(api.signing_permit(&agent).await.is_ok());
+    }
+}
