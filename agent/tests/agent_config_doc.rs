@@ -6,7 +6,6 @@ use tessera_agent::config::AGENT_KEYS;
 #[test]
 fn every_config_key_is_documented() {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent-configuration.md")).unwrap();
-    let missing: Vec<&str> =
-        AGENT_KEYS.iter().copied().filter(|key| !doc.contains(&format!("| `{key}` |"))).collect();
+    let missing: Vec<&str> = AGENT_KEYS.iter().copied().filter(|key| !doc.contains(&format!("| `{key}` |"))).collect();
     assert!(missing.is_empty(), "undocumented agent configuration keys: {missing:?}");
 }
