@@ -1,18 +1,19 @@
 //! `tessera-agent`: the node agent. It attests to the server, attests local workloads from
 //! their socket peer credentials and serves the SPIFFE Workload API.
 //!
-//! Status: `run` attests, syncs entries and keeps workload SVIDs current in the snapshot
-//! cache ([`manager`]). The Workload API server, `healthcheck` and the `api` clients are built
-//! on another branch; until they are merged, `run` serves no socket (see [`run_agent`]) and
-//! the other subcommands report that they are not available yet.
+//! `run` attests to the server (or reuses the persisted agent SVID), keeps the snapshot cache
+//! current ([`manager`]) and serves the Workload API ([`workload_api`]) on `socket_path`.
+//! `api` and `healthcheck` ([`commands`]) are Workload API clients.
 
 pub mod attestor;
 pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod commands;
 pub mod config;
 pub mod manager;
 pub mod storage;
+pub mod workload_api;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,20 +24,18 @@ use config::{AgentConfig, LogFormat};
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let name = match cli.command {
-        Command::Run { config, join_token } => return run_agent(config.as_deref(), join_token),
-        Command::Healthcheck(_) => "healthcheck",
-        Command::Api(_) => "api",
-    };
-    anyhow::bail!("`tessera-agent {name}` is not available in this build yet")
+    match cli.command {
+        Command::Run { config, join_token } => run_agent(config.as_deref(), join_token),
+        Command::Healthcheck(socket) => commands::healthcheck(&socket),
+        Command::Api(command) => commands::api(command),
+    }
 }
 
 /// `tessera-agent run`: load the configuration, attest (or reuse the persisted agent SVID),
-/// keep the cache current until SIGTERM or SIGINT, then shut down.
+/// keep the cache current and serve the Workload API until SIGTERM or SIGINT, then shut down
+/// (the Workload API first, so open streams end cleanly, then the manager).
 ///
-/// TODO(workload-api): start the Workload API server on `socket_path` with the cache, the
-/// unix attestor and `manager.jwt_source()` once the `workload-api` branch is merged. Until
-/// then the agent keeps its identities current but serves no socket.
+/// Not served yet: the agent's `admin_socket` and the `[health]`/`[metrics]` endpoints.
 fn run_agent(file: Option<&Path>, join_token: Option<String>) -> anyhow::Result<()> {
     let config = config::load(file)?;
     init_logging(&config);
@@ -67,11 +66,42 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
             return Ok(());
         }
     };
-    tracing::info!(server = %config.server_address, "agent running");
-    shutdown_signal().await?;
+    let attestor = Arc::new(attestor::UnixAttestor::new(&attestor::UnixAttestorConfig {
+        max_sha256_file_size: config.max_sha256_file_size,
+        ..attestor::UnixAttestorConfig::default()
+    }));
+    let api =
+        workload_api::WorkloadApi::new(Arc::clone(&cache), attestor, manager.jwt_source(), config.trust_domain.clone());
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let socket_path = config.socket_path.clone();
+    let mut api_task = tokio::spawn(async move {
+        api.serve(&socket_path, async move {
+            let _ = api_stopped.await;
+        })
+        .await
+    });
+    tracing::info!(server = %config.server_address, socket = %config.socket_path.display(), "agent running");
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => signal,
+        served = &mut api_task => {
+            // The Workload API only ends by itself when it fails (e.g. the socket is in use).
+            manager.shutdown().await;
+            return match served {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the Workload API stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow::Error::new(error)),
+                Err(error) => Err(anyhow::anyhow!("the Workload API task failed: {error}")),
+            };
+        }
+    };
     tracing::info!("shutting down");
+    let _ = stop_api.send(());
+    match api_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!("the Workload API ended with an error: {error}"),
+        Err(error) => tracing::warn!("the Workload API task failed: {error}"),
+    }
     manager.shutdown().await;
-    Ok(())
+    outcome
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,0 +1,246 @@
+//! The Workload API socket: directory and socket permissions, stale sockets, the bounded accept
+//! loop and graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tessera_wire::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+use super::WorkloadApi;
+
+/// Largest request message accepted (the largest legitimate one is a `ValidateJWTSVIDRequest`
+/// with a 16 KiB token).
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Pause after a failed `accept` (typically EMFILE) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why the Workload API socket could not be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The socket's parent directory could not be created or given its mode.
+    #[error("cannot create the Workload API socket directory {}", path.display())]
+    CreateDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Something other than a socket is at the socket path.
+    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// A live process answers on the socket path (another agent?).
+    #[error("another process is already serving on {}", path.display())]
+    InUse {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// A stale socket could not be removed.
+    #[error("cannot remove the stale socket {}", path.display())]
+    RemoveStale {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding failed.
+    #[error("cannot bind the Workload API socket {}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket could not be made accessible to every local user.
+    #[error("cannot set the mode of the Workload API socket {}", path.display())]
+    Permissions {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the Workload API server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Prepares and binds the Workload API socket: creates a missing parent directory with mode
+/// 0755, replaces a stale socket (refusing a live one or a non-socket file), binds, and sets
+/// the socket's mode to 0777 (any local user may connect; attestation decides what it gets).
+/// Must be called inside a tokio runtime.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, ServeError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        let dir_error = |source| ServeError::CreateDirectory { path: parent.to_owned(), source };
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(dir_error)?;
+        // The umask may have narrowed the mode.
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).map_err(dir_error)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::InUse { path: path.to_owned() });
+            }
+            std::fs::remove_file(path).map_err(|source| ServeError::RemoveStale { path: path.to_owned(), source })?;
+            tracing::info!(socket = %path.display(), "removed a stale Workload API socket");
+        }
+        Ok(_) => return Err(ServeError::NotASocket { path: path.to_owned() }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ServeError::Bind { path: path.to_owned(), source }),
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind { path: path.to_owned(), source })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|source| ServeError::Permissions { path: path.to_owned(), source })?;
+    Ok(listener)
+}
+
+impl WorkloadApi {
+    /// Binds `socket_path` ([`bind_socket`]) and serves until `shutdown` completes; then ends
+    /// every stream, waits (bounded) for connections to close and removes the socket.
+    pub async fn serve(
+        self,
+        socket_path: &Path,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let listener = bind_socket(socket_path)?;
+        let bound = std::fs::symlink_metadata(socket_path).ok().map(|m| (m.dev(), m.ino()));
+        tracing::info!(socket = %socket_path.display(), "Workload API listening");
+        let result = self.serve_listener(listener, shutdown).await;
+        // Remove the socket only if it is still the one bound here.
+        let current = std::fs::symlink_metadata(socket_path).ok().map(|m| (m.dev(), m.ino()));
+        if bound.is_some()
+            && bound == current
+            && let Err(err) = std::fs::remove_file(socket_path)
+        {
+            tracing::warn!(socket = %socket_path.display(), error = %err, "cannot remove the Workload API socket");
+        }
+        result
+    }
+
+    /// Serves on an already bound listener until `shutdown` completes (see [`serve`](Self::serve)).
+    pub async fn serve_listener(
+        self,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let limits = self.inner.limits.clone();
+        let connections = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
+        let incoming =
+            Box::pin(futures_util::stream::unfold((listener, connections), |(listener, connections)| async {
+                let connection = accept(&listener, &connections).await;
+                Some((Ok::<_, io::Error>(connection), (listener, connections)))
+            }));
+
+        let inner = Arc::clone(&self.inner);
+        let (fired, fired_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            // Streams never end by themselves: end them so that connections drain.
+            inner.closing.send_replace(true);
+            let _ = fired.send(());
+        };
+        let service = SpiffeWorkloadApiServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let serve = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(limits.max_streams_per_connection.max(1)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, signal);
+        let drained = async move {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(limits.drain_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = serve => result.map_err(ServeError::Serve),
+            () = drained => {
+                tracing::warn!("Workload API connections did not close in time; closing them");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Waits for a connection slot, then for a connection. Accept errors (EMFILE, ...) are logged
+/// and retried after a pause instead of ending the server.
+async fn accept(listener: &UnixListener, connections: &Arc<Semaphore>) -> Connection {
+    loop {
+        // The semaphore is never closed.
+        let Ok(permit) = Arc::clone(connections).acquire_owned().await else {
+            std::future::pending::<()>().await;
+            continue;
+        };
+        match listener.accept().await {
+            Ok((stream, _)) => return Connection { stream, _permit: permit },
+            Err(err) => {
+                drop(permit);
+                tracing::warn!(error = %err, "cannot accept a Workload API connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// An accepted connection holding its connection slot until it is dropped.
+#[derive(Debug)]
+struct Connection {
+    stream: UnixStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for Connection {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
