@@ -330,3 +330,87 @@ async fn the_cache_survives_a_server_outage_and_the_agent_catches_up() {
     with_deadline("agent shutdown", agent.shutdown()).await;
     second.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_svid_is_renewed_persisted_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config(dir.path());
+    config.agent_ttl = Duration::from_secs(4);
+    let store_impl: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+    let server = server::start_with(config, store_impl).await.unwrap();
+    new_token(&server, "tok-renew");
+    let config = agent_config(dir.path(), &server);
+    let agent = start_agent(&config, Some("tok-renew")).await.unwrap();
+    let first_expiry = agent.status().agent_svid_expires_at.unwrap();
+    let persisted = std::fs::read(config.data_dir.join("agent_svid.pem")).unwrap();
+
+    let mut status = agent.status_watch();
+    with_deadline(
+        "agent SVID renewal",
+        status.wait_for(|status| status.agent_svid_expires_at.is_some_and(|at| at > first_expiry)),
+    )
+    .await
+    .unwrap();
+    assert!(SystemTime::now() < first_expiry, "renewed only after the old SVID expired");
+    assert_ne!(std::fs::read(config.data_dir.join("agent_svid.pem")).unwrap(), persisted, "the renewal is persisted");
+
+    // The server now only accepts the new serial: the agent keeps working with it.
+    let cache = Arc::clone(agent.cache());
+    let entry = create_entry(&server, &agent_id("tok-renew"), "after-renewal", None);
+    wait_for(&cache, WAIT, "an entry after renewal", |snapshot| identity_of(snapshot, &entry.id)).await;
+    // A second renewal proves the renewed credential authenticates RenewAgent too.
+    let second_expiry = agent.status().agent_svid_expires_at.unwrap();
+    with_deadline(
+        "second agent SVID renewal",
+        status.wait_for(|status| status.agent_svid_expires_at.is_some_and(|at| at > second_expiry)),
+    )
+    .await
+    .unwrap();
+    with_deadline("agent shutdown", agent.shutdown()).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_entries_are_minted_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_memory_server(dir.path()).await;
+    new_token(&server, "tok-many");
+    let config = agent_config(dir.path(), &server);
+    let parent = agent_id("tok-many");
+    // More than one snapshot page and more than one mint batch.
+    let ids: Vec<String> = (0..250).map(|i| create_entry(&server, &parent, &format!("w{i}"), None).id).collect();
+    let agent = start_agent(&config, Some("tok-many")).await.unwrap();
+    let cache = Arc::clone(agent.cache());
+    wait_for(&cache, Duration::from_secs(60), "250 identities", |snapshot| {
+        (snapshot.ready && ids.iter().all(|id| identity_of(snapshot, id).is_some())).then_some(())
+    })
+    .await;
+    assert_eq!(cache.current().identities.len(), 250);
+    with_deadline("agent shutdown", agent.shutdown()).await;
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_bootstrap_trusts_the_first_server_then_caches_its_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_memory_server(dir.path()).await;
+    new_token(&server, "tok-tofu");
+    let mut config = agent_config(dir.path(), &server);
+    config.trust_bundle_path = None;
+    config.insecure_bootstrap = true;
+    let agent = start_agent(&config, Some("tok-tofu")).await.unwrap();
+    let cached = std::fs::read(config.data_dir.join("bundle.json")).unwrap();
+    let bundle = Bundle::from_json(td(), &cached).unwrap();
+    assert_eq!(bundle.x509_authorities().len(), server.state().ca().bundle().x509_authorities().len());
+    let mut status = agent.status_watch();
+    with_deadline("first sync", status.wait_for(|status| status.last_sync.is_some())).await.unwrap();
+    with_deadline("agent shutdown", agent.shutdown()).await;
+
+    // Neither a bundle nor insecure_bootstrap nor a cache: refused before contacting anyone.
+    let mut bare = agent_config(dir.path(), &server);
+    bare.trust_bundle_path = None;
+    bare.data_dir = dir.path().join("bare");
+    let error = start_agent(&bare, Some("unused-token")).await.unwrap_err();
+    assert!(matches!(error, ManagerError::NoTrustAnchor { .. }), "{error}");
+    server.shutdown().await.unwrap();
+}
