@@ -1,8 +1,8 @@
 //! TLS for the agent's connection to the server (rustls, ring provider).
 //!
 //! The server is authenticated as a SPIFFE identity, not a DNS name: its certificate chain
-//! must verify against the X.509 authorities of the trust domain's bundle (with Tessera's own
-//! X.509-SVID path validator), and the leaf's SPIFFE ID must be exactly
+//! must verify against the X.509 authorities of the trust domain's bundle
+//! ([`tessera_spiffe::tls::SpiffeServerVerifier`]), and the leaf's SPIFFE ID must be exactly
 //! `spiffe://<trust domain>/tessera/server`. The host name in `server_address` is only used
 //! for SNI.
 //!
@@ -16,12 +16,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tessera_spiffe::bundle::Bundle;
 use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
-use tessera_spiffe::x509::verify_x509_svid;
+use tessera_spiffe::tls::{BundleSource, SpiffeServerVerifier};
 
 use crate::storage::AgentCredential;
 
@@ -42,21 +42,28 @@ pub fn server_spiffe_id(trust_domain: &TrustDomain) -> Result<SpiffeId, String> 
     trust_domain.id_from_segments(&["tessera", "server"]).map_err(|error| error.to_string())
 }
 
-/// Verifies the server's certificate against the bundle in a [`TrustStore`].
+/// Verifies the server's certificate against the bundle in a [`TrustStore`]: the shared
+/// [`SpiffeServerVerifier`] of tessera-spiffe, plus trust on first use while the store has
+/// no bundle and `insecure_first_use` is set.
 #[derive(Debug)]
 pub struct ServerVerifier {
-    trust_domain: TrustDomain,
-    expected: SpiffeId,
     trust: TrustStore,
-    algorithms: WebPkiSupportedAlgorithms,
+    inner: SpiffeServerVerifier,
 }
 
 impl ServerVerifier {
     /// A verifier expecting `spiffe://<trust_domain>/tessera/server`.
     pub fn new(trust_domain: TrustDomain, trust: TrustStore) -> Result<Self, String> {
         let expected = server_spiffe_id(&trust_domain)?;
-        let algorithms = provider().signature_verification_algorithms;
-        Ok(Self { trust_domain, expected, trust, algorithms })
+        let source = {
+            let trust = Arc::clone(&trust);
+            // No bundle yet: an empty one, which trusts nothing.
+            BundleSource::from_fn(move || {
+                let bundle = trust.read().ok().and_then(|state| state.bundle.clone());
+                Arc::new(bundle.unwrap_or_else(|| Bundle::new(trust_domain.clone())))
+            })
+        };
+        Ok(Self { trust, inner: SpiffeServerVerifier::new(source, expected) })
     }
 
     fn check(
@@ -65,27 +72,21 @@ impl ServerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: SystemTime,
     ) -> Result<(), String> {
-        let state = self.trust.read().map_err(|_| "trust store lock poisoned".to_owned())?.clone();
-        let Some(bundle) = state.bundle else {
-            if state.insecure_first_use {
-                tracing::warn!(
-                    "insecure_bootstrap: accepting the server's certificate WITHOUT authenticating it; \
-                     use trust_bundle_path outside tests and demos"
-                );
-                return Ok(());
-            }
-            return Err("no trust bundle to authenticate the server with".to_owned());
-        };
+        let insecure =
+            self.trust.read().map(|state| state.bundle.is_none() && state.insecure_first_use).unwrap_or(false);
+        if insecure {
+            tracing::warn!(
+                "insecure_bootstrap: accepting the server's certificate WITHOUT authenticating it; \
+                 use trust_bundle_path outside tests and demos"
+            );
+            return Ok(());
+        }
         let mut chain: Vec<&[u8]> = vec![end_entity.as_ref()];
         chain.extend(intermediates.iter().map(|der| der.as_ref()));
-        let authorities: std::collections::BTreeMap<TrustDomain, Vec<Vec<u8>>> =
-            [(self.trust_domain.clone(), bundle.x509_authorities().map(<[u8]>::to_vec).collect())].into();
-        let verified = verify_x509_svid(&chain, &authorities, now)
-            .map_err(|error| format!("the server's certificate does not verify against the trust bundle: {error}"))?;
-        if verified.spiffe_id() != &self.expected {
-            return Err(format!("the server presented SPIFFE ID {}, expected {}", verified.spiffe_id(), self.expected));
-        }
-        Ok(())
+        self.inner
+            .verify(&chain, now)
+            .map(|_| ())
+            .map_err(|error| format!("the server's certificate was refused: {error}"))
     }
 }
 
@@ -112,7 +113,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -121,11 +122,11 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -184,13 +185,13 @@ mod tests {
         let error = verifier(Some(bundle.clone()), false)
             .check(&CertificateDer::from(impostor[0].clone()), &[], now)
             .unwrap_err();
-        assert!(error.contains("expected spiffe://example.org/tessera/server"), "{error}");
+        assert!(error.contains("expected \"spiffe://example.org/tessera/server\""), "{error}");
 
         let other = test_issuer("example.org");
         let (foreign, _) = test_svid(&other, "spiffe://example.org/tessera/server");
         let error =
             verifier(Some(bundle), true).check(&CertificateDer::from(foreign[0].clone()), &[], now).unwrap_err();
-        assert!(error.contains("does not verify"), "{error}");
+        assert!(error.contains("was refused"), "{error}");
     }
 
     #[test]
