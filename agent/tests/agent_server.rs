@@ -414,3 +414,37 @@ async fn insecure_bootstrap_trusts_the_first_server_then_caches_its_bundle() {
     assert!(matches!(error, ManagerError::NoTrustAnchor { .. }), "{error}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_changes_and_federated_bundles_reach_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_memory_server(dir.path()).await;
+    new_token(&server, "tok-change");
+    let config = agent_config(dir.path(), &server);
+    let agent = start_agent(&config, Some("tok-change")).await.unwrap();
+    let cache = Arc::clone(agent.cache());
+    let entry = create_entry(&server, &agent_id("tok-change"), "before", None);
+    wait_for(&cache, WAIT, "the first identity", |snapshot| identity_of(snapshot, &entry.id)).await;
+
+    // A federated bundle, and the entry changed to federate with it under a new SPIFFE ID.
+    let partner = TrustDomain::new("partner.org").unwrap();
+    let mut federated = Bundle::new(partner.clone());
+    federated.add_x509_authority(server.state().ca().bundle().x509_authorities().next().unwrap()).unwrap();
+    store(&server).set_bundle(&partner, federated.to_json().as_bytes(), None).unwrap();
+    let mut changed = entry.clone();
+    changed.spiffe_id = SpiffeId::parse(&format!("spiffe://{TD}/after")).unwrap();
+    changed.federates_with = vec![partner.clone()];
+    store(&server).update_entry(&changed, None).unwrap();
+
+    let renamed = wait_for(&cache, WAIT, "the re-minted identity", |snapshot| {
+        identity_of(snapshot, &entry.id).filter(|identity| identity.entry.spiffe_id == changed.spiffe_id)
+    })
+    .await;
+    let chain: Vec<&[u8]> = renamed.svid.cert_chain.iter().map(Vec::as_slice).collect();
+    let verified = verify_x509_svid(&chain, &server.state().ca().bundle(), SystemTime::now()).unwrap();
+    assert_eq!(verified.spiffe_id(), &changed.spiffe_id, "the SVID carries the new SPIFFE ID");
+    assert!(renamed.entry.federates_with.contains(&partner));
+    wait_for(&cache, WAIT, "the federated bundle", |snapshot| snapshot.bundles.get(&partner).map(|_| ())).await;
+    with_deadline("agent shutdown", agent.shutdown()).await;
+    server.shutdown().await.unwrap();
+}
