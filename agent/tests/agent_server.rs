@@ -448,3 +448,26 @@ async fn entry_changes_and_federated_bundles_reach_the_cache() {
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_svids_are_served_until_they_expire_and_no_longer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_memory_server(dir.path()).await;
+    new_token(&server, "tok-expire");
+    let config = agent_config(dir.path(), &server);
+    let agent = start_agent(&config, Some("tok-expire")).await.unwrap();
+    let cache = Arc::clone(agent.cache());
+    let entry = create_entry(&server, &agent_id("tok-expire"), "short-outage", Some(Duration::from_secs(3)));
+    wait_for(&cache, WAIT, "the identity", |snapshot| identity_of(snapshot, &entry.id)).await;
+    with_deadline("server shutdown", server.shutdown()).await.unwrap();
+
+    // The last SVID minted before the outage stays until its notAfter, then leaves.
+    let last = identity_of(&cache.current(), &entry.id).expect("served during the outage");
+    wait_for(&cache, WAIT, "the expired SVID to leave", |snapshot| {
+        identity_of(snapshot, &entry.id).is_none().then_some(())
+    })
+    .await;
+    assert!(SystemTime::now() >= last.svid.expires_at, "an unexpired SVID was dropped");
+    assert!(cache.current().entries.iter().any(|e| e.id == entry.id), "the entry itself is still known");
+    with_deadline("agent shutdown", agent.shutdown()).await;
+}

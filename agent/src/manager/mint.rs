@@ -40,6 +40,15 @@ const IDLE_CHECK: Duration = Duration::from_secs(60);
 pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new();
     loop {
+        // An SVID that expired (say, the server was unreachable for its whole second half)
+        // leaves the snapshot at once, whatever else happens.
+        {
+            let mut state = shared.state();
+            if state.drop_expired(SystemTime::now()) {
+                tracing::warn!("X.509-SVIDs expired before they could be renewed; they are no longer served");
+                shared.publish(&state);
+            }
+        }
         let work = shared.state().mint_work(SystemTime::now());
         if !work.is_empty() {
             match mint(&shared, work).await {
@@ -47,22 +56,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 Err(reason) => {
                     let delay = backoff.next_delay(&shared.rng);
                     tracing::warn!("minting X.509-SVIDs failed: {reason}; retrying in {delay:?}");
-                    if sleep_or_stop(delay, &mut stop).await {
+                    // Sleep for the backoff, but never past the next expiry.
+                    let expiry = shared.state().next_deadline(SystemTime::now()).map_or(delay, until);
+                    if sleep_or_stop(delay.min(expiry), &mut stop).await {
                         return;
                     }
                     continue;
                 }
             }
         }
-        // Publish so that SVIDs that expired meanwhile leave the snapshot.
-        let deadline = {
-            let state = shared.state();
-            let now = SystemTime::now();
-            if state.svids.values().any(|minted| minted.svid.expires_at <= now) {
-                shared.publish(&state);
-            }
-            state.next_deadline(now)
-        };
+        let deadline = shared.state().next_deadline(SystemTime::now());
         let sleep = deadline.map_or(IDLE_CHECK, until).min(IDLE_CHECK);
         tokio::select! {
             () = shared.mint_wakeup.notified() => {

@@ -192,6 +192,14 @@ impl State {
         self.retry_at.retain(|id, _| entries.contains_key(id));
     }
 
+    /// Forgets SVIDs that have expired at `now` (they must not be served; their entries are
+    /// minted again). Returns whether any was dropped, i.e. whether to publish.
+    pub fn drop_expired(&mut self, now: SystemTime) -> bool {
+        let before = self.svids.len();
+        self.svids.retain(|_, minted| minted.svid.expires_at > now);
+        self.svids.len() != before
+    }
+
     /// Entries that need a (new) X.509-SVID at `now`: none yet, minted for an older
     /// revision, or past the renewal point; except those waiting for a retry.
     pub fn mint_work(&self, now: SystemTime) -> Vec<Arc<CachedEntry>> {
@@ -421,6 +429,10 @@ mod tests {
         assert_eq!(state.mint_work(renew).len(), 1);
         assert_eq!(state.next_deadline(renew), Some(expires));
         assert!(state.snapshot(expires).identities.is_empty(), "an expired SVID is not served");
+        assert!(!state.drop_expired(renew));
+        assert!(state.drop_expired(expires));
+        assert!(state.svids.is_empty());
+        assert_eq!(state.mint_work(expires).len(), 1, "an entry whose SVID expired is minted again");
 
         state.retry_at.insert("a".to_owned(), now + Duration::from_secs(7));
         assert!(state.mint_work(renew).is_empty(), "waiting for the retry");

@@ -40,14 +40,17 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     };
                     match message {
                         Ok(Some(response)) => {
-                            backoff.reset();
                             let Some(event) = response.event else {
                                 tracing::warn!("ignoring an empty sync event");
                                 continue;
                             };
-                            if let Err(reason) = apply(&shared, event) {
-                                tracing::warn!("sync protocol error, reopening the stream: {reason}");
-                                break;
+                            match apply(&shared, event) {
+                                // Only a stream that delivers usable events resets the backoff.
+                                Ok(()) => backoff.reset(),
+                                Err(reason) => {
+                                    tracing::warn!("sync protocol error, reopening the stream: {reason}");
+                                    break;
+                                }
                             }
                         }
                         Ok(None) => {
