@@ -116,6 +116,9 @@ async fn run_serves_workload_svids_restarts_without_a_token_and_stops_on_sigterm
     let stdout = String::from_utf8_lossy(&fetched.stdout);
     assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
     assert!(stdout.contains(&format!("spiffe://{TD}/run-workload")), "{stdout}");
+    let jwt = cli(&["api", "fetch", "jwt", "--audience", "aud-1", "--output", "json"], &socket).await;
+    assert!(jwt.status.success(), "{}", String::from_utf8_lossy(&jwt.stderr));
+    assert!(String::from_utf8_lossy(&jwt.stdout).contains(&format!("spiffe://{TD}/run-workload")));
 
     let status = terminate(agent).await;
     assert!(status.success(), "SIGTERM must be a clean stop: {status:?}");

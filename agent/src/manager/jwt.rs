@@ -1,6 +1,7 @@
-//! JWT-SVIDs for the Workload API: signed by the server on demand (`NewJwtSvid`) and cached
-//! per (entry ID, entry revision, sorted and de-duplicated audiences) until half their
-//! lifetime has passed.
+//! JWT-SVIDs for the Workload API: signed by the server on demand (`NewJwtSvid`), validated
+//! against the agent's bundle (signature, `sub` = the entry's SPIFFE ID, audiences, `exp`),
+//! and cached per (entry ID, entry revision, sorted and de-duplicated audiences) until half
+//! their lifetime has passed.
 //!
 //! The cache holds at most [`MAX_CACHED`] tokens; when full, expired tokens are dropped
 //! first, then the ones closest to their refresh point. A token for an entry that changed
@@ -132,11 +133,24 @@ impl JwtSvids {
         if response.token.is_empty() || response.token.len() > MAX_TOKEN_LEN {
             return Err(JwtSvidError::Refused("the server returned an empty or oversized token".to_owned()));
         }
-        let expires_at = u64::try_from(response.expires_at)
-            .ok()
-            .map(|seconds| SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
-            .filter(|at| *at > fetched_at)
-            .ok_or_else(|| JwtSvidError::Refused("the server returned an expired token".to_owned()))?;
+        // Never hand out a token that a workload's peer would refuse: it must validate against
+        // the agent's bundle for these audiences and name the entry's SPIFFE ID.
+        let validated = {
+            let bundles = Arc::clone(&self.shared.cache.current().bundles);
+            tessera_spiffe::jwt::validate(&response.token, bundles.as_ref(), &key.audiences, fetched_at)
+                .map_err(|error| JwtSvidError::Refused(format!("the server returned an invalid JWT-SVID: {error}")))?
+        };
+        if validated.spiffe_id() != &entry.spiffe_id {
+            return Err(JwtSvidError::Refused(format!(
+                "the server returned a JWT-SVID for {}, expected {}",
+                validated.spiffe_id(),
+                entry.spiffe_id
+            )));
+        }
+        let expires_at = validated.expires_at();
+        if expires_at <= fetched_at {
+            return Err(JwtSvidError::Refused("the server returned an expired token".to_owned()));
+        }
         let lifetime = expires_at.duration_since(fetched_at).unwrap_or(Duration::ZERO);
         let svid =
             JwtSvid { spiffe_id: entry.spiffe_id.clone(), token: response.token, expires_at, hint: entry.hint.clone() };
