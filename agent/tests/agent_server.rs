@@ -471,3 +471,23 @@ async fn during_an_outage_svids_are_served_until_they_expire_and_no_longer() {
     assert!(cache.current().entries.iter().any(|e| e.id == entry.id), "the entry itself is still known");
     with_deadline("agent shutdown", agent.shutdown()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_agent_keeps_serving_its_cache_and_reports_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_memory_server(dir.path()).await;
+    new_token(&server, "tok-ban");
+    let config = agent_config(dir.path(), &server);
+    let agent = start_agent(&config, Some("tok-ban")).await.unwrap();
+    let cache = Arc::clone(agent.cache());
+    let entry = create_entry(&server, &agent_id("tok-ban"), "banned-node", None);
+    wait_for(&cache, WAIT, "the identity", |snapshot| identity_of(snapshot, &entry.id)).await;
+
+    store(&server).ban_attested_node(&agent_id("tok-ban")).unwrap();
+    // The server ends the agent's calls; reconnecting is refused.
+    let mut status = agent.status_watch();
+    with_deadline("the agent noticing the ban", status.wait_for(|status| !status.attested)).await.unwrap();
+    assert!(identity_of(&cache.current(), &entry.id).is_some(), "the cache keeps serving unexpired SVIDs");
+    with_deadline("agent shutdown", agent.shutdown()).await;
+    server.shutdown().await.unwrap();
+}

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use tessera_wire::tessera::agent::v1::SyncEntriesRequest;
 use tokio::sync::watch;
+use tonic::Code;
 
 use super::{Backoff, Shared, sleep_or_stop};
 
@@ -58,15 +59,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             break;
                         }
                         Err(status) => {
-                            tracing::warn!(code = ?status.code(), "sync stream failed: {}", status.message());
+                            report_failure(&shared, &status, "sync stream failed");
                             break;
                         }
                     }
                 }
             }
-            Err(status) => {
-                tracing::warn!(code = ?status.code(), "cannot open the sync stream: {}", status.message());
-            }
+            Err(status) => report_failure(&shared, &status, "cannot open the sync stream"),
         }
         shared.state().stream_reset();
         shared.status.send_modify(|status| status.connected = false);
@@ -103,10 +102,27 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
     }
     shared.status.send_modify(|status| {
         status.connected = true;
+        status.attested = true;
         status.revision = revision;
         if applied.synced || (status.last_sync.is_some() && applied.entries_changed) {
             status.last_sync = Some(now);
         }
     });
     Ok(())
+}
+
+/// Logs a failed sync call. A refusal (evicted, banned, or an agent SVID the server no longer
+/// accepts) also marks the agent as not attested: retrying keeps the cache serving and picks
+/// up an un-ban, but the operator must act.
+fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) {
+    if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) {
+        tracing::error!(
+            code = ?status.code(),
+            "{what}: the server refuses this agent: {}; if it was evicted, attest it again with a new join token",
+            status.message()
+        );
+        shared.status.send_modify(|status| status.attested = false);
+    } else {
+        tracing::warn!(code = ?status.code(), "{what}: {}", status.message());
+    }
 }
