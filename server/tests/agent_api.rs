@@ -652,3 +652,16 @@ async fn an_expired_agent_svid_is_refused() {
     }
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_bind_address_fails_start_up_with_a_clear_error() {
+    let dir = tempdir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config =
+        tessera_server::config::ServerConfig { bind_address: taken.local_addr().unwrap(), ..config(dir.path()) };
+    let err = start_memory_try(config).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with("bind_address 127.0.0.1:"), "{message}");
+    // Nothing was left listening: the admin socket was not created.
+    assert!(!dir.path().join("private/admin.sock").exists());
+}

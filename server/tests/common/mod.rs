@@ -207,3 +207,8 @@ pub async fn read_initial(stream: &mut tonic::Streaming<pb::SyncEntriesResponse>
         }
     }
 }
+
+pub async fn start_memory_try(config: ServerConfig) -> Result<RunningServer, tessera_server::server::ServerError> {
+    let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+    server::start_with(config, store).await
+}
