@@ -76,7 +76,7 @@ pub enum FetchCommand {
     X509 {
         #[command(flatten)]
         socket: SocketArgs,
-        /// Write svid.0.pem, svid.0.key, bundle.0.pem (and federated_bundle.<n>.pem) here.
+        /// Write `svid.0.pem`, `svid.0.key`, `bundle.0.pem` (and `federated_bundle.<n>.pem`) here.
         #[arg(long, value_name = "DIR")]
         write: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]

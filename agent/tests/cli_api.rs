@@ -246,3 +246,30 @@ async fn a_process_of_another_user_gets_that_users_identity() {
     assert_eq!(json["svids"].as_array().unwrap().len(), 1);
     assert_eq!(json["svids"][0]["spiffe_id"], "spiffe://example.org/nobody");
 }
+
+/// The agent's connection goes away mid-stream (a proxy between the CLI and the socket is
+/// cut): `watch` exits non-zero with one line naming the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_a_lost_connection_in_one_line() {
+    let agent = agent_for_the_cli().await;
+    let proxy_socket = agent.dir().join("proxy.sock");
+    let listener = tokio::net::UnixListener::bind(&proxy_socket).unwrap();
+    let upstream = agent.socket.clone();
+    let proxy = tokio::spawn(async move {
+        let (mut client, _) = listener.accept().await.unwrap();
+        let mut server = tokio::net::UnixStream::connect(&upstream).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    });
+
+    let mut cli = command(&["api", "watch", "--socket-path", proxy_socket.to_str().unwrap()]);
+    cli.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cli.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line()).await.unwrap().unwrap().unwrap();
+    // (The agent attests the proxy, i.e. the test process.)
+    assert!(first.contains("received 1 X.509-SVID(s): spiffe://example.org/test-only"), "{first}");
+    proxy.abort();
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.unwrap().unwrap();
+    let line = error_line(&output);
+    assert!(line.contains(&format!("lost the connection to the Workload API at {}", proxy_socket.display())), "{line}");
+}

@@ -298,6 +298,18 @@ async fn garbage_and_abandoned_streams_do_not_hurt_other_callers() {
         assert_eq!(agent.cache.subscribers(), baseline + 1);
     }
     eventually("the abandoned stream to be dropped", || agent.cache.subscribers() == baseline).await;
+
+    // A client that cancels one stream (RST_STREAM) and keeps its connection.
+    let mut client = raw_client(&agent.socket).await;
+    {
+        let mut stream = client.fetch_x509svid(with_header(pb::X509svidRequest {})).await.unwrap().into_inner();
+        first(&mut stream).await.unwrap();
+        assert_eq!(agent.cache.subscribers(), baseline + 1);
+    }
+    eventually("the cancelled stream to be dropped", || agent.cache.subscribers() == baseline).await;
+    let mut stream = client.fetch_x509svid(with_header(pb::X509svidRequest {})).await.unwrap().into_inner();
+    first(&mut stream).await.unwrap();
+    drop(stream);
     // An oversized request is refused without reading it into a message.
     let mut client = raw_client(&agent.socket).await;
     let huge = pb::ValidateJwtsvidRequest { audience: "a".into(), svid: "x".repeat(100 * 1024) };
@@ -315,6 +327,7 @@ async fn garbage_and_abandoned_streams_do_not_hurt_other_callers() {
 async fn a_thousand_streams_open_and_close_without_leaks() {
     const CONNECTIONS: usize = 10;
     const STREAMS_PER_CONNECTION: usize = 100;
+    raise_open_file_limit();
     let agent = Agent::start().await;
     agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
     let baseline = agent.cache.subscribers();
@@ -422,4 +435,114 @@ async fn the_socket_is_world_accessible_in_a_0755_directory_and_stale_sockets_ar
     tx.send(()).unwrap();
     tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap();
     assert!(!path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_the_handshake_timeout() {
+    let limits = WorkloadApiLimits { handshake_timeout: Duration::from_millis(200), ..WorkloadApiLimits::default() };
+    let agent = Agent::start_with(limits, true).await;
+    agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
+    let mut silent = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    let mut sink = Vec::new();
+    // (The server's own HTTP/2 SETTINGS frame arrives first.)
+    tokio::time::timeout(DEADLINE, silent.read_to_end(&mut sink)).await.expect("silent connection kept open").ok();
+
+    // Control: with the default timeout (10 s) the same connection stays open for a while.
+    let patient = Agent::start().await;
+    let mut silent = tokio::net::UnixStream::connect(&patient.socket).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_millis(500), silent.read_to_end(&mut sink)).await;
+    assert!(read.is_err(), "the connection was closed without a short handshake timeout");
+    // Clients that speak at once are unaffected, also after the timeout.
+    let mut stream = fetch_x509(&agent).await.unwrap();
+    first(&mut stream).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    agent.rotate("web");
+    first(&mut stream).await.unwrap();
+}
+
+/// The first message of a fresh connection's `FetchX509SVID`, without unwrapping anything.
+async fn try_fetch(socket: &std::path::Path) -> Result<pb::X509svidResponse, String> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|err| err.to_string())?;
+    let mut client = tessera_wire::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let mut stream =
+        client.fetch_x509svid(with_header(pb::X509svidRequest {})).await.map_err(|s| s.to_string())?.into_inner();
+    stream.message().await.map_err(|s| s.to_string())?.ok_or_else(|| "no message".to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uid_cannot_take_every_connection_slot() {
+    let limits = WorkloadApiLimits { max_connections_per_uid: 2, ..WorkloadApiLimits::default() };
+    let agent = Agent::start_with(limits, true).await;
+    agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
+    let mut a = fetch_x509(&agent).await.unwrap();
+    let mut b = fetch_x509(&agent).await.unwrap();
+    first(&mut a).await.unwrap();
+    first(&mut b).await.unwrap();
+
+    // A third connection of the same uid is closed at once, before the handshake timeout.
+    let mut third = tokio::net::UnixStream::connect(&agent.socket).await.unwrap();
+    // (It may already be closed when the preface is written.)
+    let _ = third.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut sink))
+        .await
+        .expect("the connection over the limit was kept")
+        .ok();
+    assert!(try_fetch(&agent.socket).await.is_err());
+
+    drop(a);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match try_fetch(&agent.socket).await {
+            Ok(message) => {
+                assert_eq!(message.svids.len(), 1);
+                break;
+            }
+            Err(err) => assert!(tokio::time::Instant::now() < deadline, "no slot came free: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // `b` was kept open the whole time.
+    agent.rotate("web");
+    first(&mut b).await.unwrap();
+}
+
+/// The pid is reused by another process between attestation and answer (simulated with the
+/// attestor's fake process table): the caller gets Unavailable, never the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_when_the_pid_names_another_process_by_then() {
+    use tessera_agent::attestor::{FakeProcessInspector, ProcessFacts, UnixAttestor};
+    let fake = FakeProcessInspector::new();
+    let me = std::process::id();
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    fake.set_process(me, ProcessFacts::new(uid, gid));
+    let attestor = UnixAttestor::with_inspector(Arc::new(fake.clone()), 1);
+    let agent = Agent::start_with_attestor(WorkloadApiLimits::default(), true, attestor).await;
+    agent.add_identity(entry("web", "/web", &[&my_uid_selector()], &[]));
+    let mut client = raw_client(&agent.socket).await;
+    let request = || with_header(pb::JwtsvidRequest { audience: vec!["a".into()], spiffe_id: String::new() });
+    assert_eq!(client.fetch_jwtsvid(request()).await.unwrap().into_inner().svids.len(), 1);
+
+    let reuse = fake.clone();
+    *agent.jwt_source.during_next_fetch.lock().unwrap() =
+        Some(Box::new(move || reuse.set_process(me, ProcessFacts::new(uid, gid))));
+    let status = client.fetch_jwtsvid(request()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().starts_with("workload attestation failed: "), "{}", status.message());
+    assert!(status.message().contains("no longer the process that was attested"), "{}", status.message());
+
+    // A caller that is gone before it is attested is not answered either.
+    fake.exit(me);
+    let status = fetch_x509(&agent).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("is gone"), "{}", status.message());
 }

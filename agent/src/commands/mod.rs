@@ -195,6 +195,13 @@ impl WorkloadClient {
 
     fn error(&self, status: &Status) -> anyhow::Error {
         let message = status.message().replace('\n', " ");
+        // Statuses made on this side from an I/O or HTTP/2 failure carry their cause; those the
+        // agent sent do not.
+        if let Some(cause) = std::error::Error::source(status) {
+            let cause = cause.to_string();
+            let reason = if message.contains(&cause) { message } else { format!("{message}: {cause}") };
+            return anyhow!("lost the connection to the Workload API at {}: {reason}", self.socket.display());
+        }
         anyhow!("the Workload API at {} answered {:?}: {}", self.socket.display(), status.code(), message)
     }
 

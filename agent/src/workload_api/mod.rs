@@ -34,7 +34,9 @@
 //! Nothing here spawns a task per call or per stream: a stream is a state machine polled by
 //! the connection that carries it, so when the connection closes (or the client cancels the
 //! stream) the stream and its cache subscription are dropped. Limits ([`WorkloadApiLimits`]):
-//! connections (further clients wait in the listen backlog), HTTP/2 streams per connection,
+//! connections (further clients wait in the listen backlog), connections per uid (one local
+//! user cannot take every slot), a deadline for a new connection's first bytes (silent
+//! connections are closed; HTTP/2 keepalive pings reap dead ones), HTTP/2 streams per connection,
 //! open streams in total (further streams: Unavailable), and calls between attestation and
 //! answer at once (they hold the pinned process's descriptors; further calls wait). On
 //! shutdown every stream ends with Unavailable so that connections drain.
@@ -63,6 +65,12 @@ pub use socket::{ServeError, bind_socket};
 pub struct WorkloadApiLimits {
     /// Connections served at once; more wait in the socket's listen backlog.
     pub max_connections: usize,
+    /// Connections one uid may hold at once; more are closed at once, so that one local user
+    /// cannot take every connection slot.
+    pub max_connections_per_uid: usize,
+    /// How long a new connection may stay silent before its first bytes (the HTTP/2 preface);
+    /// silent connections are closed so they do not hold a slot.
+    pub handshake_timeout: Duration,
     /// HTTP/2 streams (calls) a single connection may have open at once.
     pub max_streams_per_connection: u32,
     /// Streaming calls open at once over all connections; more are refused with Unavailable.
@@ -81,6 +89,8 @@ impl Default for WorkloadApiLimits {
     fn default() -> Self {
         Self {
             max_connections: 4096,
+            max_connections_per_uid: 1024,
+            handshake_timeout: Duration::from_secs(10),
             max_streams_per_connection: 256,
             max_open_streams: 32_768,
             max_attesting_calls: 256,

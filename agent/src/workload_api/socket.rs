@@ -1,12 +1,13 @@
 //! The Workload API socket: directory and socket permissions, stale sockets, the bounded accept
 //! loop and graceful shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Pause after a failed `accept` (typically EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// HTTP/2 keepalive: a connection whose peer does not answer a ping within the timeout is closed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why the Workload API socket could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -141,12 +146,15 @@ impl WorkloadApi {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let limits = self.inner.limits.clone();
-        let connections = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
-        let incoming =
-            Box::pin(futures_util::stream::unfold((listener, connections), |(listener, connections)| async {
-                let connection = accept(&listener, &connections).await;
-                Some((Ok::<_, io::Error>(connection), (listener, connections)))
-            }));
+        let slots = Slots {
+            all: Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS))),
+            per_uid: Arc::new(UidCounts { max: limits.max_connections_per_uid.max(1), counts: Mutex::default() }),
+            handshake_timeout: limits.handshake_timeout,
+        };
+        let incoming = Box::pin(futures_util::stream::unfold((listener, slots), |(listener, slots)| async {
+            let connection = accept(&listener, &slots).await;
+            Some((Ok::<_, io::Error>(connection), (listener, slots)))
+        }));
 
         let inner = Arc::clone(&self.inner);
         let (fired, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -159,6 +167,8 @@ impl WorkloadApi {
         let service = SpiffeWorkloadApiServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES);
         let serve = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.max_streams_per_connection.max(1)))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, signal);
         let drained = async move {
@@ -171,38 +181,108 @@ impl WorkloadApi {
         tokio::select! {
             result = serve => result.map_err(ServeError::Serve),
             () = drained => {
-                tracing::warn!("Workload API connections did not close in time; closing them");
+                // Streams have ended; what remains are unary calls still waiting for the server
+                // (a JWT-SVID) or clients that do not close. They end with the process.
+                tracing::warn!("Workload API connections did not close in time; no longer waiting for them");
                 Ok(())
             }
         }
     }
 }
 
-/// Waits for a connection slot, then for a connection. Accept errors (EMFILE, ...) are logged
-/// and retried after a pause instead of ending the server.
-async fn accept(listener: &UnixListener, connections: &Arc<Semaphore>) -> Connection {
-    loop {
-        // The semaphore is never closed.
-        let Ok(permit) = Arc::clone(connections).acquire_owned().await else {
-            std::future::pending::<()>().await;
-            continue;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => return Connection { stream, _permit: permit },
-            Err(err) => {
-                drop(permit);
-                tracing::warn!(error = %err, "cannot accept a Workload API connection");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+/// The connection limits shared by the accept loop.
+struct Slots {
+    all: Arc<Semaphore>,
+    per_uid: Arc<UidCounts>,
+    handshake_timeout: Duration,
+}
+
+/// Open connections per uid.
+#[derive(Debug)]
+struct UidCounts {
+    max: usize,
+    counts: Mutex<HashMap<u32, usize>>,
+}
+
+impl UidCounts {
+    /// A slot for one more connection of `uid`, or `None` when it holds `max` already.
+    fn claim(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(uid).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot { counts: Arc::clone(self), uid })
+    }
+}
+
+/// One connection of a uid, released on drop.
+#[derive(Debug)]
+struct UidSlot {
+    counts: Arc<UidCounts>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.uid);
             }
         }
     }
 }
 
-/// An accepted connection holding its connection slot until it is dropped.
+/// Waits for a connection slot, then for a connection. Accept errors (EMFILE, ...) are logged
+/// and retried after a pause instead of ending the server; connections without peer
+/// credentials or over their uid's limit are closed at once.
+async fn accept(listener: &UnixListener, slots: &Slots) -> Connection {
+    loop {
+        // The semaphore is never closed.
+        let Ok(permit) = Arc::clone(&slots.all).acquire_owned().await else {
+            std::future::pending::<()>().await;
+            continue;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                drop(permit);
+                tracing::warn!(error = %err, "cannot accept a Workload API connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let uid = match stream.peer_cred() {
+            Ok(cred) => cred.uid(),
+            Err(err) => {
+                tracing::warn!(error = %err, "Workload API connection without peer credentials; closing it");
+                continue;
+            }
+        };
+        let Some(uid_slot) = slots.per_uid.claim(uid) else {
+            tracing::warn!(uid, max = slots.per_uid.max, "too many Workload API connections from one uid; closing one");
+            continue;
+        };
+        return Connection {
+            stream,
+            first_bytes_deadline: Some(Box::pin(tokio::time::sleep(slots.handshake_timeout))),
+            _permit: permit,
+            _uid_slot: uid_slot,
+        };
+    }
+}
+
+/// An accepted connection holding its slots until it is dropped.
 #[derive(Debug)]
 struct Connection {
     stream: UnixStream,
+    /// Until the first bytes arrive: when to give up on a silent peer.
+    first_bytes_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
+    _uid_slot: UidSlot,
 }
 
 impl Connected for Connection {
@@ -215,7 +295,29 @@ impl Connected for Connection {
 
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.first_bytes_deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired =
+                    this.first_bytes_deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client sent nothing within the handshake timeout",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+            ready => ready,
+        }
     }
 }
 

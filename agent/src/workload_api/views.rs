@@ -342,6 +342,32 @@ mod tests {
     }
 
     #[test]
+    fn jwt_validation_only_uses_visible_trust_domains() {
+        use ring::rand::SystemRandom;
+        use tessera_spiffe::keys::{KeyType, SigningKey};
+        let own = td("example.org");
+        let key = SigningKey::generate(KeyType::EcP256, &SystemRandom::new()).unwrap();
+        let mut bundles = BundleSet::new(Bundle::new(own.clone()));
+        let mut partner = Bundle::new(td("partner.test"));
+        partner.add_jwt_authority("k", key.public_key().clone()).unwrap();
+        bundles.insert_federated(partner).unwrap();
+
+        let own_only = Visibility::own_only(&own);
+        let authorities = own_only.jwt_authorities(&bundles);
+        assert_eq!(authorities.jwt_authority(&td("partner.test"), "k").unwrap_err(), MissingJwtAuthority::NoBundle);
+
+        let web = entry("e1", "spiffe://example.org/web", &["unix:uid:1000"], &["partner.test"], "");
+        let mut snap = snapshot(&[web]);
+        snap.bundles = Arc::new(bundles);
+        let visible = Visibility::of(&snap, &own, &caller()).unwrap();
+        assert!(visible.jwt_authorities(&snap.bundles).jwt_authority(&td("partner.test"), "k").is_ok());
+        assert_eq!(
+            visible.jwt_authorities(&snap.bundles).jwt_authority(&td("partner.test"), "other").unwrap_err(),
+            MissingJwtAuthority::UnknownKeyId
+        );
+    }
+
+    #[test]
     fn jwt_entries_filter_by_requested_id_and_dedup() {
         let a = entry("e1", "spiffe://example.org/a", &["unix:uid:1000"], &[], "");
         let a2 = entry("e2", "spiffe://example.org/a", &["unix:gid:1000"], &[], "");

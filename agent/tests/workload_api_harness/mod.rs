@@ -85,10 +85,15 @@ impl TestCa {
     }
 }
 
+/// Called once at the start of the next JWT-SVID fetch.
+pub type FetchHook = Box<dyn FnOnce() + Send>;
+
 /// Signs JWT-SVIDs with a real key; counts calls.
 pub struct FakeJwtSource {
     key: SigningKey,
     pub calls: AtomicUsize,
+    /// Runs during the next fetch (between the Workload API's attestation and its answer).
+    pub during_next_fetch: std::sync::Mutex<Option<FetchHook>>,
 }
 
 impl JwtSvidSource for FakeJwtSource {
@@ -99,6 +104,10 @@ impl JwtSvidSource for FakeJwtSource {
     ) -> BoxFuture<'a, Result<JwtSvid, JwtSvidError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            let hook = self.during_next_fetch.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
             let now = SystemTime::now();
             let claims = JwtSvidClaims {
                 subject: entry.spiffe_id.clone(),
@@ -180,13 +189,21 @@ impl Agent {
     }
 
     pub async fn start_with(limits: WorkloadApiLimits, ready: bool) -> Self {
+        Self::start_with_attestor(limits, ready, UnixAttestor::new(&UnixAttestorConfig::default())).await
+    }
+
+    pub async fn start_with_attestor(limits: WorkloadApiLimits, ready: bool, attestor: UnixAttestor) -> Self {
         let trust = Trust::new();
         let mut snapshot = AgentSnapshot::empty(trust.bundles());
         snapshot.ready = ready;
         let cache = Arc::new(Cache::new(snapshot));
-        let attestor = Arc::new(UnixAttestor::new(&UnixAttestorConfig::default()));
+        let attestor = Arc::new(attestor);
         let jwt_key = SigningKey::from_pkcs8_der(trust.jwt_key.pkcs8_der(), &SystemRandom::new()).unwrap();
-        let jwt_source = Arc::new(FakeJwtSource { key: jwt_key, calls: AtomicUsize::new(0) });
+        let jwt_source = Arc::new(FakeJwtSource {
+            key: jwt_key,
+            calls: AtomicUsize::new(0),
+            during_next_fetch: std::sync::Mutex::new(None),
+        });
         let api = WorkloadApi::with_limits(
             Arc::clone(&cache),
             attestor,
@@ -287,4 +304,13 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Raises the soft limit on open files to the hard limit: a test process that is client and
+/// server of many connections at once needs more than a CI box's default 1024.
+pub fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
 }
