@@ -51,7 +51,13 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         let work = shared.state().mint_work(SystemTime::now());
         if !work.is_empty() {
-            match mint(&shared, work).await {
+            // Shutdown does not wait for a slow server; abandoning a batch leaves the state
+            // consistent (results are applied under the lock, all at once per batch).
+            let minted = tokio::select! {
+                minted = mint(&shared, work) => minted,
+                _ = stop.changed() => return,
+            };
+            match minted {
                 Ok(()) => backoff.reset(),
                 Err(reason) => {
                     let delay = backoff.next_delay(&shared.rng);

@@ -276,6 +276,9 @@ pub async fn start(
         }
         (None, None) => TrustState { bundle: None, insecure_first_use: config.insecure_bootstrap },
     };
+    if trust_state.bundle.is_none() && !trust_state.insecure_first_use {
+        return Err(ManagerError::NoTrustAnchor { data_dir });
+    }
     let trust = crate::client::trust_store(trust_state);
     let verifier =
         Arc::new(ServerVerifier::new(trust_domain.clone(), Arc::clone(&trust)).map_err(ManagerError::Other)?);
@@ -293,9 +296,6 @@ pub async fn start(
                 .or_else(|| config.join_token.clone())
                 .ok_or(ManagerError::NoJoinToken { data_dir: data_dir.clone() })?;
             crate::config::validate_join_token(&trust_domain, &token).map_err(ManagerError::Other)?;
-            if cached_bundle.is_none() && config.trust_bundle_path.is_none() && !config.insecure_bootstrap {
-                return Err(ManagerError::NoTrustAnchor { data_dir });
-            }
             if config.insecure_bootstrap && cached_bundle.is_none() {
                 tracing::warn!(
                     "insecure_bootstrap is set: the server will be trusted on first use without authentication; \

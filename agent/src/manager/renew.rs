@@ -32,7 +32,11 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
         loop {
-            match renew_once(&shared).await {
+            let renewed = tokio::select! {
+                renewed = renew_once(&shared) => renewed,
+                _ = stop.changed() => return,
+            };
+            match renewed {
                 Ok(renewed) => {
                     tracing::info!(agent_id = %renewed.spiffe_id, "agent SVID renewed");
                     backoff.reset();
