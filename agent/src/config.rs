@@ -475,7 +475,7 @@ fn on_line(line: Option<usize>) -> String {
 }
 
 /// The I/O error without Rust's " (os error N)" suffix.
-fn io_message(error: &std::io::Error) -> String {
+pub(crate) fn io_message(error: &std::io::Error) -> String {
     let text = error.to_string();
     match text.find(" (os error ") {
         Some(end) => text[..end].to_owned(),

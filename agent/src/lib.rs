@@ -1,24 +1,129 @@
 //! `tessera-agent`: the node agent. It attests to the server, attests local workloads from
 //! their socket peer credentials and serves the SPIFFE Workload API.
 //!
-//! Status: the command line is defined (the interface contract). The Workload API
-//! ([`workload_api`]) and its command-line clients (`api`, `healthcheck`: [`commands`]) are
-//! built; `run` is wired by the agent manager and reports that it is not available yet.
+//! `run` attests to the server (or reuses the persisted agent SVID), keeps the snapshot cache
+//! current ([`manager`]) and serves the Workload API ([`workload_api`]) on `socket_path`.
+//! `api` and `healthcheck` ([`commands`]) are Workload API clients.
 
 pub mod attestor;
 pub mod cache;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod manager;
+pub mod storage;
 pub mod workload_api;
 
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
 use cli::{Cli, Command};
+use config::{AgentConfig, LogFormat};
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { .. } => anyhow::bail!("`tessera-agent run` is not available in this build yet"),
+        Command::Run { config, join_token } => run_agent(config.as_deref(), join_token),
         Command::Healthcheck(socket) => commands::healthcheck(&socket),
         Command::Api(command) => commands::api(command),
     }
+}
+
+/// `tessera-agent run`: load the configuration, attest (or reuse the persisted agent SVID),
+/// keep the cache current and serve the Workload API until SIGTERM or SIGINT, then shut down
+/// (the Workload API first, so open streams end cleanly, then the manager).
+///
+/// Not served yet: the agent's `admin_socket` and the `[health]`/`[metrics]` endpoints.
+fn run_agent(file: Option<&Path>, join_token: Option<String>) -> anyhow::Result<()> {
+    let config = config::load(file)?;
+    init_logging(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(token) = &join_token {
+        config::validate_join_token(&config.trust_domain, token)
+            .map_err(|error| anyhow::anyhow!("--join-token: {error}"))?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tessera-agent")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, join_token))
+}
+
+async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Result<()> {
+    let cache = Arc::new(cache::Cache::new(cache::AgentSnapshot::empty(tessera_spiffe::bundle::BundleSet::new(
+        tessera_spiffe::bundle::Bundle::new(config.trust_domain.clone()),
+    ))));
+    let manager = tokio::select! {
+        started = manager::start(&config, join_token, Arc::clone(&cache)) => started?,
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::info!("stopping before start-up completed");
+            return Ok(());
+        }
+    };
+    let attestor = Arc::new(attestor::UnixAttestor::new(&attestor::UnixAttestorConfig {
+        max_sha256_file_size: config.max_sha256_file_size,
+        ..attestor::UnixAttestorConfig::default()
+    }));
+    let api =
+        workload_api::WorkloadApi::new(Arc::clone(&cache), attestor, manager.jwt_source(), config.trust_domain.clone());
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let socket_path = config.socket_path.clone();
+    let mut api_task = tokio::spawn(async move {
+        api.serve(&socket_path, async move {
+            let _ = api_stopped.await;
+        })
+        .await
+    });
+    tracing::info!(server = %config.server_address, socket = %config.socket_path.display(), "agent running");
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => signal,
+        served = &mut api_task => {
+            // The Workload API only ends by itself when it fails (e.g. the socket is in use).
+            manager.shutdown().await;
+            return match served {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the Workload API stopped unexpectedly")),
+                Ok(Err(error)) => Err(anyhow::Error::new(error)),
+                Err(error) => Err(anyhow::anyhow!("the Workload API task failed: {error}")),
+            };
+        }
+    };
+    tracing::info!("shutting down");
+    let _ = stop_api.send(());
+    match api_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!("the Workload API ended with an error: {error}"),
+        Err(error) => tracing::warn!("the Workload API task failed: {error}"),
+    }
+    manager.shutdown().await;
+    outcome
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Logs go to stderr at `log_level`, as text or JSON.
+fn init_logging(config: &AgentConfig) {
+    let level = config.log_level.as_str();
+    let quiet = if level == "trace" { "" } else { ",h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn" };
+    let filter = tracing_subscriber::EnvFilter::new(format!("{level}{quiet}"));
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let _ = match config.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

@@ -1,0 +1,103 @@
+//! Agent SVID renewal: at half its lifetime ± 10%, `RenewAgent` with a new key; the new SVID
+//! is checked, persisted (atomically, with its key) and then used for every new connection.
+//! The server refuses the old serial once the new one is in use, so the channel is rebuilt and
+//! the sync stream reopened over it.
+//!
+//! A failed renewal is retried with backoff (capped at a tenth of the remaining lifetime, at
+//! least a second). If the agent SVID expires anyway (a long server outage), the agent cannot
+//! authenticate any more and needs a new join token; this is logged as an error.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_wire::tessera::agent::v1::RenewAgentRequest;
+use tokio::sync::watch;
+
+use super::attest::check_against_bundle;
+use super::keys::new_key_and_csr;
+use super::{Backoff, Shared, not_before, renew_at, sleep_or_stop, until};
+use crate::client::CALL_TIMEOUT;
+use crate::storage::AgentCredential;
+
+/// Runs until `stop` turns true.
+pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new();
+    let mut expiry_logged = false;
+    loop {
+        let credential = shared.credential();
+        let issued = credential.cert_chain.first().and_then(|leaf| not_before(leaf)).unwrap_or_else(SystemTime::now);
+        let at = renew_at(issued, credential.expires_at, shared.jitter());
+        tracing::debug!(agent_id = %credential.spiffe_id, "agent SVID renewal in {:?}", until(at));
+        if sleep_or_stop(until(at), &mut stop).await {
+            return;
+        }
+        loop {
+            let renewed = tokio::select! {
+                renewed = renew_once(&shared) => renewed,
+                _ = stop.changed() => return,
+            };
+            match renewed {
+                Ok(renewed) => {
+                    tracing::info!(agent_id = %renewed.spiffe_id, "agent SVID renewed");
+                    backoff.reset();
+                    expiry_logged = false;
+                    break;
+                }
+                Err(reason) => {
+                    let remaining = until(credential.expires_at);
+                    if remaining.is_zero() && !expiry_logged {
+                        expiry_logged = true;
+                        tracing::error!(
+                            "the agent SVID expired before it could be renewed: the agent must be attested again \
+                             with a new join token"
+                        );
+                        shared.status.send_modify(|status| status.attested = false);
+                    }
+                    let delay = backoff.next_delay(&shared.rng).min((remaining / 10).max(Duration::from_secs(1)));
+                    tracing::warn!("agent SVID renewal failed: {reason}; retrying in {delay:?}");
+                    if sleep_or_stop(delay, &mut stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn renew_once(shared: &Shared) -> Result<AgentCredential, String> {
+    let generated = tokio::task::spawn_blocking(new_key_and_csr).await.map_err(|error| error.to_string())??;
+    let mut request = tonic::Request::new(RenewAgentRequest { csr: generated.csr_der });
+    request.set_timeout(CALL_TIMEOUT);
+    let response = shared
+        .client
+        .agent()
+        .renew_agent(request)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+        .into_inner();
+    let svid = response.svid.ok_or("the server sent no SVID")?;
+    let renewed = AgentCredential::new(svid.cert_chain, generated.private_key_pkcs8)?;
+    let current = shared.credential();
+    if renewed.spiffe_id != current.spiffe_id {
+        return Err(format!("the renewed SVID is for {}, expected {}", renewed.spiffe_id, current.spiffe_id));
+    }
+    let bundle = shared.state().bundles.own().clone();
+    check_against_bundle(&renewed, &bundle)?;
+    {
+        let storage = shared.storage.clone();
+        let to_save = renewed.clone();
+        // The server now considers the new serial current: use it even if it cannot be saved.
+        match tokio::task::spawn_blocking(move || storage.save_agent_credential(&to_save)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!("cannot persist the renewed agent SVID: {error}"),
+            Err(error) => tracing::error!("cannot persist the renewed agent SVID: {error}"),
+        }
+    }
+    *shared.credential.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = renewed.clone();
+    shared.client.set_credential(&renewed)?;
+    shared.status.send_modify(|status| {
+        status.attested = true;
+        status.agent_svid_expires_at = Some(renewed.expires_at);
+    });
+    Ok(renewed)
+}

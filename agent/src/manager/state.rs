@@ -1,0 +1,502 @@
+//! The manager's mutable state and the pure rules that change it: applying sync events,
+//! deciding which entries need an X.509-SVID, and building the published snapshot.
+//!
+//! Nothing here does I/O, so every rule is unit-tested with plain values.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tessera_spiffe::bundle::{Bundle, BundleSet};
+use tessera_spiffe::selector::{Selector, SelectorSet};
+use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
+use tessera_wire::tessera::agent::v1::sync_entries_response::Event;
+use tessera_wire::tessera::common::v1 as common;
+
+use crate::cache::{AgentSnapshot, CachedEntry, Identity, X509Svid};
+
+/// An X.509-SVID minted for an entry, with when to renew it.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    /// The entry revision the SVID was requested for.
+    pub entry_revision: u64,
+    /// The SPIFFE ID in the SVID.
+    pub spiffe_id: SpiffeId,
+    /// The SVID and its key.
+    pub svid: Arc<X509Svid>,
+    /// When to replace it (half-life ± jitter).
+    pub renew_at: SystemTime,
+}
+
+/// A snapshot being received page by page.
+#[derive(Debug, Default)]
+struct PendingSnapshot {
+    revision: u64,
+    next_page: u32,
+    entries: BTreeMap<String, Arc<CachedEntry>>,
+}
+
+/// What a sync event changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The entry set changed (minting may be needed, a snapshot must be published).
+    pub entries_changed: bool,
+    /// The bundles changed (persist the own bundle, update TLS trust).
+    pub bundles_changed: bool,
+    /// The stream reported `synced`.
+    pub synced: bool,
+}
+
+/// The manager's view of the world.
+#[derive(Debug)]
+pub struct State {
+    trust_domain: TrustDomain,
+    /// Last fully applied datastore revision.
+    pub revision: u64,
+    /// True after the first `synced`.
+    pub ready: bool,
+    /// The authorized entries, by ID.
+    pub entries: BTreeMap<String, Arc<CachedEntry>>,
+    /// Minted SVIDs, by entry ID.
+    pub svids: HashMap<String, Minted>,
+    /// Entries whose last mint failed, and when to try again.
+    pub retry_at: HashMap<String, SystemTime>,
+    /// Own and federated bundles.
+    pub bundles: BundleSet,
+    pending: Option<PendingSnapshot>,
+}
+
+impl State {
+    /// Empty state; `bundle` is the cached own bundle, if any.
+    pub fn new(trust_domain: TrustDomain, bundle: Option<Bundle>) -> Self {
+        let own = bundle.unwrap_or_else(|| Bundle::new(trust_domain.clone()));
+        Self {
+            trust_domain,
+            revision: 0,
+            ready: false,
+            entries: BTreeMap::new(),
+            svids: HashMap::new(),
+            retry_at: HashMap::new(),
+            bundles: BundleSet::new(own),
+            pending: None,
+        }
+    }
+
+    /// Forgets a half-received snapshot (the stream broke).
+    pub fn stream_reset(&mut self) {
+        self.pending = None;
+    }
+
+    /// Applies one sync event. A malformed entry is logged and skipped; a protocol violation
+    /// (pages out of order) is an error, after which the caller reopens the stream.
+    pub fn apply(&mut self, event: Event, now: SystemTime) -> Result<Applied, String> {
+        let mut applied = Applied::default();
+        match event {
+            Event::SnapshotPage(page) => {
+                if page.page == 0 {
+                    self.pending = Some(PendingSnapshot { revision: page.revision, ..PendingSnapshot::default() });
+                }
+                let pending = self
+                    .pending
+                    .as_mut()
+                    .ok_or_else(|| format!("snapshot page {} arrived without page 0", page.page))?;
+                if page.page != pending.next_page || page.revision != pending.revision {
+                    let expected = pending.next_page;
+                    self.pending = None;
+                    return Err(format!(
+                        "snapshot page {} (revision {}) arrived, expected page {expected}",
+                        page.page, page.revision
+                    ));
+                }
+                pending.next_page = pending.next_page.saturating_add(1);
+                for wire in page.entries {
+                    if let Some(entry) = convert_entry(&self.trust_domain, wire, now) {
+                        pending.entries.insert(entry.id.clone(), Arc::new(entry));
+                    }
+                }
+                if page.last_page
+                    && let Some(done) = self.pending.take()
+                {
+                    self.entries = done.entries;
+                    self.revision = done.revision;
+                    self.forget_removed();
+                    applied.entries_changed = true;
+                }
+            }
+            Event::EntryUpserted(upsert) => {
+                let Some(wire) = upsert.entry else {
+                    return Err("entry_upserted without an entry".to_owned());
+                };
+                let id = wire.id.clone();
+                match convert_entry(&self.trust_domain, wire, now) {
+                    Some(entry) => {
+                        self.retry_at.remove(&id);
+                        self.entries.insert(id, Arc::new(entry));
+                    }
+                    // An entry this agent cannot use is as good as absent.
+                    None => {
+                        self.entries.remove(&id);
+                        self.forget_removed();
+                    }
+                }
+                self.revision = self.revision.max(upsert.revision);
+                applied.entries_changed = true;
+            }
+            Event::EntryDeleted(deleted) => {
+                self.entries.remove(&deleted.entry_id);
+                self.forget_removed();
+                self.revision = self.revision.max(deleted.revision);
+                applied.entries_changed = true;
+            }
+            Event::Bundles(update) => {
+                let own = update.bundle.ok_or_else(|| "bundles update without the own bundle".to_owned())?;
+                let own = convert_bundle(own)?;
+                if own.trust_domain() != &self.trust_domain {
+                    return Err(format!(
+                        "the server sent the bundle of {} as its own, expected {}",
+                        own.trust_domain(),
+                        self.trust_domain
+                    ));
+                }
+                if own.x509_authorities().len() == 0 {
+                    return Err("the server's own bundle has no X.509 authority".to_owned());
+                }
+                let mut bundles = BundleSet::new(own);
+                for wire in update.federated_bundles {
+                    match convert_bundle(wire) {
+                        Ok(bundle) if bundle.trust_domain() != &self.trust_domain => {
+                            if let Err(error) = bundles.insert_federated(bundle) {
+                                tracing::warn!("skipping a federated bundle: {error}");
+                            }
+                        }
+                        Ok(_) => tracing::warn!("skipping a federated bundle for the agent's own trust domain"),
+                        Err(error) => tracing::warn!("skipping a malformed federated bundle: {error}"),
+                    }
+                }
+                applied.bundles_changed = bundles != self.bundles;
+                self.bundles = bundles;
+            }
+            Event::Synced(synced) => {
+                self.revision = self.revision.max(synced.revision);
+                self.ready = true;
+                applied.synced = true;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Drops SVIDs and retry marks of entries no longer present.
+    fn forget_removed(&mut self) {
+        let entries = &self.entries;
+        self.svids.retain(|id, _| entries.contains_key(id));
+        self.retry_at.retain(|id, _| entries.contains_key(id));
+    }
+
+    /// Forgets SVIDs that have expired at `now` (they must not be served; their entries are
+    /// minted again). Returns whether any was dropped, i.e. whether to publish.
+    pub fn drop_expired(&mut self, now: SystemTime) -> bool {
+        let before = self.svids.len();
+        self.svids.retain(|_, minted| minted.svid.expires_at > now);
+        self.svids.len() != before
+    }
+
+    /// Entries that need a (new) X.509-SVID at `now`: none yet, minted for an older
+    /// revision, or past the renewal point; except those waiting for a retry.
+    pub fn mint_work(&self, now: SystemTime) -> Vec<Arc<CachedEntry>> {
+        self.entries
+            .values()
+            .filter(|entry| self.retry_at.get(&entry.id).is_none_or(|at| *at <= now))
+            .filter(|entry| match self.svids.get(&entry.id) {
+                None => true,
+                Some(minted) => minted.entry_revision != entry.revision || minted.renew_at <= now,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The next moment something time-based happens: a renewal, a retry, or an SVID expiring
+    /// (it must leave the published snapshot).
+    pub fn next_deadline(&self, now: SystemTime) -> Option<SystemTime> {
+        let renewals = self.svids.values().flat_map(|minted| [minted.renew_at, minted.svid.expires_at]);
+        let retries = self.retry_at.values().copied();
+        renewals.chain(retries).filter(|at| *at > now).min()
+    }
+
+    /// The snapshot to publish: every entry, and an identity for each entry with an
+    /// unexpired SVID carrying the entry's SPIFFE ID (an SVID minted for an older revision is
+    /// still served while it is re-minted, unless the SPIFFE ID changed).
+    pub fn snapshot(&self, now: SystemTime) -> AgentSnapshot {
+        let entries: Vec<Arc<CachedEntry>> = self.entries.values().cloned().collect();
+        let identities = entries
+            .iter()
+            .filter_map(|entry| {
+                let minted = self.svids.get(&entry.id)?;
+                (minted.spiffe_id == entry.spiffe_id && minted.svid.expires_at > now)
+                    .then(|| Identity { entry: Arc::clone(entry), svid: Arc::clone(&minted.svid) })
+            })
+            .collect();
+        AgentSnapshot {
+            revision: self.revision,
+            ready: self.ready,
+            bundles: Arc::new(self.bundles.clone()),
+            entries,
+            identities,
+        }
+    }
+}
+
+/// Converts a wire entry, or logs why it is unusable and returns `None`.
+pub fn convert_entry(trust_domain: &TrustDomain, wire: common::Entry, now: SystemTime) -> Option<CachedEntry> {
+    let id = wire.id.clone();
+    match try_convert_entry(trust_domain, wire, now) {
+        Ok(entry) => entry,
+        Err(reason) => {
+            tracing::warn!(entry_id = %id.escape_debug(), "skipping an entry from the server: {reason}");
+            None
+        }
+    }
+}
+
+fn try_convert_entry(
+    trust_domain: &TrustDomain,
+    wire: common::Entry,
+    now: SystemTime,
+) -> Result<Option<CachedEntry>, String> {
+    if wire.id.is_empty() || wire.id.len() > 256 {
+        return Err("the entry ID is empty or longer than 256 bytes".to_owned());
+    }
+    let spiffe_id = SpiffeId::parse(&wire.spiffe_id).map_err(|error| format!("spiffe_id: {error}"))?;
+    if !spiffe_id.is_member_of(trust_domain) || spiffe_id.is_trust_domain_id() {
+        return Err(format!("spiffe_id {spiffe_id} is not a workload ID in {trust_domain}"));
+    }
+    if wire.selectors.is_empty() {
+        return Err("the entry has no selectors (it would match every caller)".to_owned());
+    }
+    let mut selectors = SelectorSet::new();
+    for selector in &wire.selectors {
+        selectors
+            .insert(Selector::new(&selector.r#type, &selector.value).map_err(|error| format!("selector: {error}"))?);
+    }
+    let mut federates_with = BTreeSet::new();
+    for name in &wire.federates_with {
+        if name.contains(':') {
+            return Err(format!("federates_with {name:?}: expected a bare trust domain name"));
+        }
+        federates_with.insert(TrustDomain::new(name).map_err(|error| format!("federates_with {name:?}: {error}"))?);
+    }
+    if wire.expires_at > 0 {
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(wire.expires_at.unsigned_abs());
+        if expires <= now {
+            tracing::debug!(entry_id = %wire.id, "ignoring an expired entry");
+            return Ok(None);
+        }
+    }
+    Ok(Some(CachedEntry {
+        id: wire.id,
+        spiffe_id,
+        selectors,
+        federates_with,
+        hint: wire.hint,
+        x509_svid_ttl: wire.x509_svid_ttl,
+        jwt_svid_ttl: wire.jwt_svid_ttl,
+        revision: wire.revision,
+    }))
+}
+
+/// Converts a wire bundle.
+pub fn convert_bundle(wire: common::Bundle) -> Result<Bundle, String> {
+    let trust_domain = TrustDomain::new(&wire.trust_domain).map_err(|error| format!("bundle trust domain: {error}"))?;
+    let mut bundle = Bundle::new(trust_domain.clone());
+    for der in &wire.x509_authorities {
+        bundle.add_x509_authority(der).map_err(|error| format!("bundle of {trust_domain}: {error}"))?;
+    }
+    for authority in &wire.jwt_authorities {
+        let key = tessera_spiffe::keys::PublicKey::from_spki_der(&authority.public_key)
+            .map_err(|error| format!("bundle of {trust_domain}: JWT authority {:?}: {error}", authority.key_id))?;
+        bundle
+            .add_jwt_authority(authority.key_id.clone(), key)
+            .map_err(|error| format!("bundle of {trust_domain}: {error}"))?;
+    }
+    bundle.set_sequence(wire.sequence);
+    if wire.refresh_hint_seconds > 0 {
+        bundle.set_refresh_hint(Some(Duration::from_secs(wire.refresh_hint_seconds.unsigned_abs())));
+    }
+    Ok(bundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_wire::tessera::agent::v1::{BundlesUpdate, EntryDeleted, EntrySnapshotPage, EntryUpserted, Synced};
+    use zeroize::Zeroizing;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn wire_entry(id: &str, path: &str, revision: u64) -> common::Entry {
+        common::Entry {
+            id: id.to_owned(),
+            spiffe_id: format!("spiffe://example.org/{path}"),
+            parent_id: "spiffe://example.org/tessera/agent/join_token/t".to_owned(),
+            selectors: vec![common::Selector { r#type: "unix".to_owned(), value: "uid:1000".to_owned() }],
+            revision,
+            ..common::Entry::default()
+        }
+    }
+
+    fn page(revision: u64, page: u32, entries: Vec<common::Entry>, last_page: bool) -> Event {
+        Event::SnapshotPage(EntrySnapshotPage { revision, page, entries, last_page })
+    }
+
+    fn minted(spiffe_id: &str, revision: u64, renew_at: SystemTime, expires_at: SystemTime) -> Minted {
+        Minted {
+            entry_revision: revision,
+            spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
+            svid: Arc::new(X509Svid {
+                cert_chain: vec![vec![1]],
+                private_key_pkcs8: Zeroizing::new(vec![2]),
+                issued_at: SystemTime::UNIX_EPOCH,
+                expires_at,
+            }),
+            renew_at,
+        }
+    }
+
+    #[test]
+    fn paged_snapshot_replaces_the_entry_set_on_the_last_page() {
+        let now = SystemTime::now();
+        let mut state = State::new(td(), None);
+        state.apply(page(5, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
+        assert_eq!(state.entries.len(), 1);
+
+        let applied = state.apply(page(9, 0, vec![wire_entry("b", "b", 7)], false), now).unwrap();
+        assert!(!applied.entries_changed);
+        assert!(state.entries.contains_key("a"), "the old set stays until the last page");
+        assert_eq!(state.revision, 5);
+        let applied = state.apply(page(9, 1, vec![wire_entry("c", "c", 8)], true), now).unwrap();
+        assert!(applied.entries_changed);
+        assert_eq!(state.entries.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(state.revision, 9);
+
+        assert!(state.apply(page(10, 3, vec![], true), now).is_err(), "page without page 0");
+        state.apply(page(10, 0, vec![], false), now).unwrap();
+        assert!(state.apply(page(10, 2, vec![], true), now).is_err(), "skipped page");
+    }
+
+    #[test]
+    fn upserts_and_deletes_track_revisions_and_drop_svids() {
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(60);
+        let mut state = State::new(td(), None);
+        let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
+        state.apply(upsert(wire_entry("a", "a", 3), 3), now).unwrap();
+        state.apply(upsert(wire_entry("b", "b", 4), 4), now).unwrap();
+        assert_eq!(state.revision, 4);
+        assert_eq!(state.mint_work(now).len(), 2);
+
+        state.svids.insert("a".to_owned(), minted("spiffe://example.org/a", 3, later, later));
+        state.svids.insert("b".to_owned(), minted("spiffe://example.org/b", 4, later, later));
+        assert!(state.mint_work(now).is_empty());
+        assert_eq!(state.snapshot(now).identities.len(), 2);
+
+        // A changed entry is re-minted; with the same SPIFFE ID the old SVID is served meanwhile.
+        state.apply(upsert(wire_entry("a", "a", 5), 5), now).unwrap();
+        assert_eq!(state.mint_work(now).iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(state.snapshot(now).identities.len(), 2);
+        // A changed SPIFFE ID hides the old SVID at once.
+        state.apply(upsert(wire_entry("a", "renamed", 6), 6), now).unwrap();
+        assert_eq!(state.snapshot(now).identities.len(), 1);
+
+        state.apply(Event::EntryDeleted(EntryDeleted { entry_id: "b".to_owned(), revision: 7 }), now).unwrap();
+        assert!(!state.svids.contains_key("b"));
+        assert_eq!(state.revision, 7);
+        assert!(state.snapshot(now).identities.is_empty());
+        state.apply(Event::Synced(Synced { revision: 7 }), now).unwrap();
+        assert!(state.snapshot(now).ready);
+    }
+
+    #[test]
+    fn renewal_and_expiry_drive_work_and_deadlines() {
+        let now = SystemTime::now();
+        let mut state = State::new(td(), None);
+        state.apply(page(1, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
+        let renew = now + Duration::from_secs(5);
+        let expires = now + Duration::from_secs(10);
+        state.svids.insert("a".to_owned(), minted("spiffe://example.org/a", 1, renew, expires));
+        assert!(state.mint_work(now).is_empty());
+        assert_eq!(state.next_deadline(now), Some(renew));
+        assert_eq!(state.mint_work(renew).len(), 1);
+        assert_eq!(state.next_deadline(renew), Some(expires));
+        assert!(state.snapshot(expires).identities.is_empty(), "an expired SVID is not served");
+        assert!(!state.drop_expired(renew));
+        assert!(state.drop_expired(expires));
+        assert!(state.svids.is_empty());
+        assert_eq!(state.mint_work(expires).len(), 1, "an entry whose SVID expired is minted again");
+
+        state.retry_at.insert("a".to_owned(), now + Duration::from_secs(7));
+        assert!(state.mint_work(renew).is_empty(), "waiting for the retry");
+    }
+
+    #[test]
+    fn malformed_entries_are_skipped() {
+        let now = SystemTime::now();
+        let mut bad_id = wire_entry("x", "x", 1);
+        bad_id.spiffe_id = "not a spiffe id".to_owned();
+        let mut foreign = wire_entry("y", "y", 1);
+        foreign.spiffe_id = "spiffe://other.org/y".to_owned();
+        let mut no_selectors = wire_entry("z", "z", 1);
+        no_selectors.selectors.clear();
+        let mut bad_selector = wire_entry("s", "s", 1);
+        bad_selector.selectors[0].r#type = String::new();
+        let mut bad_federation = wire_entry("f", "f", 1);
+        bad_federation.federates_with = vec!["spiffe://nope".to_owned()];
+        let mut expired = wire_entry("e", "e", 1);
+        expired.expires_at = 1;
+        let mut empty_id = wire_entry("", "empty", 1);
+        empty_id.id.clear();
+
+        let mut state = State::new(td(), None);
+        let entries = vec![
+            bad_id,
+            foreign,
+            no_selectors,
+            bad_selector,
+            bad_federation,
+            expired,
+            empty_id,
+            wire_entry("ok", "ok", 1),
+        ];
+        state.apply(page(1, 0, entries, true), now).unwrap();
+        assert_eq!(state.entries.keys().collect::<Vec<_>>(), ["ok"]);
+    }
+
+    #[test]
+    fn bundles_must_be_for_the_own_trust_domain() {
+        let now = SystemTime::now();
+        let issuer = crate::manager::keys::test_issuer("example.org");
+        let wire = |td: &str, authorities: Vec<Vec<u8>>| common::Bundle {
+            trust_domain: td.to_owned(),
+            x509_authorities: authorities,
+            sequence: 2,
+            ..common::Bundle::default()
+        };
+        let ca = issuer.certificate_der().to_vec();
+        let mut state = State::new(td(), None);
+        let update = |own, federated| Event::Bundles(BundlesUpdate { bundle: Some(own), federated_bundles: federated });
+        let applied = state
+            .apply(update(wire("example.org", vec![ca.clone()]), vec![wire("partner.org", vec![ca.clone()])]), now)
+            .unwrap();
+        assert!(applied.bundles_changed);
+        assert_eq!(state.bundles.len(), 2);
+        assert_eq!(state.bundles.own().sequence(), 2);
+        // Federated bundles missing from an update are dropped.
+        state.apply(update(wire("example.org", vec![ca.clone()]), vec![]), now).unwrap();
+        assert_eq!(state.bundles.len(), 1);
+
+        assert!(state.apply(update(wire("other.org", vec![ca.clone()]), vec![]), now).is_err());
+        assert!(state.apply(update(wire("example.org", vec![]), vec![]), now).is_err());
+        assert!(state.apply(update(wire("example.org", vec![vec![1, 2, 3]]), vec![]), now).is_err());
+        assert_eq!(state.bundles.own().x509_authorities().len(), 1, "a refused update changes nothing");
+    }
+}
