@@ -122,6 +122,9 @@ fn a_child_that_exits_fails_verification() {
     child.kill().unwrap();
     eventually("the zombie fails verification", || attestation.verify_still_same().is_err());
     assert!(attestation.verify_still_same().unwrap_err().is_caller_gone());
+    // The kernel marks the pidfd after the process's memory (and with it `/proc/<pid>/exe`)
+    // is gone, so the bare pin may see the exit a moment later than the full check did.
+    eventually("the bare pin sees the exit", || pinned.verify_still_same().is_err());
     let err = pinned.verify_still_same().unwrap_err();
     assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
 
