@@ -397,3 +397,31 @@ async fn streams_end_with_unavailable_at_shutdown() {
     drop(stream);
     tokio::time::timeout(DEADLINE, stopping).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_waits_for_an_svid_that_is_being_minted() {
+    let agent = Agent::start().await;
+    let web = entry("web", "/web", &[&my_uid_selector()], &[]);
+    agent.add_entry_only(web.clone());
+    let opening = {
+        let socket = agent.socket.clone();
+        tokio::spawn(async move {
+            let (requests, rx) = mpsc::channel(1);
+            requests.send(request(&[WEB])).await.unwrap();
+            let mut client = SecretDiscoveryServiceClient::new(channel(&socket).await);
+            let mut responses = client.stream_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            let first = responses.message().await?.expect("no response");
+            drop(requests);
+            Ok::<_, tonic::Status>(first)
+        })
+    };
+    // The call is attested and waiting for the SVID when a cache subscriber appears.
+    eventually("the stream to wait on the cache", || agent.cache.subscribers() > 0).await;
+    let svid = agent.trust.ca.svid(&web.spiffe_id);
+    agent.cache.update(|snapshot| {
+        snapshot.identities.push(tessera_agent::cache::Identity { entry: web, svid });
+    });
+    let first = tokio::time::timeout(DEADLINE, opening).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.version_info, "1");
+    check_svid(&secrets(&first)[0], WEB, &agent.trust.ca);
+}
