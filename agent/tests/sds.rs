@@ -425,3 +425,27 @@ async fn a_stream_waits_for_an_svid_that_is_being_minted() {
     assert_eq!(first.version_info, "1");
     check_svid(&secrets(&first)[0], WEB, &agent.trust.ca);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_without_a_node_keep_the_first_requests_node() {
+    let agent = agent_with_identities().await;
+    let mut legacy = request(&["ROOTCA"]);
+    legacy.node.as_mut().unwrap().metadata = Some(prost_types::Struct {
+        fields: [(
+            "disable_spiffe_cert_validation".to_owned(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::StringValue("true".into())) },
+        )]
+        .into_iter()
+        .collect(),
+    });
+    let mut stream = SdsStream::open(&agent, legacy).await.unwrap();
+    let first = stream.next().await.unwrap();
+    assert!(validation(&secrets(&first)[0]).trusted_ca.is_some());
+    // `answer` sends no node: the legacy mode of the first request still applies.
+    stream.send(answer(&first, "1", &["ROOTCA", "spiffe://partner.test"], None)).await;
+    let second = stream.next().await.unwrap();
+    assert_eq!(names(&second), ["ROOTCA", "spiffe://partner.test"]);
+    let partner = validation(&secrets(&second)[1]).clone();
+    assert!(partner.custom_validator_config.is_none());
+    assert_eq!(parse_pem_certificates(inline(&partner.trusted_ca)).unwrap(), [agent.trust.federated_ca.der().to_vec()]);
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use ring::rand::SecureRandom as _;
+use tessera_spiffe::SpiffeId;
 use tessera_spiffe::selector::SelectorSet;
 use tessera_wire::envoy::config::core::v3::Node;
 use tessera_wire::envoy::extensions::transport_sockets::tls::v3::Secret;
@@ -71,6 +72,7 @@ impl SecretDiscovery {
     /// The status for a failed build, with the "no identity" explanation logged when the caller
     /// asked for identities it does not hold.
     fn build_status(
+        &self,
         method: &str,
         err: &BuildError,
         peer: &PeerCredentials,
@@ -79,9 +81,14 @@ impl SecretDiscovery {
     ) -> Status {
         match err {
             BuildError::NotAuthorized(names) => {
-                let requested = names.iter().find(|name| name.starts_with("spiffe://")).map(String::as_str);
-                log_no_identity(method, peer, selectors, snapshot, requested);
                 tracing::warn!(method, pid = peer.pid, names = ?names, "SDS caller is not authorized for the requested resources");
+                // For identities, explain which selectors the caller lacks.
+                let identity = names.iter().find(|name| SpiffeId::parse(name).is_ok_and(|id| !id.is_trust_domain_id()));
+                if let Some(identity) = identity {
+                    log_no_identity(method, peer, selectors, snapshot, Some(identity));
+                } else if names.contains(&self.settings.default_svid_name) {
+                    log_no_identity(method, peer, selectors, snapshot, None);
+                }
             }
             BuildError::SpiffeValidatorUnavailable | BuildError::Encode(_) => {
                 tracing::warn!(method, pid = peer.pid, error = ?err, "cannot build SDS secrets");
@@ -140,7 +147,7 @@ impl SecretDiscoveryService for SecretDiscovery {
         let mode = ValidationMode::for_node(&self.settings, message.node.as_ref());
         let caller = self.api.attest(&request, Wait::Identity).await?;
         let secrets = build(&caller.snapshot, &own, caller.selectors(), &subscription, mode).map_err(|err| {
-            Self::build_status("FetchSecrets", &err, &caller.peer, caller.selectors(), &caller.snapshot)
+            self.build_status("FetchSecrets", &err, &caller.peer, caller.selectors(), &caller.snapshot)
         })?;
         let answer = response(&secrets, String::new(), String::new())?;
         caller.verify_still_same()?;
@@ -218,7 +225,7 @@ impl SecretStream {
         self.update_node(request.node);
         let own = self.sds.api.trust_domain();
         let secrets = build(&caller.snapshot, own, &self.selectors, &self.subscription, self.mode).map_err(|err| {
-            SecretDiscovery::build_status("StreamSecrets", &err, &self.peer, &self.selectors, &caller.snapshot)
+            self.sds.build_status("StreamSecrets", &err, &self.peer, &self.selectors, &caller.snapshot)
         })?;
         self.respond(secrets)
     }
@@ -305,9 +312,8 @@ impl SecretStream {
         }
         self.subscription = subscription;
         let snapshot = Arc::clone(&self.receiver.borrow_and_update());
-        let secrets = build(&snapshot, &own, &self.selectors, &self.subscription, self.mode).map_err(|err| {
-            SecretDiscovery::build_status("StreamSecrets", &err, &self.peer, &self.selectors, &snapshot)
-        })?;
+        let secrets = build(&snapshot, &own, &self.selectors, &self.subscription, self.mode)
+            .map_err(|err| self.sds.build_status("StreamSecrets", &err, &self.peer, &self.selectors, &snapshot))?;
         tracing::debug!(pid, names = ?self.subscription.names(), "SDS subscription changed");
         self.respond(secrets).map(Some)
     }
@@ -329,9 +335,7 @@ impl SecretStream {
                 tracing::debug!(pid = self.peer.pid, names = ?missing, "waiting for SVIDs being minted");
                 Ok(None)
             }
-            Err(err) => {
-                Err(SecretDiscovery::build_status("StreamSecrets", &err, &self.peer, &self.selectors, &snapshot))
-            }
+            Err(err) => Err(self.sds.build_status("StreamSecrets", &err, &self.peer, &self.selectors, &snapshot)),
         }
     }
 
