@@ -2,7 +2,8 @@
 //! their socket peer credentials and serves the SPIFFE Workload API.
 //!
 //! `run` attests to the server (or reuses the persisted agent SVID), keeps the snapshot cache
-//! current ([`manager`]) and serves the Workload API ([`workload_api`]) on `socket_path`.
+//! current ([`manager`]) and serves the Workload API ([`workload_api`]) and Envoy SDS ([`sds`])
+//! on `socket_path`.
 //! `api` and `healthcheck` ([`commands`]) are Workload API clients.
 
 pub mod attestor;
@@ -12,6 +13,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod manager;
+pub mod sds;
 pub mod storage;
 pub mod workload_api;
 

@@ -42,6 +42,11 @@
 //! shutdown every stream ends with Unavailable so that connections drain.
 //!
 //! WIT-SVID RPCs are answered Unimplemented (the optional WIT profile is not supported).
+//!
+//! Envoy's Secret Discovery Service ([`crate::sds`]) is served on the same socket (see
+//! `socket.rs`). It reuses the steps above (without the security header, which Envoy does not
+//! send), the stream limit and the shutdown signal, through the `pub(crate)` items re-exported
+//! here.
 
 mod caller;
 mod service;
@@ -58,7 +63,10 @@ use crate::attestor::UnixAttestor;
 use crate::cache::{Cache, JwtSvidSource};
 
 pub use caller::SECURITY_HEADER;
+pub(crate) use caller::log_no_identity;
+pub(crate) use service::{Caller, Wait, shutting_down};
 pub use socket::{ServeError, bind_socket};
+pub(crate) use views::{Visibility, caller_identities};
 
 /// Bounds on the work the Workload API accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,9 +166,19 @@ impl WorkloadApi {
         }
     }
 
-    /// How many streams are open now.
+    /// How many streams are open now (Workload API and SDS streams share the limit).
     pub fn open_streams(&self) -> usize {
         let max = self.inner.limits.max_open_streams.clamp(1, Semaphore::MAX_PERMITS);
         max.saturating_sub(self.inner.streams.available_permits())
+    }
+
+    /// The agent's trust domain.
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
+        &self.inner.trust_domain
+    }
+
+    /// Becomes true at shutdown, when every open stream (Workload API or SDS) must end.
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 }

@@ -36,42 +36,45 @@ const MAX_AUDIENCE_BYTES: usize = 4096;
 
 /// What a call must see before it decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
+pub(crate) enum Wait {
     /// A ready snapshot.
     Ready,
     /// A ready snapshot in which every matching entry has its X.509-SVID (or none matches).
     Identity,
 }
 
-/// An attested caller, between attestation and answer.
-struct Caller {
-    peer: PeerCredentials,
+/// An attested caller, between attestation and answer (also used by SDS, `crate::sds`).
+pub(crate) struct Caller {
+    pub(crate) peer: PeerCredentials,
     attestation: Attestation,
-    snapshot: Arc<AgentSnapshot>,
-    receiver: watch::Receiver<Arc<AgentSnapshot>>,
+    /// The snapshot the call decides on.
+    pub(crate) snapshot: Arc<AgentSnapshot>,
+    /// Subscribed before `snapshot` was read: streams wake on every later publish.
+    pub(crate) receiver: watch::Receiver<Arc<AgentSnapshot>>,
     /// Held until the answer: bounds how many pinned processes are open at once.
     _attesting: OwnedSemaphorePermit,
 }
 
 impl Caller {
-    fn selectors(&self) -> &SelectorSet {
+    pub(crate) fn selectors(&self) -> &SelectorSet {
         self.attestation.selectors()
     }
 
     /// spec (server-agent-flow §7): the pinned process must still be the caller right before
     /// the answer, otherwise the answer could reach another process that now has its pid.
-    fn verify_still_same(&self) -> Result<(), Status> {
+    pub(crate) fn verify_still_same(&self) -> Result<(), Status> {
         self.attestation.verify_still_same().map_err(|err| attestation_status(&err, Some(&self.peer)))
     }
 }
 
-fn shutting_down() -> Status {
+/// Unavailable: the agent is shutting down (streams end with it so that connections drain).
+pub(crate) fn shutting_down() -> Status {
     Status::unavailable("the agent is shutting down")
 }
 
 impl WorkloadApi {
     /// Attests the caller of `request` and waits (bounded) until the cache can answer it.
-    async fn attest<T>(&self, request: &Request<T>, wait: Wait) -> Result<Caller, Status> {
+    pub(crate) async fn attest<T>(&self, request: &Request<T>, wait: Wait) -> Result<Caller, Status> {
         let peer = peer_credentials(request.extensions().get::<UdsConnectInfo>())?;
         let attesting = Arc::clone(&self.inner.attesting).acquire_owned().await.map_err(|_| shutting_down())?;
         let attestation = match tokio::time::timeout(ATTESTATION_TIMEOUT, self.inner.attestor.attest(peer)).await {
@@ -122,7 +125,7 @@ impl WorkloadApi {
     }
 
     /// A stream slot, or Unavailable when too many streams are open.
-    fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
+    pub(crate) fn stream_slot(&self) -> Result<OwnedSemaphorePermit, Status> {
         if *self.inner.closing.borrow() {
             return Err(shutting_down());
         }

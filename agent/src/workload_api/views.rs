@@ -55,7 +55,7 @@ impl PartialEq for X509View {
 impl X509View {
     /// The caller's view, or `None` when the caller has no identity in this snapshot.
     pub(crate) fn of(snapshot: &AgentSnapshot, own: &TrustDomain, selectors: &SelectorSet) -> Option<Self> {
-        let identities = unique_hints(snapshot.identities_for(selectors), |identity| &identity.entry.hint);
+        let identities = caller_identities(snapshot, selectors);
         if identities.is_empty() {
             return None;
         }
@@ -103,6 +103,12 @@ impl X509View {
     }
 }
 
+/// The identities (with an SVID) a caller with `selectors` gets, in response order: the first
+/// is its default identity. Identities whose hint an earlier one has are left out.
+pub(crate) fn caller_identities<'a>(snapshot: &'a AgentSnapshot, selectors: &SelectorSet) -> Vec<&'a Identity> {
+    unique_hints(snapshot.identities_for(selectors), |identity| &identity.entry.hint)
+}
+
 /// Which trust domains' bundles a caller may see: its own and those its entries federate with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Visibility {
@@ -130,6 +136,16 @@ impl Visibility {
         let mut domains = federated_domains(entries, own);
         domains.insert(own.clone());
         Self { domains }
+    }
+
+    /// The visible trust domains, sorted by name; the own one is always among them.
+    pub(crate) fn domains(&self) -> impl Iterator<Item = &TrustDomain> + '_ {
+        self.domains.iter()
+    }
+
+    /// Whether the caller may see `trust_domain`'s bundle.
+    pub(crate) fn contains(&self, trust_domain: &TrustDomain) -> bool {
+        self.domains.contains(trust_domain)
     }
 
     /// `FetchX509Bundles`: `spiffe://<td>` -> concatenated DER CA certificates. The own trust
