@@ -116,14 +116,27 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr at `log_level`, as text or JSON.
+/// Logs go to stderr at `log_level`, as text or JSON (`RUST_LOG` is not consulted).
+///
+/// `json` writes one JSON object per line: `timestamp`, `level`, `target`, and the event's
+/// structured fields (its message included) under `fields`, plus the enclosing `span`s.
+/// Text is coloured only when stderr is a terminal and `NO_COLOR` is unset, so log files and
+/// journald never receive escape sequences.
 fn init_logging(config: &AgentConfig) {
     let level = config.log_level.as_str();
     let quiet = if level == "trace" { "" } else { ",h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn" };
     let filter = tracing_subscriber::EnvFilter::new(format!("{level}{quiet}"));
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let builder =
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(stderr_wants_colour());
     let _ = match config.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Whether text logs may carry ANSI colour codes: only on a terminal, and never with `NO_COLOR`
+/// set to a non-empty value (<https://no-color.org>).
+fn stderr_wants_colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
