@@ -3,7 +3,8 @@
 //! in-process server: `log_format = "json"` writes one JSON object per line with structured
 //! fields, `text` carries no ANSI escape codes when stderr is a file, and SIGTERM stops the
 //! agent with exit status 0 (its Workload API socket removed), both while serving and while
-//! still trying to reach the server at start-up.
+//! still trying to reach the server at start-up. A fatal error (a refused join token) is a JSON
+//! line too when the logs are JSON.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -171,4 +172,26 @@ async fn text_logs_have_no_colour_codes_and_sigterm_stops_an_agent_still_startin
     assert!(log.contains("stopping before start-up completed"), "{log}");
     assert!(log.lines().all(|line| serde_json::from_str::<Value>(line).is_err()), "text format is not JSON");
     assert!(!agent.socket.exists(), "no Workload API socket before start-up completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_join_token_with_json_logs_ends_with_a_json_error_line() {
+    let dir = tempfile::Builder::new().prefix("t").tempdir_in("/tmp").unwrap();
+    let server = start_server(dir.path()).await;
+    let bundle = dir.path().join("bootstrap.pem");
+    std::fs::write(&bundle, server.state().ca().bundle().x509_authorities_pem()).unwrap();
+    let extra =
+        format!("trust_bundle_path = \"{}\"\njoin_token = \"never-issued\"\nlog_format = \"json\"", bundle.display());
+    let mut agent = Agent::spawn(dir.path(), &server.agent_api_addr().to_string(), &extra);
+    let status = match tokio::time::timeout(DEADLINE, agent.child.wait()).await {
+        Ok(status) => status.unwrap(),
+        Err(_) => panic!("the agent did not give up on a refused token:\n{}", agent.log()),
+    };
+    assert_eq!(status.code(), Some(1), "{}", agent.log());
+    let lines = json_lines(&agent.log());
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    let error = last["fields"]["error"].as_str().unwrap();
+    assert!(error.contains("does not exist"), "the error gives the server's reason: {error}");
+    server.shutdown().await.unwrap();
 }

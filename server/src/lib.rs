@@ -67,10 +67,12 @@ fn init_logging(config: &ServerConfig) {
     let builder =
         tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(stderr_wants_colour());
     // `try_init` fails only when a subscriber is already set (tests): keep that one.
-    let _ = match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    match config.log_format {
+        LogFormat::Text => {
+            let _ = builder.try_init();
+        }
+        LogFormat::Json => JSON_LOGS.store(builder.json().try_init().is_ok(), std::sync::atomic::Ordering::Relaxed),
+    }
 }
 
 /// Whether text logs may carry ANSI colour codes: only on a terminal, and never with `NO_COLOR`
@@ -78,4 +80,19 @@ fn init_logging(config: &ServerConfig) {
 fn stderr_wants_colour() -> bool {
     use std::io::IsTerminal as _;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
+/// Set once `run` has installed JSON logging: from then on a fatal error is reported as a JSON
+/// event too, so a log pipeline that expects one JSON object per line never receives a bare
+/// text line at exit.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reports the error that ends the process, as one line on stderr: `tessera-server: <reason>`, or,
+/// once JSON logging is on, an `ERROR` event whose `error` field holds the reason.
+pub fn report_fatal(error: &anyhow::Error) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!(error = %format!("{error:#}"), "tessera-server exiting on an error");
+    } else {
+        eprintln!("tessera-server: {error:#}");
+    }
 }

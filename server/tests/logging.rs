@@ -2,7 +2,8 @@
 //! The real `tessera-server run` binary's logs and its SIGTERM handling: `log_format = "json"`
 //! writes one JSON object per line with structured fields, `text` carries no ANSI escape
 //! codes when stderr is a file, `log_level` filters, and SIGTERM stops the server with exit
-//! status 0, its listeners closed and its admin socket removed.
+//! status 0, its listeners closed and its admin socket removed. A fatal error after logging is
+//! up is a JSON line too.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
@@ -26,13 +27,18 @@ struct Server {
 impl Server {
     /// Starts the binary with `extra` appended to a minimal config; stderr goes to a file.
     fn start(extra: &str) -> Self {
+        Self::start_on("127.0.0.1:0", extra)
+    }
+
+    /// As [`Server::start`], with the agent API on `bind_address`.
+    fn start_on(bind_address: &str, extra: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("t").tempdir_in("/tmp").unwrap();
         let socket = dir.path().join("private/admin.sock");
         let config = dir.path().join("server.toml");
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:0\"\n\
+                "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"{bind_address}\"\n\
                  admin_socket = \"{}\"\n{extra}\n",
                 dir.path().join("data").display(),
                 socket.display()
@@ -183,4 +189,26 @@ fn log_level_warn_keeps_warnings_and_drops_info() {
     let lines = json_lines(&server.log());
     assert!(lines.iter().any(|line| line["level"] == "WARN"), "the TTL warning is logged: {lines:#?}");
     assert!(lines.iter().all(|line| matches!(line["level"].as_str(), Some("WARN" | "ERROR"))), "{lines:#?}");
+}
+
+#[test]
+fn a_fatal_error_after_start_up_is_a_json_line_too() {
+    // The agent API port is taken: the server fails after logging is up, exit status 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut server = Server::start_on(&format!("127.0.0.1:{port}"), "log_format = \"json\"");
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the server did not fail on a taken port:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+    let lines = json_lines(&server.log());
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    let error = last["fields"]["error"].as_str().unwrap();
+    assert!(error.contains(&port.to_string()), "the error names the address: {error}");
 }
