@@ -162,7 +162,8 @@ fn json_logs_carry_structured_fields_and_sigterm_drains_cleanly() {
     let agent_api: SocketAddr = started["fields"]["agent_api"].as_str().unwrap().parse().unwrap();
     assert_ne!(agent_api.port(), 0, "the bound port is logged, not the configured 0");
     assert_eq!(event(&lines, "shutting down")["fields"]["signal"], "SIGTERM");
-    assert_eq!(lines.last().unwrap()["fields"]["message"], "tessera-server stopped", "{log}");
+    let position = |message: &str| lines.iter().position(|line| line["fields"]["message"] == message);
+    assert!(position("tessera-server stopped") > position("shutting down"), "{log}");
     assert!(TcpStream::connect_timeout(&agent_api, Duration::from_secs(5)).is_err(), "the agent API still accepts");
 }
 
