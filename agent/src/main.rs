@@ -1,4 +1,4 @@
-//! Thin entry point: parse the command line, run, print one-line errors.
+//! Thin entry point: parse the command line, run, report a failure as one line on stderr.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     match tessera_agent::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("tessera-agent: {err:#}");
+            tessera_agent::report_fatal(&err);
             ExitCode::FAILURE
         }
     }
