@@ -373,7 +373,7 @@ async fn endpoint_bundle(
     bootstrap.cloned().ok_or_else(|| {
         format!(
             "no bundle of {trust_domain} is known to authenticate the endpoint: set trust_bundle_path \
-             (or `tessera-server bundle set`) for the first fetch"
+             (or `tessera-server bundle set --id spiffe://<td>`) for the first fetch"
         )
     })
 }
