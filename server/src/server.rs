@@ -126,6 +126,7 @@ pub struct ServerState {
     server_id: SpiffeId,
     datastore: Arc<dyn DataStore>,
     ca: Arc<CertificateAuthority>,
+    federation: crate::federation::FederationHandle,
 }
 
 impl ServerState {
@@ -138,7 +139,12 @@ impl ServerState {
         let server_id = config.trust_domain.id_from_segments(&["tessera", "server"]).map_err(|source| {
             ServerError::WellKnownId { trust_domain: config.trust_domain.name().to_owned(), source }
         })?;
-        Ok(Self { config, server_id, datastore, ca })
+        Ok(Self { config, server_id, datastore, ca, federation: crate::federation::FederationHandle::default() })
+    }
+
+    /// The federation relationships (issue 6).
+    pub fn federation(&self) -> &crate::federation::FederationHandle {
+        &self.federation
     }
 
     /// The certificate authority of the trust domain.
@@ -194,7 +200,6 @@ pub struct RunningServer {
     health_addr: Option<SocketAddr>,
     oidc_addr: Option<SocketAddr>,
     bundle_endpoint_addr: Option<SocketAddr>,
-    federation: crate::federation::FederationHandle,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
 }
@@ -232,7 +237,7 @@ impl RunningServer {
 
     /// The running federation relationships.
     pub fn federation(&self) -> &crate::federation::FederationHandle {
-        &self.federation
+        self.state.federation()
     }
 
     /// Stops accepting, lets in-flight calls finish, removes the admin socket file.
@@ -372,7 +377,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         tasks.spawn(serve_health(Arc::clone(&state), listener, stopped.clone()));
     }
     let extra = start_federation(&state, &server_svid_resolver, &mut tasks, &stopped).await;
-    let (oidc_addr, bundle_endpoint_addr, federation) = match extra {
+    let (oidc_addr, bundle_endpoint_addr) = match extra {
         Ok(extra) => extra,
         Err(err) => {
             stop.send_replace(true);
@@ -381,17 +386,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
             return Err(err);
         }
     };
-    Ok(RunningServer {
-        state,
-        admin_socket,
-        agent_api_addr,
-        health_addr,
-        oidc_addr,
-        bundle_endpoint_addr,
-        federation,
-        stop,
-        tasks,
-    })
+    Ok(RunningServer { state, admin_socket, agent_api_addr, health_addr, oidc_addr, bundle_endpoint_addr, stop, tasks })
 }
 
 /// OIDC discovery, the bundle endpoint and the federation relationships (issue 6), when
@@ -401,7 +396,7 @@ async fn start_federation(
     server_svid: &Arc<tessera_spiffe::tls::SvidResolver>,
     tasks: &mut JoinSet<Result<(), ServerError>>,
     stopped: &watch::Receiver<bool>,
-) -> Result<(Option<SocketAddr>, Option<SocketAddr>, crate::federation::FederationHandle), ServerError> {
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>), ServerError> {
     let config = state.config();
     let mut oidc_addr = None;
     if let (Some(addr), Some(issuer)) = (config.oidc.bind_address, config.jwt_issuer.as_deref()) {
@@ -428,11 +423,11 @@ async fn start_federation(
     .await
     .map_err(|err| ServerError::Federation { key: "federation.federates_with", reason: err.to_string() })?
     .map_err(|reason| ServerError::Federation { key: "federation.federates_with", reason })?;
-    let federation = crate::federation::FederationHandle::default();
-    for relationship in relationships {
-        federation.start(Arc::clone(state), relationship, stopped.clone());
-    }
-    Ok((oidc_addr, bundle_endpoint_addr, federation))
+    state.federation().attach(stopped.clone());
+    crate::federation::start_all(state, relationships)
+        .await
+        .map_err(|reason| ServerError::Federation { key: "federation.federates_with", reason })?;
+    Ok((oidc_addr, bundle_endpoint_addr))
 }
 
 /// Resolves when the stop flag is raised (or its sender is gone).

@@ -118,6 +118,46 @@ pub fn check_relationship(config: &FederatesWithConfig) -> Result<(), (&'static 
     Ok(())
 }
 
+/// Where a relationship comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `[[federation.federates_with]]` in the configuration file (read-only through the API).
+    Config,
+    /// Created through the admin API and persisted in the datastore.
+    Api,
+}
+
+impl Source {
+    /// `config` or `api`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Api => "api",
+        }
+    }
+}
+
+/// A relationship as the operator specified it, with file contents inlined: the form stored
+/// in the datastore (JSON) and shown by the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RelationshipSpec {
+    /// The foreign trust domain name.
+    pub trust_domain: String,
+    /// Its bundle endpoint URL.
+    pub bundle_endpoint_url: String,
+    /// `https_web` or `https_spiffe`.
+    pub profile: String,
+    /// `https_spiffe`: the endpoint's SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_spiffe_id: Option<String>,
+    /// `https_spiffe`: bootstrap bundle (SPIFFE JSON or PEM) of the endpoint ID's trust domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
+    /// `https_web`: PEM roots instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
 /// A relationship ready to run: URL parsed, files read.
 #[derive(Debug, Clone)]
 pub struct Relationship {
@@ -127,6 +167,10 @@ pub struct Relationship {
     pub url: url::Url,
     /// How the endpoint is authenticated.
     pub profile: Profile,
+    /// As specified.
+    pub spec: RelationshipSpec,
+    /// Where it comes from.
+    pub source: Source,
 }
 
 /// The per-profile settings of a [`Relationship`].
@@ -150,26 +194,68 @@ impl Relationship {
     /// Resolves a configured relationship (blocking: reads files).
     pub fn from_config(config: &FederatesWithConfig) -> Result<Self, String> {
         check_relationship(config).map_err(|(key, message)| format!("{key}: {message}"))?;
-        let url = url::Url::parse(&config.bundle_endpoint_url).map_err(|err| err.to_string())?;
-        let profile = match config.profile {
+        let read = |path: &Option<std::path::PathBuf>, what: &str| -> Result<Option<String>, String> {
+            match path {
+                None => Ok(None),
+                Some(path) => {
+                    let data = read_limited(path)?;
+                    String::from_utf8(data).map(Some).map_err(|_| format!("{what} {}: not UTF-8 text", path.display()))
+                }
+            }
+        };
+        let spec = RelationshipSpec {
+            trust_domain: config.trust_domain.name().to_owned(),
+            bundle_endpoint_url: config.bundle_endpoint_url.clone(),
+            profile: config.profile.as_str().to_owned(),
+            endpoint_spiffe_id: config.endpoint_spiffe_id.clone(),
+            trust_bundle: read(&config.trust_bundle_path, "trust_bundle_path")?,
+            ca_bundle: read(&config.ca_bundle_path, "ca_bundle_path")?,
+        };
+        Self::from_spec(spec, Source::Config).map_err(|(field, message)| format!("{field}: {message}"))
+    }
+
+    /// Checks and resolves a specification; errors name the field at fault.
+    pub fn from_spec(spec: RelationshipSpec, source: Source) -> Result<Self, (&'static str, String)> {
+        let trust_domain = TrustDomain::new(&spec.trust_domain)
+            .map_err(|err| ("trust_domain", format!("{:?} is not a valid trust domain: {err}", spec.trust_domain)))?;
+        check_url(&spec.bundle_endpoint_url).map_err(|message| ("bundle_endpoint_url", message))?;
+        let url = url::Url::parse(&spec.bundle_endpoint_url).map_err(|err| ("bundle_endpoint_url", err.to_string()))?;
+        let profile_kind: BundleEndpointProfile = spec.profile.parse().map_err(|message| ("profile", message))?;
+        let profile = match profile_kind {
             BundleEndpointProfile::HttpsWeb => {
-                let roots = match &config.ca_bundle_path {
-                    Some(path) => read_roots(path)?,
-                    None => system_roots()?,
+                if spec.endpoint_spiffe_id.is_some() || spec.trust_bundle.is_some() {
+                    return Err((
+                        "profile",
+                        "https_web takes neither an endpoint SPIFFE ID nor a trust bundle (only a CA bundle)".into(),
+                    ));
+                }
+                let roots = match &spec.ca_bundle {
+                    Some(pem) => read_roots(pem.as_bytes()).map_err(|message| ("ca_bundle", message))?,
+                    None => system_roots().map_err(|message| ("ca_bundle", message))?,
                 };
                 Profile::Web { roots: Arc::new(roots) }
             }
             BundleEndpointProfile::HttpsSpiffe => {
-                let id = config.endpoint_spiffe_id.as_deref().unwrap_or_default();
-                let endpoint_id = SpiffeId::parse(id).map_err(|err| format!("endpoint_spiffe_id {id:?}: {err}"))?;
-                let bootstrap = match &config.trust_bundle_path {
-                    Some(path) => Some(read_bundle(path, &endpoint_id.trust_domain())?),
+                if spec.ca_bundle.is_some() {
+                    return Err(("ca_bundle", "only the https_web profile takes a CA bundle".into()));
+                }
+                let id = spec
+                    .endpoint_spiffe_id
+                    .as_deref()
+                    .ok_or(("endpoint_spiffe_id", "is required by the https_spiffe profile".to_owned()))?;
+                let endpoint_id = SpiffeId::parse(id)
+                    .map_err(|err| ("endpoint_spiffe_id", format!("{id:?} is not a SPIFFE ID: {err}")))?;
+                let bootstrap = match &spec.trust_bundle {
+                    Some(text) => Some(
+                        parse_bootstrap(text.as_bytes(), &endpoint_id.trust_domain())
+                            .map_err(|message| ("trust_bundle", message))?,
+                    ),
                     None => None,
                 };
                 Profile::Spiffe { endpoint_id, bootstrap }
             }
         };
-        Ok(Self { trust_domain: config.trust_domain.clone(), url, profile })
+        Ok(Self { trust_domain, url, profile, spec, source })
     }
 }
 
@@ -185,29 +271,33 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
 }
 
 /// A bootstrap bundle: SPIFFE bundle JSON, or PEM X.509 roots.
-fn read_bundle(path: &Path, trust_domain: &TrustDomain) -> Result<Bundle, String> {
-    let data = read_limited(path)?;
-    let bundle = if data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
-        Bundle::from_json(trust_domain.clone(), &data)
-    } else {
-        Bundle::from_x509_authorities_pem(trust_domain.clone(), &data)
+fn parse_bootstrap(data: &[u8], trust_domain: &TrustDomain) -> Result<Bundle, String> {
+    if data.len() as u64 > MAX_FILE_LEN {
+        return Err(format!("larger than {MAX_FILE_LEN} bytes"));
     }
-    .map_err(|err| format!("trust_bundle_path {}: {err}", path.display()))?;
+    let bundle = if data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        Bundle::from_json(trust_domain.clone(), data)
+    } else {
+        Bundle::from_x509_authorities_pem(trust_domain.clone(), data)
+    }
+    .map_err(|err| err.to_string())?;
     if bundle.x509_authorities().len() == 0 {
-        return Err(format!("trust_bundle_path {}: holds no X.509 authority", path.display()));
+        return Err("holds no X.509 authority".into());
     }
     Ok(bundle)
 }
 
-fn read_roots(path: &Path) -> Result<RootCertStore, String> {
-    let data = read_limited(path)?;
+fn read_roots(data: &[u8]) -> Result<RootCertStore, String> {
+    if data.len() as u64 > MAX_FILE_LEN {
+        return Err(format!("larger than {MAX_FILE_LEN} bytes"));
+    }
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&data) {
-        let cert = cert.map_err(|err| format!("ca_bundle_path {}: {err}", path.display()))?;
-        roots.add(cert).map_err(|err| format!("ca_bundle_path {}: {err}", path.display()))?;
+    for cert in CertificateDer::pem_slice_iter(data) {
+        let cert = cert.map_err(|err| err.to_string())?;
+        roots.add(cert).map_err(|err| err.to_string())?;
     }
     if roots.is_empty() {
-        return Err(format!("ca_bundle_path {}: no PEM certificate in it", path.display()));
+        return Err("no PEM certificate in it".into());
     }
     Ok(roots)
 }
@@ -240,16 +330,23 @@ pub struct RelationshipStatus {
 
 type RefreshReply = oneshot::Sender<Result<Bundle, String>>;
 
+/// Set once a relationship is removed; held across "check, then store" so a fetch that was
+/// in flight cannot store a bundle after the removal deleted it.
+type Removed = Arc<tokio::sync::Mutex<bool>>;
+
 #[derive(Debug)]
 struct Running {
+    relationship: Relationship,
     refresh: mpsc::Sender<RefreshReply>,
     status: Arc<Mutex<RelationshipStatus>>,
+    removed: Removed,
 }
 
-/// Control of the running relationships.
-#[derive(Debug, Clone, Default)]
+/// Control of the running relationships (one per server, in its `ServerState`).
+#[derive(Debug, Default)]
 pub struct FederationHandle {
-    running: Arc<Mutex<BTreeMap<TrustDomain, Running>>>,
+    running: Mutex<BTreeMap<TrustDomain, Running>>,
+    stopped: Mutex<Option<watch::Receiver<bool>>>,
 }
 
 impl FederationHandle {
@@ -272,9 +369,35 @@ impl FederationHandle {
         running.values().map(|r| r.status.lock().unwrap_or_else(PoisonError::into_inner).clone()).collect()
     }
 
-    /// Starts the refresh task of `relationship` (replacing a previous one of its trust
-    /// domain, which stops).
-    pub(crate) fn start(&self, state: Arc<ServerState>, relationship: Relationship, stopped: watch::Receiver<bool>) {
+    /// Every relationship with its status, by trust domain.
+    pub fn list(&self) -> Vec<(Relationship, RelationshipStatus)> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running
+            .values()
+            .map(|r| (r.relationship.clone(), r.status.lock().unwrap_or_else(PoisonError::into_inner).clone()))
+            .collect()
+    }
+
+    /// One relationship with its status.
+    pub fn get(&self, trust_domain: &TrustDomain) -> Option<(Relationship, RelationshipStatus)> {
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        running
+            .get(trust_domain)
+            .map(|r| (r.relationship.clone(), r.status.lock().unwrap_or_else(PoisonError::into_inner).clone()))
+    }
+
+    /// Remembers the server's stop signal, for relationships started later.
+    pub(crate) fn attach(&self, stopped: watch::Receiver<bool>) {
+        *self.stopped.lock().unwrap_or_else(PoisonError::into_inner) = Some(stopped);
+    }
+
+    /// Starts the refresh task of `relationship`, replacing (stopping) a previous one of its
+    /// trust domain. Does nothing before [`Self::attach`] (the server is not running).
+    pub(crate) async fn start(&self, state: Arc<ServerState>, relationship: Relationship) {
+        let Some(stopped) = self.stopped.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+            return;
+        };
+        let _ = self.stop(&relationship.trust_domain).await;
         let (refresh, requests) = mpsc::channel(4);
         let status = Arc::new(Mutex::new(RelationshipStatus {
             trust_domain: relationship.trust_domain.clone(),
@@ -283,11 +406,31 @@ impl FederationHandle {
             last_error: None,
             next_refresh: None,
         }));
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(relationship.trust_domain.clone(), Running { refresh, status: Arc::clone(&status) });
-        tokio::spawn(refresh_loop(state, relationship, status, requests, stopped));
+        let removed: Removed = Arc::default();
+        self.running.lock().unwrap_or_else(PoisonError::into_inner).insert(
+            relationship.trust_domain.clone(),
+            Running {
+                relationship: relationship.clone(),
+                refresh,
+                status: Arc::clone(&status),
+                removed: Arc::clone(&removed),
+            },
+        );
+        tokio::spawn(refresh_loop(state, relationship, status, removed, requests, stopped));
+    }
+
+    /// Stops the relationship's task; once this returns, it will store nothing more.
+    /// Returns whether there was one.
+    pub(crate) async fn stop(&self, trust_domain: &TrustDomain) -> bool {
+        let removed = self.running.lock().unwrap_or_else(PoisonError::into_inner).remove(trust_domain);
+        match removed {
+            Some(running) => {
+                // Dropping `running.refresh` ends the task's loop; the flag stops a fetch in flight.
+                *running.removed.lock().await = true;
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -295,6 +438,7 @@ async fn refresh_loop(
     state: Arc<ServerState>,
     relationship: Relationship,
     status: Arc<Mutex<RelationshipStatus>>,
+    removed: Removed,
     mut requests: mpsc::Receiver<RefreshReply>,
     stopped: watch::Receiver<bool>,
 ) {
@@ -312,8 +456,11 @@ async fn refresh_loop(
         };
         let outcome = tokio::select! {
             () = crate::server::stop_requested(stopped.clone()) => return,
-            outcome = refresh_once(&state, &relationship) => outcome,
+            outcome = refresh_once(&state, &relationship, &removed) => outcome,
         };
+        if *removed.lock().await {
+            return;
+        }
         let now = SystemTime::now();
         {
             let mut status = status.lock().unwrap_or_else(PoisonError::into_inner);
@@ -344,7 +491,11 @@ async fn refresh_loop(
 }
 
 /// One fetch; on success the bundle is stored (if it changed) and returned as stored.
-async fn refresh_once(state: &Arc<ServerState>, relationship: &Relationship) -> Result<Bundle, String> {
+async fn refresh_once(
+    state: &Arc<ServerState>,
+    relationship: &Relationship,
+    removed: &Removed,
+) -> Result<Bundle, String> {
     let auth = match &relationship.profile {
         Profile::Web { roots } => EndpointAuth::Web { roots: Arc::clone(roots) },
         Profile::Spiffe { endpoint_id, bootstrap } => {
@@ -355,7 +506,58 @@ async fn refresh_once(state: &Arc<ServerState>, relationship: &Relationship) -> 
     let fetched = client::fetch(&relationship.url, &relationship.trust_domain, &auth)
         .await
         .map_err(|err: FetchError| err.to_string())?;
+    let removed = removed.lock().await;
+    if *removed {
+        return Err("the relationship was removed".into());
+    }
     store(state, &relationship.trust_domain, fetched).await
+}
+
+/// Encodes a specification for the datastore.
+pub(crate) fn encode_spec(spec: &RelationshipSpec) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(spec).map_err(|err| err.to_string())
+}
+
+/// Decodes a specification from the datastore.
+pub(crate) fn decode_spec(data: &[u8]) -> Result<RelationshipSpec, String> {
+    serde_json::from_slice(data).map_err(|err| err.to_string())
+}
+
+/// Starts every relationship: the configured ones, then those stored through the admin API
+/// (a stored one whose trust domain is also configured is skipped with a warning: the
+/// configuration file wins).
+pub(crate) async fn start_all(state: &Arc<ServerState>, configured: Vec<Relationship>) -> Result<(), String> {
+    let handle = state.federation();
+    let mut names: Vec<TrustDomain> = Vec::new();
+    for relationship in configured {
+        names.push(relationship.trust_domain.clone());
+        handle.start(Arc::clone(state), relationship).await;
+    }
+    let stored = blocking(state.datastore(), |store| store.list_federation_relationships())
+        .await
+        .map_err(|err| format!("cannot read the stored federation relationships: {err}"))?;
+    for record in stored {
+        if names.contains(&record.trust_domain) {
+            tracing::warn!(
+                trust_domain = %record.trust_domain,
+                "a federation relationship stored through the admin API is also in the configuration file; \
+                 the configuration file wins"
+            );
+            continue;
+        }
+        let relationship = decode_spec(&record.data)
+            .map_err(|err| ("data", err))
+            .and_then(|spec| Relationship::from_spec(spec, Source::Api));
+        match relationship {
+            Ok(relationship) => handle.start(Arc::clone(state), relationship).await,
+            Err((field, err)) => tracing::error!(
+                trust_domain = %record.trust_domain,
+                error = %format!("{field}: {err}"),
+                "a stored federation relationship is unusable; fix it with `tessera-server federation update`"
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The bundle that authenticates an endpoint of `trust_domain`.
