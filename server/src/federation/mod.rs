@@ -9,27 +9,35 @@
 //! # Relationships
 //!
 //! A relationship is `(trust domain, endpoint URL, profile [, endpoint SPIFFE ID, bootstrap
-//! bundle | CA file])`, read from `[[federation.federates_with]]` at start-up. Each one gets
-//! a task that fetches at once, then again after the fetched bundle's `spiffe_refresh_hint`
+//! bundle | CA bundle])` ([`RelationshipSpec`]). It comes from `[[federation.federates_with]]`
+//! (source `config`, files read at start-up) or from the admin API (source `api`, stored in
+//! the datastore as JSON with the file contents inlined, see `crate::admin` and
+//! `DataStore::put_federation_relationship`). At start every one gets a task; when a trust
+//! domain is in both, the configuration file wins (logged).
+//!
+//! Each task fetches at once, then again after the fetched bundle's `spiffe_refresh_hint`
 //! bounded to [[`MIN_REFRESH`], [`MAX_REFRESH`]] ([`DEFAULT_REFRESH`] without a hint). A
 //! failed fetch is logged with its reason, keeps the last good bundle untouched, and is retried
-//! at the next interval (no aggressive retry, as the spec asks).
+//! at the next interval (no aggressive retry, as the spec asks). [`FederationHandle::refresh`]
+//! fetches now (the admin `RefreshFederationRelationship`, and tests).
 //!
 //! A good bundle is stored with the datastore's `set_bundle` under its trust domain (only when
 //! its authorities changed, so an unchanged bundle does not wake every agent), which is where
 //! the agent API sync reads federated bundles for entries that federate with that trust
-//! domain.
+//! domain. Deleting a relationship through the API stops its task (a fetch in flight cannot
+//! store afterwards: see `Removed`) and then deletes the bundle, so agents drop it.
 //!
 //! `https_spiffe` authenticates the endpoint with the bundle of the endpoint ID's trust
 //! domain: this server's own bundle, else the stored bundle of that trust domain (for a
-//! self-serving endpoint, the last one fetched), else `trust_bundle_path` (the bootstrap).
+//! self-serving endpoint, the last one fetched), else the bootstrap bundle.
 //!
-//! # Not built yet
+//! # Known limits
 //!
-//! Relationships are static: there are no admin RPCs or `tessera-server federation` commands
-//! to create or delete them at run time, and removing one from the configuration does not
-//! delete the bundle it stored (`tessera-server bundle delete` does). [`FederationHandle`]
-//! (`refresh`, `status`) is the seam those commands would call.
+//! - Removing a relationship from the configuration file does not delete the bundle it stored
+//!   (`tessera-server bundle delete` does); API relationships delete theirs.
+//! - Redirects are reported, not followed.
+//! - A stored relationship that no longer resolves at start (e.g. unreadable JSON) is logged
+//!   and not listed until `federation update` replaces it.
 
 pub mod client;
 pub(crate) mod endpoint;
