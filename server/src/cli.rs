@@ -51,6 +51,9 @@ pub enum Command {
     /// Mint JWT-SVIDs directly (operator use).
     #[command(subcommand)]
     Jwt(JwtCommand),
+    /// Federation relationships: foreign trust bundles fetched from bundle endpoints.
+    #[command(subcommand)]
+    Federation(FederationCommand),
 }
 
 /// Options shared by every management subcommand.
@@ -348,4 +351,87 @@ mod tests {
         let err = Cli::try_parse_from(["tessera-server", "token", "generate", "--ttl", "5m"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
+}
+
+// ---- Issue 6: federation relationships ------------------------------------------------------
+
+/// `--profile` of a federation relationship.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FederationProfile {
+    /// TLS with a Web PKI certificate for the URL's host.
+    #[value(name = "https_web")]
+    HttpsWeb,
+    /// TLS with an X.509-SVID carrying `--endpoint-spiffe-id`.
+    #[value(name = "https_spiffe")]
+    HttpsSpiffe,
+}
+
+/// What `federation create` and `federation update` take.
+#[derive(Debug, Clone, Args)]
+pub struct FederationFields {
+    /// The foreign trust domain (`example.org` or `spiffe://example.org`).
+    #[arg(long, value_name = "TD")]
+    pub trust_domain: String,
+    /// `https://host[:port]/path` of its bundle endpoint.
+    #[arg(long, value_name = "URL")]
+    pub bundle_endpoint_url: String,
+    /// How the endpoint authenticates.
+    #[arg(long, value_enum)]
+    pub profile: FederationProfile,
+    /// https_spiffe: the SPIFFE ID the endpoint must present.
+    #[arg(long, value_name = "ID")]
+    pub endpoint_spiffe_id: Option<String>,
+    /// https_spiffe: bundle (SPIFFE JSON or PEM) of the endpoint's trust domain for the first fetch.
+    #[arg(long, value_name = "FILE")]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// https_web: PEM roots to trust instead of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FederationCommand {
+    /// Create a relationship (stored by the server, fetched at once).
+    Create {
+        #[command(flatten)]
+        fields: FederationFields,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List relationships with their fetch status.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show one relationship.
+    Show {
+        /// The foreign trust domain.
+        #[arg(long, value_name = "TD")]
+        trust_domain: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Replace a relationship created with `create`.
+    Update {
+        #[command(flatten)]
+        fields: FederationFields,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Delete a relationship and the bundle it fetched.
+    Delete {
+        /// The foreign trust domain.
+        #[arg(long, value_name = "TD")]
+        trust_domain: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Fetch the bundle now.
+    Refresh {
+        /// The foreign trust domain.
+        #[arg(long, value_name = "TD")]
+        trust_domain: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }

@@ -58,6 +58,19 @@ pub const SERVER_KEYS: &[&str] = &[
     "upstream_authority.cert_file",
     "upstream_authority.key_file",
     "upstream_authority.bundle_file",
+    // Issue 6: OIDC discovery and SPIFFE federation.
+    "oidc.bind_address",
+    "federation.bundle_endpoint.bind_address",
+    "federation.bundle_endpoint.profile",
+    "federation.bundle_endpoint.cert_path",
+    "federation.bundle_endpoint.key_path",
+    "federation.bundle_endpoint.refresh_hint",
+    "federation.federates_with.trust_domain",
+    "federation.federates_with.bundle_endpoint_url",
+    "federation.federates_with.profile",
+    "federation.federates_with.endpoint_spiffe_id",
+    "federation.federates_with.trust_bundle_path",
+    "federation.federates_with.ca_bundle_path",
 ];
 
 /// Default `trust_domain`.
@@ -255,6 +268,12 @@ pub struct ServerConfig {
     /// `[upstream_authority]`: when present, the server's CA is an intermediate signed by it.
     #[serde(deserialize_with = "de_opt_table")]
     pub upstream_authority: Option<UpstreamAuthorityConfig>,
+    /// `[oidc]`: OIDC discovery for JWT-SVIDs (issue 6).
+    #[serde(deserialize_with = "de_table")]
+    pub oidc: OidcConfig,
+    /// `[federation]`: the bundle endpoint and federation relationships (issue 6).
+    #[serde(deserialize_with = "de_table")]
+    pub federation: FederationConfig,
 }
 
 /// `[datastore]`.
@@ -313,6 +332,149 @@ pub struct UpstreamAuthorityConfig {
     pub bundle_file: Option<PathBuf>,
 }
 
+// ---- Issue 6: OIDC discovery and SPIFFE federation ------------------------------------------
+
+/// `[oidc]`: `GET /.well-known/openid-configuration` and the JWKS, so cloud providers can
+/// trust JWT-SVIDs. Needs `jwt_issuer`, which is the public URL the discovery document is
+/// served under (usually behind an HTTPS reverse proxy).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcConfig {
+    /// Where to serve discovery (plain HTTP); `None` (`""`, the default) disables it.
+    #[serde(deserialize_with = "de_opt_socket_addr")]
+    pub bind_address: Option<SocketAddr>,
+}
+
+keyword_enum! {
+    /// A SPIFFE bundle endpoint profile (conformance §6).
+    pub enum BundleEndpointProfile {
+        /// TLS with a Web PKI certificate for the URL's host.
+        HttpsWeb = "https_web",
+        /// TLS with an X.509-SVID of a configured SPIFFE ID.
+        HttpsSpiffe = "https_spiffe",
+    }
+}
+
+/// Default `federation.bundle_endpoint.refresh_hint`.
+pub const DEFAULT_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+
+/// `[federation]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// `[federation.bundle_endpoint]`: serving this trust domain's bundle.
+    #[serde(deserialize_with = "de_table")]
+    pub bundle_endpoint: BundleEndpointConfig,
+    /// `[[federation.federates_with]]`: foreign bundles to fetch.
+    pub federates_with: Vec<FederatesWithConfig>,
+}
+
+/// `[federation.bundle_endpoint]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BundleEndpointConfig {
+    /// Where to serve the bundle over HTTPS; `None` (`""`, the default) disables it.
+    #[serde(deserialize_with = "de_opt_socket_addr")]
+    pub bind_address: Option<SocketAddr>,
+    /// `https_spiffe` (the default: the server's own SVID) or `https_web`.
+    pub profile: BundleEndpointProfile,
+    /// `https_web`: PEM certificate chain, leaf first.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub cert_path: Option<PathBuf>,
+    /// `https_web`: PEM private key of `cert_path`.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub key_path: Option<PathBuf>,
+    /// `spiffe_refresh_hint` of the served bundle.
+    #[serde(deserialize_with = "de_ttl")]
+    pub refresh_hint: Duration,
+}
+
+impl Default for BundleEndpointConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: None,
+            profile: BundleEndpointProfile::HttpsSpiffe,
+            cert_path: None,
+            key_path: None,
+            refresh_hint: DEFAULT_BUNDLE_REFRESH_HINT,
+        }
+    }
+}
+
+/// One `[[federation.federates_with]]` relationship: fetch `trust_domain`'s bundle from
+/// `bundle_endpoint_url`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatesWithConfig {
+    /// The foreign trust domain.
+    #[serde(deserialize_with = "de_trust_domain")]
+    pub trust_domain: TrustDomain,
+    /// `https://host[:port]/path` of its bundle endpoint.
+    pub bundle_endpoint_url: String,
+    /// How the endpoint authenticates.
+    pub profile: BundleEndpointProfile,
+    /// `https_spiffe`: the SPIFFE ID the endpoint's SVID must carry.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub endpoint_spiffe_id: Option<String>,
+    /// `https_spiffe`: SPIFFE bundle (JSON) or PEM roots authenticating the endpoint on the
+    /// first fetch, when no bundle of that trust domain is stored yet.
+    #[serde(default, deserialize_with = "de_opt_path")]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// `https_web`: PEM roots to trust instead of the system's.
+    #[serde(default, deserialize_with = "de_opt_path")]
+    pub ca_bundle_path: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    fn check_federation(&self) -> Result<(), (&'static str, String)> {
+        if self.oidc.bind_address.is_some() {
+            let Some(issuer) = &self.jwt_issuer else {
+                return Err(("oidc.bind_address", "needs jwt_issuer: the public URL of the discovery document".into()));
+            };
+            crate::oidc::check_issuer(issuer).map_err(|message| ("jwt_issuer", message))?;
+        }
+        let endpoint = &self.federation.bundle_endpoint;
+        match endpoint.profile {
+            BundleEndpointProfile::HttpsWeb if endpoint.bind_address.is_some() => {
+                if endpoint.cert_path.is_none() {
+                    return Err((
+                        "federation.bundle_endpoint.cert_path",
+                        "is required by the https_web profile".into(),
+                    ));
+                }
+                if endpoint.key_path.is_none() {
+                    return Err(("federation.bundle_endpoint.key_path", "is required by the https_web profile".into()));
+                }
+            }
+            BundleEndpointProfile::HttpsSpiffe if endpoint.cert_path.is_some() || endpoint.key_path.is_some() => {
+                return Err((
+                    "federation.bundle_endpoint.cert_path",
+                    "only the https_web profile takes certificate files; https_spiffe serves the server's own SVID"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let mut seen = Vec::new();
+        for relationship in &self.federation.federates_with {
+            let td = &relationship.trust_domain;
+            if td == &self.trust_domain {
+                return Err((
+                    "federation.federates_with.trust_domain",
+                    format!("{td} is this server's own trust domain"),
+                ));
+            }
+            if seen.contains(&td) {
+                return Err(("federation.federates_with.trust_domain", format!("{td} is listed twice")));
+            }
+            seen.push(td);
+            crate::federation::check_relationship(relationship)
+                .map_err(|(key, message)| (key, format!("trust domain {td}: {message}")))?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -333,6 +495,8 @@ impl Default for ServerConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
             upstream_authority: None,
+            oidc: OidcConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -380,6 +544,13 @@ impl ServerConfig {
         if let Some(addr) = self.metrics.bind_address {
             listeners.push(("metrics.bind_address", addr));
         }
+        if let Some(addr) = self.oidc.bind_address {
+            listeners.push(("oidc.bind_address", addr));
+        }
+        if let Some(addr) = self.federation.bundle_endpoint.bind_address {
+            listeners.push(("federation.bundle_endpoint.bind_address", addr));
+        }
+        self.check_federation()?;
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -823,6 +994,16 @@ mod tests {
                 "health" => Some(fields_of::<HealthConfig>()),
                 "metrics" => Some(fields_of::<MetricsConfig>()),
                 "upstream_authority" => Some(fields_of::<UpstreamAuthorityConfig>()),
+                "oidc" => Some(fields_of::<OidcConfig>()),
+                "federation" => {
+                    for (table, keys) in [
+                        ("bundle_endpoint", fields_of::<BundleEndpointConfig>()),
+                        ("federates_with", fields_of::<FederatesWithConfig>()),
+                    ] {
+                        from_code.extend(keys.iter().map(|key| format!("federation.{table}.{key}")));
+                    }
+                    continue;
+                }
                 _ => None,
             };
             match nested {

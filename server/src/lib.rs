@@ -11,6 +11,8 @@
 //! - `commands`: the client side of every management subcommand.
 //! - [`datastore`]: everything persisted, behind the `DataStore` trait.
 //! - [`ca`]: the X.509 CA and JWT signing key, persisted under `<data_dir>/ca`.
+//! - [`oidc`]: OIDC discovery (`/.well-known/openid-configuration`, JWKS) for JWT-SVIDs.
+//! - [`federation`]: the SPIFFE bundle endpoint and federation relationships.
 
 pub mod admin;
 pub mod agent_api;
@@ -19,6 +21,8 @@ pub mod cli;
 mod commands;
 pub mod config;
 pub mod datastore;
+pub mod federation;
+pub mod oidc;
 pub mod server;
 
 use std::path::Path;

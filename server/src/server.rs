@@ -101,6 +101,14 @@ pub enum ServerError {
         /// The operating system's reason.
         source: io::Error,
     },
+    /// An OIDC or federation listener could not be set up (issue 6).
+    #[error("{key}: {reason}")]
+    Federation {
+        /// The configuration key concerned.
+        key: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// A listener failed while serving.
     #[error("{listener} failed: {reason}")]
     Serve {
@@ -118,6 +126,7 @@ pub struct ServerState {
     server_id: SpiffeId,
     datastore: Arc<dyn DataStore>,
     ca: Arc<CertificateAuthority>,
+    federation: crate::federation::FederationHandle,
 }
 
 impl ServerState {
@@ -130,7 +139,12 @@ impl ServerState {
         let server_id = config.trust_domain.id_from_segments(&["tessera", "server"]).map_err(|source| {
             ServerError::WellKnownId { trust_domain: config.trust_domain.name().to_owned(), source }
         })?;
-        Ok(Self { config, server_id, datastore, ca })
+        Ok(Self { config, server_id, datastore, ca, federation: crate::federation::FederationHandle::default() })
+    }
+
+    /// The federation relationships (issue 6).
+    pub fn federation(&self) -> &crate::federation::FederationHandle {
+        &self.federation
     }
 
     /// The certificate authority of the trust domain.
@@ -184,6 +198,8 @@ pub struct RunningServer {
     admin_socket: PathBuf,
     agent_api_addr: SocketAddr,
     health_addr: Option<SocketAddr>,
+    oidc_addr: Option<SocketAddr>,
+    bundle_endpoint_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
 }
@@ -207,6 +223,21 @@ impl RunningServer {
     /// Where the health endpoints listen (the bound address, so port 0 is resolved).
     pub fn health_addr(&self) -> Option<SocketAddr> {
         self.health_addr
+    }
+
+    /// Where OIDC discovery listens, when configured (bound address).
+    pub fn oidc_addr(&self) -> Option<SocketAddr> {
+        self.oidc_addr
+    }
+
+    /// Where the federation bundle endpoint listens, when configured (bound address).
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
+    }
+
+    /// The running federation relationships.
+    pub fn federation(&self) -> &crate::federation::FederationHandle {
+        self.state.federation()
     }
 
     /// Stops accepting, lets in-flight calls finish, removes the admin socket file.
@@ -332,6 +363,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         None => None,
     };
 
+    let server_svid_resolver = server_svid.resolver();
     tasks.spawn(serve_admin(Arc::clone(&state), admin_listener, stopped.clone()));
     tasks.spawn(serve_agent_api(Arc::clone(&state), agent_listener, tls_config, stopped.clone()));
     {
@@ -342,9 +374,60 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         });
     }
     if let Some(listener) = health_listener {
-        tasks.spawn(serve_health(Arc::clone(&state), listener, stopped));
+        tasks.spawn(serve_health(Arc::clone(&state), listener, stopped.clone()));
     }
-    Ok(RunningServer { state, admin_socket, agent_api_addr, health_addr, stop, tasks })
+    let extra = start_federation(&state, &server_svid_resolver, &mut tasks, &stopped).await;
+    let (oidc_addr, bundle_endpoint_addr) = match extra {
+        Ok(extra) => extra,
+        Err(err) => {
+            stop.send_replace(true);
+            while tasks.join_next().await.is_some() {}
+            remove_socket_file(&admin_socket);
+            return Err(err);
+        }
+    };
+    Ok(RunningServer { state, admin_socket, agent_api_addr, health_addr, oidc_addr, bundle_endpoint_addr, stop, tasks })
+}
+
+/// OIDC discovery, the bundle endpoint and the federation relationships (issue 6), when
+/// configured. Returns the bound addresses and the relationships' handle.
+async fn start_federation(
+    state: &Arc<ServerState>,
+    server_svid: &Arc<tessera_spiffe::tls::SvidResolver>,
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    stopped: &watch::Receiver<bool>,
+) -> Result<(Option<SocketAddr>, Option<SocketAddr>), ServerError> {
+    let config = state.config();
+    let mut oidc_addr = None;
+    if let (Some(addr), Some(issuer)) = (config.oidc.bind_address, config.jwt_issuer.as_deref()) {
+        let fail = |reason: String| ServerError::Federation { key: "oidc.bind_address", reason };
+        let router = crate::oidc::router(issuer, Arc::clone(state.ca())).map_err(fail)?;
+        let listener = TcpListener::bind(addr).await.map_err(|err| fail(format!("{addr}: {err}")))?;
+        oidc_addr = Some(listener.local_addr().map_err(|err| fail(err.to_string()))?);
+        tasks.spawn(crate::oidc::serve(router, listener, stopped.clone()));
+    }
+    let endpoint = &config.federation.bundle_endpoint;
+    let mut bundle_endpoint_addr = None;
+    if let Some(addr) = endpoint.bind_address {
+        let fail = |reason: String| ServerError::Federation { key: "federation.bundle_endpoint", reason };
+        let tls = crate::federation::endpoint::tls_config(endpoint, Arc::clone(server_svid)).map_err(fail)?;
+        let listener = TcpListener::bind(addr).await.map_err(|err| fail(format!("{addr}: {err}")))?;
+        bundle_endpoint_addr = Some(listener.local_addr().map_err(|err| fail(err.to_string()))?);
+        let router = crate::federation::endpoint::router(Arc::clone(state.ca()), endpoint.refresh_hint);
+        tasks.spawn(crate::federation::endpoint::serve(router, listener, tls, stopped.clone()));
+    }
+    let relationships = config.federation.federates_with.clone();
+    let relationships = tokio::task::spawn_blocking(move || {
+        relationships.iter().map(crate::federation::Relationship::from_config).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|err| ServerError::Federation { key: "federation.federates_with", reason: err.to_string() })?
+    .map_err(|reason| ServerError::Federation { key: "federation.federates_with", reason })?;
+    state.federation().attach(stopped.clone());
+    crate::federation::start_all(state, relationships)
+        .await
+        .map_err(|reason| ServerError::Federation { key: "federation.federates_with", reason })?;
+    Ok((oidc_addr, bundle_endpoint_addr))
 }
 
 /// Resolves when the stop flag is raised (or its sender is gone).

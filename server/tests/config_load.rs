@@ -70,6 +70,29 @@ kind = "disk"
 cert_file = "/etc/tessera/upstream.crt"
 key_file = "/etc/tessera/upstream.key"
 bundle_file = "/etc/tessera/upstream-roots.pem"
+
+[oidc]
+bind_address = "127.0.0.1:8444"
+
+[federation.bundle_endpoint]
+bind_address = "0.0.0.0:8443"
+profile = "https_web"
+cert_path = "/etc/tessera/endpoint.crt"
+key_path = "/etc/tessera/endpoint.key"
+refresh_hint = "2m"
+
+[[federation.federates_with]]
+trust_domain = "partner.example.org"
+bundle_endpoint_url = "https://tessera.partner.example.org:8443/"
+profile = "https_spiffe"
+endpoint_spiffe_id = "spiffe://partner.example.org/tessera/server"
+trust_bundle_path = "/etc/tessera/partner.json"
+
+[[federation.federates_with]]
+trust_domain = "web.example.net"
+bundle_endpoint_url = "https://bundles.example.net/"
+profile = "https_web"
+ca_bundle_path = "/etc/tessera/web-roots.pem"
 "#;
 
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -169,6 +192,14 @@ fn full_example_parses_to_every_value() {
     assert_eq!(upstream.cert_file, PathBuf::from("/etc/tessera/upstream.crt"));
     assert_eq!(upstream.key_file, PathBuf::from("/etc/tessera/upstream.key"));
     assert_eq!(upstream.bundle_file, Some(PathBuf::from("/etc/tessera/upstream-roots.pem")));
+    assert_eq!(config.oidc.bind_address, Some("127.0.0.1:8444".parse().unwrap()));
+    let endpoint = &config.federation.bundle_endpoint;
+    assert_eq!(endpoint.refresh_hint, Duration::from_secs(120));
+    assert_eq!(endpoint.cert_path, Some(PathBuf::from("/etc/tessera/endpoint.crt")));
+    let relationships = &config.federation.federates_with;
+    assert_eq!(relationships.len(), 2);
+    assert_eq!(relationships[0].endpoint_spiffe_id.as_deref(), Some("spiffe://partner.example.org/tessera/server"));
+    assert_eq!(relationships[1].ca_bundle_path, Some(PathBuf::from("/etc/tessera/web-roots.pem")));
     assert!(config.warnings().is_empty());
 }
 
@@ -179,6 +210,12 @@ fn full_example_sets_every_listed_key() {
             let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
             match value {
                 toml::Value::Table(inner) => leaves(&path, inner, out),
+                // `[[federation.federates_with]]`: the keys of every table, without an index.
+                toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                    for item in items.iter().filter_map(toml::Value::as_table) {
+                        leaves(&path, item, out);
+                    }
+                }
                 _ => {
                     out.insert(path);
                 }

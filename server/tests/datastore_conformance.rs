@@ -632,6 +632,30 @@ mod conformance {
         assert_eq!(store.list_bundles().unwrap().len(), 1);
     }
 
+    pub(crate) fn federation_relationships(store: &dyn DataStore) {
+        let a = td("a.test");
+        let b = td("b.test");
+        assert_eq!(store.get_federation_relationship(&a).unwrap(), None);
+        let first = store.put_federation_relationship(&a, b"one", Some(0)).unwrap();
+        assert_eq!(first.revision, 1);
+        let err = store.put_federation_relationship(&a, b"dup", Some(0)).unwrap_err();
+        assert!(matches!(err, DataStoreError::Conflict { kind: ResourceKind::FederationRelationship, .. }), "{err}");
+        assert_eq!(store.put_federation_relationship(&a, b"two", Some(1)).unwrap().revision, 2);
+        assert!(store.put_federation_relationship(&a, b"lost", Some(1)).is_err());
+        store.put_federation_relationship(&b, b"bee", None).unwrap();
+        let all = store.list_federation_relationships().unwrap();
+        assert_eq!(all.iter().map(|r| r.trust_domain.name()).collect::<Vec<_>>(), ["a.test", "b.test"]);
+        assert_eq!(store.get_federation_relationship(&a).unwrap().unwrap().data, b"two");
+        assert_eq!(store.delete_federation_relationship(&a).unwrap().data, b"two");
+        assert!(matches!(
+            store.delete_federation_relationship(&a),
+            Err(DataStoreError::NotFound { kind: ResourceKind::FederationRelationship, .. })
+        ));
+        // Relationships and bundles are separate: neither listing sees the other.
+        assert!(store.list_bundles().unwrap().is_empty());
+        assert_eq!(store.list_federation_relationships().unwrap().len(), 1);
+    }
+
     pub(crate) fn ca_journal_compare_and_set(store: &dyn DataStore) {
         assert_eq!(store.get_ca_journal().unwrap(), None);
         assert!(matches!(store.put_ca_journal(b"x", 1), Err(DataStoreError::Conflict { .. })));
@@ -710,6 +734,7 @@ conformance_suite!(
     bundles_and_sequences,
     ca_journal_compare_and_set,
     jti_replay_cache,
+    federation_relationships,
 );
 
 /// The async helper runs calls on the blocking pool and passes results through.

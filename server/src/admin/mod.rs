@@ -32,6 +32,7 @@
 //! follow the node (server-agent-flow §4).
 
 mod convert;
+mod federation;
 mod status;
 
 use std::sync::Arc;
@@ -459,6 +460,48 @@ impl AdminService for AdminApi {
         let expires_at = unix_seconds(expires_at);
         tracing::info!(spiffe_id = %spiffe_id, expires_at, "JWT-SVID minted");
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        request: Request<pb::CreateFederationRelationshipRequest>,
+    ) -> Result<Response<pb::CreateFederationRelationshipResponse>, Status> {
+        federation::create(&self.state, request.into_inner()).await
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        _: Request<pb::ListFederationRelationshipsRequest>,
+    ) -> Result<Response<pb::ListFederationRelationshipsResponse>, Status> {
+        federation::list(&self.state).await
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        request: Request<pb::GetFederationRelationshipRequest>,
+    ) -> Result<Response<pb::GetFederationRelationshipResponse>, Status> {
+        federation::get(&self.state, request.into_inner()).await
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        request: Request<pb::UpdateFederationRelationshipRequest>,
+    ) -> Result<Response<pb::UpdateFederationRelationshipResponse>, Status> {
+        federation::update(&self.state, request.into_inner()).await
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        request: Request<pb::DeleteFederationRelationshipRequest>,
+    ) -> Result<Response<pb::DeleteFederationRelationshipResponse>, Status> {
+        federation::delete(&self.state, request.into_inner()).await
+    }
+
+    async fn refresh_federation_relationship(
+        &self,
+        request: Request<pb::RefreshFederationRelationshipRequest>,
+    ) -> Result<Response<pb::RefreshFederationRelationshipResponse>, Status> {
+        federation::refresh(&self.state, request.into_inner()).await
     }
 }
 

@@ -129,6 +129,13 @@ impl std::fmt::Debug for AgentTlsStream {
     }
 }
 
+impl AgentTlsStream {
+    /// The client's address.
+    pub(crate) fn remote_addr(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
+}
+
 impl Connected for AgentTlsStream {
     type ConnectInfo = AgentConnInfo;
 
@@ -176,6 +183,17 @@ pub(crate) fn incoming(
     acceptor: TlsAcceptor,
     stopped: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<AgentTlsStream, io::Error>> {
+    incoming_named(listener, acceptor, stopped, "agent API")
+}
+
+/// [`incoming`] for another TLS listener (the federation bundle endpoint); `what` names it in
+/// the logs.
+pub(crate) fn incoming_named(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    stopped: watch::Receiver<bool>,
+    what: &'static str,
+) -> ReceiverStream<Result<AgentTlsStream, io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -188,7 +206,7 @@ pub(crate) fn incoming(
                 Ok(pair) => pair,
                 Err(err) => {
                     // Out of file descriptors and the like: log, breathe, go on.
-                    tracing::warn!(error = %err, "agent API accept failed");
+                    tracing::warn!(error = %err, "{what} accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -206,8 +224,8 @@ pub(crate) fn incoming(
                         let info = AgentConnInfo { remote_addr: Some(remote), peer_chain };
                         let _ = tx.send(Ok(AgentTlsStream { inner: tls, info })).await;
                     }
-                    Ok(Err(err)) => tracing::warn!(peer = %remote, error = %err, "agent API TLS handshake failed"),
-                    Err(_) => tracing::warn!(peer = %remote, "agent API TLS handshake timed out"),
+                    Ok(Err(err)) => tracing::warn!(peer = %remote, error = %err, "{what} TLS handshake failed"),
+                    Err(_) => tracing::warn!(peer = %remote, "{what} TLS handshake timed out"),
                 }
             });
         }

@@ -23,6 +23,8 @@ pub enum ResourceKind {
     Bundle,
     /// The CA rotation journal.
     CaJournal,
+    /// A federation relationship.
+    FederationRelationship,
 }
 
 impl fmt::Display for ResourceKind {
@@ -33,6 +35,7 @@ impl fmt::Display for ResourceKind {
             Self::JoinToken => "join token",
             Self::Bundle => "bundle",
             Self::CaJournal => "CA journal",
+            Self::FederationRelationship => "federation relationship",
         })
     }
 }

@@ -12,9 +12,10 @@ use tokio::sync::watch;
 
 use super::error::{DataStoreError, ResourceKind};
 use super::types::{
-    AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter, JoinToken, NodeFilter,
-    NodeSerials, Page, PageRequest, RegistrationEntry, check_continuity, compaction_target, duplicate_entry,
-    entry_id_taken, entry_revision_conflict, paginate, validate_entry, validate_node, validate_serials, validate_token,
+    AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
+    FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
+    check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict, paginate,
+    validate_entry, validate_node, validate_serials, validate_token,
 };
 use super::{DataStore, Result, publish_revision};
 
@@ -40,6 +41,7 @@ struct State {
     bundles: BTreeMap<String, Bundle>,
     ca_journal: Option<CaJournal>,
     jtis: HashMap<(String, String), u64>,
+    federation: BTreeMap<String, FederationRelationshipRecord>,
 }
 
 impl State {
@@ -398,5 +400,45 @@ impl DataStore for MemoryDataStore {
         let before = state.jtis.len();
         state.jtis.retain(|_, expires_at| *expires_at > now);
         Ok(u64::try_from(before - state.jtis.len()).unwrap_or(u64::MAX))
+    }
+
+    fn get_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<Option<FederationRelationshipRecord>> {
+        Ok(self.state().federation.get(trust_domain.name()).cloned())
+    }
+
+    fn list_federation_relationships(&self) -> Result<Vec<FederationRelationshipRecord>> {
+        Ok(self.state().federation.values().cloned().collect())
+    }
+
+    fn put_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+        data: &[u8],
+        expected_revision: Option<u64>,
+    ) -> Result<FederationRelationshipRecord> {
+        let mut state = self.state();
+        let current = state.federation.get(trust_domain.name()).map_or(0, |r| r.revision);
+        if let Some(expected) = expected_revision.filter(|&expected| expected != current) {
+            return Err(DataStoreError::Conflict {
+                kind: ResourceKind::FederationRelationship,
+                id: trust_domain.to_string(),
+                expected: format!("revision {expected}"),
+                found: format!("revision {current}"),
+            });
+        }
+        let record = FederationRelationshipRecord {
+            trust_domain: trust_domain.clone(),
+            data: data.to_vec(),
+            revision: current + 1,
+        };
+        state.federation.insert(trust_domain.name().to_owned(), record.clone());
+        Ok(record)
+    }
+
+    fn delete_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<FederationRelationshipRecord> {
+        self.state().federation.remove(trust_domain.name()).ok_or_else(|| DataStoreError::NotFound {
+            kind: ResourceKind::FederationRelationship,
+            id: trust_domain.to_string(),
+        })
     }
 }

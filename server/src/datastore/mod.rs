@@ -101,8 +101,8 @@ pub use memory::MemoryDataStore;
 pub use sled_store::SledDataStore;
 pub use types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DEFAULT_CHANGE_LOG_RETENTION, DataStoreOptions, EntryChange,
-    EntryFilter, JoinToken, MAX_KEY_LEN, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry, SelectorFilter,
-    SelectorMatch,
+    EntryFilter, FederationRelationshipRecord, JoinToken, MAX_KEY_LEN, NodeFilter, NodeSerials, Page, PageRequest,
+    RegistrationEntry, SelectorFilter, SelectorMatch,
 };
 
 /// The result of every datastore call.
@@ -254,6 +254,27 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
 
     /// Forgets the JWT IDs expired at `now`; returns how many.
     fn prune_jtis(&self, now: u64) -> Result<u64>;
+
+    // ---- Federation relationships (issue 6) ----------------------------------------------------
+
+    /// The relationship with this foreign trust domain, if any.
+    fn get_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<Option<FederationRelationshipRecord>>;
+
+    /// Every relationship, ordered by trust domain.
+    fn list_federation_relationships(&self) -> Result<Vec<FederationRelationshipRecord>>;
+
+    /// Stores the relationship with `trust_domain`, bumping its revision (1 for a new one).
+    /// `expected_revision` as in [`Self::set_bundle`]: `None` unconditionally, `Some(0)` only
+    /// if none exists, `Some(n)` only at revision `n` ([`DataStoreError::Conflict`] otherwise).
+    fn put_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+        data: &[u8],
+        expected_revision: Option<u64>,
+    ) -> Result<FederationRelationshipRecord>;
+
+    /// Deletes a relationship and returns it as it was ([`DataStoreError::NotFound`] if none).
+    fn delete_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<FederationRelationshipRecord>;
 }
 
 /// Runs a datastore call on tokio's blocking pool, so an fsync never stalls a runtime

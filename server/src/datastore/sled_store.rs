@@ -21,6 +21,7 @@
 //! | `bundles` | trust domain name | bundle record |
 //! | `ca_journal` | `journal` | journal record |
 //! | `jtis` | big-endian issuer length, issuer, JWT ID | expiry record |
+//! | `federation` | foreign trust domain name | relationship record (the bundle record layout: data + revision) |
 //!
 //! Records are encoded by `codec` (version byte + postcard). A record and its index keys
 //! are always written in one multi-tree transaction, so indexes never disagree with a
@@ -46,10 +47,10 @@ use super::codec::{
 };
 use super::error::{DataStoreError, ResourceKind};
 use super::types::{
-    AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter, JoinToken, NodeFilter,
-    NodeSerials, Page, PageRequest, RegistrationEntry, SelectorIndexPlan, check_continuity, compaction_target,
-    duplicate_entry, entry_id_taken, entry_revision_conflict, paginate, plan_selector_index, validate_entry,
-    validate_node, validate_serials, validate_token,
+    AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
+    FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
+    SelectorIndexPlan, check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict,
+    paginate, plan_selector_index, validate_entry, validate_node, validate_serials, validate_token,
 };
 use super::{DataStore, Result, publish_revision};
 
@@ -69,6 +70,7 @@ const JOIN_TOKENS: &str = "join_tokens";
 const BUNDLES: &str = "bundles";
 const CA_JOURNAL: &str = "ca_journal";
 const JTIS: &str = "jtis";
+const FEDERATION: &str = "federation";
 
 const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_REVISION: &[u8] = b"entry_revision";
@@ -136,10 +138,20 @@ fn decode_node(key: &[u8], bytes: &[u8]) -> Result<AttestedNode> {
     Ok(record.into_node(spiffe_id))
 }
 
+/// A federation relationship record: stored in the bundle record layout (data + a counter).
+fn decode_relationship(key: &[u8], bytes: &[u8]) -> Result<FederationRelationshipRecord> {
+    let bundle = decode_bundle_in(FEDERATION, key, bytes)?;
+    Ok(FederationRelationshipRecord { trust_domain: bundle.trust_domain, data: bundle.data, revision: bundle.sequence })
+}
+
 fn decode_bundle(key: &[u8], bytes: &[u8]) -> Result<Bundle> {
-    let record: BundleRecordV1 = decode(BUNDLES, key, bytes)?;
-    let trust_domain = TrustDomain::new(&utf8_key(BUNDLES, key)?)
-        .map_err(|e| DataStoreError::corrupt(BUNDLES, key, format!("key is not a trust domain: {e}")))?;
+    decode_bundle_in(BUNDLES, key, bytes)
+}
+
+fn decode_bundle_in(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<Bundle> {
+    let record: BundleRecordV1 = decode(tree, key, bytes)?;
+    let trust_domain = TrustDomain::new(&utf8_key(tree, key)?)
+        .map_err(|e| DataStoreError::corrupt(tree, key, format!("key is not a trust domain: {e}")))?;
     Ok(record.into_bundle(trust_domain))
 }
 
@@ -159,6 +171,7 @@ struct Trees {
     bundles: sled::Tree,
     ca_journal: sled::Tree,
     jtis: sled::Tree,
+    federation: sled::Tree,
 }
 
 /// The trees of an entry write, inside a transaction.
@@ -324,6 +337,7 @@ impl SledDataStore {
             bundles: tree(BUNDLES)?,
             ca_journal: tree(CA_JOURNAL)?,
             jtis: tree(JTIS)?,
+            federation: tree(FEDERATION)?,
         };
         match trees.meta.get(KEY_SCHEMA_VERSION).map_err(|e| open_error(Box::new(e)))? {
             None => {
@@ -903,6 +917,70 @@ impl DataStore for SledDataStore {
         };
         self.flush()?;
         decode_bundle(key, &bytes)
+    }
+
+    fn get_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<Option<FederationRelationshipRecord>> {
+        let key = trust_domain.name().as_bytes();
+        match self.trees.federation.get(key).map_err(storage("read"))? {
+            None => Ok(None),
+            Some(bytes) => decode_relationship(key, &bytes).map(Some),
+        }
+    }
+
+    fn list_federation_relationships(&self) -> Result<Vec<FederationRelationshipRecord>> {
+        self.trees
+            .federation
+            .iter()
+            .map(|item| {
+                let (key, bytes) = item.map_err(storage("read"))?;
+                decode_relationship(&key, &bytes)
+            })
+            .collect()
+    }
+
+    fn put_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+        data: &[u8],
+        expected_revision: Option<u64>,
+    ) -> Result<FederationRelationshipRecord> {
+        let key = trust_domain.name().as_bytes();
+        let revision = self
+            .trees
+            .federation
+            .transaction(|tx| {
+                let current = match tx.get(key)? {
+                    None => 0,
+                    Some(bytes) => decode::<BundleRecordV1>(FEDERATION, key, &bytes).map_err(abort)?.sequence(),
+                };
+                if let Some(expected) = expected_revision.filter(|&expected| expected != current) {
+                    return Err(abort(DataStoreError::Conflict {
+                        kind: ResourceKind::FederationRelationship,
+                        id: trust_domain.to_string(),
+                        expected: format!("revision {expected}"),
+                        found: format!("revision {current}"),
+                    }));
+                }
+                let revision = current + 1;
+                tx.insert(key, encode(&BundleRecordV1::new(data, revision)).map_err(abort)?)?;
+                Ok(revision)
+            })
+            .map_err(tx_error("federation relationship put"))?;
+        self.flush()?;
+        Ok(FederationRelationshipRecord { trust_domain: trust_domain.clone(), data: data.to_vec(), revision })
+    }
+
+    fn delete_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<FederationRelationshipRecord> {
+        let key = trust_domain.name().as_bytes();
+        let removed = self.trees.federation.remove(key).map_err(storage("federation relationship delete"))?;
+        let Some(bytes) = removed else {
+            return Err(DataStoreError::NotFound {
+                kind: ResourceKind::FederationRelationship,
+                id: trust_domain.to_string(),
+            });
+        };
+        self.flush()?;
+        decode_relationship(key, &bytes)
     }
 
     fn get_ca_journal(&self) -> Result<Option<CaJournal>> {

@@ -339,6 +339,19 @@ pub struct Bundle {
     pub sequence: u64,
 }
 
+/// A federation relationship (issue 6), as the federation module encoded it. The store does
+/// not look inside `data`; `revision` grows by one on every write (1 for a new one), for
+/// compare-and-set like a bundle's sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRelationshipRecord {
+    /// The foreign trust domain (the key).
+    pub trust_domain: TrustDomain,
+    /// The relationship, encoded by `crate::federation`.
+    pub data: Vec<u8>,
+    /// Grows by one on every write.
+    pub revision: u64,
+}
+
 /// The CA rotation journal: an opaque blob with a version for compare-and-set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaJournal {

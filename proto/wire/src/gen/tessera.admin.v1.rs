@@ -717,6 +717,237 @@ impl ::prost::Name for MintJwtSvidResponse {
         "type.googleapis.com/tessera.admin.v1.MintJwtSvidResponse".into()
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationRelationship {
+    /// The foreign trust domain (`example.org` or `spiffe://example.org`).
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// `<https://host\[:port\]/path`> of its bundle endpoint.
+    #[prost(string, tag = "2")]
+    pub bundle_endpoint_url: ::prost::alloc::string::String,
+    /// "https_web" or "https_spiffe".
+    #[prost(string, tag = "3")]
+    pub profile: ::prost::alloc::string::String,
+    /// https_spiffe: the SPIFFE ID the endpoint must present.
+    #[prost(string, tag = "4")]
+    pub endpoint_spiffe_id: ::prost::alloc::string::String,
+    /// https_spiffe: bundle (SPIFFE JSON or PEM) of the endpoint ID's trust
+    /// domain for the first fetch; empty = use the stored bundle.
+    #[prost(bytes = "vec", tag = "5")]
+    pub trust_bundle: ::prost::alloc::vec::Vec<u8>,
+    /// https_web: PEM roots; empty = the server's system roots.
+    #[prost(bytes = "vec", tag = "6")]
+    pub ca_bundle: ::prost::alloc::vec::Vec<u8>,
+    /// Output only: "config" or "api".
+    #[prost(string, tag = "7")]
+    pub source: ::prost::alloc::string::String,
+    /// Output only: unix seconds of the last successful fetch; 0 = none yet.
+    #[prost(int64, tag = "8")]
+    pub last_success: i64,
+    /// Output only: why the last fetch failed; empty if it succeeded.
+    #[prost(string, tag = "9")]
+    pub last_error: ::prost::alloc::string::String,
+    /// Output only: unix seconds of the next scheduled fetch; 0 = unknown.
+    #[prost(int64, tag = "10")]
+    pub next_refresh: i64,
+    /// Output only: sequence of the stored bundle; 0 = none stored.
+    #[prost(uint64, tag = "11")]
+    pub bundle_sequence: u64,
+}
+impl ::prost::Name for FederationRelationship {
+    const NAME: &'static str = "FederationRelationship";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.FederationRelationship".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.FederationRelationship".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateFederationRelationshipRequest {
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for CreateFederationRelationshipRequest {
+    const NAME: &'static str = "CreateFederationRelationshipRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.CreateFederationRelationshipRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.CreateFederationRelationshipRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateFederationRelationshipResponse {
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for CreateFederationRelationshipResponse {
+    const NAME: &'static str = "CreateFederationRelationshipResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.CreateFederationRelationshipResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.CreateFederationRelationshipResponse"
+            .into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederationRelationshipsRequest {}
+impl ::prost::Name for ListFederationRelationshipsRequest {
+    const NAME: &'static str = "ListFederationRelationshipsRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ListFederationRelationshipsRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ListFederationRelationshipsRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederationRelationshipsResponse {
+    /// Sorted by trust domain.
+    #[prost(message, repeated, tag = "1")]
+    pub relationships: ::prost::alloc::vec::Vec<FederationRelationship>,
+}
+impl ::prost::Name for ListFederationRelationshipsResponse {
+    const NAME: &'static str = "ListFederationRelationshipsResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ListFederationRelationshipsResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ListFederationRelationshipsResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetFederationRelationshipRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+impl ::prost::Name for GetFederationRelationshipRequest {
+    const NAME: &'static str = "GetFederationRelationshipRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.GetFederationRelationshipRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.GetFederationRelationshipRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetFederationRelationshipResponse {
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for GetFederationRelationshipResponse {
+    const NAME: &'static str = "GetFederationRelationshipResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.GetFederationRelationshipResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.GetFederationRelationshipResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateFederationRelationshipRequest {
+    /// Replaces the whole relationship of `relationship.trust_domain`.
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for UpdateFederationRelationshipRequest {
+    const NAME: &'static str = "UpdateFederationRelationshipRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.UpdateFederationRelationshipRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.UpdateFederationRelationshipRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpdateFederationRelationshipResponse {
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for UpdateFederationRelationshipResponse {
+    const NAME: &'static str = "UpdateFederationRelationshipResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.UpdateFederationRelationshipResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.UpdateFederationRelationshipResponse"
+            .into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederationRelationshipRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+impl ::prost::Name for DeleteFederationRelationshipRequest {
+    const NAME: &'static str = "DeleteFederationRelationshipRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.DeleteFederationRelationshipRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.DeleteFederationRelationshipRequest".into()
+    }
+}
+/// Deleting a relationship also deletes the bundle it fetched.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteFederationRelationshipResponse {}
+impl ::prost::Name for DeleteFederationRelationshipResponse {
+    const NAME: &'static str = "DeleteFederationRelationshipResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.DeleteFederationRelationshipResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.DeleteFederationRelationshipResponse"
+            .into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RefreshFederationRelationshipRequest {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+impl ::prost::Name for RefreshFederationRelationshipRequest {
+    const NAME: &'static str = "RefreshFederationRelationshipRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.RefreshFederationRelationshipRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.RefreshFederationRelationshipRequest"
+            .into()
+    }
+}
+/// Fails (UNAVAILABLE, with the reason) when the fetch fails; the last good
+/// bundle is kept.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RefreshFederationRelationshipResponse {
+    #[prost(message, optional, tag = "1")]
+    pub relationship: ::core::option::Option<FederationRelationship>,
+}
+impl ::prost::Name for RefreshFederationRelationshipResponse {
+    const NAME: &'static str = "RefreshFederationRelationshipResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.RefreshFederationRelationshipResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.RefreshFederationRelationshipResponse"
+            .into()
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum SelectorMatchMode {
@@ -1340,6 +1571,183 @@ pub mod admin_service_client {
                 .insert(GrpcMethod::new("tessera.admin.v1.AdminService", "MintJwtSvid"));
             self.inner.unary(req, path, codec).await
         }
+        /// Federation relationships (issue 6): foreign bundles fetched from their
+        /// bundle endpoints. Relationships from the configuration file are listed
+        /// (source "config") but cannot be changed through the API.
+        pub async fn create_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/CreateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "CreateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_federation_relationships(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/ListFederationRelationships",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "ListFederationRelationships",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/GetFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "GetFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn update_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpdateFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/UpdateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "UpdateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn delete_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/DeleteFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "DeleteFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn refresh_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RefreshFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RefreshFederationRelationshipResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/RefreshFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "RefreshFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1485,6 +1893,51 @@ pub mod admin_service_server {
             request: tonic::Request<super::MintJwtSvidRequest>,
         ) -> std::result::Result<
             tonic::Response<super::MintJwtSvidResponse>,
+            tonic::Status,
+        >;
+        /// Federation relationships (issue 6): foreign bundles fetched from their
+        /// bundle endpoints. Relationships from the configuration file are listed
+        /// (source "config") but cannot be changed through the API.
+        async fn create_federation_relationship(
+            &self,
+            request: tonic::Request<super::CreateFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        async fn list_federation_relationships(
+            &self,
+            request: tonic::Request<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        >;
+        async fn get_federation_relationship(
+            &self,
+            request: tonic::Request<super::GetFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        async fn update_federation_relationship(
+            &self,
+            request: tonic::Request<super::UpdateFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpdateFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        async fn delete_federation_relationship(
+            &self,
+            request: tonic::Request<super::DeleteFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        async fn refresh_federation_relationship(
+            &self,
+            request: tonic::Request<super::RefreshFederationRelationshipRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RefreshFederationRelationshipResponse>,
             tonic::Status,
         >;
     }
@@ -2366,6 +2819,318 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = MintJwtSvidSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/CreateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateFederationRelationshipSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::CreateFederationRelationshipRequest,
+                    > for CreateFederationRelationshipSvc<T> {
+                        type Response = super::CreateFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::CreateFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::create_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/ListFederationRelationships" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederationRelationshipsSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::ListFederationRelationshipsRequest,
+                    > for ListFederationRelationshipsSvc<T> {
+                        type Response = super::ListFederationRelationshipsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::ListFederationRelationshipsRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::list_federation_relationships(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederationRelationshipsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/GetFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetFederationRelationshipSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::GetFederationRelationshipRequest,
+                    > for GetFederationRelationshipSvc<T> {
+                        type Response = super::GetFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::GetFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::get_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/UpdateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateFederationRelationshipSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::UpdateFederationRelationshipRequest,
+                    > for UpdateFederationRelationshipSvc<T> {
+                        type Response = super::UpdateFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::UpdateFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::update_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/DeleteFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederationRelationshipSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::DeleteFederationRelationshipRequest,
+                    > for DeleteFederationRelationshipSvc<T> {
+                        type Response = super::DeleteFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::DeleteFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::delete_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/RefreshFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct RefreshFederationRelationshipSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<
+                        super::RefreshFederationRelationshipRequest,
+                    > for RefreshFederationRelationshipSvc<T> {
+                        type Response = super::RefreshFederationRelationshipResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::RefreshFederationRelationshipRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::refresh_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RefreshFederationRelationshipSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
