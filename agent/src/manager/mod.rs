@@ -128,6 +128,8 @@ pub(crate) struct Shared {
     pub(crate) credential: Mutex<AgentCredential>,
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) mint_wakeup: Notify,
+    /// Wakes the agent SVID renewal (an authority was tainted).
+    pub(crate) renew_wakeup: Notify,
     pub(crate) rng: SystemRandom,
 }
 
@@ -334,6 +336,7 @@ pub async fn start(
         credential: Mutex::new(credential),
         status: watch::channel(status).0,
         mint_wakeup: Notify::new(),
+        renew_wakeup: Notify::new(),
         rng: SystemRandom::new(),
     });
     let (stop, stop_rx) = watch::channel(false);

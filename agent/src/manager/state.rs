@@ -45,7 +45,14 @@ pub struct Applied {
     pub bundles_changed: bool,
     /// The stream reported `synced`.
     pub synced: bool,
+    /// The server's set of tainted X.509 authorities changed: SVIDs they signed were scheduled
+    /// for early renewal (wake the minter and the agent SVID renewal).
+    pub taint_changed: bool,
 }
+
+/// SVIDs of a tainted authority are re-minted spread over this interval (by a hash of the
+/// entry ID), in the minter's normal batches, rather than all at once.
+pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 
 /// The manager's view of the world.
 #[derive(Debug)]
@@ -63,6 +70,10 @@ pub struct State {
     pub retry_at: HashMap<String, SystemTime>,
     /// Own and federated bundles.
     pub bundles: BundleSet,
+    /// DER certificates of the server's tainted X.509 authorities (forced rotation).
+    pub tainted_x509: Vec<Vec<u8>>,
+    /// Key IDs of the server's tainted JWT keys: cached JWT-SVIDs they signed are not served.
+    pub tainted_jwt_key_ids: Vec<String>,
     pending: Option<PendingSnapshot>,
 }
 
@@ -78,6 +89,8 @@ impl State {
             svids: HashMap::new(),
             retry_at: HashMap::new(),
             bundles: BundleSet::new(own),
+            tainted_x509: Vec::new(),
+            tainted_jwt_key_ids: Vec::new(),
             pending: None,
         }
     }
@@ -175,6 +188,12 @@ impl State {
                 }
                 applied.bundles_changed = bundles != self.bundles;
                 self.bundles = bundles;
+                self.tainted_jwt_key_ids = update.tainted_jwt_key_ids;
+                if update.tainted_x509_authorities != self.tainted_x509 {
+                    self.tainted_x509 = update.tainted_x509_authorities;
+                    self.reschedule_tainted(now);
+                    applied.taint_changed = true;
+                }
             }
             Event::Synced(synced) => {
                 self.revision = self.revision.max(synced.revision);
@@ -183,6 +202,26 @@ impl State {
             }
         }
         Ok(applied)
+    }
+
+    /// Brings the renewal of every SVID signed by a tainted X.509 authority forward to a point
+    /// in the next [`TAINT_SPREAD`] (spread by entry ID). Returns whether any moved.
+    pub fn reschedule_tainted(&mut self, now: SystemTime) -> bool {
+        let mut moved = false;
+        for (entry_id, minted) in &mut self.svids {
+            if !signed_by_any(&minted.svid.cert_chain, &self.tainted_x509, &self.trust_domain, now) {
+                continue;
+            }
+            let at = now + spread(entry_id, TAINT_SPREAD);
+            if minted.renew_at > at {
+                minted.renew_at = at;
+                moved = true;
+            }
+        }
+        if moved {
+            tracing::warn!("the server tainted an X.509 authority; re-minting the SVIDs it signed");
+        }
+        moved
     }
 
     /// Drops SVIDs and retry marks of entries no longer present.
@@ -243,6 +282,29 @@ impl State {
             identities,
         }
     }
+}
+
+/// Whether `chain` (leaf first) was signed by one of the `authorities` (DER): one of them is
+/// in the chain (an intermediate), or the chain verifies against it as the only root.
+pub fn signed_by_any(chain: &[Vec<u8>], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
+    let refs: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
+    authorities.iter().any(|authority| {
+        if chain.iter().skip(1).any(|cert| cert == authority) {
+            return true;
+        }
+        let mut single = Bundle::new(trust_domain.clone());
+        single.add_x509_authority(authority).is_ok()
+            && tessera_spiffe::x509::verify_x509_svid(&refs, &single, now).is_ok()
+    })
+}
+
+/// A deterministic offset in `[0, window)` for `key`, so work on many keys spreads out.
+pub fn spread(key: &str, window: Duration) -> Duration {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    let fraction = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
+    window.mul_f64(fraction)
 }
 
 /// Converts a wire entry, or logs why it is unusable and returns `None`.
@@ -483,7 +545,14 @@ mod tests {
         };
         let ca = issuer.certificate_der().to_vec();
         let mut state = State::new(td(), None);
-        let update = |own, federated| Event::Bundles(BundlesUpdate { bundle: Some(own), federated_bundles: federated });
+        let update = |own, federated| {
+            Event::Bundles(BundlesUpdate {
+                bundle: Some(own),
+                federated_bundles: federated,
+                tainted_x509_authorities: Vec::new(),
+                tainted_jwt_key_ids: Vec::new(),
+            })
+        };
         let applied = state
             .apply(update(wire("example.org", vec![ca.clone()]), vec![wire("partner.org", vec![ca.clone()])]), now)
             .unwrap();

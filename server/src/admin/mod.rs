@@ -32,6 +32,7 @@
 //! follow the node (server-agent-flow §4).
 
 mod convert;
+mod localauthority;
 mod status;
 
 use std::sync::Arc;
@@ -459,6 +460,20 @@ impl AdminService for AdminApi {
         let expires_at = unix_seconds(expires_at);
         tracing::info!(spiffe_id = %spiffe_id, expires_at, "JWT-SVID minted");
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
+    }
+
+    async fn show_local_authorities(
+        &self,
+        request: Request<pb::ShowLocalAuthoritiesRequest>,
+    ) -> Result<Response<pb::ShowLocalAuthoritiesResponse>, Status> {
+        localauthority::show(&self.state, request.into_inner()).map(Response::new)
+    }
+
+    async fn change_local_authority(
+        &self,
+        request: Request<pb::ChangeLocalAuthorityRequest>,
+    ) -> Result<Response<pb::ChangeLocalAuthorityResponse>, Status> {
+        localauthority::change(Arc::clone(&self.state), request.into_inner()).await.map(Response::new)
     }
 }
 

@@ -93,6 +93,18 @@ struct ActiveAuthorities {
     jwt_key_id: String,
     jwt_not_after: SystemTime,
     bundle: Bundle,
+    /// What an operator tainted, for agents to replace.
+    tainted: Arc<TaintedAuthorities>,
+}
+
+/// Old authorities an operator tainted (forced rotation): agents replace every SVID they
+/// signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaintedAuthorities {
+    /// DER certificates of tainted X.509 CAs.
+    pub x509: Vec<Vec<u8>>,
+    /// Key IDs of tainted JWT keys.
+    pub jwt_key_ids: Vec<String>,
 }
 
 /// The CA of one trust domain. See the [module documentation](self).
@@ -146,6 +158,36 @@ fn key_type(value: config::KeyType) -> KeyType {
 fn x509_id(cert_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
     hex::encode(&digest.as_ref()[..16])
+}
+
+/// A forced-rotation step on one kind of authority (SPIRE's `localauthority` verbs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorityChange {
+    /// Create a new authority and publish it (replaces an unused prepared one).
+    Prepare,
+    /// Make the prepared authority with this ID the active one.
+    Activate(String),
+    /// Mark this old authority tainted.
+    Taint(String),
+    /// Remove this tainted old authority from the journal and the bundle.
+    Revoke(String),
+}
+
+/// Operator-facing name of a kind of authority.
+pub fn kind_name(kind: SlotKind) -> &'static str {
+    match kind {
+        SlotKind::X509 => "x509",
+        SlotKind::Jwt => "jwt",
+    }
+}
+
+/// Operator-facing name of a state ("old" for retired, as SPIRE calls it).
+pub fn state_name(status: SlotStatus) -> &'static str {
+    match status {
+        SlotStatus::Active => "active",
+        SlotStatus::Prepared => "prepared",
+        SlotStatus::Retired => "old",
+    }
 }
 
 /// The earliest unix second at which the schedule has something to do for `journal`.
@@ -252,7 +294,22 @@ impl CertificateAuthority {
         if !rotation.publish_pending && to_unix(now) < next_deadline(&rotation.journal) {
             return Ok(false);
         }
-        let state = &mut *rotation;
+        self.commit(&mut rotation, datastore, now)?;
+        Ok(true)
+    }
+
+    fn current(&self) -> Arc<ActiveAuthorities> {
+        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The trust domain this CA signs for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Runs the schedule over the journal in force (already written), publishes the bundle
+    /// and switches to the resulting authorities.
+    fn commit(&self, state: &mut RotationState, datastore: &dyn DataStore, now: SystemTime) -> Result<(), CaError> {
         let advanced = advance(
             &self.ca_dir,
             state.journal.clone(),
@@ -269,6 +326,7 @@ impl CertificateAuthority {
                 if let Ok(on_disk) = read_journal(&self.ca_dir) {
                     state.journal = on_disk;
                 }
+                state.publish_pending = true;
                 return Err(err);
             }
         };
@@ -284,18 +342,128 @@ impl CertificateAuthority {
             sequence,
             x509_authority = ?state.journal.active(SlotKind::X509).map(|s| &s.id),
             jwt_authority = ?state.journal.active(SlotKind::Jwt).map(|s| &s.id),
-            "CA rotation step applied"
+            "CA authorities in force"
         );
-        Ok(true)
+        Ok(())
     }
 
-    fn current(&self) -> Arc<ActiveAuthorities> {
-        Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
+    /// Old authorities an operator tainted.
+    pub fn tainted(&self) -> Arc<TaintedAuthorities> {
+        Arc::clone(&self.current().tainted)
     }
 
-    /// The trust domain this CA signs for.
-    pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+    /// The authorities of `kind`: active first, then prepared, then old ones (oldest first).
+    pub fn authorities(&self, kind: SlotKind) -> Vec<Slot> {
+        let journal = self.journal();
+        let rank = |s: &Slot| match s.status {
+            SlotStatus::Active => 0,
+            SlotStatus::Prepared => 1,
+            SlotStatus::Retired => 2,
+        };
+        let mut slots: Vec<Slot> = journal.slots.into_iter().filter(|s| s.kind == kind).collect();
+        slots.sort_by_key(|s| (rank(s), s.created));
+        slots
+    }
+
+    /// Forced rotation (see [`AuthorityChange`]): applies the change to the journal, writes it,
+    /// publishes the bundle and switches signing. Returns the authority acted on.
+    ///
+    /// Blocking (key generation, file I/O, datastore); call it from `spawn_blocking`.
+    pub fn change_authority(
+        &self,
+        kind: SlotKind,
+        change: AuthorityChange,
+        datastore: &dyn DataStore,
+        now: SystemTime,
+    ) -> Result<Slot, CaError> {
+        let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *rotation;
+        let mut journal = state.journal.clone();
+        let mut loaded = Loaded::default();
+        let find = |journal: &Journal, id: &str| -> Result<Slot, CaError> {
+            journal
+                .slots
+                .iter()
+                .find(|s| s.kind == kind && s.id == id)
+                .cloned()
+                .ok_or_else(|| CaError::AuthorityNotFound { kind: kind_name(kind), authority_id: id.to_owned() })
+        };
+        let refuse = |reason: String| CaError::AuthorityState { reason };
+        let acted = match change {
+            AuthorityChange::Prepare => {
+                discard_prepared(&mut journal, kind, &mut loaded);
+                let mut slot = match kind {
+                    SlotKind::X509 => create_x509(
+                        &self.ca_dir,
+                        &state.settings,
+                        state.upstream.as_ref(),
+                        now,
+                        &self.rng,
+                        &mut loaded,
+                    )?,
+                    SlotKind::Jwt => create_jwt(&self.ca_dir, &state.settings, now, &self.rng, &mut loaded)?,
+                };
+                slot.status = SlotStatus::Prepared;
+                journal.slots.push(slot.clone());
+                slot
+            }
+            AuthorityChange::Activate(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Prepared {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}; only the prepared authority can be activated",
+                        kind_name(kind),
+                        state_name(slot.status)
+                    )));
+                }
+                activate(&mut journal, kind, &id, now, &mut loaded);
+                find(&journal, &id)?
+            }
+            AuthorityChange::Taint(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Retired {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}; only an old authority can be tainted (prepare and activate a \
+                         new one first)",
+                        kind_name(kind),
+                        state_name(slot.status)
+                    )));
+                }
+                if slot.tainted {
+                    return Err(refuse(format!("{} authority {id} is already tainted", kind_name(kind))));
+                }
+                for s in journal.slots.iter_mut().filter(|s| s.kind == kind && s.id == id) {
+                    s.tainted = true;
+                }
+                find(&journal, &id)?
+            }
+            AuthorityChange::Revoke(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Retired || !slot.tainted {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}{}; only a tainted old authority can be revoked",
+                        kind_name(kind),
+                        state_name(slot.status),
+                        if slot.tainted { ", tainted" } else { ", not tainted" }
+                    )));
+                }
+                journal.slots.retain(|s| !(s.kind == kind && s.id == id));
+                loaded.replaced.push(slot.clone());
+                slot
+            }
+        };
+        write_atomic(&self.ca_dir.join(JOURNAL_FILE), &journal.encode())?;
+        for slot in &loaded.replaced {
+            // Best effort: these files are no longer named by the journal.
+            let _ = std::fs::remove_file(slot.key_path(&self.ca_dir));
+            if slot.kind == SlotKind::X509 {
+                let _ = std::fs::remove_file(slot.cert_path(&self.ca_dir));
+            }
+        }
+        state.journal = journal;
+        warn!(kind = kind_name(kind), authority = %acted.id, change = ?acted.status, tainted = acted.tainted, "local authority changed by an operator");
+        self.commit(state, datastore, now)?;
+        Ok(acted)
     }
 
     /// The CA directory (`<data_dir>/ca`).
@@ -573,6 +741,17 @@ impl Loaded {
                 }
             }
         }
+        let mut tainted = TaintedAuthorities::default();
+        for slot in journal.slots.iter().filter(|s| s.tainted) {
+            match slot.kind {
+                SlotKind::X509 => {
+                    if let Some(issuer) = self.x509.get(&slot.id) {
+                        tainted.x509.push(issuer.certificate_der().to_vec());
+                    }
+                }
+                SlotKind::Jwt => tainted.jwt_key_ids.push(slot.id.clone()),
+            }
+        }
         let x509_slot = journal.active(SlotKind::X509).ok_or_else(|| corrupt("no active x509 authority"))?;
         let jwt_slot = journal.active(SlotKind::Jwt).ok_or_else(|| corrupt("no active jwt authority"))?;
         let x509 = self.x509.remove(&x509_slot.id).ok_or_else(|| corrupt("active x509 authority not loaded"))?;
@@ -591,6 +770,7 @@ impl Loaded {
             jwt_key_id: jwt_slot.id.clone(),
             jwt_not_after: jwt_slot.not_after_time(),
             bundle: Bundle::new(trust_domain.clone()),
+            tainted: Arc::new(tainted),
         };
         Ok((active, bundle))
     }
@@ -657,6 +837,7 @@ fn create_x509(
         upstream: upstream.is_some(),
         not_after: to_unix(issuer.not_after()),
         created: to_unix(now),
+        tainted: false,
     };
     write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
     write_atomic(&slot.cert_path(dir), &cert_der)?;
@@ -682,6 +863,7 @@ fn create_jwt(
         upstream: false,
         not_after: to_unix(not_after),
         created: to_unix(now),
+        tainted: false,
     };
     write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
     loaded.jwt.insert(slot.id.clone(), key);
@@ -940,7 +1122,7 @@ mod tests {
     use super::*;
 
     fn slot(id: &str, kind: SlotKind, status: SlotStatus, created: u64, not_after: u64) -> Slot {
-        Slot { id: id.into(), kind, status, upstream: false, not_after, created }
+        Slot { id: id.into(), kind, status, upstream: false, not_after, created, tainted: false }
     }
 
     #[test]

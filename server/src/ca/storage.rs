@@ -68,6 +68,15 @@ pub struct Slot {
     pub not_after: u64,
     /// When it was created, unix seconds.
     pub created: u64,
+    /// Tainted by an operator (forced rotation): agents replace what it signed. Only a
+    /// retired authority can be tainted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tainted: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Kind of authority.
@@ -321,6 +330,7 @@ mod tests {
                     upstream: false,
                     not_after: 10,
                     created: 1,
+                    tainted: false,
                 },
                 Slot {
                     id: "k-1_x".into(),
@@ -329,6 +339,7 @@ mod tests {
                     upstream: false,
                     not_after: 10,
                     created: 1,
+                    tainted: false,
                 },
             ],
         }

@@ -6,6 +6,7 @@
 
 mod bundle;
 mod entry;
+mod localauthority;
 mod mint;
 mod output;
 
@@ -46,6 +47,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Jwt(JwtCommand::Mint { spiffe_id, audiences, ttl, admin }) => {
             mint::jwt(spiffe_id, audiences, ttl, &admin).await
         }
+        Command::LocalAuthority(command) => localauthority::run(command).await,
     }
 }
 
