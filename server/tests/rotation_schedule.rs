@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::SystemRandom;
 use tessera_server::ca::storage::{SlotKind, SlotStatus};
-use tessera_server::ca::{CaError, CertificateAuthority};
+use tessera_server::ca::{AuthorityChange, CaError, CertificateAuthority};
 use tessera_server::config::ServerConfig;
 use tessera_server::datastore::{DataStore, DataStoreOptions, MemoryDataStore};
 use tessera_spiffe::SpiffeId;
@@ -179,4 +179,33 @@ fn a_damaged_prepared_authority_stops_the_start_naming_the_file() {
     fs::write(&journal_path, twice).unwrap();
     let err = load(dir.path(), &store, t(350)).unwrap_err().to_string();
     assert!(err.contains("journal.json"), "{err}");
+}
+
+#[test]
+fn forced_rotation_states_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store();
+    let ca = load(dir.path(), &store, t(0)).unwrap();
+    let first = ca.journal().active(SlotKind::X509).unwrap().id.clone();
+    let next = ca.change_authority(SlotKind::X509, AuthorityChange::Prepare, &store, t(10)).unwrap().id;
+    ca.change_authority(SlotKind::X509, AuthorityChange::Activate(next.clone()), &store, t(11)).unwrap();
+    let tainted = ca.change_authority(SlotKind::X509, AuthorityChange::Taint(first.clone()), &store, t(12)).unwrap();
+    assert!(tainted.tainted);
+    assert_eq!(ca.tainted().x509.len(), 1);
+    let journal = ca.journal();
+    drop(ca);
+
+    let ca = load(dir.path(), &store, t(20)).unwrap();
+    assert_eq!(ca.journal(), journal);
+    assert_eq!(ca.tainted().x509.len(), 1, "the taint is still announced to agents");
+    let err = ca.change_authority(SlotKind::X509, AuthorityChange::Revoke(next.clone()), &store, t(21)).unwrap_err();
+    assert!(matches!(err, CaError::AuthorityState { .. }), "{err}");
+    ca.change_authority(SlotKind::X509, AuthorityChange::Revoke(first.clone()), &store, t(22)).unwrap();
+    assert!(ca.tainted().x509.is_empty());
+    assert_eq!(ca.bundle().x509_authorities().count(), 1);
+    drop(ca);
+    let ca = load(dir.path(), &store, t(30)).unwrap();
+    assert_eq!(ca.journal().slots.len(), 2, "revoked authority stays gone");
+    // The revoked authority's files are removed.
+    assert!(!dir.path().join(format!("ca/x509-{first}.key.der")).exists());
 }
