@@ -96,7 +96,7 @@ fn x509_prepare_activate_taint_revoke_and_refusals() {
 fn jwt_prepare_activate_taint_revoke() {
     let server = ServerProcess::start();
     let first = id_in_state(&authorities(&server, "jwt"), "active");
-    assert_eq!(bundle_jwt_keys(&server), [first.clone()]);
+    assert_eq!(bundle_jwt_keys(&server), vec![first.clone()]);
     let next = change(&server, "jwt", "prepare", "")["authority"]["authority_id"].as_str().unwrap().to_owned();
     assert!(bundle_jwt_keys(&server).contains(&next));
     change(&server, "jwt", "activate", &next);
@@ -109,7 +109,7 @@ fn jwt_prepare_activate_taint_revoke() {
     assert_eq!(old["tainted"], true);
 
     change(&server, "jwt", "revoke", &first);
-    assert_eq!(bundle_jwt_keys(&server), [next.clone()]);
+    assert_eq!(bundle_jwt_keys(&server), vec![next.clone()]);
     // A token minted now is signed by the new key.
     let minted = json(server.cli(&[
         "jwt",
