@@ -58,6 +58,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "upstream_authority.cert_file",
     "upstream_authority.key_file",
     "upstream_authority.bundle_file",
+    "agent_svid_rate_limit",
 ];
 
 /// Default `trust_domain`.
@@ -74,6 +75,8 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default `default_jwt_svid_ttl`.
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default `agent_svid_rate_limit` (SVIDs per second per agent).
+pub const DEFAULT_AGENT_SVID_RATE_LIMIT: u32 = 100;
 /// Default `agent_ttl`.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(3600);
 /// The datastore directory under `data_dir` when `datastore.path` is unset.
@@ -255,6 +258,9 @@ pub struct ServerConfig {
     /// `[upstream_authority]`: when present, the server's CA is an intermediate signed by it.
     #[serde(deserialize_with = "de_opt_table")]
     pub upstream_authority: Option<UpstreamAuthorityConfig>,
+    /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
+    /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
+    pub agent_svid_rate_limit: u32,
 }
 
 /// `[datastore]`.
@@ -333,6 +339,7 @@ impl Default for ServerConfig {
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
             upstream_authority: None,
+            agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
         }
     }
 }
