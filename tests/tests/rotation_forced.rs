@@ -200,5 +200,18 @@ async fn prepare_activate_taint_revoke_reissues_workloads_and_removes_the_author
     let _ = stop_api.send(());
     let _ = tokio::time::timeout(Duration::from_secs(20), api_task).await;
     tokio::time::timeout(Duration::from_secs(20), manager.shutdown()).await.unwrap();
+
+    // A restarted agent opens new connections with what it persisted: its bundle (without the
+    // revoked CA) must verify the server's certificate (re-issued at the taint) and the server
+    // must accept its agent SVID (renewed at the taint). No join token is needed.
+    let cache = Arc::new(Cache::new(AgentSnapshot::empty(BundleSet::new(Bundle::new(td())))));
+    let restarted =
+        tokio::time::timeout(WAIT, manager::start(&agent_config, None, Arc::clone(&cache))).await.unwrap().unwrap();
+    let mut status = restarted.status_watch();
+    tokio::time::timeout(WAIT, status.wait_for(|status| status.last_sync.is_some()))
+        .await
+        .expect("the restarted agent syncs over fresh connections")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), restarted.shutdown()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(20), server.shutdown()).await.unwrap().unwrap();
 }
