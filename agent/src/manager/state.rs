@@ -568,4 +568,42 @@ mod tests {
         assert!(state.apply(update(wire("example.org", vec![vec![1, 2, 3]]), vec![]), now).is_err());
         assert_eq!(state.bundles.own().x509_authorities().len(), 1, "a refused update changes nothing");
     }
+
+    #[test]
+    fn taint_spread_stays_in_its_window_and_differs_by_entry() {
+        let window = Duration::from_secs(10);
+        let offsets: Vec<Duration> = (0..50).map(|i| spread(&format!("entry-{i}"), window)).collect();
+        assert!(offsets.iter().all(|d| *d < window));
+        let mut distinct = offsets.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 40, "offsets should spread out: {offsets:?}");
+        assert_eq!(spread("entry-1", window), spread("entry-1", window));
+    }
+
+    #[test]
+    fn signed_by_any_recognises_the_signing_root_only() {
+        let rng = ring::rand::SystemRandom::new();
+        let td = td();
+        let issuer = |now| {
+            let key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
+            let pair = rcgen::KeyPair::try_from(key.pkcs8_der()).unwrap();
+            let template = tessera_spiffe::x509::CaTemplate::new(td.clone(), Duration::from_secs(3600)).unwrap();
+            let der = template.self_signed(&pair, now, &rng).unwrap();
+            tessera_spiffe::x509::X509Issuer::from_pkcs8_der(der, key.pkcs8_der()).unwrap()
+        };
+        let now = SystemTime::now();
+        let (a, b) = (issuer(now), issuer(now));
+        let leaf_key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
+        let template = tessera_spiffe::x509::X509SvidTemplate::new(
+            SpiffeId::parse("spiffe://example.org/w").unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let leaf = a.sign_x509_svid(&template, leaf_key.public_key().spki_der(), now, &rng).unwrap();
+        let chain = vec![leaf];
+        assert!(signed_by_any(&chain, &[a.certificate_der().to_vec()], &td, now));
+        assert!(!signed_by_any(&chain, &[b.certificate_der().to_vec()], &td, now));
+        assert!(!signed_by_any(&chain, &[], &td, now));
+    }
 }
