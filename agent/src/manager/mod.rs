@@ -21,6 +21,11 @@
 //!    - [`renew`]: renews the agent SVID at half its lifetime ± 10% with a new key, persists
 //!      it, and switches the connection to it.
 //!
+//! Forced rotation: the sync stream's `bundles` event also names the server's tainted
+//! authorities. Workload SVIDs and the agent SVID signed by a tainted X.509 CA are renewed
+//! early, at a point spread over [`state::TAINT_SPREAD`] (by entry or agent ID) so a fleet does
+//! not re-mint in one burst; cached JWT-SVIDs signed by a tainted key are fetched again.
+//!
 //! JWT-SVIDs are fetched on demand through [`jwt::JwtSvids`], the [`JwtSvidSource`] handed
 //! to the Workload API.
 //!

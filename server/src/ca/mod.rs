@@ -38,6 +38,11 @@
 //! schedule with a lifetime of `ca_ttl`. SVIDs are capped by their authority's end, so the
 //! largest lifetime rotation never truncates is `ca_ttl / 6` (logged at start when a default
 //! TTL exceeds it).
+//!
+//! Forced rotation ([`CertificateAuthority::change_authority`], the admin API's
+//! `localauthority` commands) uses the same journal: prepare, activate the prepared one, taint
+//! an old one (the taint is published to agents through [`CertificateAuthority::tainted`]),
+//! revoke a tainted old one (it leaves the journal, the bundle and the disk at once).
 
 pub mod rotation;
 pub mod storage;
