@@ -54,6 +54,9 @@ pub enum Command {
     /// Federation relationships: foreign trust bundles fetched from bundle endpoints.
     #[command(subcommand)]
     Federation(FederationCommand),
+    /// Forced rotation of the server's own X.509 CA and JWT signing key.
+    #[command(name = "localauthority", subcommand)]
+    LocalAuthority(LocalAuthorityCommand),
 }
 
 /// Options shared by every management subcommand.
@@ -431,6 +434,58 @@ pub enum FederationCommand {
         /// The foreign trust domain.
         #[arg(long, value_name = "TD")]
         trust_domain: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+// ---- localauthority (forced rotation) -----------------------------------------------------
+
+/// `localauthority x509|jwt ...`.
+#[derive(Debug, Subcommand)]
+pub enum LocalAuthorityCommand {
+    /// The X.509 CA that signs X.509-SVIDs.
+    #[command(subcommand)]
+    X509(LocalAuthorityAction),
+    /// The key that signs JWT-SVIDs.
+    #[command(subcommand)]
+    Jwt(LocalAuthorityAction),
+}
+
+/// One forced-rotation step.
+#[derive(Debug, Subcommand)]
+pub enum LocalAuthorityAction {
+    /// Show the active, prepared and old authorities.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Create a new authority and publish it in the bundle (it does not sign yet).
+    Prepare {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the prepared authority the one that signs; the active one becomes old.
+    Activate {
+        /// ID of the prepared authority (from `show`).
+        #[arg(long, value_name = "ID")]
+        authority_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Taint an old authority: agents replace every SVID it signed.
+    Taint {
+        /// ID of the old authority.
+        #[arg(long, value_name = "ID")]
+        authority_id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove a tainted old authority from the bundle everywhere.
+    Revoke {
+        /// ID of the tainted authority.
+        #[arg(long, value_name = "ID")]
+        authority_id: String,
         #[command(flatten)]
         admin: AdminArgs,
     },

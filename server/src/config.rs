@@ -71,6 +71,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "federation.federates_with.endpoint_spiffe_id",
     "federation.federates_with.trust_bundle_path",
     "federation.federates_with.ca_bundle_path",
+    "agent_svid_rate_limit",
 ];
 
 /// Default `trust_domain`.
@@ -87,6 +88,8 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default `default_jwt_svid_ttl`.
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
+/// Default `agent_svid_rate_limit` (SVIDs per second per agent).
+pub const DEFAULT_AGENT_SVID_RATE_LIMIT: u32 = 100;
 /// Default `agent_ttl`.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(3600);
 /// The datastore directory under `data_dir` when `datastore.path` is unset.
@@ -274,6 +277,9 @@ pub struct ServerConfig {
     /// `[federation]`: the bundle endpoint and federation relationships (issue 6).
     #[serde(deserialize_with = "de_table")]
     pub federation: FederationConfig,
+    /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
+    /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
+    pub agent_svid_rate_limit: u32,
 }
 
 /// `[datastore]`.
@@ -497,6 +503,7 @@ impl Default for ServerConfig {
             upstream_authority: None,
             oidc: OidcConfig::default(),
             federation: FederationConfig::default(),
+            agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
         }
     }
 }

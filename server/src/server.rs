@@ -373,6 +373,14 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
             Ok(())
         });
     }
+    tasks.spawn({
+        let (ca, store) = (Arc::clone(state.ca()), Arc::clone(state.datastore()));
+        let stopped = stopped.clone();
+        async move {
+            crate::ca::rotation::run(ca, store, stopped).await;
+            Ok(())
+        }
+    });
     if let Some(listener) = health_listener {
         tasks.spawn(serve_health(Arc::clone(&state), listener, stopped.clone()));
     }

@@ -37,6 +37,15 @@ struct Cached {
     refresh_at: SystemTime,
 }
 
+/// The `kid` of a JWS compact token's header, if it can be read.
+fn token_key_id(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("kid")?.as_str().map(str::to_owned)
+}
+
 /// The bounded token cache (no I/O; see [`JwtSvids`] for the source).
 #[derive(Debug, Default)]
 struct TokenCache {
@@ -107,9 +116,14 @@ impl JwtSvids {
         }
         let key = Key { entry_id: entry.id.clone(), revision: entry.revision, audiences: sorted };
         let now = SystemTime::now();
-        if let Some(svid) = self.lock().get(&key, now) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(svid);
+        let cached = self.lock().get(&key, now);
+        if let Some(svid) = cached {
+            // A token signed by a key the server tainted is fetched again.
+            let tainted = &self.shared.state().tainted_jwt_key_ids;
+            if tainted.is_empty() || !tainted.iter().any(|kid| token_key_id(&svid.token).as_deref() == Some(kid)) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(svid);
+            }
         }
         let mut request =
             tonic::Request::new(NewJwtSvidRequest { entry_id: entry.id.clone(), audiences: key.audiences.clone() });

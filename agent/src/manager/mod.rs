@@ -21,6 +21,11 @@
 //!    - [`renew`]: renews the agent SVID at half its lifetime ± 10% with a new key, persists
 //!      it, and switches the connection to it.
 //!
+//! Forced rotation: the sync stream's `bundles` event also names the server's tainted
+//! authorities. Workload SVIDs and the agent SVID signed by a tainted X.509 CA are renewed
+//! early, at a point spread over [`state::TAINT_SPREAD`] (by entry or agent ID) so a fleet does
+//! not re-mint in one burst; cached JWT-SVIDs signed by a tainted key are fetched again.
+//!
 //! JWT-SVIDs are fetched on demand through [`jwt::JwtSvids`], the [`JwtSvidSource`] handed
 //! to the Workload API.
 //!
@@ -128,6 +133,8 @@ pub(crate) struct Shared {
     pub(crate) credential: Mutex<AgentCredential>,
     pub(crate) status: watch::Sender<AgentStatus>,
     pub(crate) mint_wakeup: Notify,
+    /// Wakes the agent SVID renewal (an authority was tainted).
+    pub(crate) renew_wakeup: Notify,
     pub(crate) rng: SystemRandom,
 }
 
@@ -334,6 +341,7 @@ pub async fn start(
         credential: Mutex::new(credential),
         status: watch::channel(status).0,
         mint_wakeup: Notify::new(),
+        renew_wakeup: Notify::new(),
         rng: SystemRandom::new(),
     });
     let (stop, stop_rx) = watch::channel(false);

@@ -26,10 +26,24 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         let credential = shared.credential();
         let issued = credential.cert_chain.first().and_then(|leaf| not_before(leaf)).unwrap_or_else(SystemTime::now);
-        let at = renew_at(issued, credential.expires_at, shared.jitter());
+        let mut at = renew_at(issued, credential.expires_at, shared.jitter());
+        let now = SystemTime::now();
+        let tainted = {
+            let state = shared.state();
+            super::state::signed_by_any(&credential.cert_chain, &state.tainted_x509, &shared.trust_domain, now)
+        };
+        if tainted {
+            // Signed by an authority the server tainted: renew soon, spread across agents.
+            let soon = now + super::state::spread(credential.spiffe_id.as_str(), super::state::TAINT_SPREAD);
+            if soon < at {
+                tracing::warn!("the agent SVID was signed by a tainted authority; renewing it early");
+                at = soon;
+            }
+        }
         tracing::debug!(agent_id = %credential.spiffe_id, "agent SVID renewal in {:?}", until(at));
-        if sleep_or_stop(until(at), &mut stop).await {
-            return;
+        tokio::select! {
+            () = shared.renew_wakeup.notified() => continue,
+            stopped = sleep_or_stop(until(at), &mut stop) => if stopped { return },
         }
         loop {
             let renewed = tokio::select! {

@@ -45,7 +45,14 @@ pub struct Applied {
     pub bundles_changed: bool,
     /// The stream reported `synced`.
     pub synced: bool,
+    /// The server's set of tainted X.509 authorities changed: SVIDs they signed were scheduled
+    /// for early renewal (wake the minter and the agent SVID renewal).
+    pub taint_changed: bool,
 }
+
+/// SVIDs of a tainted authority are re-minted spread over this interval (by a hash of the
+/// entry ID), in the minter's normal batches, rather than all at once.
+pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 
 /// The manager's view of the world.
 #[derive(Debug)]
@@ -63,6 +70,10 @@ pub struct State {
     pub retry_at: HashMap<String, SystemTime>,
     /// Own and federated bundles.
     pub bundles: BundleSet,
+    /// DER certificates of the server's tainted X.509 authorities (forced rotation).
+    pub tainted_x509: Vec<Vec<u8>>,
+    /// Key IDs of the server's tainted JWT keys: cached JWT-SVIDs they signed are not served.
+    pub tainted_jwt_key_ids: Vec<String>,
     pending: Option<PendingSnapshot>,
 }
 
@@ -78,6 +89,8 @@ impl State {
             svids: HashMap::new(),
             retry_at: HashMap::new(),
             bundles: BundleSet::new(own),
+            tainted_x509: Vec::new(),
+            tainted_jwt_key_ids: Vec::new(),
             pending: None,
         }
     }
@@ -175,6 +188,12 @@ impl State {
                 }
                 applied.bundles_changed = bundles != self.bundles;
                 self.bundles = bundles;
+                self.tainted_jwt_key_ids = update.tainted_jwt_key_ids;
+                if update.tainted_x509_authorities != self.tainted_x509 {
+                    self.tainted_x509 = update.tainted_x509_authorities;
+                    self.reschedule_tainted(now);
+                    applied.taint_changed = true;
+                }
             }
             Event::Synced(synced) => {
                 self.revision = self.revision.max(synced.revision);
@@ -183,6 +202,26 @@ impl State {
             }
         }
         Ok(applied)
+    }
+
+    /// Brings the renewal of every SVID signed by a tainted X.509 authority forward to a point
+    /// in the next [`TAINT_SPREAD`] (spread by entry ID). Returns whether any moved.
+    pub fn reschedule_tainted(&mut self, now: SystemTime) -> bool {
+        let mut moved = false;
+        for (entry_id, minted) in &mut self.svids {
+            if !signed_by_any(&minted.svid.cert_chain, &self.tainted_x509, &self.trust_domain, now) {
+                continue;
+            }
+            let at = now + spread(entry_id, TAINT_SPREAD);
+            if minted.renew_at > at {
+                minted.renew_at = at;
+                moved = true;
+            }
+        }
+        if moved {
+            tracing::warn!("the server tainted an X.509 authority; re-minting the SVIDs it signed");
+        }
+        moved
     }
 
     /// Drops SVIDs and retry marks of entries no longer present.
@@ -243,6 +282,29 @@ impl State {
             identities,
         }
     }
+}
+
+/// Whether `chain` (leaf first) was signed by one of the `authorities` (DER): one of them is
+/// in the chain (an intermediate), or the chain verifies against it as the only root.
+pub fn signed_by_any(chain: &[Vec<u8>], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
+    let refs: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
+    authorities.iter().any(|authority| {
+        if chain.iter().skip(1).any(|cert| cert == authority) {
+            return true;
+        }
+        let mut single = Bundle::new(trust_domain.clone());
+        single.add_x509_authority(authority).is_ok()
+            && tessera_spiffe::x509::verify_x509_svid(&refs, &single, now).is_ok()
+    })
+}
+
+/// A deterministic offset in `[0, window)` for `key`, so work on many keys spreads out.
+pub fn spread(key: &str, window: Duration) -> Duration {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    let fraction = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
+    window.mul_f64(fraction)
 }
 
 /// Converts a wire entry, or logs why it is unusable and returns `None`.
@@ -483,7 +545,14 @@ mod tests {
         };
         let ca = issuer.certificate_der().to_vec();
         let mut state = State::new(td(), None);
-        let update = |own, federated| Event::Bundles(BundlesUpdate { bundle: Some(own), federated_bundles: federated });
+        let update = |own, federated| {
+            Event::Bundles(BundlesUpdate {
+                bundle: Some(own),
+                federated_bundles: federated,
+                tainted_x509_authorities: Vec::new(),
+                tainted_jwt_key_ids: Vec::new(),
+            })
+        };
         let applied = state
             .apply(update(wire("example.org", vec![ca.clone()]), vec![wire("partner.org", vec![ca.clone()])]), now)
             .unwrap();
@@ -498,5 +567,43 @@ mod tests {
         assert!(state.apply(update(wire("example.org", vec![]), vec![]), now).is_err());
         assert!(state.apply(update(wire("example.org", vec![vec![1, 2, 3]]), vec![]), now).is_err());
         assert_eq!(state.bundles.own().x509_authorities().len(), 1, "a refused update changes nothing");
+    }
+
+    #[test]
+    fn taint_spread_stays_in_its_window_and_differs_by_entry() {
+        let window = Duration::from_secs(10);
+        let offsets: Vec<Duration> = (0..50).map(|i| spread(&format!("entry-{i}"), window)).collect();
+        assert!(offsets.iter().all(|d| *d < window));
+        let mut distinct = offsets.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(distinct.len() > 40, "offsets should spread out: {offsets:?}");
+        assert_eq!(spread("entry-1", window), spread("entry-1", window));
+    }
+
+    #[test]
+    fn signed_by_any_recognises_the_signing_root_only() {
+        let rng = ring::rand::SystemRandom::new();
+        let td = td();
+        let issuer = |now| {
+            let key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
+            let pair = rcgen::KeyPair::try_from(key.pkcs8_der()).unwrap();
+            let template = tessera_spiffe::x509::CaTemplate::new(td.clone(), Duration::from_secs(3600)).unwrap();
+            let der = template.self_signed(&pair, now, &rng).unwrap();
+            tessera_spiffe::x509::X509Issuer::from_pkcs8_der(der, key.pkcs8_der()).unwrap()
+        };
+        let now = SystemTime::now();
+        let (a, b) = (issuer(now), issuer(now));
+        let leaf_key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
+        let template = tessera_spiffe::x509::X509SvidTemplate::new(
+            SpiffeId::parse("spiffe://example.org/w").unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let leaf = a.sign_x509_svid(&template, leaf_key.public_key().spki_der(), now, &rng).unwrap();
+        let chain = vec![leaf];
+        assert!(signed_by_any(&chain, &[a.certificate_der().to_vec()], &td, now));
+        assert!(!signed_by_any(&chain, &[b.certificate_der().to_vec()], &td, now));
+        assert!(!signed_by_any(&chain, &[], &td, now));
     }
 }

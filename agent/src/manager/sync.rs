@@ -97,8 +97,11 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
             tracing::error!("cannot persist the trust bundle: {error}");
         }
     }
-    if applied.entries_changed {
+    if applied.entries_changed || applied.taint_changed {
         shared.mint_wakeup.notify_one();
+    }
+    if applied.taint_changed {
+        shared.renew_wakeup.notify_one();
     }
     shared.status.send_modify(|status| {
         status.connected = true;

@@ -33,6 +33,7 @@
 
 mod convert;
 mod federation;
+mod localauthority;
 mod status;
 
 use std::sync::Arc;
@@ -502,6 +503,20 @@ impl AdminService for AdminApi {
         request: Request<pb::RefreshFederationRelationshipRequest>,
     ) -> Result<Response<pb::RefreshFederationRelationshipResponse>, Status> {
         federation::refresh(&self.state, request.into_inner()).await
+    }
+
+    async fn show_local_authorities(
+        &self,
+        request: Request<pb::ShowLocalAuthoritiesRequest>,
+    ) -> Result<Response<pb::ShowLocalAuthoritiesResponse>, Status> {
+        localauthority::show(&self.state, request.into_inner()).map(Response::new)
+    }
+
+    async fn change_local_authority(
+        &self,
+        request: Request<pb::ChangeLocalAuthorityRequest>,
+    ) -> Result<Response<pb::ChangeLocalAuthorityResponse>, Status> {
+        localauthority::change(Arc::clone(&self.state), request.into_inner()).await.map(Response::new)
     }
 }
 

@@ -22,6 +22,9 @@
 //!   only the public key is taken from a CSR, whose signature must verify. The CA caps every
 //!   lifetime at its own notAfter.
 //! - Batches hold at most [`MAX_BATCH`] items (`INVALID_ARGUMENT` for the whole call).
+//! - Each agent may have `agent_svid_rate_limit` SVIDs signed per second on average
+//!   (`RESOURCE_EXHAUSTED` beyond, see [`rate`]); all agents together share
+//!   [`SIGNING_CONCURRENCY`] signing slots (`UNAVAILABLE` after [`SIGNING_QUEUE_TIMEOUT`]).
 //!   Signing runs on the blocking pool under a semaphore of [`SIGNING_CONCURRENCY`] permits;
 //!   a call that cannot get one within [`SIGNING_QUEUE_TIMEOUT`] gets `UNAVAILABLE` (retryable)
 //!   so an outage's reconnect storm cannot pile up unbounded work.
@@ -31,6 +34,7 @@ pub(crate) mod attest;
 pub(crate) mod auth;
 pub(crate) mod authz;
 mod convert;
+mod rate;
 pub(crate) mod sync;
 pub(crate) mod tls;
 
@@ -73,6 +77,7 @@ pub struct AgentApi {
     state: Arc<ServerState>,
     signing: Arc<Semaphore>,
     signing_timeout: Duration,
+    rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -90,6 +95,7 @@ impl AgentApi {
     /// The service over `state`; streams end when `stopped` turns true.
     pub fn new(state: Arc<ServerState>, stopped: watch::Receiver<bool>) -> Self {
         Self {
+            rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
             state,
             signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)),
             signing_timeout: SIGNING_QUEUE_TIMEOUT,
@@ -166,6 +172,7 @@ impl AgentService for AgentApi {
         if csr.len() > attest::MAX_CSR_LEN {
             return Err(refuse(Status::invalid_argument(format!("csr: larger than {} bytes", attest::MAX_CSR_LEN))));
         }
+        self.rate.take(agent.id(), 1, std::time::Instant::now())?;
         let permit = self.signing_permit(&agent).await?;
         let (state, id) = (Arc::clone(&self.state), agent.id().clone());
         let ttl = self.state.config().agent_ttl;
@@ -231,6 +238,7 @@ impl AgentService for AgentApi {
         if params.is_empty() {
             return Ok(Response::new(pb::BatchNewX509SvidResponse { results: Vec::new() }));
         }
+        self.rate.take(agent.id(), params.len(), std::time::Instant::now())?;
         let authorized = self.authorized(&agent).await?;
         let permit = self.signing_permit(&agent).await?;
         let state = Arc::clone(&self.state);
@@ -304,6 +312,7 @@ impl AgentService for AgentApi {
         let Some(entry) = authorized.get(&request.entry_id).cloned() else {
             return Err(refuse(Status::not_found(NOT_AUTHORIZED)));
         };
+        self.rate.take(agent.id(), 1, std::time::Instant::now())?;
         let permit = self.signing_permit(&agent).await?;
         let state = Arc::clone(&self.state);
         let ttl = entry.jwt_svid_ttl.unwrap_or(self.state.config().default_jwt_svid_ttl);

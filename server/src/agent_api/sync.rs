@@ -19,7 +19,7 @@
 //! 4. every [`RECHECK_INTERVAL`] it re-authenticates the agent (evicted, banned, SVID
 //!    superseded or expired end the stream with `UNAUTHENTICATED`/`PERMISSION_DENIED`) and
 //!    re-sends `bundles` when the own bundle's or a relevant federated bundle's sequence
-//!    changed;
+//!    changed, or the set of tainted authorities (forced rotation) changed;
 //! 5. server shutdown ends the stream with `UNAVAILABLE`.
 //!
 //! Known limitation: resuming from an older non-zero revision gets a snapshot, not a replay,
@@ -39,6 +39,7 @@ use tonic::Status;
 use super::auth::{AuthenticatedAgent, recheck};
 use super::authz::{AgentIdentity, authorized_entries};
 use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
+use crate::ca::TaintedAuthorities;
 use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
 use crate::server::ServerState;
 
@@ -91,8 +92,8 @@ async fn read_set(
 }
 
 /// What identifies the bundles an agent holds: own sequence + (trust domain, sequence) of
-/// each federated bundle.
-type BundlesKey = (u64, Vec<(String, u64)>);
+/// each federated bundle + the tainted authorities of the own CA.
+type BundlesKey = (u64, Vec<(String, u64)>, Arc<TaintedAuthorities>);
 
 pub(crate) fn federated_domains(set: &BTreeMap<String, RegistrationEntry>, own: &TrustDomain) -> Vec<TrustDomain> {
     let mut domains: Vec<TrustDomain> =
@@ -135,8 +136,12 @@ pub(crate) async fn load_bundles(
     Ok((own, federated))
 }
 
-fn bundles_key(own: &Bundle, federated: &[Bundle]) -> BundlesKey {
-    (own.sequence(), federated.iter().map(|b| (b.trust_domain().name().to_owned(), b.sequence())).collect())
+fn bundles_key(state: &ServerState, own: &Bundle, federated: &[Bundle]) -> BundlesKey {
+    (
+        own.sequence(),
+        federated.iter().map(|b| (b.trust_domain().name().to_owned(), b.sequence())).collect(),
+        state.ca().tainted(),
+    )
 }
 
 /// The stream task: runs the protocol until the client leaves, the agent is refused, or the
@@ -173,8 +178,8 @@ async fn run_inner(
 
     let (mut revision, mut held) = read_set(state, &agent.identity).await?;
     let (own, federated) = load_bundles(state, federated_domains(&held, &own_td)).await?;
-    let mut bundles = bundles_key(&own, &federated);
-    send(tx, bundles_event(&own, &federated)).await?;
+    let mut bundles = bundles_key(state, &own, &federated);
+    send(tx, bundles_event(&own, &federated, &bundles.2)).await?;
 
     if from_revision == 0 || from_revision != revision {
         send_snapshot(tx, revision, &held).await?;
@@ -219,10 +224,12 @@ async fn run_inner(
     }
 }
 
-fn bundles_event(own: &Bundle, federated: &[Bundle]) -> Event {
+fn bundles_event(own: &Bundle, federated: &[Bundle], tainted: &TaintedAuthorities) -> Event {
     Event::Bundles(pb::BundlesUpdate {
         bundle: Some(bundle_to_proto(own)),
         federated_bundles: federated.iter().map(bundle_to_proto).collect(),
+        tainted_x509_authorities: tainted.x509.clone(),
+        tainted_jwt_key_ids: tainted.jwt_key_ids.clone(),
     })
 }
 
@@ -234,9 +241,9 @@ async fn resend_bundles_if_changed(
     previous: &BundlesKey,
 ) -> Result<BundlesKey, Stop> {
     let (own, federated) = load_bundles(state, federated_domains(held, own_td)).await?;
-    let key = bundles_key(&own, &federated);
+    let key = bundles_key(state, &own, &federated);
     if &key != previous {
-        send(tx, bundles_event(&own, &federated)).await?;
+        send(tx, bundles_event(&own, &federated, &key.2)).await?;
     }
     Ok(key)
 }

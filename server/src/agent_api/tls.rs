@@ -45,20 +45,26 @@ const ACCEPT_QUEUE: usize = 64;
 pub(crate) struct ServerSvid {
     resolver: Arc<SvidResolver>,
     renew_at: SystemTime,
+    signer: Vec<u8>,
 }
 
 /// One issuance: when it should be renewed.
 struct Issued {
     renew_at: SystemTime,
     expires_at: SystemTime,
+    /// DER of the CA that was active when it was signed.
+    signer: Vec<u8>,
 }
+
+/// How often the renewal task looks for a taint of the CA that signed the current certificate.
+const TAINT_CHECK: Duration = Duration::from_secs(1);
 
 impl ServerSvid {
     /// Signs the first server SVID (blocking: key generation and signing).
     pub(crate) fn issue(state: &ServerState) -> Result<Self, String> {
         let resolver = Arc::new(SvidResolver::empty());
         let issued = issue_into(state, &resolver, SystemTime::now())?;
-        Ok(Self { resolver, renew_at: issued.renew_at })
+        Ok(Self { resolver, renew_at: issued.renew_at, signer: issued.signer })
     }
 
     /// The certificate resolver the TLS config presents.
@@ -66,14 +72,20 @@ impl ServerSvid {
         Arc::clone(&self.resolver)
     }
 
-    /// Re-issues the SVID at half its lifetime until `stopped`.
+    /// Re-issues the SVID at half its lifetime, or at once when an operator taints the CA that
+    /// signed it (forced rotation: agents must be able to verify the server after the revoke),
+    /// until `stopped`.
     pub(crate) async fn renew_loop(self, state: Arc<ServerState>, stopped: watch::Receiver<bool>) {
-        let Self { resolver, mut renew_at } = self;
+        let Self { resolver, mut renew_at, mut signer } = self;
         loop {
             let wait = renew_at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
             tokio::select! {
                 () = crate::server::stop_requested(stopped.clone()) => return,
-                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep(wait.min(TAINT_CHECK)) => {}
+            }
+            let tainted = state.ca().tainted().x509.contains(&signer);
+            if SystemTime::now() < renew_at && !tainted {
+                continue;
             }
             let (state2, resolver2) = (Arc::clone(&state), Arc::clone(&resolver));
             let result = tokio::task::spawn_blocking(move || issue_into(&state2, &resolver2, SystemTime::now()))
@@ -82,7 +94,8 @@ impl ServerSvid {
                 .and_then(|r| r);
             renew_at = match result {
                 Ok(issued) => {
-                    tracing::info!(expires_at = ?issued.expires_at, "renewed the agent API server certificate");
+                    tracing::info!(expires_at = ?issued.expires_at, tainted, "renewed the agent API server certificate");
+                    signer = issued.signer;
                     issued.renew_at
                 }
                 Err(err) => {
@@ -98,6 +111,7 @@ fn issue_into(state: &ServerState, resolver: &SvidResolver, now: SystemTime) -> 
     let rng = SystemRandom::new();
     let key = SigningKey::generate(KeyType::EcP256, &rng).map_err(|err| format!("server key: {err}"))?;
     let ttl = state.config().default_x509_svid_ttl;
+    let signer = state.ca().x509_authority_der();
     let svid = state
         .ca()
         .sign_x509_svid(state.server_id(), &[], ttl, key.public_key().spki_der(), now)
@@ -105,7 +119,7 @@ fn issue_into(state: &ServerState, resolver: &SvidResolver, now: SystemTime) -> 
     let certified = certified_key(&svid.chain, key.pkcs8_der()).map_err(|err| format!("server certificate: {err}"))?;
     resolver.set(certified);
     let lifetime = svid.expires_at.duration_since(now).unwrap_or(Duration::ZERO);
-    Ok(Issued { renew_at: now + lifetime / 2, expires_at: svid.expires_at })
+    Ok(Issued { renew_at: now + lifetime / 2, expires_at: svid.expires_at, signer })
 }
 
 /// What every request on one agent API connection knows about its peer.

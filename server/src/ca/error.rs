@@ -142,6 +142,20 @@ pub enum CaError {
     /// The datastore failed while reading or writing the trust bundle.
     #[error("datastore: {0}")]
     DataStore(#[from] DataStoreError),
+    /// A forced-rotation command names an authority that does not exist.
+    #[error("no {kind} authority with id {authority_id}")]
+    AuthorityNotFound {
+        /// "x509" or "jwt".
+        kind: &'static str,
+        /// The ID given.
+        authority_id: String,
+    },
+    /// A forced-rotation command does not apply to the authority in its state.
+    #[error("{reason}")]
+    AuthorityState {
+        /// Why, naming the authority and its state.
+        reason: String,
+    },
     /// The signing self-check failed.
     #[error("CA self-check failed: {0}")]
     SelfCheck(String),

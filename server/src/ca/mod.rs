@@ -18,11 +18,33 @@
 //!
 //! # Rotation
 //!
-//! The journal holds a list of authorities with a status. Today a start renews an authority
-//! that has expired or has less than a sixth of its lifetime left, retiring the old one (kept
-//! in the bundle until it expires). Issue 5 adds a prepared "next" status and a timer that
-//! swaps the active authorities in place (the state sits behind a lock for that reason).
+//! The journal holds, per kind (X.509 CA, JWT key), one active authority, at most one
+//! prepared ("next") one and the retired ones. The same schedule runs at start-up and from
+//! the server's background task ([`rotation::run`], which calls
+//! [`CertificateAuthority::rotate`] whenever [`CertificateAuthority::next_rotation_at`] has
+//! passed):
+//!
+//! 1. when half of the active authority's lifetime remains, the next one is created with a
+//!    full `ca_ttl` and published in the bundle at once (the bundle sequence grows), so agents
+//!    and workloads trust it long before it signs anything;
+//! 2. when a sixth remains, the prepared one becomes active and the old one is retired (a
+//!    new one is created and activated directly if none was prepared, e.g. after a long
+//!    outage);
+//! 3. a retired authority leaves the bundle after its `notAfter`: no SVID outlives the
+//!    authority that signed it, so nothing it signed is valid any more.
+//!
+//! Every step writes the journal (atomically, after the key files) before the new state is
+//! used, so a restart at any point resumes the schedule. The JWT key follows the same
+//! schedule with a lifetime of `ca_ttl`. SVIDs are capped by their authority's end, so the
+//! largest lifetime rotation never truncates is `ca_ttl / 6` (logged at start when a default
+//! TTL exceeds it).
+//!
+//! Forced rotation ([`CertificateAuthority::change_authority`], the admin API's
+//! `localauthority` commands) uses the same journal: prepare, activate the prepared one, taint
+//! an old one (the taint is published to agents through [`CertificateAuthority::tainted`]),
+//! revoke a tainted old one (it leaves the journal, the bundle and the disk at once).
 
+pub mod rotation;
 pub mod storage;
 
 mod error;
@@ -30,7 +52,7 @@ mod upstream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -52,8 +74,6 @@ use upstream::Upstream;
 use crate::config::{self, ServerConfig};
 use crate::datastore::DataStore;
 
-/// Renew an authority when less than `1/RENEW_FRACTION` of its lifetime remains.
-const RENEW_FRACTION: u32 = 6;
 /// Audience of the self-check JWT-SVID.
 const SELF_CHECK_AUDIENCE: &str = "tessera-self-check";
 /// Lifetime of the self-check SVIDs.
@@ -78,6 +98,18 @@ struct ActiveAuthorities {
     jwt_key_id: String,
     jwt_not_after: SystemTime,
     bundle: Bundle,
+    /// What an operator tainted, for agents to replace.
+    tainted: Arc<TaintedAuthorities>,
+}
+
+/// Old authorities an operator tainted (forced rotation): agents replace every SVID they
+/// signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaintedAuthorities {
+    /// DER certificates of tainted X.509 CAs.
+    pub x509: Vec<Vec<u8>>,
+    /// Key IDs of tainted JWT keys.
+    pub jwt_key_ids: Vec<String>,
 }
 
 /// The CA of one trust domain. See the [module documentation](self).
@@ -89,6 +121,17 @@ pub struct CertificateAuthority {
     /// observe it beyond uniqueness).
     rng: SystemRandom,
     current: RwLock<Arc<ActiveAuthorities>>,
+    /// What rotation needs: the settings, the upstream authority and the journal in force.
+    rotation: Mutex<RotationState>,
+}
+
+/// The schedule's state: the journal as written, and whether the bundle still has to be
+/// published (a datastore failure after a journal write is retried at the next tick).
+struct RotationState {
+    settings: Settings,
+    upstream: Option<Upstream>,
+    journal: Journal,
+    publish_pending: bool,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -122,13 +165,51 @@ fn x509_id(cert_der: &[u8]) -> String {
     hex::encode(&digest.as_ref()[..16])
 }
 
-/// Whether an authority valid over `[not_before, not_after]` should be replaced at `now`.
-fn needs_renewal(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> bool {
-    let lifetime = not_after.duration_since(not_before).unwrap_or(Duration::ZERO);
-    match not_after.duration_since(now) {
-        Ok(remaining) => remaining.is_zero() || remaining < lifetime / RENEW_FRACTION,
-        Err(_) => true,
+/// A forced-rotation step on one kind of authority (SPIRE's `localauthority` verbs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorityChange {
+    /// Create a new authority and publish it (replaces an unused prepared one).
+    Prepare,
+    /// Make the prepared authority with this ID the active one.
+    Activate(String),
+    /// Mark this old authority tainted.
+    Taint(String),
+    /// Remove this tainted old authority from the journal and the bundle.
+    Revoke(String),
+}
+
+/// Operator-facing name of a kind of authority.
+pub fn kind_name(kind: SlotKind) -> &'static str {
+    match kind {
+        SlotKind::X509 => "x509",
+        SlotKind::Jwt => "jwt",
     }
+}
+
+/// Operator-facing name of a state ("old" for retired, as SPIRE calls it).
+pub fn state_name(status: SlotStatus) -> &'static str {
+    match status {
+        SlotStatus::Active => "active",
+        SlotStatus::Prepared => "prepared",
+        SlotStatus::Retired => "old",
+    }
+}
+
+/// The earliest unix second at which the schedule has something to do for `journal`.
+fn next_deadline(journal: &Journal) -> u64 {
+    let mut next = u64::MAX;
+    for slot in &journal.slots {
+        match slot.status {
+            SlotStatus::Retired | SlotStatus::Prepared => next = next.min(slot.not_after),
+            SlotStatus::Active => {
+                next = next.min(slot.activate_next_at());
+                if journal.prepared(slot.kind).is_none() {
+                    next = next.min(slot.prepare_at());
+                }
+            }
+        }
+    }
+    next
 }
 
 /// Whole seconds, as certificates and JWTs encode times.
@@ -160,48 +241,66 @@ impl CertificateAuthority {
         create_private_dir(data_dir)?;
 
         let mut loaded = Loaded::default();
-        let mut journal = if is_absent_or_empty(&ca_dir)? {
+        let journal = if is_absent_or_empty(&ca_dir)? {
             create_first(data_dir, &ca_dir, &settings, upstream.as_ref(), now, rng, &mut loaded)?
         } else {
             read_journal(&ca_dir)?
         };
-
-        // Retired authorities leave once expired: nothing they signed is valid any more.
-        let (keep, dropped): (Vec<Slot>, Vec<Slot>) =
-            journal.slots.drain(..).partition(|s| s.status == SlotStatus::Active || s.not_after_time() > now);
-        journal.slots = keep;
-        let mut changed = !dropped.is_empty();
-
-        for slot in &journal.slots {
-            if !loaded.contains(slot) {
-                loaded.load(&ca_dir, slot, &settings.trust_domain, rng)?;
-            }
-        }
-
-        changed |= renew_x509(&ca_dir, &mut journal, &mut loaded, &settings, upstream.as_ref(), now, rng)?;
-        changed |= renew_jwt(&ca_dir, &mut journal, &mut loaded, &settings, now, rng)?;
-        if changed {
-            write_atomic(&ca_dir.join(JOURNAL_FILE), &journal.encode())?;
-            for slot in dropped.iter().chain(loaded.replaced.iter()) {
-                // Best effort: these files are no longer named by the journal.
-                let _ = std::fs::remove_file(slot.key_path(&ca_dir));
-                if slot.kind == SlotKind::X509 {
-                    let _ = std::fs::remove_file(slot.cert_path(&ca_dir));
-                }
-            }
-        }
-
-        let (active, bundle) = loaded.assemble(&journal, &settings.trust_domain, upstream.as_ref(), &ca_dir)?;
+        let (journal, active, bundle) = advance(&ca_dir, journal, loaded, &settings, upstream.as_ref(), now, rng)?;
         let bundle = publish_bundle(datastore, &settings.trust_domain, bundle)?;
+
+        let untruncated = settings.ca_ttl / 6;
+        for (key, value) in [
+            ("default_x509_svid_ttl", config.default_x509_svid_ttl),
+            ("default_jwt_svid_ttl", config.default_jwt_svid_ttl),
+        ] {
+            if value > untruncated {
+                warn!(
+                    "{key} ({}) exceeds {} (a sixth of ca_ttl), the largest SVID lifetime CA rotation never \
+                     truncates: SVIDs signed shortly before a rotation are cut at their authority's expiry",
+                    humantime::format_duration(value),
+                    humantime::format_duration(untruncated)
+                );
+            }
+        }
+
         let ca = Self {
-            trust_domain: settings.trust_domain,
+            trust_domain: settings.trust_domain.clone(),
             ca_dir,
             jwt_issuer: config.jwt_issuer.clone().filter(|s| !s.is_empty()),
             rng: SystemRandom::new(),
             current: RwLock::new(Arc::new(ActiveAuthorities { bundle, ..active })),
+            rotation: Mutex::new(RotationState { settings, upstream, journal, publish_pending: false }),
         };
         ca.can_sign(now)?;
         Ok(ca)
+    }
+
+    /// When the rotation schedule next has something to do ([`CertificateAuthority::rotate`]
+    /// does nothing before). In the past when a previous publication must be retried.
+    pub fn next_rotation_at(&self) -> SystemTime {
+        let rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        if rotation.publish_pending { SystemTime::UNIX_EPOCH } else { from_unix(next_deadline(&rotation.journal)) }
+    }
+
+    /// A copy of the journal in force (authorities and their states).
+    pub fn journal(&self) -> Journal {
+        self.rotation.lock().unwrap_or_else(PoisonError::into_inner).journal.clone()
+    }
+
+    /// Runs the rotation schedule at `now` (see the [module documentation](self)): prepares,
+    /// activates and drops authorities that are due, writes the journal, publishes the new
+    /// bundle in `datastore` and switches signing to the new active authorities. Returns
+    /// whether anything changed. Cheap when nothing is due.
+    ///
+    /// Blocking (key generation, file I/O, datastore); call it from `spawn_blocking`.
+    pub fn rotate(&self, datastore: &dyn DataStore, now: SystemTime) -> Result<bool, CaError> {
+        let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        if !rotation.publish_pending && to_unix(now) < next_deadline(&rotation.journal) {
+            return Ok(false);
+        }
+        self.commit(&mut rotation, datastore, now)?;
+        Ok(true)
     }
 
     fn current(&self) -> Arc<ActiveAuthorities> {
@@ -211,6 +310,165 @@ impl CertificateAuthority {
     /// The trust domain this CA signs for.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
+    }
+
+    /// Runs the schedule over the journal in force (already written), publishes the bundle
+    /// and switches to the resulting authorities.
+    fn commit(&self, state: &mut RotationState, datastore: &dyn DataStore, now: SystemTime) -> Result<(), CaError> {
+        let advanced = advance(
+            &self.ca_dir,
+            state.journal.clone(),
+            Loaded::default(),
+            &state.settings,
+            state.upstream.as_ref(),
+            now,
+            &self.rng,
+        );
+        let (journal, active, bundle) = match advanced {
+            Ok(advanced) => advanced,
+            Err(err) => {
+                // The journal may have been written before the failure: continue from disk.
+                if let Ok(on_disk) = read_journal(&self.ca_dir) {
+                    state.journal = on_disk;
+                }
+                state.publish_pending = true;
+                return Err(err);
+            }
+        };
+        // The journal on disk is the new one from here on, whatever happens to the bundle.
+        state.journal = journal;
+        state.publish_pending = true;
+        let bundle = publish_bundle(datastore, &self.trust_domain, bundle)?;
+        state.publish_pending = false;
+        let sequence = bundle.sequence();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+            Arc::new(ActiveAuthorities { bundle, ..active });
+        info!(
+            sequence,
+            x509_authority = ?state.journal.active(SlotKind::X509).map(|s| &s.id),
+            jwt_authority = ?state.journal.active(SlotKind::Jwt).map(|s| &s.id),
+            "CA authorities in force"
+        );
+        Ok(())
+    }
+
+    /// Old authorities an operator tainted.
+    pub fn tainted(&self) -> Arc<TaintedAuthorities> {
+        Arc::clone(&self.current().tainted)
+    }
+
+    /// The authorities of `kind`: active first, then prepared, then old ones (oldest first).
+    pub fn authorities(&self, kind: SlotKind) -> Vec<Slot> {
+        let journal = self.journal();
+        let rank = |s: &Slot| match s.status {
+            SlotStatus::Active => 0,
+            SlotStatus::Prepared => 1,
+            SlotStatus::Retired => 2,
+        };
+        let mut slots: Vec<Slot> = journal.slots.into_iter().filter(|s| s.kind == kind).collect();
+        slots.sort_by_key(|s| (rank(s), s.created));
+        slots
+    }
+
+    /// Forced rotation (see [`AuthorityChange`]): applies the change to the journal, writes it,
+    /// publishes the bundle and switches signing. Returns the authority acted on.
+    ///
+    /// Blocking (key generation, file I/O, datastore); call it from `spawn_blocking`.
+    pub fn change_authority(
+        &self,
+        kind: SlotKind,
+        change: AuthorityChange,
+        datastore: &dyn DataStore,
+        now: SystemTime,
+    ) -> Result<Slot, CaError> {
+        let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *rotation;
+        let mut journal = state.journal.clone();
+        let mut loaded = Loaded::default();
+        let find = |journal: &Journal, id: &str| -> Result<Slot, CaError> {
+            journal
+                .slots
+                .iter()
+                .find(|s| s.kind == kind && s.id == id)
+                .cloned()
+                .ok_or_else(|| CaError::AuthorityNotFound { kind: kind_name(kind), authority_id: id.to_owned() })
+        };
+        let refuse = |reason: String| CaError::AuthorityState { reason };
+        let acted = match change {
+            AuthorityChange::Prepare => {
+                discard_prepared(&mut journal, kind, &mut loaded);
+                let mut slot = match kind {
+                    SlotKind::X509 => create_x509(
+                        &self.ca_dir,
+                        &state.settings,
+                        state.upstream.as_ref(),
+                        now,
+                        &self.rng,
+                        &mut loaded,
+                    )?,
+                    SlotKind::Jwt => create_jwt(&self.ca_dir, &state.settings, now, &self.rng, &mut loaded)?,
+                };
+                slot.status = SlotStatus::Prepared;
+                journal.slots.push(slot.clone());
+                slot
+            }
+            AuthorityChange::Activate(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Prepared {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}; only the prepared authority can be activated",
+                        kind_name(kind),
+                        state_name(slot.status)
+                    )));
+                }
+                activate(&mut journal, kind, &id, now, &mut loaded);
+                find(&journal, &id)?
+            }
+            AuthorityChange::Taint(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Retired {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}; only an old authority can be tainted (prepare and activate a \
+                         new one first)",
+                        kind_name(kind),
+                        state_name(slot.status)
+                    )));
+                }
+                if slot.tainted {
+                    return Err(refuse(format!("{} authority {id} is already tainted", kind_name(kind))));
+                }
+                for s in journal.slots.iter_mut().filter(|s| s.kind == kind && s.id == id) {
+                    s.tainted = true;
+                }
+                find(&journal, &id)?
+            }
+            AuthorityChange::Revoke(id) => {
+                let slot = find(&journal, &id)?;
+                if slot.status != SlotStatus::Retired || !slot.tainted {
+                    return Err(refuse(format!(
+                        "{} authority {id} is {}{}; only a tainted old authority can be revoked",
+                        kind_name(kind),
+                        state_name(slot.status),
+                        if slot.tainted { ", tainted" } else { ", not tainted" }
+                    )));
+                }
+                journal.slots.retain(|s| !(s.kind == kind && s.id == id));
+                loaded.replaced.push(slot.clone());
+                slot
+            }
+        };
+        write_atomic(&self.ca_dir.join(JOURNAL_FILE), &journal.encode())?;
+        for slot in &loaded.replaced {
+            // Best effort: these files are no longer named by the journal.
+            let _ = std::fs::remove_file(slot.key_path(&self.ca_dir));
+            if slot.kind == SlotKind::X509 {
+                let _ = std::fs::remove_file(slot.cert_path(&self.ca_dir));
+            }
+        }
+        state.journal = journal;
+        warn!(kind = kind_name(kind), authority = %acted.id, change = ?acted.status, tainted = acted.tainted, "local authority changed by an operator");
+        self.commit(state, datastore, now)?;
+        Ok(acted)
     }
 
     /// The CA directory (`<data_dir>/ca`).
@@ -488,6 +746,17 @@ impl Loaded {
                 }
             }
         }
+        let mut tainted = TaintedAuthorities::default();
+        for slot in journal.slots.iter().filter(|s| s.tainted) {
+            match slot.kind {
+                SlotKind::X509 => {
+                    if let Some(issuer) = self.x509.get(&slot.id) {
+                        tainted.x509.push(issuer.certificate_der().to_vec());
+                    }
+                }
+                SlotKind::Jwt => tainted.jwt_key_ids.push(slot.id.clone()),
+            }
+        }
         let x509_slot = journal.active(SlotKind::X509).ok_or_else(|| corrupt("no active x509 authority"))?;
         let jwt_slot = journal.active(SlotKind::Jwt).ok_or_else(|| corrupt("no active jwt authority"))?;
         let x509 = self.x509.remove(&x509_slot.id).ok_or_else(|| corrupt("active x509 authority not loaded"))?;
@@ -506,6 +775,7 @@ impl Loaded {
             jwt_key_id: jwt_slot.id.clone(),
             jwt_not_after: jwt_slot.not_after_time(),
             bundle: Bundle::new(trust_domain.clone()),
+            tainted: Arc::new(tainted),
         };
         Ok((active, bundle))
     }
@@ -572,6 +842,7 @@ fn create_x509(
         upstream: upstream.is_some(),
         not_after: to_unix(issuer.not_after()),
         created: to_unix(now),
+        tainted: false,
     };
     write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
     write_atomic(&slot.cert_path(dir), &cert_der)?;
@@ -597,18 +868,66 @@ fn create_jwt(
         upstream: false,
         not_after: to_unix(not_after),
         created: to_unix(now),
+        tainted: false,
     };
     write_atomic(&slot.key_path(dir), key.pkcs8_der())?;
     loaded.jwt.insert(slot.id.clone(), key);
     Ok(slot)
 }
 
-/// Retires the active slot of `kind` (kept while valid and publishable, dropped otherwise)
-/// and appends `new_slot` as active.
-fn replace_active(journal: &mut Journal, kind: SlotKind, new_slot: Slot, now: SystemTime, loaded: &mut Loaded) {
-    let mut keep = Vec::with_capacity(journal.slots.len() + 1);
+/// One run of the rotation schedule over `journal` at `now` (see the module documentation):
+/// drops expired retired authorities, loads (and checks) every file the journal names,
+/// prepares/activates what is due, writes the journal when it changed, and returns it with
+/// the active authorities and the bundle to publish (sequence 0).
+#[allow(clippy::too_many_arguments)]
+fn advance(
+    ca_dir: &Path,
+    mut journal: Journal,
+    mut loaded: Loaded,
+    settings: &Settings,
+    upstream: Option<&Upstream>,
+    now: SystemTime,
+    rng: &dyn SecureRandom,
+) -> Result<(Journal, ActiveAuthorities, Bundle), CaError> {
+    // Retired (and never activated) authorities leave once expired: nothing they signed is
+    // valid any more.
+    let (keep, dropped): (Vec<Slot>, Vec<Slot>) =
+        journal.slots.drain(..).partition(|s| s.status == SlotStatus::Active || s.not_after_time() > now);
+    journal.slots = keep;
+    let mut changed = !dropped.is_empty();
+    loaded.replaced.extend(dropped);
+
+    for slot in &journal.slots {
+        if !loaded.contains(slot) {
+            loaded.load(ca_dir, slot, &settings.trust_domain, rng)?;
+        }
+    }
+
+    changed |= rotate_x509(ca_dir, &mut journal, &mut loaded, settings, upstream, now, rng)?;
+    changed |= rotate_jwt(ca_dir, &mut journal, &mut loaded, settings, now, rng)?;
+    if changed {
+        write_atomic(&ca_dir.join(JOURNAL_FILE), &journal.encode())?;
+        for slot in &loaded.replaced {
+            // Best effort: these files are no longer named by the journal.
+            let _ = std::fs::remove_file(slot.key_path(ca_dir));
+            if slot.kind == SlotKind::X509 {
+                let _ = std::fs::remove_file(slot.cert_path(ca_dir));
+            }
+        }
+    }
+    let (active, bundle) = loaded.assemble(&journal, &settings.trust_domain, upstream, ca_dir)?;
+    Ok((journal, active, bundle))
+}
+
+/// Makes `new_id` (already in the journal as prepared, or appended by the caller) the active
+/// authority of `kind`: the old active one is retired (kept while valid and publishable,
+/// dropped otherwise).
+fn activate(journal: &mut Journal, kind: SlotKind, new_id: &str, now: SystemTime, loaded: &mut Loaded) {
+    let mut keep = Vec::with_capacity(journal.slots.len());
     for mut slot in journal.slots.drain(..) {
-        if slot.kind == kind && slot.status == SlotStatus::Active {
+        if slot.kind == kind && slot.id == new_id {
+            slot.status = SlotStatus::Active;
+        } else if slot.kind == kind && slot.status == SlotStatus::Active {
             // Intermediates are not in the bundle, so they need not be kept.
             if slot.not_after_time() > now && !slot.upstream {
                 slot.status = SlotStatus::Retired;
@@ -619,12 +938,19 @@ fn replace_active(journal: &mut Journal, kind: SlotKind, new_slot: Slot, now: Sy
         }
         keep.push(slot);
     }
-    keep.push(new_slot);
     journal.slots = keep;
 }
 
-/// Renews the active X.509 CA when it expires soon or no longer fits the upstream setting.
-fn renew_x509(
+/// Removes the prepared slot of `kind` (it no longer fits the configuration).
+fn discard_prepared(journal: &mut Journal, kind: SlotKind, loaded: &mut Loaded) {
+    if let Some(pos) = journal.slots.iter().position(|s| s.kind == kind && s.status == SlotStatus::Prepared) {
+        loaded.replaced.push(journal.slots.remove(pos));
+    }
+}
+
+/// Runs the X.509 schedule: replaces the active CA when a sixth of its lifetime remains (or it
+/// no longer fits the upstream setting), prepares the next one at half-life.
+fn rotate_x509(
     ca_dir: &Path,
     journal: &mut Journal,
     loaded: &mut Loaded,
@@ -639,28 +965,60 @@ fn renew_x509(
     let Some(issuer) = loaded.x509.get(&slot.id) else {
         return Ok(false);
     };
-    let reason = if needs_renewal(issuer.not_before(), issuer.not_after(), now) {
-        Some("it has expired or less than a sixth of its lifetime remains".to_owned())
-    } else {
-        match (upstream, slot.upstream) {
-            (Some(_), false) => Some("upstream_authority is now configured".to_owned()),
-            (None, true) => Some("upstream_authority is no longer configured".to_owned()),
-            (Some(up), true) => chains_to_upstream(issuer, up, &settings.trust_domain, now, rng)
-                .err()
-                .map(|e| format!("it does not chain to the configured upstream authority ({e})")),
-            (None, false) => None,
-        }
+    let now_secs = to_unix(now);
+    let key_type_changed = key_type_of(issuer) != Some(settings.ca_key_type);
+    let mismatch = match (upstream, slot.upstream) {
+        (Some(_), false) => Some("upstream_authority is now configured".to_owned()),
+        (None, true) => Some("upstream_authority is no longer configured".to_owned()),
+        (Some(up), true) => chains_to_upstream(issuer, up, &settings.trust_domain, now, rng)
+            .err()
+            .map(|e| format!("it does not chain to the configured upstream authority ({e})")),
+        (None, false) => None,
     };
-    let Some(reason) = reason else {
-        if key_type_of(issuer) != Some(settings.ca_key_type) {
-            warn!(ca_key_type = %settings.ca_key_type, "ca_key_type changed; it applies to the next X.509 CA");
-        }
-        return Ok(false);
-    };
-    let new_slot = create_x509(ca_dir, settings, upstream, now, rng, loaded)?;
-    warn!(old = %slot.id, new = %new_slot.id, not_after = new_slot.not_after, "renewed the X.509 CA: {reason}");
-    replace_active(journal, SlotKind::X509, new_slot, now, loaded);
-    Ok(true)
+    let mut changed = false;
+    // A prepared CA made under another upstream setting is not used.
+    if let Some(prepared) = journal.prepared(SlotKind::X509)
+        && prepared.upstream != upstream.is_some()
+    {
+        discard_prepared(journal, SlotKind::X509, loaded);
+        changed = true;
+    }
+    if let Some(reason) = mismatch {
+        discard_prepared(journal, SlotKind::X509, loaded);
+        let mut new_slot = create_x509(ca_dir, settings, upstream, now, rng, loaded)?;
+        new_slot.status = SlotStatus::Prepared;
+        let new_id = new_slot.id.clone();
+        journal.slots.push(new_slot);
+        activate(journal, SlotKind::X509, &new_id, now, loaded);
+        warn!(old = %slot.id, new = %new_id, "replaced the X.509 CA: {reason}");
+        return Ok(true);
+    }
+    if now_secs >= slot.activate_next_at() {
+        let new_id = match journal.prepared(SlotKind::X509) {
+            Some(prepared) => prepared.id.clone(),
+            None => {
+                let mut new_slot = create_x509(ca_dir, settings, upstream, now, rng, loaded)?;
+                new_slot.status = SlotStatus::Prepared;
+                let id = new_slot.id.clone();
+                journal.slots.push(new_slot);
+                id
+            }
+        };
+        activate(journal, SlotKind::X509, &new_id, now, loaded);
+        info!(old = %slot.id, new = %new_id, "activated the next X.509 CA: less than a sixth of the old one's lifetime remains");
+        return Ok(true);
+    }
+    if now_secs >= slot.prepare_at() && journal.prepared(SlotKind::X509).is_none() {
+        let mut new_slot = create_x509(ca_dir, settings, upstream, now, rng, loaded)?;
+        new_slot.status = SlotStatus::Prepared;
+        info!(active = %slot.id, next = %new_slot.id, not_after = new_slot.not_after, "prepared the next X.509 CA and published it in the bundle");
+        journal.slots.push(new_slot);
+        return Ok(true);
+    }
+    if key_type_changed {
+        warn!(ca_key_type = %settings.ca_key_type, "ca_key_type changed; it applies to the next X.509 CA");
+    }
+    Ok(changed)
 }
 
 fn key_type_of(issuer: &X509Issuer) -> Option<KeyType> {
@@ -676,8 +1034,8 @@ fn key_type_of(issuer: &X509Issuer) -> Option<KeyType> {
     }
 }
 
-/// Renews the JWT signing key when it expires soon.
-fn renew_jwt(
+/// Runs the JWT key schedule (same thresholds as the X.509 CA).
+fn rotate_jwt(
     ca_dir: &Path,
     journal: &mut Journal,
     loaded: &mut Loaded,
@@ -688,13 +1046,30 @@ fn renew_jwt(
     let Some(slot) = journal.active(SlotKind::Jwt).cloned() else {
         return Ok(false);
     };
-    if !needs_renewal(from_unix(slot.created), slot.not_after_time(), now) {
-        return Ok(false);
+    let now_secs = to_unix(now);
+    if now_secs >= slot.activate_next_at() {
+        let new_id = match journal.prepared(SlotKind::Jwt) {
+            Some(prepared) => prepared.id.clone(),
+            None => {
+                let mut new_slot = create_jwt(ca_dir, settings, now, rng, loaded)?;
+                new_slot.status = SlotStatus::Prepared;
+                let id = new_slot.id.clone();
+                journal.slots.push(new_slot);
+                id
+            }
+        };
+        activate(journal, SlotKind::Jwt, &new_id, now, loaded);
+        info!(old = %slot.id, new = %new_id, "activated the next JWT signing key: less than a sixth of the old one's lifetime remains");
+        return Ok(true);
     }
-    let new_slot = create_jwt(ca_dir, settings, now, rng, loaded)?;
-    warn!(old = %slot.id, new = %new_slot.id, "renewed the JWT signing key: it has expired or less than a sixth of its lifetime remains");
-    replace_active(journal, SlotKind::Jwt, new_slot, now, loaded);
-    Ok(true)
+    if now_secs >= slot.prepare_at() && journal.prepared(SlotKind::Jwt).is_none() {
+        let mut new_slot = create_jwt(ca_dir, settings, now, rng, loaded)?;
+        new_slot.status = SlotStatus::Prepared;
+        info!(active = %slot.id, next = %new_slot.id, "prepared the next JWT signing key and published it in the bundle");
+        journal.slots.push(new_slot);
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Whether an SVID signed by `issuer` verifies against the upstream roots.
@@ -751,15 +1126,25 @@ fn publish_bundle(
 mod tests {
     use super::*;
 
+    fn slot(id: &str, kind: SlotKind, status: SlotStatus, created: u64, not_after: u64) -> Slot {
+        Slot { id: id.into(), kind, status, upstream: false, not_after, created, tainted: false }
+    }
+
     #[test]
-    fn renewal_threshold_is_a_sixth_of_the_lifetime() {
-        let start = from_unix(1_000_000);
-        let end = start + Duration::from_secs(600);
-        assert!(!needs_renewal(start, end, start));
-        assert!(!needs_renewal(start, end, end - Duration::from_secs(101)));
-        assert!(needs_renewal(start, end, end - Duration::from_secs(99)));
-        assert!(needs_renewal(start, end, end));
-        assert!(needs_renewal(start, end, end + Duration::from_secs(1)));
+    fn schedule_prepares_at_half_and_activates_at_a_sixth() {
+        let s = slot("a", SlotKind::X509, SlotStatus::Active, 1000, 1600);
+        assert_eq!(s.prepare_at(), 1300);
+        assert_eq!(s.activate_next_at(), 1500);
+        let mut journal = Journal {
+            version: storage::JOURNAL_VERSION,
+            slots: vec![s, slot("j", SlotKind::Jwt, SlotStatus::Active, 1000, 1600)],
+        };
+        assert_eq!(next_deadline(&journal), 1300);
+        journal.slots.push(slot("b", SlotKind::X509, SlotStatus::Prepared, 1300, 1900));
+        journal.slots.push(slot("k", SlotKind::Jwt, SlotStatus::Prepared, 1300, 1900));
+        assert_eq!(next_deadline(&journal), 1500);
+        journal.slots.push(slot("r", SlotKind::X509, SlotStatus::Retired, 900, 1400));
+        assert_eq!(next_deadline(&journal), 1400);
     }
 
     #[test]

@@ -39,8 +39,8 @@ const MAX_FILE_LEN: u64 = 64 * 1024;
 
 /// The journal: every authority the CA directory holds.
 ///
-/// Issue 5 (rotation) extends [`SlotStatus`] with a prepared "next" state; the list form
-/// already allows any number of authorities of each kind.
+/// Per kind: exactly one active authority, at most one prepared ("next") one, and any number
+/// of retired ones kept in the bundle until they expire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Journal {
@@ -68,6 +68,15 @@ pub struct Slot {
     pub not_after: u64,
     /// When it was created, unix seconds.
     pub created: u64,
+    /// Tainted by an operator (forced rotation): agents replace what it signed. Only a
+    /// retired authority can be tainted.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tainted: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Kind of authority.
@@ -88,6 +97,9 @@ pub enum SlotStatus {
     Active,
     /// Replaced; published in the bundle until it expires so what it signed stays valid.
     Retired,
+    /// The next authority: published in the bundle, not signing yet; activated when less than
+    /// a sixth of the active one's lifetime remains.
+    Prepared,
 }
 
 impl Slot {
@@ -107,6 +119,19 @@ impl Slot {
     /// End of validity.
     pub fn not_after_time(&self) -> SystemTime {
         from_unix(self.not_after)
+    }
+
+    /// Unix second from which the next authority of this kind is prepared: when half of this
+    /// one's lifetime remains.
+    pub fn prepare_at(&self) -> u64 {
+        let lifetime = self.not_after.saturating_sub(self.created);
+        self.created.saturating_add(lifetime / 2)
+    }
+
+    /// Unix second from which this one is replaced: when a sixth of its lifetime remains.
+    pub fn activate_next_at(&self) -> u64 {
+        let lifetime = self.not_after.saturating_sub(self.created);
+        self.not_after.saturating_sub(lifetime / 6)
     }
 }
 
@@ -150,6 +175,15 @@ impl Journal {
             if active != 1 {
                 return Err(corrupt(format!("expected exactly one active {kind:?} authority, found {active}")));
             }
+            let prepared = journal.slots.iter().filter(|s| s.kind == kind && s.status == SlotStatus::Prepared).count();
+            if prepared > 1 {
+                return Err(corrupt(format!("expected at most one prepared {kind:?} authority, found {prepared}")));
+            }
+        }
+        let mut ids: Vec<(SlotKind, &str)> = journal.slots.iter().map(|s| (s.kind, s.id.as_str())).collect();
+        ids.sort_by(|a, b| (a.0 as u8, a.1).cmp(&(b.0 as u8, b.1)));
+        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(corrupt(format!("authority id {} is listed twice", pair[0].1)));
         }
         Ok(journal)
     }
@@ -164,6 +198,11 @@ impl Journal {
     /// The active authority of `kind` (the journal is checked to hold exactly one).
     pub fn active(&self, kind: SlotKind) -> Option<&Slot> {
         self.slots.iter().find(|s| s.kind == kind && s.status == SlotStatus::Active)
+    }
+
+    /// The prepared (next) authority of `kind`, if any.
+    pub fn prepared(&self, kind: SlotKind) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.kind == kind && s.status == SlotStatus::Prepared)
     }
 }
 
@@ -291,6 +330,7 @@ mod tests {
                     upstream: false,
                     not_after: 10,
                     created: 1,
+                    tainted: false,
                 },
                 Slot {
                     id: "k-1_x".into(),
@@ -299,6 +339,7 @@ mod tests {
                     upstream: false,
                     not_after: 10,
                     created: 1,
+                    tainted: false,
                 },
             ],
         }

@@ -7,6 +7,7 @@
 mod bundle;
 mod entry;
 mod federation;
+mod localauthority;
 mod mint;
 mod output;
 
@@ -48,6 +49,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             mint::jwt(spiffe_id, audiences, ttl, &admin).await
         }
         Command::Federation(command) => federation::run(command).await,
+        Command::LocalAuthority(command) => localauthority::run(command).await,
     }
 }
 

@@ -948,6 +948,110 @@ impl ::prost::Name for RefreshFederationRelationshipResponse {
             .into()
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LocalAuthority {
+    /// X.509: the first 16 bytes of the CA certificate's SHA-256, hex.
+    /// JWT: the key ID.
+    #[prost(string, tag = "1")]
+    pub authority_id: ::prost::alloc::string::String,
+    #[prost(enumeration = "LocalAuthorityKind", tag = "2")]
+    pub kind: i32,
+    /// "active", "prepared" or "old".
+    #[prost(string, tag = "3")]
+    pub state: ::prost::alloc::string::String,
+    /// End of validity, unix seconds.
+    #[prost(int64, tag = "4")]
+    pub expires_at: i64,
+    /// Creation time, unix seconds.
+    #[prost(int64, tag = "5")]
+    pub created_at: i64,
+    /// Tainted by an operator: SVIDs it signed are being replaced.
+    #[prost(bool, tag = "6")]
+    pub tainted: bool,
+    /// X.509 only: an intermediate signed by the upstream authority (not in the
+    /// bundle itself).
+    #[prost(bool, tag = "7")]
+    pub upstream: bool,
+}
+impl ::prost::Name for LocalAuthority {
+    const NAME: &'static str = "LocalAuthority";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.LocalAuthority".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.LocalAuthority".into()
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ShowLocalAuthoritiesRequest {
+    #[prost(enumeration = "LocalAuthorityKind", tag = "1")]
+    pub kind: i32,
+}
+impl ::prost::Name for ShowLocalAuthoritiesRequest {
+    const NAME: &'static str = "ShowLocalAuthoritiesRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ShowLocalAuthoritiesRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ShowLocalAuthoritiesRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ShowLocalAuthoritiesResponse {
+    /// Active first, then prepared, then old ones (oldest first).
+    #[prost(message, repeated, tag = "1")]
+    pub authorities: ::prost::alloc::vec::Vec<LocalAuthority>,
+}
+impl ::prost::Name for ShowLocalAuthoritiesResponse {
+    const NAME: &'static str = "ShowLocalAuthoritiesResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ShowLocalAuthoritiesResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ShowLocalAuthoritiesResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChangeLocalAuthorityRequest {
+    #[prost(enumeration = "LocalAuthorityKind", tag = "1")]
+    pub kind: i32,
+    #[prost(enumeration = "LocalAuthorityAction", tag = "2")]
+    pub action: i32,
+    /// The authority acted on (required except for PREPARE). Must match the
+    /// authority in the expected state, so a stale command cannot act on a newer
+    /// authority.
+    #[prost(string, tag = "3")]
+    pub authority_id: ::prost::alloc::string::String,
+}
+impl ::prost::Name for ChangeLocalAuthorityRequest {
+    const NAME: &'static str = "ChangeLocalAuthorityRequest";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ChangeLocalAuthorityRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ChangeLocalAuthorityRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ChangeLocalAuthorityResponse {
+    /// The authority after the change (for REVOKE: as it was before removal).
+    #[prost(message, optional, tag = "1")]
+    pub authority: ::core::option::Option<LocalAuthority>,
+}
+impl ::prost::Name for ChangeLocalAuthorityResponse {
+    const NAME: &'static str = "ChangeLocalAuthorityResponse";
+    const PACKAGE: &'static str = "tessera.admin.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.admin.v1.ChangeLocalAuthorityResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.admin.v1.ChangeLocalAuthorityResponse".into()
+    }
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum SelectorMatchMode {
@@ -1017,6 +1121,82 @@ impl BundleFormat {
             "BUNDLE_FORMAT_UNSPECIFIED" => Some(Self::Unspecified),
             "BUNDLE_FORMAT_PEM" => Some(Self::Pem),
             "BUNDLE_FORMAT_SPIFFE" => Some(Self::Spiffe),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LocalAuthorityKind {
+    /// Invalid.
+    Unspecified = 0,
+    /// The X.509 CA that signs X.509-SVIDs.
+    X509 = 1,
+    /// The key that signs JWT-SVIDs.
+    Jwt = 2,
+}
+impl LocalAuthorityKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LOCAL_AUTHORITY_KIND_UNSPECIFIED",
+            Self::X509 => "LOCAL_AUTHORITY_KIND_X509",
+            Self::Jwt => "LOCAL_AUTHORITY_KIND_JWT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LOCAL_AUTHORITY_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "LOCAL_AUTHORITY_KIND_X509" => Some(Self::X509),
+            "LOCAL_AUTHORITY_KIND_JWT" => Some(Self::Jwt),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LocalAuthorityAction {
+    /// Invalid.
+    Unspecified = 0,
+    /// Create a new authority and publish it in the bundle (replaces a prepared
+    /// one that was never activated). `authority_id` must be empty.
+    Prepare = 1,
+    /// Make the prepared authority `authority_id` the one that signs; the active
+    /// one becomes old and stays in the bundle until it expires.
+    Activate = 2,
+    /// Mark the old authority `authority_id` as tainted: agents re-mint every SVID
+    /// it signed. Only an old (not active, not prepared) authority can be tainted.
+    Taint = 3,
+    /// Remove the tainted old authority `authority_id` from the bundle at once.
+    /// Only a tainted authority can be revoked.
+    Revoke = 4,
+}
+impl LocalAuthorityAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LOCAL_AUTHORITY_ACTION_UNSPECIFIED",
+            Self::Prepare => "LOCAL_AUTHORITY_ACTION_PREPARE",
+            Self::Activate => "LOCAL_AUTHORITY_ACTION_ACTIVATE",
+            Self::Taint => "LOCAL_AUTHORITY_ACTION_TAINT",
+            Self::Revoke => "LOCAL_AUTHORITY_ACTION_REVOKE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LOCAL_AUTHORITY_ACTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "LOCAL_AUTHORITY_ACTION_PREPARE" => Some(Self::Prepare),
+            "LOCAL_AUTHORITY_ACTION_ACTIVATE" => Some(Self::Activate),
+            "LOCAL_AUTHORITY_ACTION_TAINT" => Some(Self::Taint),
+            "LOCAL_AUTHORITY_ACTION_REVOKE" => Some(Self::Revoke),
             _ => None,
         }
     }
@@ -1748,6 +1928,66 @@ pub mod admin_service_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Forced rotation of the server's own authorities (`tessera-server
+        /// localauthority x509|jwt ...`).
+        pub async fn show_local_authorities(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ShowLocalAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowLocalAuthoritiesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/ShowLocalAuthorities",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "ShowLocalAuthorities",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn change_local_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ChangeLocalAuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeLocalAuthorityResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.admin.v1.AdminService/ChangeLocalAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "tessera.admin.v1.AdminService",
+                        "ChangeLocalAuthority",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1938,6 +2178,22 @@ pub mod admin_service_server {
             request: tonic::Request<super::RefreshFederationRelationshipRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RefreshFederationRelationshipResponse>,
+            tonic::Status,
+        >;
+        /// Forced rotation of the server's own authorities (`tessera-server
+        /// localauthority x509|jwt ...`).
+        async fn show_local_authorities(
+            &self,
+            request: tonic::Request<super::ShowLocalAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ShowLocalAuthoritiesResponse>,
+            tonic::Status,
+        >;
+        async fn change_local_authority(
+            &self,
+            request: tonic::Request<super::ChangeLocalAuthorityRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ChangeLocalAuthorityResponse>,
             tonic::Status,
         >;
     }
@@ -3131,6 +3387,98 @@ pub mod admin_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RefreshFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/ShowLocalAuthorities" => {
+                    #[allow(non_camel_case_types)]
+                    struct ShowLocalAuthoritiesSvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::ShowLocalAuthoritiesRequest>
+                    for ShowLocalAuthoritiesSvc<T> {
+                        type Response = super::ShowLocalAuthoritiesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ShowLocalAuthoritiesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::show_local_authorities(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ShowLocalAuthoritiesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.admin.v1.AdminService/ChangeLocalAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct ChangeLocalAuthoritySvc<T: AdminService>(pub Arc<T>);
+                    impl<
+                        T: AdminService,
+                    > tonic::server::UnaryService<super::ChangeLocalAuthorityRequest>
+                    for ChangeLocalAuthoritySvc<T> {
+                        type Response = super::ChangeLocalAuthorityResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ChangeLocalAuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminService>::change_local_authority(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ChangeLocalAuthoritySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -317,6 +317,14 @@ pub struct BundlesUpdate {
     /// entries.
     #[prost(message, repeated, tag = "2")]
     pub federated_bundles: ::prost::alloc::vec::Vec<super::super::common::v1::Bundle>,
+    /// Old authorities of the server that an operator tainted (forced rotation):
+    /// the agent replaces every SVID they signed, spread over time. X.509: DER
+    /// certificates of the tainted CAs; an SVID is affected when its chain holds
+    /// one or verifies against one. JWT: key IDs.
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub tainted_x509_authorities: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(string, repeated, tag = "4")]
+    pub tainted_jwt_key_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 impl ::prost::Name for BundlesUpdate {
     const NAME: &'static str = "BundlesUpdate";
