@@ -263,3 +263,34 @@ pub fn raise_open_file_limit() {
     limit.current = limit.maximum;
     let _ = setrlimit(Resource::Nofile, limit);
 }
+
+/// Durable single-writer commits per second in `dir`: a 4 KiB write plus `fdatasync`, for
+/// `duration` (the limit of a store that flushes every write).
+pub fn fsync_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    let block = [0x5au8; 4096];
+    let start = Instant::now();
+    let mut count = 0u64;
+    while start.elapsed() < duration {
+        file.write_all(&block)?;
+        file.sync_data()?;
+        count += 1;
+    }
+    let rate = count as f64 / start.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(rate)
+}
+
+/// This process's resident set size in bytes (`VmRSS` of `/proc/self/status`).
+pub fn rss_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(kib * 1024)
+}

@@ -115,6 +115,12 @@ impl SimServer {
         self.server.shutdown().await.context("server shutdown")?;
         Ok(())
     }
+
+    /// Stops the server and returns its directory, to start another on the same data.
+    pub async fn stop_keeping_data(self) -> anyhow::Result<tempfile::TempDir> {
+        self.server.shutdown().await.context("server shutdown")?;
+        Ok(self.dir)
+    }
 }
 
 /// A workload entry `spiffe://<td>/workload/<entry_id>` under `parent`.
@@ -181,6 +187,10 @@ pub struct SimAgent {
     pub id: SpiffeId,
     /// A client presenting the agent SVID (clone it for concurrent calls on one connection).
     pub client: AgentClient,
+    /// The agent SVID's certificate chain.
+    pub chain: Vec<Vec<u8>>,
+    /// The agent SVID's PKCS#8 private key.
+    pub key: Vec<u8>,
 }
 
 impl SimAgent {
@@ -203,6 +213,14 @@ impl SimAgent {
         let key = key.serialize_der();
         let client =
             connect(server.addr(), server.bundle(), server.server_id(), Some((&svid.cert_chain, &key))).await?;
-        Ok(Self { id: SpiffeId::parse(&svid.spiffe_id)?, client })
+        Ok(Self { id: SpiffeId::parse(&svid.spiffe_id)?, client, chain: svid.cert_chain, key })
+    }
+
+    /// Connects again with the same agent SVID, to `server` (a restarted server on the same
+    /// data directory keeps its CA, so the SVID stays valid).
+    pub async fn reconnect(&mut self, server: &SimServer) -> anyhow::Result<()> {
+        self.client =
+            connect(server.addr(), server.bundle(), server.server_id(), Some((&self.chain, &self.key))).await?;
+        Ok(())
     }
 }

@@ -98,3 +98,13 @@ async fn bad_options_are_refused_with_a_one_line_error() {
     assert!(stderr.starts_with("tessera-loadgen: error: ") && stderr.contains("--entries"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[tokio::test]
+async fn scale_mode_syncs_every_entry_after_a_restart() {
+    let out = loadgen(&["scale", "--sizes", "40", "--writers", "4"]).await;
+    assert_eq!(number(&figure(&out, "scale.n40.sync_missing_entries"), "value"), 0.0, "{out}");
+    assert_eq!(number(&figure(&out, "scale.n40.sync_failures"), "value"), 0.0, "{out}");
+    let writes = figure(&out, "scale.n40.entry_writes_per_sec");
+    assert!(number(&writes, "value") > 0.0 && number(&writes, "limit") > 0.0, "{writes:?}");
+    assert!(number(&figure(&out, "scale.n40.startup_ms"), "value") > 0.0, "{out}");
+}

@@ -83,6 +83,18 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         min_calls_per_client: usize,
     },
+    /// Entries in sled at several sizes: write rate, start-up time, RSS per entry, full sync.
+    Scale {
+        /// Entry counts, comma-separated (each on a fresh server).
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        sizes: Vec<usize>,
+        /// Also measure 1,000,000 entries.
+        #[arg(long)]
+        million: bool,
+        /// Threads writing entries at once.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -125,6 +137,16 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     min_calls_per_client: *min_calls_per_client,
                 };
                 modes::workload(&options).await
+            }
+            Command::Scale { sizes, million, writers } => {
+                let mut sizes = sizes.clone();
+                if *million {
+                    sizes.push(1_000_000);
+                }
+                if sizes.is_empty() || sizes.contains(&0) || *writers == 0 {
+                    anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1");
+                }
+                modes::scale(&modes::ScaleOptions { sizes, writers: *writers }).await
             }
         }
     })?;
