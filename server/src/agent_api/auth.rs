@@ -72,10 +72,12 @@ fn refuse(status: Status, call: &'static str, peer: Option<&AgentConnInfo>, agen
 /// How long a connection reuses its last chain verification (see the [module docs](self)).
 pub(crate) const REVERIFY_AFTER: Duration = Duration::from_secs(30);
 
-/// One connection's last successful chain verification: the bundle authorities it was checked
-/// against, the result, and when.
+/// The bundle's X.509 authorities a verification was checked against, its result, and when.
+type Verification = (Vec<Vec<u8>>, PeerSvid, Instant);
+
+/// One connection's last successful chain verification.
 #[derive(Debug, Default)]
-pub(crate) struct VerifiedPeer(Mutex<Option<(Vec<Vec<u8>>, PeerSvid, Instant)>>);
+pub(crate) struct VerifiedPeer(Mutex<Option<Verification>>);
 
 impl VerifiedPeer {
     /// The remembered result, if it was verified against `bundle`'s current X.509
