@@ -210,3 +210,35 @@ pub(crate) async fn recheck(state: &Arc<ServerState>, agent: &AuthenticatedAgent
     }
     Ok(node)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_spiffe::TrustDomain;
+
+    fn self_signed() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_remembered_verification_is_reused_only_while_the_authorities_are_the_same() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut bundle = Bundle::new(td.clone());
+        bundle.add_x509_authority(&self_signed()).unwrap();
+        let peer = PeerSvid {
+            spiffe_id: SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap(),
+            serial_hex: "01".into(),
+            not_after: SystemTime::now() + Duration::from_secs(600),
+        };
+        let verified = VerifiedPeer::default();
+        assert!(verified.get(&bundle).is_none(), "nothing verified yet");
+        verified.remember(&bundle, &peer);
+        assert_eq!(verified.get(&bundle), Some(peer.clone()));
+
+        let mut rotated = bundle.clone();
+        rotated.add_x509_authority(&self_signed()).unwrap();
+        assert!(verified.get(&rotated).is_none(), "a new authority re-verifies");
+        assert!(verified.get(&Bundle::new(td)).is_none(), "a removed authority re-verifies");
+    }
+}
