@@ -1,1 +1,19 @@
-//! Tessera's cross-crate and end-to-end tests live in this crate's `tests/` directory.
+//! Tessera's cross-crate and end-to-end tests live in this crate's `tests/` directory; this
+//! library is the reusable part of the load generator, `tessera-loadgen`:
+//!
+//! - [`sim`]: an in-process server on a sled datastore, and simulated agents that attest with a
+//!   join token and then talk to the agent API over real mTLS;
+//! - [`probe`]: the raw limits each figure is held to, measured in the same run (rates on all
+//!   cores, the tonic-over-UDS + `/proc` attestation floor);
+//! - [`stats`]: percentiles of latency samples;
+//! - [`modes`]: the measurements themselves (one per `tessera-loadgen` subcommand), each
+//!   returning [`report::Figure`]s that print the figure beside its limit and their ratio.
+//!
+//! The loadgen process is its own workload: Workload API calls are attested as this process
+//! (`unix:uid:<our uid>`).
+
+pub mod modes;
+pub mod probe;
+pub mod report;
+pub mod sim;
+pub mod stats;

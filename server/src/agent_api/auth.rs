@@ -15,13 +15,23 @@
 //!    an agent SVID that was superseded by a renewal, is refused with `UNAUTHENTICATED`.
 //!
 //! Every refusal is logged with the peer address and the agent ID when known.
+//!
+//! Step 2 costs a chain parse and a P-256 signature check (about three signatures' worth of
+//! CPU), more than minting a JWT-SVID, so each connection remembers its last successful
+//! verification ([`VerifiedPeer`]) and reuses it while the bundle's X.509 authorities are
+//! unchanged and for at most [`REVERIFY_AFTER`]; the leaf's expiry and steps 3-5 are still
+//! checked on every call. A connection's chain cannot change, so only the bundle and the
+//! clock can invalidate the result: a bundle change re-verifies at once, and the validity
+//! period of intermediates is re-checked within [`REVERIFY_AFTER`].
 
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use tessera_spiffe::SpiffeId;
 use tessera_spiffe::tls::{PeerSvid, verify_peer_svid};
 use tonic::{Request, Status};
+
+use tessera_spiffe::bundle::Bundle;
 
 use super::authz::AgentIdentity;
 use super::tls::AgentConnInfo;
@@ -59,6 +69,33 @@ fn refuse(status: Status, call: &'static str, peer: Option<&AgentConnInfo>, agen
     status
 }
 
+/// How long a connection reuses its last chain verification (see the [module docs](self)).
+pub(crate) const REVERIFY_AFTER: Duration = Duration::from_secs(30);
+
+/// The bundle's X.509 authorities a verification was checked against, its result, and when.
+type Verification = (Vec<Vec<u8>>, PeerSvid, Instant);
+
+/// One connection's last successful chain verification.
+#[derive(Debug, Default)]
+pub(crate) struct VerifiedPeer(Mutex<Option<Verification>>);
+
+impl VerifiedPeer {
+    /// The remembered result, if it was verified against `bundle`'s current X.509
+    /// authorities less than [`REVERIFY_AFTER`] ago.
+    fn get(&self, bundle: &Bundle) -> Option<PeerSvid> {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (authorities, peer, at) = guard.as_ref()?;
+        let same = authorities.len() == bundle.x509_authorities().len()
+            && authorities.iter().zip(bundle.x509_authorities()).all(|(a, b)| a.as_slice() == b);
+        (same && at.elapsed() < REVERIFY_AFTER).then(|| peer.clone())
+    }
+
+    fn remember(&self, bundle: &Bundle, peer: &PeerSvid) {
+        let authorities = bundle.x509_authorities().map(<[u8]>::to_vec).collect();
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((authorities, peer.clone(), Instant::now()));
+    }
+}
+
 /// Whether `id` has the shape of an agent ID of the server's trust domain.
 pub(crate) fn is_agent_id(state: &ServerState, id: &SpiffeId) -> bool {
     id.is_member_of(state.trust_domain()) && id.path().starts_with("/tessera/agent/")
@@ -80,8 +117,19 @@ pub(crate) async fn authenticate<T>(
         ));
     };
     let now = SystemTime::now();
-    let peer = verify_peer_svid(&chain, &state.ca().bundle(), now)
-        .map_err(|err| refuse(Status::unauthenticated(format!("agent SVID rejected: {err}")), call, info, None))?;
+    let bundle = state.ca().bundle();
+    let peer = match info.and_then(|i| i.verified.get(&bundle)) {
+        Some(peer) => peer,
+        None => {
+            let peer = verify_peer_svid(&chain, &bundle, now).map_err(|err| {
+                refuse(Status::unauthenticated(format!("agent SVID rejected: {err}")), call, info, None)
+            })?;
+            if let Some(info) = info {
+                info.verified.remember(&bundle, &peer);
+            }
+            peer
+        }
+    };
     check_node(state, &peer, now).await.map_err(|status| refuse(status, call, info, Some(&peer.spiffe_id)))
 }
 
@@ -161,4 +209,36 @@ pub(crate) async fn recheck(state: &Arc<ServerState>, agent: &AuthenticatedAgent
         return Err(Status::unauthenticated("agent SVID is no longer current (superseded by a renewal)"));
     }
     Ok(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_spiffe::TrustDomain;
+
+    fn self_signed() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_remembered_verification_is_reused_only_while_the_authorities_are_the_same() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut bundle = Bundle::new(td.clone());
+        bundle.add_x509_authority(&self_signed()).unwrap();
+        let peer = PeerSvid {
+            spiffe_id: SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap(),
+            serial_hex: "01".into(),
+            not_after: SystemTime::now() + Duration::from_secs(600),
+        };
+        let verified = VerifiedPeer::default();
+        assert!(verified.get(&bundle).is_none(), "nothing verified yet");
+        verified.remember(&bundle, &peer);
+        assert_eq!(verified.get(&bundle), Some(peer.clone()));
+
+        let mut rotated = bundle.clone();
+        rotated.add_x509_authority(&self_signed()).unwrap();
+        assert!(verified.get(&rotated).is_none(), "a new authority re-verifies");
+        assert!(verified.get(&Bundle::new(td)).is_none(), "a removed authority re-verifies");
+    }
 }

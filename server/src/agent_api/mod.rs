@@ -29,6 +29,13 @@
 //!   a call that cannot get one within [`SIGNING_QUEUE_TIMEOUT`] gets `UNAVAILABLE` (retryable)
 //!   so an outage's reconnect storm cannot pile up unbounded work.
 //! - Every refusal is logged with the agent ID; a refused call writes nothing.
+//!
+//! # Authorization cache
+//!
+//! The authorized set is a pure function of the datastore's state, the agent's identity and
+//! the current second, so signing calls reuse the last set computed for the same agent
+//! identity at the same entry revision and second ([`AuthorizedCache`]) instead of decoding
+//! every authorized entry on every call; any entry change moves the revision and recomputes.
 
 pub(crate) mod attest;
 pub(crate) mod auth;
@@ -38,11 +45,12 @@ mod rate;
 pub(crate) mod sync;
 pub(crate) mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use tessera_spiffe::SpiffeId;
 use tessera_wire::google::rpc;
 use tessera_wire::tessera::agent::v1 as pb;
 use tessera_wire::tessera::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -52,7 +60,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use self::auth::{AuthenticatedAgent, authenticate};
-use self::authz::authorized_entries;
+use self::authz::{AgentIdentity, authorized_entries};
 use self::convert::{bundle_document, unix_seconds};
 use crate::ca::CaError;
 use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
@@ -71,10 +79,38 @@ pub const SIGNING_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The message every unauthorized or unknown entry gets.
 pub const NOT_AUTHORIZED: &str = "entry not found or not authorized";
 
+/// Most agents whose authorized set is cached at once (the cache is cleared when full).
+const AUTHORIZED_CACHE_AGENTS: usize = 1024;
+
+type AuthorizedSet = Arc<BTreeMap<String, RegistrationEntry>>;
+
+/// The last authorized set per agent, with the identity, revision and second it was computed
+/// for (see the [module docs](self)).
+#[derive(Debug, Default)]
+struct AuthorizedCache(Mutex<HashMap<SpiffeId, (AgentIdentity, u64, u64, AuthorizedSet)>>);
+
+impl AuthorizedCache {
+    fn get(&self, identity: &AgentIdentity, revision: u64, now: u64) -> Option<AuthorizedSet> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&identity.agent_id)
+            .filter(|(cached, at_revision, at, _)| cached == identity && *at_revision == revision && *at == now)
+            .map(|(.., set)| Arc::clone(set))
+    }
+
+    fn put(&self, identity: AgentIdentity, revision: u64, now: u64, set: AuthorizedSet) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= AUTHORIZED_CACHE_AGENTS && !map.contains_key(&identity.agent_id) {
+            map.clear();
+        }
+        map.insert(identity.agent_id.clone(), (identity, revision, now, set));
+    }
+}
+
 /// The agent API service.
 #[derive(Debug, Clone)]
 pub struct AgentApi {
     state: Arc<ServerState>,
+    authorized_cache: Arc<AuthorizedCache>,
     signing: Arc<Semaphore>,
     signing_timeout: Duration,
     rate: Arc<rate::SigningRateLimit>,
@@ -97,6 +133,7 @@ impl AgentApi {
         Self {
             rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
             state,
+            authorized_cache: Arc::default(),
             signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)),
             signing_timeout: SIGNING_QUEUE_TIMEOUT,
             stopped,
@@ -108,11 +145,22 @@ impl AgentApi {
         AgentServiceServer::new(self)
     }
 
-    async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<BTreeMap<String, RegistrationEntry>, Status> {
+    async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<AuthorizedSet, Status> {
         let (server_id, identity) = (self.state.server_id().clone(), agent.identity.clone());
-        blocking(self.state.datastore(), move |store| authorized_entries(store, &server_id, &identity, now_secs()))
-            .await
-            .map_err(datastore_status)
+        let cache = Arc::clone(&self.authorized_cache);
+        blocking(self.state.datastore(), move |store| {
+            let now = now_secs();
+            // Read before computing: a write in between only makes the next call recompute.
+            let revision = store.current_revision()?;
+            if let Some(set) = cache.get(&identity, revision, now) {
+                return Ok(set);
+            }
+            let set = Arc::new(authorized_entries(store, &server_id, &identity, now)?);
+            cache.put(identity, revision, now, Arc::clone(&set));
+            Ok(set)
+        })
+        .await
+        .map_err(datastore_status)
     }
 
     async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
@@ -345,6 +393,21 @@ impl AgentService for AgentApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_authorized_cache_answers_only_for_the_same_identity_revision_and_second() {
+        let agent_id = SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/c").unwrap();
+        let identity = AgentIdentity { agent_id, node_selectors: tessera_spiffe::SelectorSet::default() };
+        let cache = AuthorizedCache::default();
+        assert!(cache.get(&identity, 7, 100).is_none());
+        cache.put(identity.clone(), 7, 100, Arc::default());
+        assert!(cache.get(&identity, 7, 100).is_some());
+        assert!(cache.get(&identity, 8, 100).is_none(), "an entry change recomputes");
+        assert!(cache.get(&identity, 7, 101).is_none(), "expiry is judged per second");
+        let mut other = identity.clone();
+        other.node_selectors = tessera_spiffe::SelectorSet::parse_all(&["join_token:x"]).unwrap();
+        assert!(cache.get(&other, 7, 100).is_none(), "new node selectors recompute");
+    }
     use crate::config::ServerConfig;
     use crate::datastore::{AttestedNode, DataStore, MemoryDataStore};
     use tessera_spiffe::{SelectorSet, TrustDomain};

@@ -129,6 +129,8 @@ pub(crate) struct AgentConnInfo {
     pub(crate) remote_addr: Option<SocketAddr>,
     /// The client's certificate chain (DER, leaf first) as presented in the handshake, if any.
     pub(crate) peer_chain: Option<Arc<Vec<Vec<u8>>>>,
+    /// The connection's last successful chain verification (see `auth::authenticate`).
+    pub(crate) verified: Arc<super::auth::VerifiedPeer>,
 }
 
 /// A TLS connection from an agent.
@@ -235,7 +237,7 @@ pub(crate) fn incoming_named(
                             .1
                             .peer_certificates()
                             .map(|certs| Arc::new(certs.iter().map(|c| c.as_ref().to_vec()).collect::<Vec<_>>()));
-                        let info = AgentConnInfo { remote_addr: Some(remote), peer_chain };
+                        let info = AgentConnInfo { remote_addr: Some(remote), peer_chain, verified: Arc::default() };
                         let _ = tx.send(Ok(AgentTlsStream { inner: tls, info })).await;
                     }
                     Ok(Err(err)) => tracing::warn!(peer = %remote, error = %err, "{what} TLS handshake failed"),

@@ -1,0 +1,110 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Smoke test of `tessera-loadgen`: every mode runs with tiny sizes against a real in-process
+//! server (and agent) and prints its figure lines, each with a limit measured in the same run.
+//! No timing is asserted: this checks the benchmark still works, not how fast Tessera is.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs the load generator with `args`; returns its stdout after checking it succeeded.
+async fn loadgen(args: &[&str]) -> String {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessera-loadgen"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("tessera-loadgen {args:?} did not finish in {DEADLINE:?}"))
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "tessera-loadgen {args:?} failed: {}\n{stdout}\n{stderr}", output.status);
+    assert!(stdout.starts_with("MACHINE cpus="), "{stdout}");
+    stdout
+}
+
+/// The `FIGURE` line named `name`, parsed into its fields.
+fn figure(stdout: &str, name: &str) -> std::collections::HashMap<String, String> {
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with(&format!("FIGURE name={name} ")))
+        .unwrap_or_else(|| panic!("no figure {name} in:\n{stdout}"));
+    line.split_whitespace().skip(1).filter_map(|f| f.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect()
+}
+
+fn number(fields: &std::collections::HashMap<String, String>, key: &str) -> f64 {
+    fields[key].parse().unwrap_or_else(|_| panic!("{key} is not a number: {fields:?}"))
+}
+
+/// A throughput figure: a positive rate, a positive limit from the same run, their ratio.
+fn assert_throughput(stdout: &str, name: &str) {
+    let fields = figure(stdout, name);
+    let (value, limit, ratio) = (number(&fields, "value"), number(&fields, "limit"), number(&fields, "ratio"));
+    assert!(value > 0.0 && limit > 0.0, "{fields:?}");
+    assert!((ratio - value / limit).abs() < 0.01, "{fields:?}");
+    assert!(fields["met"] == "yes" || fields["met"] == "NO", "{fields:?}");
+}
+
+#[tokio::test]
+async fn x509_mode_prints_the_rate_beside_the_signing_limit() {
+    let out = loadgen(&["x509", "--agents", "2", "--entries", "3", "--seconds", "0.5", "--probe-seconds", "0.2"]).await;
+    assert_throughput(&out, "x509.svids_per_sec");
+    assert_eq!(number(&figure(&out, "x509.item_failures"), "value"), 0.0, "{out}");
+    figure(&out, "x509.batch_p99_ms");
+}
+
+#[tokio::test]
+async fn jwt_mode_prints_the_rate_beside_the_mint_limit() {
+    let out = loadgen(&["jwt", "--agents", "2", "--entries", "2", "--seconds", "0.5", "--probe-seconds", "0.2"]).await;
+    assert_throughput(&out, "jwt.svids_per_sec");
+    assert_eq!(number(&figure(&out, "jwt.failures"), "value"), 0.0, "{out}");
+}
+
+#[tokio::test]
+async fn propagation_mode_delivers_every_entry() {
+    let out = loadgen(&["propagation", "--entries", "3"]).await;
+    assert_eq!(number(&figure(&out, "propagation.failures"), "value"), 0.0, "{out}");
+    let p99 = figure(&out, "propagation.p99_ms");
+    assert!(number(&p99, "value") > 0.0, "{p99:?}");
+    assert_eq!(p99["target"], "value<500");
+}
+
+#[tokio::test]
+async fn workload_mode_measures_each_level_beside_the_floor() {
+    let out = loadgen(&["workload", "--clients", "1,4", "--calls", "8", "--min-calls-per-client", "2"]).await;
+    for level in ["c1", "c4"] {
+        for api in ["x509", "jwt"] {
+            let p50 = figure(&out, &format!("workload.{level}.{api}_p50_us"));
+            assert!(number(&p50, "value") > 0.0 && number(&p50, "limit") > 0.0, "{p50:?}");
+            assert_eq!(number(&figure(&out, &format!("workload.{level}.{api}_failures")), "value"), 0.0, "{out}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_options_are_refused_with_a_one_line_error() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessera-loadgen"))
+        .args(["x509", "--entries", "501"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.starts_with("tessera-loadgen: error: ") && stderr.contains("--entries"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[tokio::test]
+async fn scale_mode_syncs_every_entry_after_a_restart() {
+    let out = loadgen(&["scale", "--sizes", "40", "--writers", "4"]).await;
+    assert_eq!(number(&figure(&out, "scale.n40.sync_missing_entries"), "value"), 0.0, "{out}");
+    assert_eq!(number(&figure(&out, "scale.n40.sync_failures"), "value"), 0.0, "{out}");
+    let writes = figure(&out, "scale.n40.entry_writes_per_sec");
+    assert!(number(&writes, "value") > 0.0 && number(&writes, "limit") > 0.0, "{writes:?}");
+    assert!(number(&figure(&out, "scale.n40.startup_ms"), "value") > 0.0, "{out}");
+}
