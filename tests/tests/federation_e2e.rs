@@ -5,7 +5,8 @@
 //! (`tessera-server federation create`), entries name the other trust domain with
 //! `--federates-with`, and a workload in each domain, configured only from what its Workload
 //! API returns (the `spiffe` crate as client), opens mutual TLS (rustls) to the other: each
-//! side sees the other's SPIFFE ID. Federation then survives a restart of a server.
+//! side sees the other's SPIFFE ID. Federation then survives a restart of a server, and
+//! deleting the relationship removes the foreign bundle from a workload's open stream.
 //!
 //! Like e2e_deployment.rs, this uses the binaries built next to the test (`cargo build -p
 //! tessera-server -p tessera-agent` first when running this crate alone).
@@ -16,6 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt as _;
 use spiffe::{WorkloadApiClient, X509Context};
 use tessera_spiffe::bundle::Bundle;
 use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
@@ -277,4 +279,16 @@ async fn workloads_of_two_federated_trust_domains_authenticate_each_other() {
     let (context_a, context_b) = (a.context_with("b.test").await, b.context_with("a.test").await);
     let (seen_by_a, seen_by_b) = mtls(&context_a, &context_b).await;
     assert_eq!((seen_by_a.as_str(), seen_by_b.as_str()), ("spiffe://b.test/workload", "spiffe://a.test/workload"));
+
+    // Ending the relationship removes b.test's bundle from the next message on a workload's
+    // open stream, without the workload asking.
+    let client = WorkloadApiClient::connect_to(format!("unix://{}", a.path("ap/api.sock").display())).await.unwrap();
+    let mut contexts = client.stream_x509_contexts().await.unwrap();
+    let b_td = spiffe::TrustDomain::new("b.test").unwrap();
+    let first = tokio::time::timeout(DEADLINE, contexts.next()).await.unwrap().unwrap().unwrap();
+    assert!(first.bundle_set().get(&b_td).is_some(), "the stream starts without b.test's bundle");
+    a.ok(&["federation", "delete", "--trust-domain", "b.test"]);
+    let next = tokio::time::timeout(DEADLINE, contexts.next()).await.unwrap().unwrap().unwrap();
+    assert!(next.bundle_set().get(&b_td).is_none(), "b.test's bundle is still delivered after the delete");
+    assert_eq!(next.default_svid().unwrap().spiffe_id().to_string(), "spiffe://a.test/workload");
 }
