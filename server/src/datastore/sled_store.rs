@@ -312,6 +312,19 @@ impl fmt::Debug for SledDataStore {
     }
 }
 
+/// A tree of versioned blobs keyed by trust domain (bundles, federation relationships), for
+/// [`SledDataStore::put_versioned_blob`].
+struct VersionedTree<'a> {
+    tree: &'a sled::Tree,
+    /// The tree's name, for decode errors.
+    name: &'static str,
+    kind: ResourceKind,
+    /// What the record's counter is called in conflict messages ("sequence", "revision").
+    counter: &'static str,
+    /// The write, for storage errors.
+    operation: &'static str,
+}
+
 impl SledDataStore {
     /// Opens (creating it if needed, with mode 0700) the datastore directory at `path`.
     ///
@@ -370,6 +383,42 @@ impl SledDataStore {
     }
 
     /// Makes every write so far durable.
+    /// Writes `data` under `trust_domain` in a tree of [`BundleRecordV1`] values, bumping the
+    /// record's counter in one transaction: when `expected` is given and differs from the
+    /// stored counter (0 when absent), nothing is written and the conflict is reported. Flushed
+    /// before it returns the new counter.
+    fn put_versioned_blob(
+        &self,
+        target: VersionedTree<'_>,
+        trust_domain: &TrustDomain,
+        data: &[u8],
+        expected: Option<u64>,
+    ) -> Result<u64> {
+        let key = trust_domain.name().as_bytes();
+        let counter = target
+            .tree
+            .transaction(|tx| {
+                let current = match tx.get(key)? {
+                    None => 0,
+                    Some(bytes) => decode::<BundleRecordV1>(target.name, key, &bytes).map_err(abort)?.sequence(),
+                };
+                if let Some(expected) = expected.filter(|&expected| expected != current) {
+                    return Err(abort(DataStoreError::Conflict {
+                        kind: target.kind,
+                        id: trust_domain.to_string(),
+                        expected: format!("{} {expected}", target.counter),
+                        found: format!("{} {current}", target.counter),
+                    }));
+                }
+                let next = current + 1;
+                tx.insert(key, encode(&BundleRecordV1::new(data, next)).map_err(abort)?)?;
+                Ok(next)
+            })
+            .map_err(tx_error(target.operation))?;
+        self.flush()?;
+        Ok(counter)
+    }
+
     fn flush(&self) -> Result<()> {
         self.db.flush().map(drop).map_err(storage("flush"))
     }
@@ -883,29 +932,18 @@ impl DataStore for SledDataStore {
     }
 
     fn set_bundle(&self, trust_domain: &TrustDomain, data: &[u8], expected_sequence: Option<u64>) -> Result<Bundle> {
-        let key = trust_domain.name().as_bytes();
-        let sequence = self
-            .trees
-            .bundles
-            .transaction(|tx| {
-                let current = match tx.get(key)? {
-                    None => 0,
-                    Some(bytes) => decode::<BundleRecordV1>(BUNDLES, key, &bytes).map_err(abort)?.sequence(),
-                };
-                if let Some(expected) = expected_sequence.filter(|&expected| expected != current) {
-                    return Err(abort(DataStoreError::Conflict {
-                        kind: ResourceKind::Bundle,
-                        id: trust_domain.to_string(),
-                        expected: format!("sequence {expected}"),
-                        found: format!("sequence {current}"),
-                    }));
-                }
-                let sequence = current + 1;
-                tx.insert(key, encode(&BundleRecordV1::new(data, sequence)).map_err(abort)?)?;
-                Ok(sequence)
-            })
-            .map_err(tx_error("bundle set"))?;
-        self.flush()?;
+        let sequence = self.put_versioned_blob(
+            VersionedTree {
+                tree: &self.trees.bundles,
+                name: BUNDLES,
+                kind: ResourceKind::Bundle,
+                counter: "sequence",
+                operation: "bundle set",
+            },
+            trust_domain,
+            data,
+            expected_sequence,
+        )?;
         Ok(Bundle { trust_domain: trust_domain.clone(), data: data.to_vec(), sequence })
     }
 
@@ -944,29 +982,18 @@ impl DataStore for SledDataStore {
         data: &[u8],
         expected_revision: Option<u64>,
     ) -> Result<FederationRelationshipRecord> {
-        let key = trust_domain.name().as_bytes();
-        let revision = self
-            .trees
-            .federation
-            .transaction(|tx| {
-                let current = match tx.get(key)? {
-                    None => 0,
-                    Some(bytes) => decode::<BundleRecordV1>(FEDERATION, key, &bytes).map_err(abort)?.sequence(),
-                };
-                if let Some(expected) = expected_revision.filter(|&expected| expected != current) {
-                    return Err(abort(DataStoreError::Conflict {
-                        kind: ResourceKind::FederationRelationship,
-                        id: trust_domain.to_string(),
-                        expected: format!("revision {expected}"),
-                        found: format!("revision {current}"),
-                    }));
-                }
-                let revision = current + 1;
-                tx.insert(key, encode(&BundleRecordV1::new(data, revision)).map_err(abort)?)?;
-                Ok(revision)
-            })
-            .map_err(tx_error("federation relationship put"))?;
-        self.flush()?;
+        let revision = self.put_versioned_blob(
+            VersionedTree {
+                tree: &self.trees.federation,
+                name: FEDERATION,
+                kind: ResourceKind::FederationRelationship,
+                counter: "revision",
+                operation: "federation relationship put",
+            },
+            trust_domain,
+            data,
+            expected_revision,
+        )?;
         Ok(FederationRelationshipRecord { trust_domain: trust_domain.clone(), data: data.to_vec(), revision })
     }
 
