@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cli::{Cli, Command};
-use config::{AgentConfig, LogFormat};
+use config::AgentConfig;
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -118,44 +118,17 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr at `log_level`, as text or JSON (`RUST_LOG` is not consulted).
-///
-/// `json` writes one JSON object per line: `timestamp`, `level`, `target`, and the event's
-/// structured fields (its message included) under `fields`, plus the enclosing `span`s.
-/// Text is coloured only when stderr is a terminal and `NO_COLOR` is unset, so log files and
-/// journald never receive escape sequences.
+/// Logs go to stderr at `log_level`, as text or JSON; see [`tessera_common::logging::init`].
 fn init_logging(config: &AgentConfig) {
-    let level = config.log_level.as_str();
-    let quiet = if level == "trace" { "" } else { ",h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn" };
-    let filter = tracing_subscriber::EnvFilter::new(format!("{level}{quiet}"));
-    let builder =
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(stderr_wants_colour());
-    match config.log_format {
-        LogFormat::Text => {
-            let _ = builder.try_init();
-        }
-        LogFormat::Json => JSON_LOGS.store(builder.json().try_init().is_ok(), std::sync::atomic::Ordering::Relaxed),
-    }
+    tessera_common::logging::init(
+        config.log_level,
+        config.log_format,
+        &["h2", "hyper", "hyper_util", "tower", "rustls"],
+    );
 }
-
-/// Whether text logs may carry ANSI colour codes: only on a terminal, and never with `NO_COLOR`
-/// set to a non-empty value (<https://no-color.org>).
-fn stderr_wants_colour() -> bool {
-    use std::io::IsTerminal as _;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
-}
-
-/// Set once `run` has installed JSON logging: from then on a fatal error is reported as a JSON
-/// event too, so a log pipeline that expects one JSON object per line never receives a bare
-/// text line at exit.
-static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reports the error that ends the process, as one line on stderr: `tessera-agent: <reason>`, or,
 /// once JSON logging is on, an `ERROR` event whose `error` field holds the reason.
 pub fn report_fatal(error: &anyhow::Error) {
-    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::error!(error = %format!("{error:#}"), "tessera-agent exiting on an error");
-    } else {
-        eprintln!("tessera-agent: {error:#}");
-    }
+    tessera_common::logging::report_fatal("tessera-agent", error);
 }

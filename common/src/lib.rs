@@ -2,3 +2,4 @@
 //! operations plumbing (metrics endpoint, audit log) that both binaries serve.
 
 pub mod config;
+pub mod logging;

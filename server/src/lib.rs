@@ -29,7 +29,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use cli::{Cli, Command};
-use config::{LogFormat, ServerConfig};
+use config::ServerConfig;
 
 /// Runs the parsed command line. An error is printed by `main` as one line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,47 +56,13 @@ fn run_server(file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs go to stderr (stdout only carries command output), at `log_level`, as text or JSON.
-/// `RUST_LOG` is not consulted: the configuration file is the one source.
-///
-/// `json` writes one JSON object per line: `timestamp`, `level`, `target`, and the event's
-/// structured fields (its message included) under `fields`, plus the enclosing `span`s.
-/// Text is coloured only when stderr is a terminal and `NO_COLOR` is unset, so log files and
-/// journald never receive escape sequences.
+/// Logs go to stderr at `log_level`, as text or JSON; see [`tessera_common::logging::init`].
 fn init_logging(config: &ServerConfig) {
-    let level = config.log_level.as_str();
-    // The protocol crates are chatty at debug level; keep them at warn unless tracing.
-    let quiet = if level == "trace" { "" } else { ",h2=warn,hyper=warn,hyper_util=warn,tower=warn,sled=warn" };
-    let filter = tracing_subscriber::EnvFilter::new(format!("{level}{quiet}"));
-    let builder =
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_ansi(stderr_wants_colour());
-    // `try_init` fails only when a subscriber is already set (tests): keep that one.
-    match config.log_format {
-        LogFormat::Text => {
-            let _ = builder.try_init();
-        }
-        LogFormat::Json => JSON_LOGS.store(builder.json().try_init().is_ok(), std::sync::atomic::Ordering::Relaxed),
-    }
+    tessera_common::logging::init(config.log_level, config.log_format, &["h2", "hyper", "hyper_util", "tower", "sled"]);
 }
-
-/// Whether text logs may carry ANSI colour codes: only on a terminal, and never with `NO_COLOR`
-/// set to a non-empty value (<https://no-color.org>).
-fn stderr_wants_colour() -> bool {
-    use std::io::IsTerminal as _;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
-}
-
-/// Set once `run` has installed JSON logging: from then on a fatal error is reported as a JSON
-/// event too, so a log pipeline that expects one JSON object per line never receives a bare
-/// text line at exit.
-static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reports the error that ends the process, as one line on stderr: `tessera-server: <reason>`, or,
 /// once JSON logging is on, an `ERROR` event whose `error` field holds the reason.
 pub fn report_fatal(error: &anyhow::Error) {
-    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::error!(error = %format!("{error:#}"), "tessera-server exiting on an error");
-    } else {
-        eprintln!("tessera-server: {error:#}");
-    }
+    tessera_common::logging::report_fatal("tessera-server", error);
 }
