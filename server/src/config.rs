@@ -75,6 +75,9 @@ pub const SERVER_KEYS: &[&str] = &[
     "federation.federates_with.endpoint_spiffe_id",
     "federation.federates_with.trust_bundle_path",
     "federation.federates_with.ca_bundle_path",
+    // Issue 9: node attestors besides join tokens.
+    "node_attestor.x509pop.ca_bundle_path",
+    "node_attestor.x509pop.agent_id_from",
     "agent_svid_rate_limit",
 ];
 
@@ -198,9 +201,48 @@ pub struct ServerConfig {
     /// `[federation]`: the bundle endpoint and federation relationships (issue 6).
     #[serde(deserialize_with = "de_table")]
     pub federation: FederationConfig,
+    /// `[node_attestor]`: node attestors besides join tokens (issue 9).
+    #[serde(deserialize_with = "de_table")]
+    pub node_attestor: NodeAttestorConfig,
     /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
     /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
     pub agent_svid_rate_limit: u32,
+}
+
+/// `[node_attestor]`: the node attestors enabled besides join tokens (always on).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeAttestorConfig {
+    /// `[node_attestor.x509pop]`: agents prove possession of a node certificate's key.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub x509pop: Option<X509PopConfig>,
+}
+
+keyword_enum! {
+    /// `node_attestor.x509pop.agent_id_from`: the last segment of an x509pop agent's ID.
+    pub enum X509PopAgentId {
+        /// SHA-256 of the node certificate (DER), in hex: a new certificate is a new agent.
+        Fingerprint = "fingerprint",
+        /// The certificate's subject common name: stable across certificate renewals, so the
+        /// CA must never issue one name to two machines.
+        SubjectCn = "subject_cn",
+    }
+}
+
+/// `[node_attestor.x509pop]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopConfig {
+    /// PEM file of the CA certificates node certificates must chain to (required).
+    #[serde(deserialize_with = "de_path")]
+    pub ca_bundle_path: PathBuf,
+    /// What names the agent: `fingerprint` (default) or `subject_cn`.
+    #[serde(default = "default_x509pop_agent_id")]
+    pub agent_id_from: X509PopAgentId,
+}
+
+fn default_x509pop_agent_id() -> X509PopAgentId {
+    X509PopAgentId::Fingerprint
 }
 
 /// `[datastore]`.
@@ -424,6 +466,7 @@ impl Default for ServerConfig {
             upstream_authority: None,
             oidc: OidcConfig::default(),
             federation: FederationConfig::default(),
+            node_attestor: NodeAttestorConfig::default(),
             agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
         }
     }
@@ -547,6 +590,12 @@ mod tests {
                     ] {
                         from_code.extend(keys.iter().map(|key| format!("federation.{table}.{key}")));
                     }
+                    continue;
+                }
+                "node_attestor" => {
+                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop"]);
+                    let keys = fields_of::<X509PopConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.x509pop.{key}")));
                     continue;
                 }
                 _ => None,

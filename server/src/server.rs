@@ -74,6 +74,14 @@ pub enum ServerError {
         /// Why.
         source: SpiffeIdError,
     },
+    /// A node attestor's configuration cannot be used.
+    #[error("{key}: {reason}")]
+    NodeAttestor {
+        /// The configuration key concerned.
+        key: &'static str,
+        /// What is wrong (names the file).
+        reason: String,
+    },
     /// The admin socket could not be prepared or bound.
     #[error("admin socket {}: {reason}", path.display())]
     AdminSocket {
@@ -127,6 +135,7 @@ pub struct ServerState {
     datastore: Arc<dyn DataStore>,
     ca: Arc<CertificateAuthority>,
     federation: crate::federation::FederationHandle,
+    x509pop: Option<crate::agent_api::x509pop::X509Pop>,
 }
 
 impl ServerState {
@@ -139,7 +148,27 @@ impl ServerState {
         let server_id = config.trust_domain.id_from_segments(&["tessera", "server"]).map_err(|source| {
             ServerError::WellKnownId { trust_domain: config.trust_domain.name().to_owned(), source }
         })?;
-        Ok(Self { config, server_id, datastore, ca, federation: crate::federation::FederationHandle::default() })
+        let x509pop =
+            config
+                .node_attestor
+                .x509pop
+                .as_ref()
+                .map(crate::agent_api::x509pop::X509Pop::load)
+                .transpose()
+                .map_err(|reason| ServerError::NodeAttestor { key: "node_attestor.x509pop.ca_bundle_path", reason })?;
+        Ok(Self {
+            config,
+            server_id,
+            datastore,
+            ca,
+            federation: crate::federation::FederationHandle::default(),
+            x509pop,
+        })
+    }
+
+    /// The x509pop node attestor, when configured.
+    pub(crate) fn x509pop(&self) -> Option<&crate::agent_api::x509pop::X509Pop> {
+        self.x509pop.as_ref()
     }
 
     /// The federation relationships (issue 6).

@@ -1,6 +1,7 @@
-//! Node attestation (spec: server-agent-flow §2). Only the `join_token` attestor exists.
+//! Node attestation (spec: server-agent-flow §2): join tokens (always on) and, when
+//! configured, `x509pop` (see [`super::x509pop`]).
 //!
-//! Order of the checks, chosen so that bad input never burns a token:
+//! Order of the join-token checks, chosen so that bad input never burns a token:
 //!
 //! 1. the first message is `params` with type `join_token`, a UTF-8 token that is a valid
 //!    SPIFFE ID path segment (`INVALID_ARGUMENT` otherwise);
@@ -26,24 +27,29 @@ use std::time::{Duration, SystemTime};
 
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId};
 use tessera_wire::tessera::agent::v1 as pb;
+use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::BoxStream;
 use super::convert::{bundle_to_proto, selector_to_proto, unix_seconds};
-use crate::datastore::{AttestedNode, DataStoreError, blocking};
+use crate::datastore::{AttestedNode, DataStoreError, NodeSerials, blocking};
 use crate::server::ServerState;
 
-/// The only node attestor.
+/// The join-token node attestor.
 pub(crate) const JOIN_TOKEN: &str = "join_token";
 /// How long the agent may take to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest CSR accepted, in bytes.
 pub(crate) const MAX_CSR_LEN: usize = 16 * 1024;
 
-/// Runs one attestation to its result.
+/// Runs one attestation: reads the parameters and answers with the result, or, for attestors
+/// with a challenge, with the challenge and then (from a task reading the agent's answer) the
+/// result. Refusals before the stream opens are the call's status; later ones end the stream.
 pub(crate) async fn attest(
     state: &Arc<ServerState>,
     mut stream: Streaming<pb::AttestAgentRequest>,
-) -> Result<pb::AttestAgentResult, Status> {
+    peer: String,
+) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no attestation parameters received in time"))??;
@@ -51,13 +57,56 @@ pub(crate) async fn attest(
         return Err(Status::invalid_argument("the first message must be `params`"));
     };
     let data = params.data.ok_or_else(|| Status::invalid_argument("params.data is required"))?;
-    if data.r#type != JOIN_TOKEN {
-        return Err(Status::invalid_argument(format!(
-            "params.data.type: unsupported attestation type {:?}; supported: {JOIN_TOKEN}",
-            data.r#type
-        )));
+    if params.csr.len() > MAX_CSR_LEN {
+        return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")));
     }
-    let token = String::from_utf8(data.payload)
+    match data.r#type.as_str() {
+        JOIN_TOKEN => {
+            let result = join_token(state, data.payload, params.csr).await?;
+            Ok(Box::pin(tokio_stream::once(Ok(result_response(result)))))
+        }
+        tessera_common::x509pop::TYPE if state.x509pop().is_some() => {
+            let Some(x509pop) = state.x509pop() else {
+                return Err(Status::internal("x509pop is not configured"));
+            };
+            tessera_spiffe::x509::verify_csr(&params.csr)
+                .map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
+            let pending = x509pop.verify_chain(state.trust_domain(), &data.payload, SystemTime::now())?;
+            let (sender, receiver) = mpsc::channel(2);
+            let challenge = pb::AttestAgentResponse {
+                step: Some(pb::attest_agent_response::Step::Challenge(pending.nonce.to_vec())),
+            };
+            sender.send(Ok(challenge)).await.map_err(|_| Status::cancelled("the agent went away"))?;
+            let state = Arc::clone(state);
+            tokio::spawn(async move {
+                let outcome = finish_x509pop(&state, pending, params.csr, stream).await;
+                if let Err(status) = &outcome {
+                    tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+                }
+                let _ = sender.send(outcome.map(result_response)).await;
+            });
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
+        }
+        other => {
+            let mut supported = vec![JOIN_TOKEN];
+            if state.x509pop().is_some() {
+                supported.push(tessera_common::x509pop::TYPE);
+            }
+            Err(Status::invalid_argument(format!(
+                "params.data.type: unsupported attestation type {other:?}; supported: {}",
+                supported.join(", ")
+            )))
+        }
+    }
+}
+
+fn result_response(result: pb::AttestAgentResult) -> pb::AttestAgentResponse {
+    pb::AttestAgentResponse { step: Some(pb::attest_agent_response::Step::Result(result)) }
+}
+
+/// Join-token attestation, in the order of the module documentation.
+async fn join_token(state: &Arc<ServerState>, payload: Vec<u8>, csr: Vec<u8>) -> Result<pb::AttestAgentResult, Status> {
+    let token = String::from_utf8(payload)
         .map_err(|_| Status::invalid_argument("params.data.payload: join token is not UTF-8"))?;
     if token.is_empty() || token.len() > crate::datastore::MAX_KEY_LEN {
         return Err(Status::invalid_argument("params.data.payload: join token must be 1 to 255 bytes"));
@@ -65,11 +114,7 @@ pub(crate) async fn attest(
     let agent_id = state
         .join_token_agent_id(&token)
         .map_err(|err| Status::invalid_argument(format!("params.data.payload: invalid join token: {err}")))?;
-    if params.csr.len() > MAX_CSR_LEN {
-        return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")));
-    }
-    tessera_spiffe::x509::verify_csr(&params.csr)
-        .map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
+    tessera_spiffe::x509::verify_csr(&csr).map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
 
     let node_selectors: SelectorSet = [Selector::new("spiffe_id", agent_id.as_str())
         .map_err(|err| Status::internal(format!("node selector: {err}")))?]
@@ -99,7 +144,68 @@ pub(crate) async fn attest(
     .await
     .map_err(|err| Status::unavailable(format!("datastore: {err}")))??;
 
-    let (state2, id, csr) = (Arc::clone(state), agent_id.clone(), params.csr);
+    issue(
+        state,
+        NewNode { agent_id, attestation_type: JOIN_TOKEN, selectors: node_selectors, can_reattest: false },
+        csr,
+        None,
+        now,
+    )
+    .await
+}
+
+/// x509pop step 3 and the result: waits for the signed challenge, then issues.
+async fn finish_x509pop(
+    state: &Arc<ServerState>,
+    pending: super::x509pop::PendingNode,
+    csr: Vec<u8>,
+    mut stream: Streaming<pb::AttestAgentRequest>,
+) -> Result<pb::AttestAgentResult, Status> {
+    let answer = tokio::time::timeout(super::x509pop::RESPONSE_TIMEOUT, stream.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no challenge response received in time"))??;
+    let Some(pb::AttestAgentRequest { step: Some(pb::attest_agent_request::Step::ChallengeResponse(signature)) }) =
+        answer
+    else {
+        return Err(Status::invalid_argument("the second message must be `challenge_response`"));
+    };
+    pending.verify_response(&csr, &signature)?;
+
+    let id = pending.agent_id.clone();
+    let existing = blocking(state.datastore(), move |store| store.get_attested_node(&id))
+        .await
+        .map_err(|err| Status::unavailable(format!("datastore: {err}")))?;
+    if existing.as_ref().is_some_and(|node| node.banned) {
+        return Err(Status::permission_denied("agent is banned"));
+    }
+    let node = NewNode {
+        agent_id: pending.agent_id,
+        attestation_type: tessera_common::x509pop::TYPE,
+        selectors: pending.selectors,
+        can_reattest: true,
+    };
+    issue(state, node, csr, existing, SystemTime::now()).await
+}
+
+/// What an attestor established about a node.
+struct NewNode {
+    agent_id: SpiffeId,
+    attestation_type: &'static str,
+    selectors: SelectorSet,
+    can_reattest: bool,
+}
+
+/// Signs the agent SVID and records the node: created, or, for a re-attestation, its serial
+/// and selectors replaced (compare-and-set on the serial it had, so of two concurrent
+/// re-attestations one wins and the other is told to retry).
+async fn issue(
+    state: &Arc<ServerState>,
+    node: NewNode,
+    csr: Vec<u8>,
+    existing: Option<AttestedNode>,
+    now: SystemTime,
+) -> Result<pb::AttestAgentResult, Status> {
+    let (state2, id) = (Arc::clone(state), node.agent_id.clone());
     let ttl = state.config().agent_ttl;
     let svid = tokio::task::spawn_blocking(move || state2.ca().sign_agent_svid(&id, ttl, &csr, now))
         .await
@@ -108,25 +214,56 @@ pub(crate) async fn attest(
     let leaf = svid.chain.first().ok_or_else(|| Status::internal("empty agent SVID chain"))?;
     let serial = tessera_spiffe::tls::certificate_serial_hex(leaf)
         .map_err(|err| Status::internal(format!("agent SVID serial: {err}")))?;
-    let node = AttestedNode {
-        spiffe_id: agent_id.clone(),
-        attestation_type: JOIN_TOKEN.to_owned(),
-        serial,
-        new_serial: None,
-        expires_at: u64::try_from(unix_seconds(svid.expires_at)).unwrap_or(0),
-        banned: false,
-        selectors: node_selectors.clone(),
-        can_reattest: false,
-    };
-    blocking(state.datastore(), move |store| store.create_attested_node(&node))
-        .await
-        .map_err(|err| Status::internal(format!("cannot record the attested node: {err}")))?;
-    tracing::info!(agent = %agent_id, expires_at = ?svid.expires_at, "agent attested with a join token");
+    let expires_at = u64::try_from(unix_seconds(svid.expires_at)).unwrap_or(0);
+    let agent_id = node.agent_id.clone();
+    let selectors = node.selectors.clone();
+    let reattested = existing.is_some();
+    let attestor = node.attestation_type;
+    blocking(state.datastore(), move |store| {
+        Ok(match existing {
+            None => match store.create_attested_node(&AttestedNode {
+                spiffe_id: node.agent_id.clone(),
+                attestation_type: node.attestation_type.to_owned(),
+                serial,
+                new_serial: None,
+                expires_at,
+                banned: false,
+                selectors: node.selectors,
+                can_reattest: node.can_reattest,
+            }) {
+                Ok(()) => Ok(()),
+                Err(DataStoreError::AlreadyExists { .. }) => {
+                    Err(Status::aborted("the agent attested concurrently; attest again"))
+                }
+                Err(err) => return Err(err),
+            },
+            Some(previous) => {
+                let serials = NodeSerials { serial, new_serial: None, expires_at };
+                match store.update_attested_node_serials(&node.agent_id, &previous.serial, &serials) {
+                    Ok(_) => store.set_attested_node_selectors(&node.agent_id, &node.selectors).map(|_| Ok(()))?,
+                    Err(DataStoreError::NodeBanned { .. }) => Err(Status::permission_denied("agent is banned")),
+                    Err(DataStoreError::Conflict { .. } | DataStoreError::NotFound { .. }) => {
+                        Err(Status::aborted("the agent attested concurrently; attest again"))
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+    })
+    .await
+    .map_err(|err| Status::internal(format!("cannot record the attested node: {err}")))??;
+    tracing::info!(
+        agent = %agent_id,
+        attestor,
+        reattested,
+        expires_at = ?svid.expires_at,
+        "agent attested"
+    );
 
     Ok(pb::AttestAgentResult {
         svid: Some(agent_svid(&agent_id, svid.chain, svid.expires_at)),
         bundle: Some(bundle_to_proto(&state.ca().bundle())),
-        selectors: node_selectors.iter().map(selector_to_proto).collect(),
+        selectors: selectors.iter().map(selector_to_proto).collect(),
     })
 }
 

@@ -44,6 +44,7 @@ mod convert;
 mod rate;
 pub(crate) mod sync;
 pub(crate) mod tls;
+pub(crate) mod x509pop;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -200,11 +201,10 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
         let peer = auth::conn_info(&request).and_then(|i| i.remote_addr).map(|a| a.to_string()).unwrap_or_default();
-        let result = attest::attest(&self.state, request.into_inner()).await.inspect_err(|status| {
+        let responses = attest::attest(&self.state, request.into_inner(), peer.clone()).await.inspect_err(|status| {
             tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
         })?;
-        let response = pb::AttestAgentResponse { step: Some(pb::attest_agent_response::Step::Result(result)) };
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(response)))))
+        Ok(Response::new(responses))
     }
 
     async fn renew_agent(
