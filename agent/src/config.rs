@@ -40,8 +40,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 pub use tessera_common::config::{ConfigError, ConfigWarning, LogFormat, LogLevel, MAX_SOCKET_PATH_LEN, io_message};
 use tessera_common::config::{
-    de_byte_size, de_opt_path, de_opt_socket_addr, de_opt_string, de_path, de_socket_path, de_str, de_table,
-    de_trust_domain, parse_toml, read_file,
+    de_byte_size, de_opt_path, de_opt_socket_addr, de_opt_string, de_opt_table, de_path, de_socket_path, de_str,
+    de_table, de_trust_domain, parse_toml, read_file,
 };
 use tessera_spiffe::TrustDomain;
 
@@ -57,6 +57,8 @@ pub const AGENT_KEYS: &[&str] = &[
     "trust_bundle_path",
     "insecure_bootstrap",
     "join_token",
+    "node_attestor.x509pop.certificate_path",
+    "node_attestor.x509pop.private_key_path",
     "log_level",
     "log_format",
     "max_sha256_file_size",
@@ -108,6 +110,9 @@ pub struct AgentConfig {
     /// when there is none. Never printed by `Debug`.
     #[serde(deserialize_with = "de_opt_string")]
     pub join_token: Option<String>,
+    /// `[node_attestor]`: how the agent attests when it is not using a join token.
+    #[serde(deserialize_with = "de_table")]
+    pub node_attestor: NodeAttestorConfig,
     /// Most verbose level logged.
     pub log_level: LogLevel,
     /// Log line format.
@@ -121,6 +126,28 @@ pub struct AgentConfig {
     /// `[metrics]`.
     #[serde(deserialize_with = "de_table")]
     pub metrics: MetricsConfig,
+}
+
+/// `[node_attestor]`: node attestation other than a join token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeAttestorConfig {
+    /// `[node_attestor.x509pop]`: attest with a node certificate and its key.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub x509pop: Option<X509PopConfig>,
+}
+
+/// `[node_attestor.x509pop]`: the node certificate the server's `node_attestor.x509pop` CA
+/// issued to this machine. Read at every attestation, so a renewed file is picked up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509PopConfig {
+    /// PEM: the node certificate first, then any intermediates up to the CA.
+    #[serde(deserialize_with = "de_path")]
+    pub certificate_path: PathBuf,
+    /// PEM PKCS#8 private key of the node certificate (EC P-256/P-384, Ed25519 or RSA).
+    #[serde(deserialize_with = "de_path")]
+    pub private_key_path: PathBuf,
 }
 
 /// `[health]`: `GET /live` and `GET /ready`.
@@ -152,6 +179,7 @@ impl Default for AgentConfig {
             trust_bundle_path: None,
             insecure_bootstrap: false,
             join_token: None,
+            node_attestor: NodeAttestorConfig::default(),
             log_level: LogLevel::Info,
             log_format: LogFormat::Text,
             max_sha256_file_size: DEFAULT_MAX_SHA256_FILE_SIZE,
@@ -173,6 +201,7 @@ impl fmt::Debug for AgentConfig {
             .field("trust_bundle_path", &self.trust_bundle_path)
             .field("insecure_bootstrap", &self.insecure_bootstrap)
             .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field("node_attestor", &self.node_attestor)
             .field("log_level", &self.log_level)
             .field("log_format", &self.log_format)
             .field("max_sha256_file_size", &self.max_sha256_file_size)
@@ -224,6 +253,12 @@ impl AgentConfig {
         }
         if self.socket_path == self.admin_socket {
             return Err(("admin_socket", "must differ from socket_path".to_owned()));
+        }
+        if self.join_token.is_some() && self.node_attestor.x509pop.is_some() {
+            return Err((
+                "join_token",
+                "cannot be set together with [node_attestor.x509pop]: the agent attests one way".to_owned(),
+            ));
         }
         if let Some(token) = &self.join_token {
             validate_join_token(&self.trust_domain, token).map_err(|message| ("join_token", message))?;
@@ -321,6 +356,12 @@ mod tests {
         for field in fields_of::<AgentConfig>() {
             let nested = match *field {
                 "health" => Some(fields_of::<HealthConfig>()),
+                "node_attestor" => {
+                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop"]);
+                    let keys = fields_of::<X509PopConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.x509pop.{key}")));
+                    continue;
+                }
                 "metrics" => Some(fields_of::<MetricsConfig>()),
                 _ => None,
             };

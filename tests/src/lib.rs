@@ -1,5 +1,6 @@
 //! Tessera's cross-crate and end-to-end tests live in this crate's `tests/` directory; this
-//! library is the reusable part of the load generator, `tessera-loadgen`:
+//! library holds [`harness`] (running the real binaries from tests) and the reusable part of
+//! the load generator, `tessera-loadgen`:
 //!
 //! - [`sim`]: an in-process server on a sled datastore, and simulated agents that attest with a
 //!   join token and then talk to the agent API over real mTLS;
@@ -12,6 +13,7 @@
 //! The loadgen process is its own workload: Workload API calls are attested as this process
 //! (`unix:uid:<our uid>`).
 
+pub mod harness;
 pub mod modes;
 pub mod probe;
 pub mod report;

@@ -93,6 +93,11 @@ impl ServerClient {
         Ok(())
     }
 
+    /// A client of the same server without a client certificate (for attestation).
+    pub fn without_credential(&self) -> Result<Self, String> {
+        Self::new(&self.host_port, Arc::clone(&self.verifier), None)
+    }
+
     /// Changes whenever the channel is replaced; streams reopen on a change.
     pub fn generation(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

@@ -1,6 +1,8 @@
-//! Node attestation with a join token over the `AttestAgent` stream.
+//! Node attestation over the `AttestAgent` stream, with a join token or an x509pop node
+//! certificate ([`Evidence`]).
 //!
-//! The agent generates its key here, sends the token and a CSR, and checks what comes back
+//! The agent generates its key here, sends the evidence and a CSR (answering the server's
+//! challenge for x509pop), and checks what comes back
 //! before persisting anything: the SVID must be a usable X.509-SVID for the new key, carry a
 //! SPIFFE ID of the configured trust domain, and verify against the bundle returned with it.
 //!
@@ -30,6 +32,23 @@ use crate::storage::AgentCredential;
 
 /// The attestation type of join tokens.
 pub const JOIN_TOKEN_TYPE: &str = "join_token";
+
+/// What the agent attests with.
+#[derive(Debug, Clone)]
+pub enum Evidence {
+    /// A single-use join token.
+    JoinToken(String),
+    /// A node certificate and its key (re-attestable), read from these files at each attempt.
+    X509Pop(crate::config::X509PopConfig),
+}
+
+impl Evidence {
+    /// Whether the agent may attest again with this evidence (after an eviction, or when its
+    /// SVID expired).
+    pub fn can_reattest(&self) -> bool {
+        matches!(self, Self::X509Pop(_))
+    }
+}
 
 /// A successful attestation.
 #[derive(Debug)]
@@ -77,13 +96,13 @@ pub async fn attest_with_retry(
     server_address: &str,
     verifier: &Arc<ServerVerifier>,
     trust_domain: &TrustDomain,
-    token: &str,
+    evidence: &Evidence,
 ) -> Result<Attested, ManagerError> {
     let client = ServerClient::new(server_address, Arc::clone(verifier), None).map_err(ManagerError::Other)?;
     let rng = ring::rand::SystemRandom::new();
     let mut backoff = Backoff::new();
     loop {
-        match attest_once(&client, trust_domain, token).await {
+        match attest_once(&client, trust_domain, evidence).await {
             Ok(attested) => return Ok(attested),
             Err(AttestFailure::Refused(reason)) => return Err(ManagerError::AttestationRefused(reason)),
             Err(AttestFailure::Invalid(reason)) => {
@@ -102,15 +121,23 @@ pub async fn attest_with_retry(
 pub async fn attest_once(
     client: &ServerClient,
     trust_domain: &TrustDomain,
-    token: &str,
+    evidence: &Evidence,
 ) -> Result<Attested, AttestFailure> {
     let generated = new_key_and_csr().map_err(AttestFailure::Invalid)?;
+    let (data, node) = match evidence {
+        Evidence::JoinToken(token) => {
+            (AttestationData { r#type: JOIN_TOKEN_TYPE.to_owned(), payload: token.as_bytes().to_vec() }, None)
+        }
+        Evidence::X509Pop(config) => {
+            // A node credential that cannot be read is the operator's to fix: final.
+            let node = super::x509pop::NodeCredential::load(config).map_err(AttestFailure::Refused)?;
+            let data = AttestationData { r#type: tessera_common::x509pop::TYPE.to_owned(), payload: node.payload() };
+            (data, Some(node))
+        }
+    };
     let (sender, receiver) = mpsc::channel(2);
     let params = AttestAgentRequest {
-        step: Some(RequestStep::Params(AttestationParams {
-            data: Some(AttestationData { r#type: JOIN_TOKEN_TYPE.to_owned(), payload: token.as_bytes().to_vec() }),
-            csr: generated.csr_der.clone(),
-        })),
+        step: Some(RequestStep::Params(AttestationParams { data: Some(data), csr: generated.csr_der.clone() })),
     };
     sender.send(params).await.map_err(|_| AttestFailure::Retryable("request stream closed".to_owned()))?;
     let mut request = tonic::Request::new(ReceiverStream::new(receiver));
@@ -118,15 +145,27 @@ pub async fn attest_once(
     let call = async {
         let mut responses =
             client.agent().attest_agent(request).await.map_err(|status| classify(&status))?.into_inner();
-        match responses.message().await.map_err(|status| classify(&status))? {
-            Some(response) => match response.step {
-                Some(ResponseStep::Result(result)) => Ok(result),
-                Some(ResponseStep::Challenge(_)) => Err(AttestFailure::Invalid(
-                    "the server sent a challenge, but join_token attestation has none".to_owned(),
-                )),
-                None => Err(AttestFailure::Invalid("an empty attestation response".to_owned())),
-            },
-            None => Err(AttestFailure::Retryable("the server closed the stream without a result".to_owned())),
+        let mut challenged = false;
+        loop {
+            let Some(response) = responses.message().await.map_err(|status| classify(&status))? else {
+                return Err(AttestFailure::Retryable("the server closed the stream without a result".to_owned()));
+            };
+            match response.step {
+                Some(ResponseStep::Result(result)) => return Ok(result),
+                Some(ResponseStep::Challenge(nonce)) => {
+                    let Some(node) = node.as_ref().filter(|_| !challenged) else {
+                        return Err(AttestFailure::Invalid("the server sent an unexpected challenge".to_owned()));
+                    };
+                    challenged = true;
+                    let signature = node.sign_challenge(&nonce, &generated.csr_der).map_err(AttestFailure::Invalid)?;
+                    let answer = AttestAgentRequest { step: Some(RequestStep::ChallengeResponse(signature)) };
+                    sender
+                        .send(answer)
+                        .await
+                        .map_err(|_| AttestFailure::Retryable("request stream closed".to_owned()))?;
+                }
+                None => return Err(AttestFailure::Invalid("an empty attestation response".to_owned())),
+            }
         }
     };
     let result = tokio::time::timeout(CALL_TIMEOUT, call)
@@ -134,6 +173,28 @@ pub async fn attest_once(
         .map_err(|_| AttestFailure::Retryable("attestation timed out".to_owned()))??;
     drop(sender);
     check_result(trust_domain, result, generated.private_key_pkcs8).map_err(AttestFailure::Invalid)
+}
+
+/// Attests again with the agent's re-attestable evidence (x509pop) after the server refused
+/// the agent SVID (evicted) or it expired, and switches to the new SVID. A new agent ID (a new
+/// node certificate named by its fingerprint) starts the entry sync from scratch.
+pub(crate) async fn reattest(shared: &super::Shared) -> Result<(), String> {
+    let Some(evidence) = &shared.reattest else {
+        return Err("join-token agents attest once: attest it again with a new join token".to_owned());
+    };
+    let client = shared.client.without_credential()?;
+    let attested = attest_once(&client, &shared.trust_domain, evidence).await.map_err(|failure| match failure {
+        AttestFailure::Refused(reason) => format!("refused: {reason}"),
+        AttestFailure::Retryable(reason) | AttestFailure::Invalid(reason) => reason,
+    })?;
+    let previous = shared.credential().spiffe_id;
+    if attested.credential.spiffe_id != previous {
+        tracing::warn!(old = %previous, new = %attested.credential.spiffe_id, "re-attested under a new agent ID");
+        shared.state().revision = 0;
+    }
+    shared.install_credential(attested.credential.clone()).await?;
+    tracing::info!(agent_id = %attested.credential.spiffe_id, "re-attested; agent SVID persisted");
+    Ok(())
 }
 
 /// Checks an attestation result for the key that was just generated.

@@ -41,6 +41,7 @@ pub mod mint;
 pub mod renew;
 pub mod state;
 pub mod sync;
+pub mod x509pop;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -136,6 +137,9 @@ pub(crate) struct Shared {
     /// Wakes the agent SVID renewal (an authority was tainted).
     pub(crate) renew_wakeup: Notify,
     pub(crate) rng: SystemRandom,
+    /// Evidence to attest again with when the server no longer accepts the agent SVID
+    /// (evicted, expired); `None` for join tokens, which attest once.
+    pub(crate) reattest: Option<attest::Evidence>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -151,6 +155,26 @@ impl Shared {
 
     pub(crate) fn credential(&self) -> AgentCredential {
         self.credential.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Switches to a new agent SVID (renewed or re-attested): persists it (a failure is logged:
+    /// the server already considers it current), then uses it for every call from now on.
+    pub(crate) async fn install_credential(&self, credential: AgentCredential) -> Result<(), String> {
+        let storage = self.storage.clone();
+        let to_save = credential.clone();
+        match tokio::task::spawn_blocking(move || storage.save_agent_credential(&to_save)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!("cannot persist the new agent SVID: {error}"),
+            Err(error) => tracing::error!("cannot persist the new agent SVID: {error}"),
+        }
+        *self.credential.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = credential.clone();
+        self.client.set_credential(&credential)?;
+        self.status.send_modify(|status| {
+            status.attested = true;
+            status.agent_id = Some(credential.spiffe_id.clone());
+            status.agent_svid_expires_at = Some(credential.expires_at);
+        });
+        Ok(())
     }
 
     /// Publishes the state as a new snapshot.
@@ -272,6 +296,23 @@ pub async fn start(
             .map_err(|error| ManagerError::Other(error.to_string()))??
     };
     let data_dir = storage.dir().display().to_string();
+    let evidence = match (&config.node_attestor.x509pop, join_token.or_else(|| config.join_token.clone())) {
+        (Some(_), Some(_)) => {
+            return Err(ManagerError::Other(
+                "--join-token cannot be used with [node_attestor.x509pop]: the agent attests one way".to_owned(),
+            ));
+        }
+        (Some(x509pop), None) => {
+            // Checked now so a wrong path or key fails start-up, not the first attestation.
+            x509pop::NodeCredential::load(x509pop).map_err(ManagerError::Other)?;
+            Some(attest::Evidence::X509Pop(x509pop.clone()))
+        }
+        (None, Some(token)) => {
+            crate::config::validate_join_token(&trust_domain, &token).map_err(ManagerError::Other)?;
+            Some(attest::Evidence::JoinToken(token))
+        }
+        (None, None) => None,
+    };
     let cached_bundle = storage.load_bundle(&trust_domain)?;
     let persisted = storage.load_agent_credential()?;
     let now = SystemTime::now();
@@ -299,17 +340,15 @@ pub async fn start(
             if let Some(stale) = other {
                 tracing::warn!(agent_id = %stale.spiffe_id, "the persisted agent SVID is expired or for another trust domain; attesting again");
             }
-            let token = join_token
-                .or_else(|| config.join_token.clone())
-                .ok_or(ManagerError::NoJoinToken { data_dir: data_dir.clone() })?;
-            crate::config::validate_join_token(&trust_domain, &token).map_err(ManagerError::Other)?;
+            let evidence = evidence.clone().ok_or(ManagerError::NoJoinToken { data_dir: data_dir.clone() })?;
             if config.insecure_bootstrap && cached_bundle.is_none() {
                 tracing::warn!(
                     "insecure_bootstrap is set: the server will be trusted on first use without authentication; \
                      for tests and demos only"
                 );
             }
-            let outcome = attest::attest_with_retry(&config.server_address, &verifier, &trust_domain, &token).await?;
+            let outcome =
+                attest::attest_with_retry(&config.server_address, &verifier, &trust_domain, &evidence).await?;
             // From now on the server is authenticated with the bundle it returned.
             if let Ok(mut state) = trust.write() {
                 *state = TrustState { bundle: Some(outcome.bundle.clone()), insecure_first_use: false };
@@ -343,6 +382,7 @@ pub async fn start(
         mint_wakeup: Notify::new(),
         renew_wakeup: Notify::new(),
         rng: SystemRandom::new(),
+        reattest: evidence.filter(attest::Evidence::can_reattest),
     });
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();

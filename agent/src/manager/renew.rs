@@ -59,7 +59,15 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
                 Err(reason) => {
                     let remaining = until(credential.expires_at);
-                    if remaining.is_zero() && !expiry_logged {
+                    if remaining.is_zero() && shared.reattest.is_some() {
+                        match super::attest::reattest(&shared).await {
+                            Ok(()) => {
+                                backoff.reset();
+                                break;
+                            }
+                            Err(reason) => tracing::error!("re-attestation after expiry failed: {reason}"),
+                        }
+                    } else if remaining.is_zero() && !expiry_logged {
                         expiry_logged = true;
                         tracing::error!(
                             "the agent SVID expired before it could be renewed: the agent must be attested again \
@@ -97,21 +105,6 @@ async fn renew_once(shared: &Shared) -> Result<AgentCredential, String> {
     }
     let bundle = shared.state().bundles.own().clone();
     check_against_bundle(&renewed, &bundle)?;
-    {
-        let storage = shared.storage.clone();
-        let to_save = renewed.clone();
-        // The server now considers the new serial current: use it even if it cannot be saved.
-        match tokio::task::spawn_blocking(move || storage.save_agent_credential(&to_save)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!("cannot persist the renewed agent SVID: {error}"),
-            Err(error) => tracing::error!("cannot persist the renewed agent SVID: {error}"),
-        }
-    }
-    *shared.credential.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = renewed.clone();
-    shared.client.set_credential(&renewed)?;
-    shared.status.send_modify(|status| {
-        status.attested = true;
-        status.agent_svid_expires_at = Some(renewed.expires_at);
-    });
+    shared.install_credential(renewed.clone()).await?;
     Ok(renewed)
 }

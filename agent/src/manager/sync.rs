@@ -26,6 +26,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             opened = client.sync_entries(SyncEntriesRequest { revision }) => opened,
             _ = stop.changed() => return,
         };
+        let mut refused = false;
         match opened {
             Ok(response) => {
                 tracing::debug!(revision, "sync stream open");
@@ -59,13 +60,22 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                             break;
                         }
                         Err(status) => {
-                            report_failure(&shared, &status, "sync stream failed");
+                            refused = report_failure(&shared, &status, "sync stream failed");
                             break;
                         }
                     }
                 }
             }
-            Err(status) => report_failure(&shared, &status, "cannot open the sync stream"),
+            Err(status) => refused = report_failure(&shared, &status, "cannot open the sync stream"),
+        }
+        if refused && shared.reattest.is_some() {
+            match super::attest::reattest(&shared).await {
+                Ok(()) => {
+                    backoff.reset();
+                    continue;
+                }
+                Err(reason) => tracing::error!("re-attestation failed: {reason}"),
+            }
         }
         shared.state().stream_reset();
         shared.status.send_modify(|status| status.connected = false);
@@ -114,18 +124,22 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
     Ok(())
 }
 
-/// Logs a failed sync call. A refusal (evicted, banned, or an agent SVID the server no longer
-/// accepts) also marks the agent as not attested: retrying keeps the cache serving and picks
-/// up an un-ban, but the operator must act.
-fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) {
+/// Logs a failed sync call; true when it is a refusal. A refusal (evicted, banned, or an agent
+/// SVID the server no longer accepts) also marks the agent as not attested: retrying keeps the
+/// cache serving and picks up an un-ban. A re-attestable agent (x509pop) attests again; a
+/// join-token agent needs the operator.
+fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) -> bool {
     if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) {
-        tracing::error!(
-            code = ?status.code(),
-            "{what}: the server refuses this agent: {}; if it was evicted, attest it again with a new join token",
-            status.message()
-        );
+        let next = if shared.reattest.is_some() {
+            "attesting again"
+        } else {
+            "if it was evicted, attest it again with a new join token"
+        };
+        tracing::error!(code = ?status.code(), "{what}: the server refuses this agent: {}; {next}", status.message());
         shared.status.send_modify(|status| status.attested = false);
+        true
     } else {
         tracing::warn!(code = ?status.code(), "{what}: {}", status.message());
+        false
     }
 }
