@@ -72,6 +72,10 @@ pub const SERVER_KEYS: &[&str] = &[
     "federation.federates_with.trust_bundle_path",
     "federation.federates_with.ca_bundle_path",
     "agent_svid_rate_limit",
+    // Issue 5: overload protection of the agent API.
+    "max_concurrent_attestations",
+    "max_concurrent_signing",
+    "overload_wait",
 ];
 
 /// Default `trust_domain`.
@@ -90,6 +94,12 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
 /// Default `agent_svid_rate_limit` (SVIDs per second per agent).
 pub const DEFAULT_AGENT_SVID_RATE_LIMIT: u32 = 100;
+/// Default `overload_wait`: how long an attestation or signing call waits for a free slot.
+pub const DEFAULT_OVERLOAD_WAIT: Duration = Duration::from_secs(1);
+/// Longest `overload_wait` accepted.
+pub const MAX_OVERLOAD_WAIT: Duration = Duration::from_secs(60);
+/// Largest `max_concurrent_attestations` and `max_concurrent_signing` accepted.
+pub const MAX_CONCURRENCY: u32 = 65_536;
 /// Default `agent_ttl`.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(3600);
 /// The datastore directory under `data_dir` when `datastore.path` is unset.
@@ -280,6 +290,16 @@ pub struct ServerConfig {
     /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
     /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
     pub agent_svid_rate_limit: u32,
+    /// Agent attestations processed at once, server-wide; 0 = automatic (see
+    /// [`ServerConfig::attestation_concurrency`]). Excess calls wait up to `overload_wait`.
+    pub max_concurrent_attestations: u32,
+    /// Signing calls (`BatchNewX509Svid`, `NewJwtSvid`, `RenewAgent`) processed at once,
+    /// server-wide; 0 = automatic (see [`ServerConfig::signing_concurrency`]).
+    pub max_concurrent_signing: u32,
+    /// How long a call waits for a free attestation or signing slot before `UNAVAILABLE`;
+    /// 0 refuses at once. Sub-second values are allowed (`"250ms"`).
+    #[serde(deserialize_with = "de_wait")]
+    pub overload_wait: Duration,
 }
 
 /// `[datastore]`.
@@ -504,6 +524,9 @@ impl Default for ServerConfig {
             oidc: OidcConfig::default(),
             federation: FederationConfig::default(),
             agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
+            max_concurrent_attestations: 0,
+            max_concurrent_signing: 0,
+            overload_wait: DEFAULT_OVERLOAD_WAIT,
         }
     }
 }
@@ -517,6 +540,18 @@ impl ServerConfig {
     /// Where the datastore lives: `datastore.path`, else `<data_dir>/datastore`.
     pub fn datastore_path(&self) -> PathBuf {
         self.datastore.path.clone().unwrap_or_else(|| self.data_dir.join(DEFAULT_DATASTORE_DIR))
+    }
+
+    /// The number of attestations processed at once: `max_concurrent_attestations`, or when it
+    /// is 0, [`automatic_concurrency`].
+    pub fn attestation_concurrency(&self) -> usize {
+        resolve_concurrency(self.max_concurrent_attestations)
+    }
+
+    /// The number of signing calls processed at once: `max_concurrent_signing`, or when it is
+    /// 0, [`automatic_concurrency`].
+    pub fn signing_concurrency(&self) -> usize {
+        resolve_concurrency(self.max_concurrent_signing)
     }
 
     /// Settings that are accepted but probably not what the operator meant, for the caller to
@@ -558,6 +593,14 @@ impl ServerConfig {
             listeners.push(("federation.bundle_endpoint.bind_address", addr));
         }
         self.check_federation()?;
+        for (key, value) in [
+            ("max_concurrent_attestations", self.max_concurrent_attestations),
+            ("max_concurrent_signing", self.max_concurrent_signing),
+        ] {
+            if value > MAX_CONCURRENCY {
+                return Err((key, format!("{value} is too large: the maximum is {MAX_CONCURRENCY} (0 = automatic)")));
+            }
+        }
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -567,6 +610,20 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The concurrency used when `max_concurrent_attestations` or `max_concurrent_signing` is 0:
+/// twice the CPUs the process may use (`std::thread::available_parallelism`, which honours
+/// affinity masks and cgroup quotas), and at least 4.
+pub fn automatic_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).saturating_mul(2).max(4)
+}
+
+fn resolve_concurrency(configured: u32) -> usize {
+    match usize::try_from(configured) {
+        Ok(0) | Err(_) => automatic_concurrency(),
+        Ok(n) => n,
     }
 }
 
@@ -867,6 +924,21 @@ fn parse_ttl(value: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+fn de_wait<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    de_str(deserializer, "a duration such as \"500ms\" or \"2s\", or \"0s\"", |value| {
+        let wait = humantime::parse_duration(value).map_err(|error| {
+            format!("invalid duration {value:?}: {error}; expected a duration such as \"500ms\" or \"2s\"")
+        })?;
+        if wait > MAX_OVERLOAD_WAIT {
+            return Err(format!(
+                "duration {value:?} is too long: the maximum is {}",
+                humantime::format_duration(MAX_OVERLOAD_WAIT)
+            ));
+        }
+        Ok(wait)
+    })
+}
+
 const SOCKET_ADDR_FORM: &str = "an IP address and port such as \"127.0.0.1:8081\" or \"[::1]:8081\"";
 
 fn parse_socket_addr(value: &str) -> Result<SocketAddr, String> {
@@ -1078,6 +1150,29 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].key, "default_x509_svid_ttl");
         assert!(warnings[0].to_string().starts_with("config key default_x509_svid_ttl: 2h is longer than ca_ttl (1h)"));
+    }
+
+    #[test]
+    fn overload_bounds_parse_resolve_and_refuse_bad_values() {
+        let config =
+            parse_str("max_concurrent_attestations = 3\nmax_concurrent_signing = 7\noverload_wait = \"250ms\"")
+                .unwrap();
+        assert_eq!((config.attestation_concurrency(), config.signing_concurrency()), (3, 7));
+        assert_eq!(config.overload_wait, Duration::from_millis(250));
+        let automatic = ServerConfig::default();
+        assert_eq!(automatic.signing_concurrency(), automatic_concurrency());
+        assert!(automatic_concurrency() >= 4);
+        assert_eq!(parse_str("overload_wait = \"0s\"").unwrap().overload_wait, Duration::ZERO);
+        let err = parse_str("max_concurrent_signing = 100000").unwrap_err();
+        assert_eq!(err.key(), Some("max_concurrent_signing"));
+        assert!(err.to_string().contains("the maximum is 65536"), "{err}");
+        let err = parse_str("overload_wait = \"2m\"").unwrap_err();
+        assert_eq!(err.key(), Some("overload_wait"));
+        assert!(err.to_string().contains("the maximum is 1m"), "{err}");
+        let err = parse_str("max_concurrent_attestations = -1").unwrap_err();
+        assert_eq!(err.key(), Some("max_concurrent_attestations"));
+        let err = parse_str("overload_wait = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("key overload_wait"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Order of the checks, chosen so that bad input never burns a token:
 //!
 //! 1. the first message is `params` with type `join_token`, a UTF-8 token that is a valid
-//!    SPIFFE ID path segment (`INVALID_ARGUMENT` otherwise);
+//!    SPIFFE ID path segment (`INVALID_ARGUMENT` otherwise); from here on the call holds an
+//!    attestation slot (`max_concurrent_attestations`; `UNAVAILABLE` when the server is
+//!    saturated, see [`super::overload`]);
 //! 2. the CSR parses and its signature verifies (`INVALID_ARGUMENT`);
 //! 3. the agent ID `spiffe://<td>/tessera/agent/join_token/<token>` is not recorded already:
 //!    banned -> `PERMISSION_DENIED` "agent is banned"; present -> `ALREADY_EXISTS` (a join
@@ -29,6 +31,7 @@ use tessera_wire::tessera::agent::v1 as pb;
 use tonic::{Status, Streaming};
 
 use super::convert::{bundle_to_proto, selector_to_proto, unix_seconds};
+use super::overload::WorkLimit;
 use crate::datastore::{AttestedNode, DataStoreError, blocking};
 use crate::server::ServerState;
 
@@ -39,9 +42,12 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest CSR accepted, in bytes.
 pub(crate) const MAX_CSR_LEN: usize = 16 * 1024;
 
-/// Runs one attestation to its result.
+/// Runs one attestation to its result. The work after the first message runs under a permit
+/// of `limit` (`max_concurrent_attestations`); a saturated server answers `UNAVAILABLE` before
+/// the token is looked at, so an overload refusal never burns a token.
 pub(crate) async fn attest(
     state: &Arc<ServerState>,
+    limit: &WorkLimit,
     mut stream: Streaming<pb::AttestAgentRequest>,
 ) -> Result<pb::AttestAgentResult, Status> {
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message())
@@ -50,6 +56,7 @@ pub(crate) async fn attest(
     let Some(pb::AttestAgentRequest { step: Some(pb::attest_agent_request::Step::Params(params)) }) = first else {
         return Err(Status::invalid_argument("the first message must be `params`"));
     };
+    let _permit = limit.acquire().await?;
     let data = params.data.ok_or_else(|| Status::invalid_argument("params.data is required"))?;
     if data.r#type != JOIN_TOKEN {
         return Err(Status::invalid_argument(format!(
