@@ -492,13 +492,16 @@ async fn a_banned_agent_keeps_serving_its_cache_and_reports_it_is_refused() {
     server.shutdown().await.unwrap();
 }
 
+/// Captured log lines with the time they were written.
+type Logs = Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
 /// Log events of every test in this binary with the time they were written, for tests that
 /// check what the server and the agent did and when (a global subscriber: filter by content).
-fn captured_logs() -> Arc<std::sync::Mutex<Vec<(Instant, String)>>> {
-    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<(Instant, String)>>>> = std::sync::OnceLock::new();
+fn captured_logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
     Arc::clone(LOGS.get_or_init(|| {
-        let logs: Arc<std::sync::Mutex<Vec<(Instant, String)>>> = Arc::default();
-        struct Capture(Arc<std::sync::Mutex<Vec<(Instant, String)>>>);
+        let logs: Logs = Arc::default();
+        struct Capture(Logs);
         impl std::io::Write for Capture {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
                 self.0.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(buf).into_owned()));
