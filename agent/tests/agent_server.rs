@@ -491,3 +491,86 @@ async fn a_banned_agent_keeps_serving_its_cache_and_reports_it_is_refused() {
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
+
+/// Captured log lines with the time they were written.
+type Logs = Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
+/// Log events of every test in this binary with the time they were written, for tests that
+/// check what the server and the agent did and when (a global subscriber: filter by content).
+fn captured_logs() -> Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    Arc::clone(LOGS.get_or_init(|| {
+        let logs: Logs = Arc::default();
+        struct Capture(Logs);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(buf).into_owned()));
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Arc::clone(&logs);
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || Capture(Arc::clone(&sink)))
+            .try_init()
+            .unwrap();
+        logs
+    }))
+}
+
+/// Issue 5: an agent whose signing calls the server refuses with a retryable status
+/// (here `RESOURCE_EXHAUSTED` from `agent_svid_rate_limit`) backs off exponentially with
+/// jitter instead of hammering the server, keeps what it minted, and is served in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_signing_calls_are_retried_with_growing_backoff_until_served() {
+    let logs = captured_logs();
+    let dir = tempfile::tempdir().unwrap();
+    // 10 SVIDs per second, bursts of 500: five batches of 100 pass, the sixth is refused until
+    // the bucket has refilled 100 tokens (10 s).
+    let config = ServerConfig { agent_svid_rate_limit: 10, ..server_config(dir.path()) };
+    let store_: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+    let server = server::start_with(config, store_).await.unwrap();
+    new_token(&server, "tok-backoff");
+    let parent = agent_id("tok-backoff");
+    let ids: Vec<String> = (0..600).map(|i| create_entry(&server, &parent, &format!("b{i}"), None).id).collect();
+    let started = Instant::now();
+    let agent = start_agent(&agent_config(dir.path(), &server), Some("tok-backoff")).await.unwrap();
+    let cache = Arc::clone(agent.cache());
+    wait_for(&cache, Duration::from_secs(90), "600 identities", |snapshot| {
+        (ids.iter().all(|id| identity_of(snapshot, id).is_some())).then_some(())
+    })
+    .await;
+    let served_after = started.elapsed();
+
+    let refusals: Vec<Instant> = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, line)| line.contains("per-agent signing rate limit reached") && line.contains("tok-backoff"))
+        .map(|(at, _)| *at)
+        .collect();
+    let gaps: Vec<Duration> = refusals.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    eprintln!("served after {served_after:?}; {} refusals, gaps {gaps:?}", refusals.len());
+    assert!(refusals.len() >= 2, "the sixth batch must have been refused more than once: {gaps:?}");
+    assert!(refusals.len() <= 8, "without backoff an agent retries far more often: {} refusals", refusals.len());
+    // Backoff starts at 0.25-0.5 s and every delay is at least the previous one.
+    assert!(gaps.iter().all(|gap| *gap >= Duration::from_millis(200)), "{gaps:?}");
+    if gaps.len() >= 2 {
+        assert!(gaps[gaps.len() - 1] > gaps[0], "the delays must grow: {gaps:?}");
+    }
+    let agent_lines = logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, line)| {
+            line.contains("minting X.509-SVIDs failed: ResourceExhausted") && line.contains("retrying in")
+        })
+        .count();
+    assert!(agent_lines >= refusals.len(), "the agent reports each refused call and its delay");
+    with_deadline("agent shutdown", agent.shutdown()).await;
+    server.shutdown().await.unwrap();
+}

@@ -32,8 +32,8 @@ pub use tessera_common::config::{
     ConfigError, ConfigWarning, LogFormat, LogLevel, MAX_SOCKET_PATH_LEN, MAX_TTL, MIN_TTL, io_message,
 };
 use tessera_common::config::{
-    de_opt_path, de_opt_socket_addr, de_opt_string, de_opt_table, de_path, de_socket_addr, de_socket_path, de_table,
-    de_trust_domain, de_ttl, keyword, parse_toml, read_file,
+    de_opt_path, de_opt_socket_addr, de_opt_string, de_opt_table, de_path, de_socket_addr, de_socket_path, de_str,
+    de_table, de_trust_domain, de_ttl, keyword, parse_toml, read_file,
 };
 use tessera_common::keyword_enum;
 use tessera_spiffe::TrustDomain;
@@ -79,6 +79,10 @@ pub const SERVER_KEYS: &[&str] = &[
     "node_attestor.x509pop.ca_bundle_path",
     "node_attestor.x509pop.agent_id_from",
     "agent_svid_rate_limit",
+    // Issue 5: overload protection of the agent API.
+    "max_concurrent_attestations",
+    "max_concurrent_signing",
+    "overload_wait",
 ];
 
 /// Default `trust_domain`.
@@ -97,6 +101,12 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(5 * 60);
 /// Default `agent_svid_rate_limit` (SVIDs per second per agent).
 pub const DEFAULT_AGENT_SVID_RATE_LIMIT: u32 = 100;
+/// Default `overload_wait`: how long an attestation or signing call waits for a free slot.
+pub const DEFAULT_OVERLOAD_WAIT: Duration = Duration::from_secs(1);
+/// Longest `overload_wait` accepted.
+pub const MAX_OVERLOAD_WAIT: Duration = Duration::from_secs(60);
+/// Largest `max_concurrent_attestations` and `max_concurrent_signing` accepted.
+pub const MAX_CONCURRENCY: u32 = 65_536;
 /// Default `agent_ttl`.
 pub const DEFAULT_AGENT_TTL: Duration = Duration::from_secs(3600);
 /// The datastore directory under `data_dir` when `datastore.path` is unset.
@@ -207,6 +217,16 @@ pub struct ServerConfig {
     /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
     /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
     pub agent_svid_rate_limit: u32,
+    /// Agent attestations processed at once, server-wide; 0 = automatic (see
+    /// [`ServerConfig::attestation_concurrency`]). Excess calls wait up to `overload_wait`.
+    pub max_concurrent_attestations: u32,
+    /// Signing calls (`BatchNewX509Svid`, `NewJwtSvid`, `RenewAgent`) processed at once,
+    /// server-wide; 0 = automatic (see [`ServerConfig::signing_concurrency`]).
+    pub max_concurrent_signing: u32,
+    /// How long a call waits for a free attestation or signing slot before `UNAVAILABLE`;
+    /// 0 refuses at once. Sub-second values are allowed (`"250ms"`).
+    #[serde(deserialize_with = "de_wait")]
+    pub overload_wait: Duration,
 }
 
 /// `[node_attestor]`: the node attestors enabled besides join tokens (always on).
@@ -468,6 +488,9 @@ impl Default for ServerConfig {
             federation: FederationConfig::default(),
             node_attestor: NodeAttestorConfig::default(),
             agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
+            max_concurrent_attestations: 0,
+            max_concurrent_signing: 0,
+            overload_wait: DEFAULT_OVERLOAD_WAIT,
         }
     }
 }
@@ -481,6 +504,18 @@ impl ServerConfig {
     /// Where the datastore lives: `datastore.path`, else `<data_dir>/datastore`.
     pub fn datastore_path(&self) -> PathBuf {
         self.datastore.path.clone().unwrap_or_else(|| self.data_dir.join(DEFAULT_DATASTORE_DIR))
+    }
+
+    /// The number of attestations processed at once: `max_concurrent_attestations`, or when it
+    /// is 0, [`automatic_concurrency`].
+    pub fn attestation_concurrency(&self) -> usize {
+        resolve_concurrency(self.max_concurrent_attestations)
+    }
+
+    /// The number of signing calls processed at once: `max_concurrent_signing`, or when it is
+    /// 0, [`automatic_concurrency`].
+    pub fn signing_concurrency(&self) -> usize {
+        resolve_concurrency(self.max_concurrent_signing)
     }
 
     /// Settings that are accepted but probably not what the operator meant, for the caller to
@@ -522,6 +557,14 @@ impl ServerConfig {
             listeners.push(("federation.bundle_endpoint.bind_address", addr));
         }
         self.check_federation()?;
+        for (key, value) in [
+            ("max_concurrent_attestations", self.max_concurrent_attestations),
+            ("max_concurrent_signing", self.max_concurrent_signing),
+        ] {
+            if value > MAX_CONCURRENCY {
+                return Err((key, format!("{value} is too large: the maximum is {MAX_CONCURRENCY} (0 = automatic)")));
+            }
+        }
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -531,6 +574,20 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The concurrency used when `max_concurrent_attestations` or `max_concurrent_signing` is 0:
+/// twice the CPUs the process may use (`std::thread::available_parallelism`, which honours
+/// affinity masks and cgroup quotas), and at least 4.
+pub fn automatic_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).saturating_mul(2).max(4)
+}
+
+fn resolve_concurrency(configured: u32) -> usize {
+    match usize::try_from(configured) {
+        Ok(0) | Err(_) => automatic_concurrency(),
+        Ok(n) => n,
     }
 }
 
@@ -560,6 +617,22 @@ fn de_ca_key_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<KeyType,
 fn de_jwt_key_type<'de, D: Deserializer<'de>>(deserializer: D) -> Result<KeyType, D::Error> {
     keyword(deserializer, JWT_KEY_TYPES, KeyType::as_str)
 }
+
+fn de_wait<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    de_str(deserializer, "a duration such as \"500ms\" or \"2s\", or \"0s\"", |value| {
+        let wait = humantime::parse_duration(value).map_err(|error| {
+            format!("invalid duration {value:?}: {error}; expected a duration such as \"500ms\" or \"2s\"")
+        })?;
+        if wait > MAX_OVERLOAD_WAIT {
+            return Err(format!(
+                "duration {value:?} is too long: the maximum is {}",
+                humantime::format_duration(MAX_OVERLOAD_WAIT)
+            ));
+        }
+        Ok(wait)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +718,29 @@ mod tests {
         assert_eq!(warnings.len(), 1);
         assert_eq!(warnings[0].key, "default_x509_svid_ttl");
         assert!(warnings[0].to_string().starts_with("config key default_x509_svid_ttl: 2h is longer than ca_ttl (1h)"));
+    }
+
+    #[test]
+    fn overload_bounds_parse_resolve_and_refuse_bad_values() {
+        let config =
+            parse_str("max_concurrent_attestations = 3\nmax_concurrent_signing = 7\noverload_wait = \"250ms\"")
+                .unwrap();
+        assert_eq!((config.attestation_concurrency(), config.signing_concurrency()), (3, 7));
+        assert_eq!(config.overload_wait, Duration::from_millis(250));
+        let automatic = ServerConfig::default();
+        assert_eq!(automatic.signing_concurrency(), automatic_concurrency());
+        assert!(automatic_concurrency() >= 4);
+        assert_eq!(parse_str("overload_wait = \"0s\"").unwrap().overload_wait, Duration::ZERO);
+        let err = parse_str("max_concurrent_signing = 100000").unwrap_err();
+        assert_eq!(err.key(), Some("max_concurrent_signing"));
+        assert!(err.to_string().contains("the maximum is 65536"), "{err}");
+        let err = parse_str("overload_wait = \"2m\"").unwrap_err();
+        assert_eq!(err.key(), Some("overload_wait"));
+        assert!(err.to_string().contains("the maximum is 1m"), "{err}");
+        let err = parse_str("max_concurrent_attestations = -1").unwrap_err();
+        assert_eq!(err.key(), Some("max_concurrent_attestations"));
+        let err = parse_str("overload_wait = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("key overload_wait"), "{err}");
     }
 
     #[test]

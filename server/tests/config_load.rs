@@ -55,6 +55,9 @@ default_x509_svid_ttl = "2h"
 default_jwt_svid_ttl = "90s"
 agent_ttl = "12h"
 agent_svid_rate_limit = 250
+max_concurrent_attestations = 3
+max_concurrent_signing = 5
+overload_wait = "300ms"
 
 [datastore]
 kind = "sled"
@@ -94,6 +97,10 @@ trust_domain = "web.example.net"
 bundle_endpoint_url = "https://bundles.example.net/"
 profile = "https_web"
 ca_bundle_path = "/etc/tessera/web-roots.pem"
+
+[node_attestor.x509pop]
+ca_bundle_path = "/etc/tessera/node-ca.pem"
+agent_id_from = "subject_cn"
 "#;
 
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -185,6 +192,8 @@ fn full_example_parses_to_every_value() {
     assert_eq!(config.default_jwt_svid_ttl, Duration::from_secs(90));
     assert_eq!(config.agent_ttl, Duration::from_secs(12 * 3600));
     assert_eq!(config.agent_svid_rate_limit, 250);
+    assert_eq!((config.max_concurrent_attestations, config.max_concurrent_signing), (3, 5));
+    assert_eq!(config.overload_wait, std::time::Duration::from_millis(300));
     assert_eq!(config.datastore.kind, DatastoreKind::Sled);
     assert_eq!(config.datastore_path(), PathBuf::from("/srv/tessera/db"));
     assert_eq!(config.health.bind_address, Some("127.0.0.1:8080".parse().unwrap()));

@@ -3,6 +3,8 @@
 //! and refuse a damaged prepared authority.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod cli_support;
+
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -208,4 +210,26 @@ fn forced_rotation_states_survive_a_restart() {
     assert_eq!(ca.journal().slots.len(), 2, "revoked authority stays gone");
     // The revoked authority's files are removed.
     assert!(!dir.path().join(format!("ca/x509-{first}.key.der")).exists());
+}
+
+/// Issue 5: `tessera-server run` reports at start-up the largest SVID lifetime that CA rotation
+/// never truncates (a sixth of `ca_ttl`) when a configured default exceeds it, naming the keys
+/// and the figure; with the defaults (24h CA, 1h and 5m SVIDs) it says nothing.
+#[test]
+fn start_up_warns_when_a_default_svid_ttl_exceeds_what_rotation_never_truncates() {
+    let server = cli_support::ServerProcess::start_with(
+        "ca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"30m\"\ndefault_jwt_svid_ttl = \"5m\"\n",
+    );
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("default_x509_svid_ttl (30m) exceeds 10m (a sixth of ca_ttl)"))
+        .unwrap_or_else(|| panic!("no truncation warning in the start-up log:\n{log}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("largest SVID lifetime CA rotation never truncates"), "{line}");
+    assert!(!log.contains("default_jwt_svid_ttl (5m) exceeds"), "5m fits within 10m:\n{log}");
+    drop(server);
+
+    let quiet = cli_support::ServerProcess::start();
+    assert!(!quiet.log().contains("exceeds"), "the defaults fit:\n{}", quiet.log());
 }

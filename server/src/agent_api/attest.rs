@@ -4,7 +4,9 @@
 //! Order of the join-token checks, chosen so that bad input never burns a token:
 //!
 //! 1. the first message is `params` with type `join_token`, a UTF-8 token that is a valid
-//!    SPIFFE ID path segment (`INVALID_ARGUMENT` otherwise);
+//!    SPIFFE ID path segment (`INVALID_ARGUMENT` otherwise); from here on the call holds an
+//!    attestation slot (`max_concurrent_attestations`; `UNAVAILABLE` when the server is
+//!    saturated, see [`super::overload`]);
 //! 2. the CSR parses and its signature verifies (`INVALID_ARGUMENT`);
 //! 3. the agent ID `spiffe://<td>/tessera/agent/join_token/<token>` is not recorded already:
 //!    banned -> `PERMISSION_DENIED` "agent is banned"; present -> `ALREADY_EXISTS` (a join
@@ -32,6 +34,7 @@ use tonic::{Status, Streaming};
 
 use super::BoxStream;
 use super::convert::{bundle_to_proto, selector_to_proto, unix_seconds};
+use super::overload::WorkLimit;
 use crate::datastore::{AttestedNode, DataStoreError, NodeSerials, blocking};
 use crate::server::ServerState;
 
@@ -45,8 +48,14 @@ pub(crate) const MAX_CSR_LEN: usize = 16 * 1024;
 /// Runs one attestation: reads the parameters and answers with the result, or, for attestors
 /// with a challenge, with the challenge and then (from a task reading the agent's answer) the
 /// result. Refusals before the stream opens are the call's status; later ones end the stream.
+///
+/// The work after the first message runs under a permit of `limit`
+/// (`max_concurrent_attestations`, held until the result for challenges); a saturated server
+/// answers `UNAVAILABLE` before the token is looked at, so an overload refusal never burns a
+/// token.
 pub(crate) async fn attest(
     state: &Arc<ServerState>,
+    limit: &WorkLimit,
     mut stream: Streaming<pb::AttestAgentRequest>,
     peer: String,
 ) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
@@ -56,6 +65,7 @@ pub(crate) async fn attest(
     let Some(pb::AttestAgentRequest { step: Some(pb::attest_agent_request::Step::Params(params)) }) = first else {
         return Err(Status::invalid_argument("the first message must be `params`"));
     };
+    let permit = limit.acquire().await?;
     let data = params.data.ok_or_else(|| Status::invalid_argument("params.data is required"))?;
     if params.csr.len() > MAX_CSR_LEN {
         return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")));
@@ -63,6 +73,7 @@ pub(crate) async fn attest(
     match data.r#type.as_str() {
         JOIN_TOKEN => {
             let result = join_token(state, data.payload, params.csr).await?;
+            drop(permit);
             Ok(Box::pin(tokio_stream::once(Ok(result_response(result)))))
         }
         tessera_common::x509pop::TYPE if state.x509pop().is_some() => {
@@ -80,6 +91,7 @@ pub(crate) async fn attest(
             let state = Arc::clone(state);
             tokio::spawn(async move {
                 let outcome = finish_x509pop(&state, pending, params.csr, stream).await;
+                drop(permit);
                 if let Err(status) = &outcome {
                     tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
                 }

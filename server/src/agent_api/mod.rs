@@ -23,11 +23,11 @@
 //!   lifetime at its own notAfter.
 //! - Batches hold at most [`MAX_BATCH`] items (`INVALID_ARGUMENT` for the whole call).
 //! - Each agent may have `agent_svid_rate_limit` SVIDs signed per second on average
-//!   (`RESOURCE_EXHAUSTED` beyond, see [`rate`]); all agents together share
-//!   [`SIGNING_CONCURRENCY`] signing slots (`UNAVAILABLE` after [`SIGNING_QUEUE_TIMEOUT`]).
-//!   Signing runs on the blocking pool under a semaphore of [`SIGNING_CONCURRENCY`] permits;
-//!   a call that cannot get one within [`SIGNING_QUEUE_TIMEOUT`] gets `UNAVAILABLE` (retryable)
-//!   so an outage's reconnect storm cannot pile up unbounded work.
+//!   (`RESOURCE_EXHAUSTED` beyond, see [`rate`]). All agents together share
+//!   `max_concurrent_attestations` attestation slots and `max_concurrent_signing` signing
+//!   slots, with a bounded wait and a bounded queue for each; the excess gets the retryable
+//!   `UNAVAILABLE` (see [`overload`]), so an outage's reconnect storm cannot pile up unbounded
+//!   work.
 //! - Every refusal is logged with the agent ID; a refused call writes nothing.
 //!
 //! # Authorization cache
@@ -41,6 +41,7 @@ pub(crate) mod attest;
 pub(crate) mod auth;
 pub(crate) mod authz;
 mod convert;
+pub(crate) mod overload;
 mod rate;
 pub(crate) mod sync;
 pub(crate) mod tls;
@@ -49,13 +50,13 @@ pub(crate) mod x509pop;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tessera_spiffe::SpiffeId;
 use tessera_wire::google::rpc;
 use tessera_wire::tessera::agent::v1 as pb;
 use tessera_wire::tessera::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -73,10 +74,6 @@ pub const MAX_BATCH: usize = 500;
 pub const MAX_AUDIENCES: usize = 32;
 /// Longest audience value, in bytes.
 pub const MAX_AUDIENCE_LEN: usize = 1024;
-/// Signing calls (a batch counts once) running at the same time.
-pub const SIGNING_CONCURRENCY: usize = 4;
-/// How long a signing call waits for a permit before `UNAVAILABLE`.
-pub const SIGNING_QUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The message every unauthorized or unknown entry gets.
 pub const NOT_AUTHORIZED: &str = "entry not found or not authorized";
 
@@ -112,8 +109,7 @@ impl AuthorizedCache {
 pub struct AgentApi {
     state: Arc<ServerState>,
     authorized_cache: Arc<AuthorizedCache>,
-    signing: Arc<Semaphore>,
-    signing_timeout: Duration,
+    limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
 }
@@ -133,10 +129,9 @@ impl AgentApi {
     pub fn new(state: Arc<ServerState>, stopped: watch::Receiver<bool>) -> Self {
         Self {
             rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
+            limits: Arc::new(overload::Limits::from_config(state.config())),
             state,
             authorized_cache: Arc::default(),
-            signing: Arc::new(Semaphore::new(SIGNING_CONCURRENCY)),
-            signing_timeout: SIGNING_QUEUE_TIMEOUT,
             stopped,
         }
     }
@@ -164,14 +159,10 @@ impl AgentApi {
         .map_err(datastore_status)
     }
 
-    async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        match tokio::time::timeout(self.signing_timeout, Arc::clone(&self.signing).acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => {
-                tracing::warn!(agent = %agent.id(), "signing capacity exhausted; asking the agent to retry");
-                Err(Status::unavailable("server is busy signing; retry with backoff"))
-            }
-        }
+    async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<overload::WorkPermit, Status> {
+        self.limits.signing.acquire().await.inspect_err(|_| {
+            tracing::debug!(agent = %agent.id(), "signing call refused: the server is overloaded");
+        })
     }
 }
 
@@ -201,8 +192,12 @@ impl AgentService for AgentApi {
         request: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
         let peer = auth::conn_info(&request).and_then(|i| i.remote_addr).map(|a| a.to_string()).unwrap_or_default();
-        let responses = attest::attest(&self.state, request.into_inner(), peer.clone()).await.inspect_err(|status| {
-            tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+        let limit = &self.limits.attestation;
+        let responses = attest::attest(&self.state, limit, request.into_inner(), peer.clone()).await.inspect_err(|status| {
+            // Overload refusals are counted and logged by the limit itself, not one line each.
+            if !overload::is_overload(status) {
+                tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+            }
         })?;
         Ok(Response::new(responses))
     }
@@ -420,6 +415,8 @@ mod tests {
         let config = ServerConfig {
             trust_domain: TrustDomain::new("example.org").unwrap(),
             data_dir: dir.path().to_path_buf(),
+            max_concurrent_signing: 2,
+            overload_wait: std::time::Duration::from_millis(50),
             ..ServerConfig::default()
         };
         let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
@@ -433,8 +430,7 @@ mod tests {
         .unwrap();
         let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
         let (_stop, stopped) = watch::channel(false);
-        let mut api = AgentApi::new(state, stopped);
-        api.signing_timeout = Duration::from_millis(50);
+        let api = AgentApi::new(state, stopped);
         let agent_id = tessera_spiffe::SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap();
         let agent = AuthenticatedAgent {
             identity: authz::AgentIdentity { agent_id: agent_id.clone(), node_selectors: SelectorSet::new() },
@@ -451,10 +447,10 @@ mod tests {
                 can_reattest: false,
             },
         };
-        let held: Vec<_> =
-            (0..SIGNING_CONCURRENCY).map(|_| Arc::clone(&api.signing).try_acquire_owned().unwrap()).collect();
+        let held = (api.signing_permit(&agent).await.unwrap(), api.signing_permit(&agent).await.unwrap());
         let status = api.signing_permit(&agent).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.message().contains("max_concurrent_signing = 2"), "{}", status.message());
         drop(held);
         assert!(api.signing_permit(&agent).await.is_ok());
     }

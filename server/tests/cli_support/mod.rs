@@ -25,13 +25,18 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a server whose config file ends with `extra` (more top-level keys).
+    pub fn start_with(extra: &str) -> Self {
         let dir = short_tempdir();
         let socket = dir.path().join("private/admin.sock");
         let config = dir.path().join("server.toml");
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n",
+                "trust_domain = \"example.org\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\n{extra}",
                 dir.path().join("data").display(),
                 socket.display()
             ),
