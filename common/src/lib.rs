@@ -1,2 +1,5 @@
 //! Code the Tessera server and agent share: configuration-file parsing helpers and the
 //! operations plumbing (metrics endpoint, audit log) that both binaries serve.
+
+pub mod audit;
+pub mod metrics;
