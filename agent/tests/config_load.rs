@@ -46,6 +46,10 @@ bind_address = "127.0.0.1:8088"
 
 [metrics]
 bind_address = "0.0.0.0:9988"
+
+[audit]
+enabled = false
+path = "-"
 "#;
 
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -133,6 +137,8 @@ fn full_example_parses_to_every_value() {
     assert_eq!(config.max_sha256_file_size, 64 * 1024 * 1024);
     assert_eq!(config.health.bind_address, Some("127.0.0.1:8088".parse().unwrap()));
     assert_eq!(config.metrics.bind_address, Some("0.0.0.0:9988".parse().unwrap()));
+    assert!(!config.audit.enabled);
+    assert_eq!(config.audit.path, Some(PathBuf::from("-")));
 }
 
 #[test]

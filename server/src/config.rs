@@ -72,6 +72,9 @@ pub const SERVER_KEYS: &[&str] = &[
     "federation.federates_with.trust_bundle_path",
     "federation.federates_with.ca_bundle_path",
     "agent_svid_rate_limit",
+    // Issue 8: the audit log.
+    "audit.enabled",
+    "audit.path",
 ];
 
 /// Default `trust_domain`.
@@ -280,6 +283,27 @@ pub struct ServerConfig {
     /// SVIDs (X.509 items, JWT-SVIDs, agent renewals) one agent may have signed per second on
     /// average; 0 = unlimited. Excess calls get `RESOURCE_EXHAUSTED`.
     pub agent_svid_rate_limit: u32,
+    /// `[audit]`: the security event log (issue 8).
+    #[serde(deserialize_with = "de_table")]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: one JSON line per security event (see docs/audit-log.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Whether the audit log is written (on by default).
+    pub enabled: bool,
+    /// The file lines are appended to; `None` (`""`, the default) means
+    /// `<data_dir>/audit.log`, `"-"` means standard output.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true, path: None }
+    }
 }
 
 /// `[datastore]`.
@@ -504,6 +528,7 @@ impl Default for ServerConfig {
             oidc: OidcConfig::default(),
             federation: FederationConfig::default(),
             agent_svid_rate_limit: DEFAULT_AGENT_SVID_RATE_LIMIT,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -514,6 +539,11 @@ fn default_trust_domain() -> TrustDomain {
 }
 
 impl ServerConfig {
+    /// Where audit lines go: disabled, stdout, `audit.path`, or `<data_dir>/audit.log`.
+    pub fn audit_target(&self) -> tessera_common::audit::AuditTarget {
+        tessera_common::audit::target_from_config(self.audit.enabled, self.audit.path.as_deref(), &self.data_dir)
+    }
+
     /// Where the datastore lives: `datastore.path`, else `<data_dir>/datastore`.
     pub fn datastore_path(&self) -> PathBuf {
         self.datastore.path.clone().unwrap_or_else(|| self.data_dir.join(DEFAULT_DATASTORE_DIR))
@@ -1002,6 +1032,7 @@ mod tests {
                 "metrics" => Some(fields_of::<MetricsConfig>()),
                 "upstream_authority" => Some(fields_of::<UpstreamAuthorityConfig>()),
                 "oidc" => Some(fields_of::<OidcConfig>()),
+                "audit" => Some(fields_of::<AuditConfig>()),
                 "federation" => {
                     for (table, keys) in [
                         ("bundle_endpoint", fields_of::<BundleEndpointConfig>()),

@@ -56,6 +56,10 @@ default_jwt_svid_ttl = "90s"
 agent_ttl = "12h"
 agent_svid_rate_limit = 250
 
+[audit]
+enabled = true
+path = "/var/log/tessera/server-audit.log"
+
 [datastore]
 kind = "sled"
 path = "/srv/tessera/db"
@@ -185,6 +189,8 @@ fn full_example_parses_to_every_value() {
     assert_eq!(config.default_jwt_svid_ttl, Duration::from_secs(90));
     assert_eq!(config.agent_ttl, Duration::from_secs(12 * 3600));
     assert_eq!(config.agent_svid_rate_limit, 250);
+    assert!(config.audit.enabled);
+    assert_eq!(config.audit.path, Some(PathBuf::from("/var/log/tessera/server-audit.log")));
     assert_eq!(config.datastore.kind, DatastoreKind::Sled);
     assert_eq!(config.datastore_path(), PathBuf::from("/srv/tessera/db"));
     assert_eq!(config.health.bind_address, Some("127.0.0.1:8080".parse().unwrap()));
