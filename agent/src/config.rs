@@ -73,7 +73,7 @@ pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
 /// Default `socket_path`: the Workload API (the same constant the CLI clients default to).
 pub const DEFAULT_SOCKET_PATH: &str = crate::cli::DEFAULT_SOCKET_PATH;
 /// Default `admin_socket`.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/tessera-agent/private/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = crate::cli::DEFAULT_ADMIN_SOCKET;
 /// Default `max_sha256_file_size`: 256 MiB.
 pub const DEFAULT_MAX_SHA256_FILE_SIZE: u64 = 256 * 1024 * 1024;
 

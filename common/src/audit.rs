@@ -24,7 +24,7 @@
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -138,15 +138,19 @@ impl AuditLog {
         Self { sender: None, target: Arc::new(AuditTarget::Disabled) }
     }
 
-    /// Opens `target` (a file is created 0600 if missing and appended to) and starts the
-    /// writer thread.
+    /// Opens `target` (a file is created 0600 if missing, its missing directories 0700, and
+    /// appended to) and starts the writer thread.
     pub fn open(target: AuditTarget) -> Result<Self, AuditError> {
         let out: Box<dyn Write + Send> = match &target {
             AuditTarget::Disabled => return Ok(Self::disabled()),
             AuditTarget::Stdout => Box::new(io::stdout()),
             AuditTarget::File(path) => {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent)
+                    // 0700: the default file lives in `data_dir`, next to keys.
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
                         .map_err(|source| AuditError::Open { path: path.clone(), source })?;
                 }
                 let file = OpenOptions::new()

@@ -136,6 +136,8 @@ pub(crate) struct Shared {
     /// Wakes the agent SVID renewal (an authority was tainted).
     pub(crate) renew_wakeup: Notify,
     pub(crate) rng: SystemRandom,
+    /// Failed calls and broken streams to the server (a metric).
+    pub(crate) server_errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Shared {
@@ -245,6 +247,11 @@ impl RunningManager {
         &self.jwt
     }
 
+    /// The count of failed calls and broken streams to the server (shared with the metric).
+    pub fn server_errors(&self) -> prometheus_client::metrics::counter::Counter {
+        self.shared.server_errors.clone()
+    }
+
     /// The cache the manager publishes to.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.shared.cache
@@ -343,6 +350,7 @@ pub async fn start(
         mint_wakeup: Notify::new(),
         renew_wakeup: Notify::new(),
         rng: SystemRandom::new(),
+        server_errors: prometheus_client::metrics::counter::Counter::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();

@@ -118,6 +118,7 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
 /// accepts) also marks the agent as not attested: retrying keeps the cache serving and picks
 /// up an un-ban, but the operator must act.
 fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) {
+    shared.server_errors.inc();
     if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) {
         tracing::error!(
             code = ?status.code(),
