@@ -281,7 +281,7 @@ fn metrics_audit_and_diagnostics_on_a_real_deployment() {
 
     // Denied: the test binary itself has no identity.
     let denied = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let mut client = spiffe::WorkloadApiClient::connect_to(format!("unix://{socket}")).await.unwrap();
+        let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{socket}")).await.unwrap();
         client.fetch_x509_svid().await.unwrap_err()
     });
     assert!(
