@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Default Workload API socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/tessera-agent/public/api.sock";
 
+/// Default agent admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/tessera-agent/private/admin.sock";
+
 /// Top-level command line of `tessera-agent`.
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +39,41 @@ pub enum Command {
     /// Workload API client commands.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Show the selectors the agent derives for a process or uid, and which entries match or
+    /// which selectors they lack ("why did my workload get no identity?"). Uses the admin socket.
+    Diagnose(DiagnoseArgs),
+    /// Show the agent's identity, its connection to the server and its cache. Uses the admin
+    /// socket.
+    Show {
+        #[command(flatten)]
+        admin: AdminSocketArgs,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        output: OutputFormat,
+    },
+}
+
+/// Where the agent's admin socket is.
+#[derive(Debug, Clone, Args)]
+pub struct AdminSocketArgs {
+    /// The agent's admin socket (default: the `admin_socket` default).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+}
+
+/// `tessera-agent diagnose`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "uid"])))]
+pub struct DiagnoseArgs {
+    /// A running process: every selector the Workload API would derive for it.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// A uid: its uid, user, gid and group selectors only.
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    #[command(flatten)]
+    pub admin: AdminSocketArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
 }
 
 /// Where the Workload API is: `--socket-path`, else `SPIFFE_ENDPOINT_SOCKET`, else the default.
@@ -133,6 +171,16 @@ mod tests {
             panic!("parsed into the wrong subcommand");
         };
         assert_eq!(audiences, ["a", "b"]);
+    }
+
+    #[test]
+    fn diagnose_needs_exactly_one_of_pid_and_uid() {
+        let err = Cli::try_parse_from(["tessera-agent", "diagnose"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = Cli::try_parse_from(["tessera-agent", "diagnose", "--pid", "1", "--uid", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let cli = Cli::try_parse_from(["tessera-agent", "diagnose", "--uid", "0"]).unwrap();
+        assert!(matches!(cli.command, Command::Diagnose(DiagnoseArgs { uid: Some(0), pid: None, .. })));
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub const AGENT_KEYS: &[&str] = &[
     "max_sha256_file_size",
     "health.bind_address",
     "metrics.bind_address",
+    "audit.enabled",
+    "audit.path",
 ];
 
 /// Default `trust_domain`.
@@ -75,7 +77,7 @@ pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
 /// Default `socket_path`: the Workload API (the same constant the CLI clients default to).
 pub const DEFAULT_SOCKET_PATH: &str = crate::cli::DEFAULT_SOCKET_PATH;
 /// Default `admin_socket`.
-pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/tessera-agent/private/admin.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = crate::cli::DEFAULT_ADMIN_SOCKET;
 /// Default `max_sha256_file_size`: 256 MiB.
 pub const DEFAULT_MAX_SHA256_FILE_SIZE: u64 = 256 * 1024 * 1024;
 
@@ -126,6 +128,27 @@ pub struct AgentConfig {
     /// `[metrics]`.
     #[serde(deserialize_with = "de_table")]
     pub metrics: MetricsConfig,
+    /// `[audit]`: the security event log.
+    #[serde(deserialize_with = "de_table")]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: one JSON line per security event (see docs/audit-log.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Whether the audit log is written (on by default).
+    pub enabled: bool,
+    /// The file lines are appended to; `None` (`""`, the default) means
+    /// `<data_dir>/audit.log`, `"-"` means standard output.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true, path: None }
+    }
 }
 
 /// `[node_attestor]`: node attestation other than a join token.
@@ -185,6 +208,7 @@ impl Default for AgentConfig {
             max_sha256_file_size: DEFAULT_MAX_SHA256_FILE_SIZE,
             health: HealthConfig::default(),
             metrics: MetricsConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -207,6 +231,7 @@ impl fmt::Debug for AgentConfig {
             .field("max_sha256_file_size", &self.max_sha256_file_size)
             .field("health", &self.health)
             .field("metrics", &self.metrics)
+            .field("audit", &self.audit)
             .finish()
     }
 }
@@ -217,6 +242,11 @@ fn default_trust_domain() -> TrustDomain {
 }
 
 impl AgentConfig {
+    /// Where audit lines go: disabled, stdout, `audit.path`, or `<data_dir>/audit.log`.
+    pub fn audit_target(&self) -> tessera_common::audit::AuditTarget {
+        tessera_common::audit::target_from_config(self.audit.enabled, self.audit.path.as_deref(), &self.data_dir)
+    }
+
     /// `server_address` split into host and port (checked on load, so this only fails for a
     /// value set in code).
     pub fn server_host_port(&self) -> Result<(&str, u16), String> {
@@ -363,6 +393,7 @@ mod tests {
                     continue;
                 }
                 "metrics" => Some(fields_of::<MetricsConfig>()),
+                "audit" => Some(fields_of::<AuditConfig>()),
                 _ => None,
             };
             match nested {

@@ -6,6 +6,7 @@
 //! on `socket_path`.
 //! `api` and `healthcheck` ([`commands`]) are Workload API clients.
 
+pub mod admin;
 pub mod attestor;
 pub mod cache;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod manager;
+pub mod metrics;
 pub mod sds;
 pub mod storage;
 pub mod workload_api;
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use cli::{Cli, Command};
 use config::AgentConfig;
+use futures_util::FutureExt as _;
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,14 +33,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, join_token } => run_agent(config.as_deref(), join_token),
         Command::Healthcheck(socket) => commands::healthcheck(&socket),
         Command::Api(command) => commands::api(command),
+        Command::Diagnose(args) => commands::diagnose(&args),
+        Command::Show { admin, output } => commands::show(&admin, output),
     }
 }
 
 /// `tessera-agent run`: load the configuration, attest (or reuse the persisted agent SVID),
-/// keep the cache current and serve the Workload API until SIGTERM or SIGINT, then shut down
-/// (the Workload API first, so open streams end cleanly, then the manager).
-///
-/// Not served yet: the agent's `admin_socket` and the `[health]`/`[metrics]` endpoints.
+/// keep the cache current and serve the Workload API, the admin socket and, when configured,
+/// the `[health]` and `[metrics]` endpoints until SIGTERM or SIGINT, then shut down (the
+/// Workload API first, so open streams end cleanly, then the manager). The audit log is opened
+/// before anything else: a file that cannot be opened stops the start-up.
 fn run_agent(file: Option<&Path>, join_token: Option<String>) -> anyhow::Result<()> {
     let config = config::load(file)?;
     init_logging(&config);
@@ -57,6 +62,26 @@ fn run_agent(file: Option<&Path>, join_token: Option<String>) -> anyhow::Result<
 }
 
 async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Result<()> {
+    let audit = {
+        let target = config.audit_target();
+        tokio::task::spawn_blocking(move || tessera_common::audit::AuditLog::open(target))
+            .await
+            .context("the audit log could not be opened")??
+    };
+    // Bind the operator endpoints before attesting, so a port in use fails at once.
+    let health_listener = match config.health.bind_address {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("health.bind_address {addr}"))?)
+        }
+        None => None,
+    };
+    let metrics_listener = match config.metrics.bind_address {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics.bind_address {addr}"))?)
+        }
+        None => None,
+    };
+    let admin_listener = admin::bind_admin_socket(&config.admin_socket)?;
     let cache = Arc::new(cache::Cache::new(cache::AgentSnapshot::empty(tessera_spiffe::bundle::BundleSet::new(
         tessera_spiffe::bundle::Bundle::new(config.trust_domain.clone()),
     ))));
@@ -72,8 +97,41 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
         max_sha256_file_size: config.max_sha256_file_size,
         ..attestor::UnixAttestorConfig::default()
     }));
-    let api =
-        workload_api::WorkloadApi::new(Arc::clone(&cache), attestor, manager.jwt_source(), config.trust_domain.clone());
+    let metrics = metrics::AgentMetrics::new(Arc::clone(&cache), manager.status_watch(), manager.server_errors());
+    let api = workload_api::WorkloadApi::new(
+        Arc::clone(&cache),
+        Arc::clone(&attestor),
+        manager.jwt_source(),
+        config.trust_domain.clone(),
+    )
+    .with_audit(audit.clone())
+    .with_metrics(metrics.workload_api());
+    let (stop_ops, ops_stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stopped = ops_stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut ops = tokio::task::JoinSet::new();
+    let admin_api =
+        admin::AgentAdmin::new(Arc::clone(&cache), attestor, manager.status_watch(), config.trust_domain.to_string());
+    ops.spawn(admin::serve(admin_api, admin_listener, config.admin_socket.clone(), stopped()).map(|served| {
+        if let Err(error) = served {
+            tracing::error!("the admin socket failed: {error}");
+        }
+    }));
+    if let Some(listener) = health_listener {
+        let status = manager.status_watch();
+        ops.spawn(serve_health(listener, status, stopped()));
+    }
+    if let Some(listener) = metrics_listener {
+        ops.spawn(tessera_common::metrics::serve(listener, metrics.registry(), None, stopped()).map(|served| {
+            if let Err(error) = served {
+                tracing::error!("the metrics endpoint failed: {error}");
+            }
+        }));
+    }
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let socket_path = config.socket_path.clone();
     let mut api_task = tokio::spawn(async move {
@@ -82,11 +140,21 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
         })
         .await
     });
-    tracing::info!(server = %config.server_address, socket = %config.socket_path.display(), "agent running");
+    tracing::info!(
+        server = %config.server_address,
+        socket = %config.socket_path.display(),
+        admin_socket = %config.admin_socket.display(),
+        health = ?config.health.bind_address,
+        metrics = ?config.metrics.bind_address,
+        audit = %tessera_common::audit::describe(audit.target()),
+        "agent running"
+    );
     let outcome = tokio::select! {
         signal = shutdown_signal() => signal,
         served = &mut api_task => {
             // The Workload API only ends by itself when it fails (e.g. the socket is in use).
+            stop_ops.send_replace(true);
+            while ops.join_next().await.is_some() {}
             manager.shutdown().await;
             return match served {
                 Ok(Ok(())) => Err(anyhow::anyhow!("the Workload API stopped unexpectedly")),
@@ -102,8 +170,39 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
         Ok(Err(error)) => tracing::warn!("the Workload API ended with an error: {error}"),
         Err(error) => tracing::warn!("the Workload API task failed: {error}"),
     }
+    stop_ops.send_replace(true);
+    while ops.join_next().await.is_some() {}
     manager.shutdown().await;
+    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     outcome
+}
+
+/// `GET /live` (200 while the process serves) and `GET /ready` (200 once the agent is attested
+/// and has synced with the server at least once, 503 with the reason otherwise).
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    status: tokio::sync::watch::Receiver<manager::AgentStatus>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use axum::http::StatusCode;
+    let router = axum::Router::new().route("/live", axum::routing::get(|| async { (StatusCode::OK, "live\n") })).route(
+        "/ready",
+        axum::routing::get(move || {
+            let status = status.borrow().clone();
+            async move {
+                if status.is_healthy() {
+                    (StatusCode::OK, "ready\n".to_owned())
+                } else if !status.attested {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: the agent is not attested\n".to_owned())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: no sync with the server yet\n".to_owned())
+                }
+            }
+        }),
+    );
+    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
+        tracing::error!("the health endpoint failed: {error}");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -46,6 +46,17 @@ bind_address = "127.0.0.1:8088"
 
 [metrics]
 bind_address = "0.0.0.0:9988"
+
+[audit]
+enabled = false
+path = "-"
+"#;
+
+/// The keys [`FULL_EXAMPLE`] cannot hold: x509pop attestation excludes a join token.
+const X509POP_EXAMPLE: &str = r#"
+[node_attestor.x509pop]
+certificate_path = "/etc/tessera/node.pem"
+private_key_path = "/etc/tessera/node.key"
 "#;
 
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -133,6 +144,8 @@ fn full_example_parses_to_every_value() {
     assert_eq!(config.max_sha256_file_size, 64 * 1024 * 1024);
     assert_eq!(config.health.bind_address, Some("127.0.0.1:8088".parse().unwrap()));
     assert_eq!(config.metrics.bind_address, Some("0.0.0.0:9988".parse().unwrap()));
+    assert!(!config.audit.enabled);
+    assert_eq!(config.audit.path, Some(PathBuf::from("-")));
 }
 
 #[test]
@@ -150,6 +163,7 @@ fn full_example_sets_every_listed_key() {
     }
     let mut in_example = BTreeSet::new();
     leaves("", &FULL_EXAMPLE.parse::<toml::Table>().unwrap(), &mut in_example);
+    leaves("", &X509POP_EXAMPLE.parse::<toml::Table>().unwrap(), &mut in_example);
     let listed: BTreeSet<String> = AGENT_KEYS.iter().map(|key| (*key).to_owned()).collect();
     assert_eq!(in_example, listed);
 }
@@ -292,4 +306,22 @@ fn unreadable_file() {
     let message = config::load(Some(dir.path())).unwrap_err().to_string();
     assert!(message.starts_with(&format!("cannot read config file {}: ", dir.path().display())), "{message}");
     assert!(!message.contains('\n'));
+}
+
+#[test]
+fn x509pop_attestation_loads_and_excludes_a_join_token() {
+    let config = load_ok(X509POP_EXAMPLE);
+    let x509pop = config.node_attestor.x509pop.unwrap();
+    assert_eq!(x509pop.certificate_path, PathBuf::from("/etc/tessera/node.pem"));
+    assert_eq!(x509pop.private_key_path, PathBuf::from("/etc/tessera/node.key"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let both = write(&dir, &format!("join_token = \"abc\"\n{X509POP_EXAMPLE}"));
+    let error = tessera_agent::config::load(Some(&both)).unwrap_err();
+    assert_eq!(error.key(), Some("join_token"));
+    assert!(error.to_string().contains("[node_attestor.x509pop]"), "{error}");
+
+    let missing_key = write(&dir, "[node_attestor.x509pop]\ncertificate_path = \"/etc/tessera/node.pem\"\n");
+    let error = tessera_agent::config::load(Some(&missing_key)).unwrap_err();
+    assert_eq!(error.key(), Some("node_attestor.x509pop.private_key_path"), "{error}");
 }

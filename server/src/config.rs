@@ -83,6 +83,9 @@ pub const SERVER_KEYS: &[&str] = &[
     "max_concurrent_attestations",
     "max_concurrent_signing",
     "overload_wait",
+    // Issue 8: the audit log.
+    "audit.enabled",
+    "audit.path",
 ];
 
 /// Default `trust_domain`.
@@ -227,6 +230,9 @@ pub struct ServerConfig {
     /// 0 refuses at once. Sub-second values are allowed (`"250ms"`).
     #[serde(deserialize_with = "de_wait")]
     pub overload_wait: Duration,
+    /// `[audit]`: the security event log (issue 8).
+    #[serde(deserialize_with = "de_table")]
+    pub audit: AuditConfig,
 }
 
 /// `[node_attestor]`: the node attestors enabled besides join tokens (always on).
@@ -263,6 +269,24 @@ pub struct X509PopConfig {
 
 fn default_x509pop_agent_id() -> X509PopAgentId {
     X509PopAgentId::Fingerprint
+}
+
+/// `[audit]`: one JSON line per security event (see docs/audit-log.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Whether the audit log is written (on by default).
+    pub enabled: bool,
+    /// The file lines are appended to; `None` (`""`, the default) means
+    /// `<data_dir>/audit.log`, `"-"` means standard output.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true, path: None }
+    }
 }
 
 /// `[datastore]`.
@@ -491,6 +515,7 @@ impl Default for ServerConfig {
             max_concurrent_attestations: 0,
             max_concurrent_signing: 0,
             overload_wait: DEFAULT_OVERLOAD_WAIT,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -501,6 +526,11 @@ fn default_trust_domain() -> TrustDomain {
 }
 
 impl ServerConfig {
+    /// Where audit lines go: disabled, stdout, `audit.path`, or `<data_dir>/audit.log`.
+    pub fn audit_target(&self) -> tessera_common::audit::AuditTarget {
+        tessera_common::audit::target_from_config(self.audit.enabled, self.audit.path.as_deref(), &self.data_dir)
+    }
+
     /// Where the datastore lives: `datastore.path`, else `<data_dir>/datastore`.
     pub fn datastore_path(&self) -> PathBuf {
         self.datastore.path.clone().unwrap_or_else(|| self.data_dir.join(DEFAULT_DATASTORE_DIR))
@@ -656,6 +686,7 @@ mod tests {
                 "metrics" => Some(fields_of::<MetricsConfig>()),
                 "upstream_authority" => Some(fields_of::<UpstreamAuthorityConfig>()),
                 "oidc" => Some(fields_of::<OidcConfig>()),
+                "audit" => Some(fields_of::<AuditConfig>()),
                 "federation" => {
                     for (table, keys) in [
                         ("bundle_endpoint", fields_of::<BundleEndpointConfig>()),

@@ -22,6 +22,7 @@ mod commands;
 pub mod config;
 pub mod datastore;
 pub mod federation;
+pub mod metrics;
 pub mod oidc;
 pub mod server;
 

@@ -47,6 +47,8 @@ use crate::agent_api::tls::ServerSvid;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::ServerConfig;
 use crate::datastore::{DataStore, DataStoreError, DataStoreOptions, SledDataStore, blocking};
+use crate::metrics::ServerMetrics;
+use tessera_common::audit::AuditLog;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,17 @@ pub enum ServerError {
     /// The agent API's TLS identity could not be set up.
     #[error("agent API TLS: {0}")]
     AgentTls(String),
+    /// The audit log could not be opened (names `audit.path` and the file).
+    #[error(transparent)]
+    Audit(#[from] tessera_common::audit::AuditError),
+    /// The metrics endpoint address could not be bound.
+    #[error("metrics.bind_address {addr}: {source}")]
+    MetricsBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        source: io::Error,
+    },
     /// The health endpoint address could not be bound.
     #[error("health.bind_address {addr}: {source}")]
     HealthBind {
@@ -136,6 +149,8 @@ pub struct ServerState {
     ca: Arc<CertificateAuthority>,
     federation: crate::federation::FederationHandle,
     x509pop: Option<crate::agent_api::x509pop::X509Pop>,
+    metrics: Arc<ServerMetrics>,
+    audit: AuditLog,
 }
 
 impl ServerState {
@@ -156,12 +171,15 @@ impl ServerState {
                 .map(crate::agent_api::x509pop::X509Pop::load)
                 .transpose()
                 .map_err(|reason| ServerError::NodeAttestor { key: "node_attestor.x509pop.ca_bundle_path", reason })?;
+        let metrics = Arc::new(ServerMetrics::new(ca.signing_metrics()));
         Ok(Self {
             config,
             server_id,
             datastore,
             ca,
             federation: crate::federation::FederationHandle::default(),
+            metrics,
+            audit: AuditLog::disabled(),
             x509pop,
         })
     }
@@ -169,6 +187,23 @@ impl ServerState {
     /// The x509pop node attestor, when configured.
     pub(crate) fn x509pop(&self) -> Option<&crate::agent_api::x509pop::X509Pop> {
         self.x509pop.as_ref()
+    }
+
+    /// The same state writing security events to `audit`.
+    #[must_use]
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// The audit log (see docs/audit-log.md).
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<ServerMetrics> {
+        &self.metrics
     }
 
     /// The federation relationships (issue 6).
@@ -227,6 +262,7 @@ pub struct RunningServer {
     admin_socket: PathBuf,
     agent_api_addr: SocketAddr,
     health_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     oidc_addr: Option<SocketAddr>,
     bundle_endpoint_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
@@ -252,6 +288,11 @@ impl RunningServer {
     /// Where the health endpoints listen (the bound address, so port 0 is resolved).
     pub fn health_addr(&self) -> Option<SocketAddr> {
         self.health_addr
+    }
+
+    /// Where `GET /metrics` listens (the bound address, so port 0 is resolved).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Where OIDC discovery listens, when configured (bound address).
@@ -282,6 +323,8 @@ impl RunningServer {
             }
         }
         remove_socket_file(&self.admin_socket);
+        let audit = self.state.audit().clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
         result
     }
 
@@ -305,6 +348,8 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         admin_socket = %server.admin_socket.display(),
         agent_api = %server.agent_api_addr,
         health = ?server.health_addr,
+        metrics = ?server.metrics_addr,
+        audit = %tessera_common::audit::describe(server.state.audit().target()),
         "tessera-server started"
     );
     tokio::select! {
@@ -338,6 +383,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
 pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> Result<RunningServer, ServerError> {
     let admin_socket = config.admin_socket.clone();
     let health_bind = config.health.bind_address;
+    let metrics_bind = config.metrics.bind_address;
+    // The audit log first: a file that cannot be opened stops the start-up, naming the key.
+    let audit = {
+        let target = config.audit_target();
+        tokio::task::spawn_blocking(move || AuditLog::open(target))
+            .await
+            .map_err(|err| ServerError::Serve { listener: "audit log", reason: err.to_string() })??
+    };
     let ca = {
         let (config, datastore) = (config.clone(), Arc::clone(&datastore));
         tokio::task::spawn_blocking(move || {
@@ -352,7 +405,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         .await
         .map_err(|err| ServerError::Serve { listener: "CA start-up", reason: err.to_string() })??
     };
-    let state = Arc::new(ServerState::new(config, datastore, Arc::new(ca))?);
+    let state = Arc::new(ServerState::new(config, datastore, Arc::new(ca))?.with_audit(audit));
     let (stop, stopped) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
@@ -392,6 +445,18 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         None => None,
     };
 
+    let metrics_listener = match metrics_bind {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServerError::MetricsBind { addr, source })?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr().map_err(|source| ServerError::MetricsBind {
+            addr: metrics_bind.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        })?),
+        None => None,
+    };
+
     let server_svid_resolver = server_svid.resolver();
     tasks.spawn(serve_admin(Arc::clone(&state), admin_listener, stopped.clone()));
     tasks.spawn(serve_agent_api(Arc::clone(&state), agent_listener, tls_config, stopped.clone()));
@@ -405,13 +470,17 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
     tasks.spawn({
         let (ca, store) = (Arc::clone(state.ca()), Arc::clone(state.datastore()));
         let stopped = stopped.clone();
+        let audit = state.audit().clone();
         async move {
-            crate::ca::rotation::run(ca, store, stopped).await;
+            crate::ca::rotation::run(ca, store, audit, stopped).await;
             Ok(())
         }
     });
     if let Some(listener) = health_listener {
         tasks.spawn(serve_health(Arc::clone(&state), listener, stopped.clone()));
+    }
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(serve_metrics(Arc::clone(&state), listener, stopped.clone()));
     }
     let extra = start_federation(&state, &server_svid_resolver, &mut tasks, &stopped).await;
     let (oidc_addr, bundle_endpoint_addr) = match extra {
@@ -423,7 +492,17 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
             return Err(err);
         }
     };
-    Ok(RunningServer { state, admin_socket, agent_api_addr, health_addr, oidc_addr, bundle_endpoint_addr, stop, tasks })
+    Ok(RunningServer {
+        state,
+        admin_socket,
+        agent_api_addr,
+        health_addr,
+        metrics_addr,
+        oidc_addr,
+        bundle_endpoint_addr,
+        stop,
+        tasks,
+    })
 }
 
 /// OIDC discovery, the bundle endpoint and the federation relationships (issue 6), when
@@ -589,6 +668,7 @@ async fn serve_agent_api(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
     let incoming = crate::agent_api::tls::incoming(listener, acceptor, stopped.clone());
     tonic::transport::Server::builder()
+        .layer(tessera_common::metrics::GrpcMetricsLayer::new(state.metrics().agent_api()))
         .add_service(AgentApi::new(state, stopped.clone()).into_service())
         .serve_with_incoming_shutdown(incoming, stop_requested(stopped))
         .await
@@ -607,6 +687,23 @@ async fn serve_health(
         .with_graceful_shutdown(stop_requested(stopped))
         .await
         .map_err(|err| ServerError::Serve { listener: "health endpoint", reason: err.to_string() })
+}
+
+// ---- Metrics -----------------------------------------------------------------------------------
+
+async fn serve_metrics(
+    state: Arc<ServerState>,
+    listener: TcpListener,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let registry = state.metrics().registry();
+    let refresh: tessera_common::metrics::Refresh = Arc::new(move || {
+        let state = Arc::clone(&state);
+        Box::pin(async move { state.metrics().refresh(state.datastore(), state.ca()).await })
+    });
+    tessera_common::metrics::serve(listener, registry, Some(refresh), stop_requested(stopped))
+        .await
+        .map_err(|err| ServerError::Serve { listener: "metrics endpoint", reason: err.to_string() })
 }
 
 async fn live() -> (StatusCode, &'static str) {

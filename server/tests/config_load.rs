@@ -59,6 +59,10 @@ max_concurrent_attestations = 3
 max_concurrent_signing = 5
 overload_wait = "300ms"
 
+[audit]
+enabled = true
+path = "/var/log/tessera/server-audit.log"
+
 [datastore]
 kind = "sled"
 path = "/srv/tessera/db"
@@ -194,6 +198,8 @@ fn full_example_parses_to_every_value() {
     assert_eq!(config.agent_svid_rate_limit, 250);
     assert_eq!((config.max_concurrent_attestations, config.max_concurrent_signing), (3, 5));
     assert_eq!(config.overload_wait, std::time::Duration::from_millis(300));
+    assert!(config.audit.enabled);
+    assert_eq!(config.audit.path, Some(PathBuf::from("/var/log/tessera/server-audit.log")));
     assert_eq!(config.datastore.kind, DatastoreKind::Sled);
     assert_eq!(config.datastore_path(), PathBuf::from("/srv/tessera/db"));
     assert_eq!(config.health.bind_address, Some("127.0.0.1:8080".parse().unwrap()));

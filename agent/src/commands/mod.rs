@@ -7,8 +7,11 @@
 //! is one line naming the socket and the agent's status message, printed by `main`, with a
 //! non-zero exit.
 
+mod admin;
 pub mod endpoint;
 mod output;
+
+pub use admin::{diagnose, show};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -211,7 +214,7 @@ impl WorkloadClient {
 }
 
 /// A channel over the already connected `first` stream; later reconnections dial `socket`.
-async fn channel(first: UnixStream, socket: &Path) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(first: UnixStream, socket: &Path) -> anyhow::Result<Channel> {
     let first = Arc::new(Mutex::new(Some(first)));
     let path = socket.to_owned();
     let connector = tower::service_fn(move |_: Uri| {

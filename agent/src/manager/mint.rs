@@ -61,6 +61,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 Ok(()) => backoff.reset(),
                 Err(reason) => {
                     let delay = backoff.next_delay(&shared.rng);
+                    shared.server_errors.inc();
                     tracing::warn!("minting X.509-SVIDs failed: {reason}; retrying in {delay:?}");
                     // Sleep for the backoff, but never past the next expiry.
                     let expiry = shared.state().next_deadline(SystemTime::now()).map_or(delay, until);

@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     /// Evidence to attest again with when the server no longer accepts the agent SVID
     /// (evicted, expired); `None` for join tokens, which attest once.
     pub(crate) reattest: Option<attest::Evidence>,
+    /// Failed calls and broken streams to the server (a metric).
+    pub(crate) server_errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Shared {
@@ -269,6 +271,11 @@ impl RunningManager {
         &self.jwt
     }
 
+    /// The count of failed calls and broken streams to the server (shared with the metric).
+    pub fn server_errors(&self) -> prometheus_client::metrics::counter::Counter {
+        self.shared.server_errors.clone()
+    }
+
     /// The cache the manager publishes to.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.shared.cache
@@ -383,6 +390,7 @@ pub async fn start(
         renew_wakeup: Notify::new(),
         rng: SystemRandom::new(),
         reattest: evidence.filter(attest::Evidence::can_reattest),
+        server_errors: prometheus_client::metrics::counter::Counter::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();

@@ -76,6 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                         shared.status.send_modify(|status| status.attested = false);
                     }
                     let delay = backoff.next_delay(&shared.rng).min((remaining / 10).max(Duration::from_secs(1)));
+                    shared.server_errors.inc();
                     tracing::warn!("agent SVID renewal failed: {reason}; retrying in {delay:?}");
                     if sleep_or_stop(delay, &mut stop).await {
                         return;

@@ -129,6 +129,7 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
 /// cache serving and picks up an un-ban. A re-attestable agent (x509pop) attests again; a
 /// join-token agent needs the operator.
 fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) -> bool {
+    shared.server_errors.inc();
     if matches!(status.code(), Code::PermissionDenied | Code::Unauthenticated) {
         let next = if shared.reattest.is_some() {
             "attesting again"

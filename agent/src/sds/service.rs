@@ -85,9 +85,9 @@ impl SecretDiscovery {
                 // For identities, explain which selectors the caller lacks.
                 let identity = names.iter().find(|name| SpiffeId::parse(name).is_ok_and(|id| !id.is_trust_domain_id()));
                 if let Some(identity) = identity {
-                    log_no_identity(method, peer, selectors, snapshot, Some(identity));
+                    log_no_identity(self.api.audit(), method, peer, selectors, snapshot, Some(identity));
                 } else if names.contains(&self.settings.default_svid_name) {
-                    log_no_identity(method, peer, selectors, snapshot, None);
+                    log_no_identity(self.api.audit(), method, peer, selectors, snapshot, None);
                 }
             }
             BuildError::SpiffeValidatorUnavailable | BuildError::Encode(_) => {

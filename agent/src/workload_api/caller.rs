@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use tessera_common::audit::{AuditEvent, AuditLog};
 use tessera_spiffe::selector::SelectorSet;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
@@ -62,13 +63,25 @@ pub(crate) fn attestation_status(err: &AttestError, peer: Option<&PeerCredential
 /// Logs, in one line, why a caller matched no entry: its pid, uid and selectors, and for the
 /// closest entries on this node the selectors the caller lacks.
 pub(crate) fn log_no_identity(
+    audit: &AuditLog,
     method: &str,
     peer: &PeerCredentials,
     selectors: &SelectorSet,
     snapshot: &AgentSnapshot,
     requested: Option<&str>,
 ) {
-    let caller_selectors = selectors.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ");
+    let selector_list: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+    audit.emit(
+        AuditEvent::new("workload.denied")
+            .field("method", method)
+            .field("pid", peer.pid)
+            .field("uid", peer.uid)
+            .field("gid", peer.gid)
+            .field("selectors", selector_list.clone())
+            .field("requested_spiffe_id", requested)
+            .field("entries_on_node", snapshot.entries.len()),
+    );
+    let caller_selectors = selector_list.join(" ");
     let explanation = explain_no_identity(snapshot, selectors, requested, EXPLAINED_ENTRIES);
     tracing::warn!(
         method,

@@ -56,6 +56,8 @@ mod views;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_common::audit::AuditLog;
+use tessera_common::metrics::GrpcCallMetrics;
 use tessera_spiffe::spiffe_id::TrustDomain;
 use tokio::sync::{Semaphore, watch};
 
@@ -127,6 +129,10 @@ struct Inner {
     attesting: Arc<Semaphore>,
     /// Set to true at shutdown: every open stream ends.
     closing: watch::Sender<bool>,
+    /// Where denials are recorded.
+    audit: AuditLog,
+    /// Calls by method and status.
+    metrics: Arc<GrpcCallMetrics>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -161,9 +167,52 @@ impl WorkloadApi {
         let streams = Arc::new(Semaphore::new(limits.max_open_streams.clamp(1, Semaphore::MAX_PERMITS)));
         let attesting = Arc::new(Semaphore::new(limits.max_attesting_calls.clamp(1, Semaphore::MAX_PERMITS)));
         let (closing, _) = watch::channel(false);
+        // Until `with_metrics`, calls are counted in a registry nobody serves.
+        let metrics = GrpcCallMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+            "calls",
+            "call_seconds",
+            crate::metrics::WORKLOAD_API_METHODS,
+        );
+        let audit = AuditLog::disabled();
         Self {
-            inner: Arc::new(Inner { cache, attestor, jwt_source, trust_domain, limits, streams, attesting, closing }),
+            inner: Arc::new(Inner {
+                cache,
+                attestor,
+                jwt_source,
+                trust_domain,
+                limits,
+                streams,
+                attesting,
+                closing,
+                audit,
+                metrics,
+            }),
         }
+    }
+
+    /// Records denials in `audit`. Call before the service is cloned or served (later, it has
+    /// no effect).
+    #[must_use]
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.audit = audit;
+        }
+        self
+    }
+
+    /// Counts calls in `metrics`. Call before the service is cloned or served.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<GrpcCallMetrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = metrics;
+        }
+        self
+    }
+
+    /// The audit log denials go to.
+    pub(crate) fn audit(&self) -> &AuditLog {
+        &self.inner.audit
     }
 
     /// How many streams are open now (Workload API and SDS streams share the limit).

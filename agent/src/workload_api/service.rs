@@ -137,7 +137,7 @@ impl WorkloadApi {
 
     /// PermissionDenied `no identity issued`, with the log line explaining why.
     fn no_identity(&self, method: &str, caller: &Caller, requested: Option<&str>) -> Status {
-        log_no_identity(method, &caller.peer, caller.selectors(), &caller.snapshot, requested);
+        log_no_identity(&self.inner.audit, method, &caller.peer, caller.selectors(), &caller.snapshot, requested);
         Status::permission_denied(NO_IDENTITY)
     }
 

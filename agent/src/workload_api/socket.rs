@@ -166,11 +166,13 @@ impl WorkloadApi {
         };
         // Envoy SDS on the same socket: it shares this service's attestation, limits and shutdown.
         let sds = crate::sds::SecretDiscovery::new(self.clone()).into_server();
+        let metrics = tessera_common::metrics::GrpcMetricsLayer::new(Arc::clone(&self.inner.metrics));
         let service = SpiffeWorkloadApiServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES);
         let serve = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.max_streams_per_connection.max(1)))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(metrics)
             .add_service(service)
             .add_service(sds)
             .serve_with_incoming_shutdown(incoming, signal);

@@ -10,6 +10,7 @@
 //! | [`tessera::common::v1`] | `tessera.common.v1` | entries, selectors and bundles shared by the APIs below |
 //! | [`tessera::agent::v1`] | `tessera.agent.v1` | the server<->agent API (`AgentService`) |
 //! | [`tessera::admin::v1`] | `tessera.admin.v1` | the operator API on the server's admin socket (`AdminService`) |
+//! | [`tessera::agent::admin::v1`] | `tessera.agent.admin.v1` | the operator API on the agent's admin socket (`AgentAdminService`) |
 //! | [`envoy`] | `envoy.*.v3` | the subset of Envoy's v3 API needed to serve SDS |
 //! | [`google::rpc`] | `google.rpc` | `Status`, the gRPC error model message |
 //!
@@ -69,11 +70,19 @@ pub mod tessera {
         }
     }
 
-    /// The server<->agent API.
+    /// The server<->agent API, and the agent's own operator API.
     pub mod agent {
         generated! {
             /// Package `tessera.agent.v1`: service `AgentService`.
             pub mod v1 => "gen/tessera.agent.v1.rs";
+        }
+
+        /// The agent's operator (admin socket) API.
+        pub mod admin {
+            generated! {
+                /// Package `tessera.agent.admin.v1`: service `AgentAdminService`.
+                pub mod v1 => "gen/tessera.agent.admin.v1.rs";
+            }
         }
     }
 

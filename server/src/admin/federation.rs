@@ -219,3 +219,37 @@ pub(super) async fn refresh(
     let relationship = current(state, &trust_domain).await?;
     Ok(Response::new(pb::RefreshFederationRelationshipResponse { relationship: Some(relationship) }))
 }
+
+/// The trust domain a federation request names, as written (for the audit log).
+pub(super) fn audit_trust_domain(request: &impl NamesTrustDomain) -> String {
+    request.trust_domain().to_owned()
+}
+
+/// Federation requests that name a trust domain.
+pub(super) trait NamesTrustDomain {
+    fn trust_domain(&self) -> &str;
+}
+
+impl NamesTrustDomain for pb::CreateFederationRelationshipRequest {
+    fn trust_domain(&self) -> &str {
+        self.relationship.as_ref().map_or("", |r| r.trust_domain.as_str())
+    }
+}
+
+impl NamesTrustDomain for pb::UpdateFederationRelationshipRequest {
+    fn trust_domain(&self) -> &str {
+        self.relationship.as_ref().map_or("", |r| r.trust_domain.as_str())
+    }
+}
+
+impl NamesTrustDomain for pb::DeleteFederationRelationshipRequest {
+    fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+}
+
+impl NamesTrustDomain for pb::RefreshFederationRelationshipRequest {
+    fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+}

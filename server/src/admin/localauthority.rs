@@ -66,6 +66,7 @@ pub(crate) fn show(
 pub(crate) async fn change(
     state: Arc<ServerState>,
     request: pb::ChangeLocalAuthorityRequest,
+    caller: super::AdminCaller,
 ) -> Result<pb::ChangeLocalAuthorityResponse, Status> {
     let kind = kind(request.kind)?;
     let id = request.authority_id;
@@ -75,6 +76,13 @@ pub(crate) async fn change(
     let action = pb::LocalAuthorityAction::try_from(request.action).unwrap_or(pb::LocalAuthorityAction::Unspecified);
     let needs_id = |change: fn(String) -> AuthorityChange| {
         if id.is_empty() { Err(Status::invalid_argument("authority_id: must be set")) } else { Ok(change(id.clone())) }
+    };
+    let step = match action {
+        pb::LocalAuthorityAction::Prepare => "prepare",
+        pb::LocalAuthorityAction::Activate => "activate",
+        pb::LocalAuthorityAction::Taint => "taint",
+        pb::LocalAuthorityAction::Revoke => "revoke",
+        pb::LocalAuthorityAction::Unspecified => "unspecified",
     };
     let change = match action {
         pb::LocalAuthorityAction::Prepare if id.is_empty() => AuthorityChange::Prepare,
@@ -90,11 +98,27 @@ pub(crate) async fn change(
             return Err(Status::invalid_argument("action: must be PREPARE, ACTIVATE, TAINT or REVOKE"));
         }
     };
+    let worker = Arc::clone(&state);
     let slot = tokio::task::spawn_blocking(move || {
-        state.ca().change_authority(kind, change, state.datastore().as_ref(), SystemTime::now())
+        worker.ca().change_authority(kind, change, worker.datastore().as_ref(), SystemTime::now())
     })
     .await
     .map_err(|err| Status::internal(format!("local authority change did not finish: {err}")))?
     .map_err(ca_status)?;
+    state.audit().emit(
+        caller
+            .event("localauthority.change")
+            .field("kind", crate::ca::kind_name(kind))
+            .field("authority_id", slot.id.clone())
+            .field("step", step),
+    );
+    state.audit().emit(
+        tessera_common::audit::AuditEvent::new("ca.rotation")
+            .field("kind", crate::ca::kind_name(kind))
+            .field("authority_id", slot.id.clone())
+            .field("step", step)
+            .field("not_after", slot.not_after)
+            .field("trigger", "forced"),
+    );
     Ok(pb::ChangeLocalAuthorityResponse { authority: Some(to_proto(&slot)) })
 }

@@ -40,11 +40,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
+use tessera_common::audit::{AuditEvent, redact_agent_id, token_fingerprint};
 use tessera_spiffe::bundle::Bundle;
 use tessera_spiffe::keys::{KeyType, SigningKey};
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tessera_wire::tessera::admin::v1 as pb;
 use tessera_wire::tessera::admin::v1::admin_service_server::{AdminService, AdminServiceServer};
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::datastore::{DataStore, DataStoreError, JoinToken, NodeFilter, PageRequest, RegistrationEntry, blocking};
@@ -91,6 +93,33 @@ impl AdminApi {
     {
         blocking(self.state.datastore(), call).await.map_err(datastore_status)
     }
+}
+
+/// Who called the admin API: the kernel's peer credentials of the admin socket connection
+/// (recorded in every `admin.action` audit event).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AdminCaller {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl AdminCaller {
+    fn of<T>(request: &Request<T>) -> Self {
+        let cred = request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred);
+        Self { uid: cred.map(|cred| cred.uid()), pid: cred.and_then(|cred| cred.pid()) }
+    }
+
+    /// An `admin.action` event for `action` by this caller.
+    pub(crate) fn event(self, action: &'static str) -> AuditEvent {
+        AuditEvent::new("admin.action")
+            .field("action", action)
+            .field("caller_uid", self.uid)
+            .field("caller_pid", self.pid)
+    }
+}
+
+fn selector_strings(selectors: &SelectorSet) -> Vec<String> {
+    selectors.iter().map(ToString::to_string).collect()
 }
 
 /// How often a federated bundle write retries its compare-and-set after losing a race.
@@ -147,6 +176,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GenerateJoinTokenRequest>,
     ) -> Result<Response<pb::GenerateJoinTokenResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let request = request.into_inner();
         let td = self.state.trust_domain().clone();
         let alias = match request.spiffe_id.as_str() {
@@ -190,6 +220,14 @@ impl AdminService for AdminApi {
             })
             .await?;
         tracing::info!(expires_at, alias_entry = %entry_id, "join token generated");
+        self.state.audit().emit(
+            caller
+                .event("join_token.generate")
+                .field("token_fingerprint", token_fingerprint(&token))
+                .field("expires_at", expires_at)
+                .field("alias_entry_id", entry_id.clone())
+                .field("alias_spiffe_id", request.spiffe_id.clone()),
+        );
         Ok(Response::new(pb::GenerateJoinTokenResponse {
             token,
             expires_at: i64::try_from(expires_at).unwrap_or(i64::MAX),
@@ -201,11 +239,21 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateEntryRequest>,
     ) -> Result<Response<pb::CreateEntryResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let proto = request.into_inner().entry.ok_or_else(|| FieldError::new("entry", "must be set"))?;
         let id = if proto.id.is_empty() { random_id()? } else { proto.id.clone() };
         let entry = entry_from_proto(id, &proto, self.state.trust_domain())?;
         let stored = self.store(move |store| store.create_entry(&entry)).await?;
         tracing::info!(entry_id = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
+        self.state.audit().emit(
+            caller
+                .event("entry.create")
+                .field("entry_id", stored.id.clone())
+                .field("spiffe_id", stored.spiffe_id.as_str())
+                .field("parent_id", redact_agent_id(stored.parent_id.as_str()))
+                .field("selectors", selector_strings(&stored.selectors))
+                .field("revision", stored.revision),
+        );
         Ok(Response::new(pb::CreateEntryResponse { entry: Some(entry_to_proto(&stored)) }))
     }
 
@@ -213,6 +261,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdateEntryRequest>,
     ) -> Result<Response<pb::UpdateEntryResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let request = request.into_inner();
         let proto = request.entry.ok_or_else(|| FieldError::new("entry", "must be set"))?;
         required("entry.id", &proto.id)?;
@@ -230,6 +279,15 @@ impl AdminService for AdminApi {
             match blocking(self.state.datastore(), move |store| store.update_entry(&updated, Some(revision))).await {
                 Ok(stored) => {
                     tracing::info!(entry_id = %stored.id, revision = stored.revision, "entry updated");
+                    self.state.audit().emit(
+                        caller
+                            .event("entry.update")
+                            .field("entry_id", stored.id.clone())
+                            .field("spiffe_id", stored.spiffe_id.as_str())
+                            .field("parent_id", redact_agent_id(stored.parent_id.as_str()))
+                            .field("selectors", selector_strings(&stored.selectors))
+                            .field("revision", stored.revision),
+                    );
                     return Ok(Response::new(pb::UpdateEntryResponse { entry: Some(entry_to_proto(&stored)) }));
                 }
                 Err(err @ DataStoreError::Conflict { .. }) => last_conflict = Some(err),
@@ -243,10 +301,17 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DeleteEntryRequest>,
     ) -> Result<Response<pb::DeleteEntryResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let id = request.into_inner().id;
         required("id", &id)?;
         let deleted = self.store(move |store| store.delete_entry(&id)).await?;
         tracing::info!(entry_id = %deleted.id, "entry deleted");
+        self.state.audit().emit(
+            caller
+                .event("entry.delete")
+                .field("entry_id", deleted.id.clone())
+                .field("spiffe_id", deleted.spiffe_id.as_str()),
+        );
         Ok(Response::new(pb::DeleteEntryResponse {}))
     }
 
@@ -314,6 +379,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::SetFederatedBundleRequest>,
     ) -> Result<Response<pb::SetFederatedBundleResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let request = request.into_inner();
         let trust_domain = self.federated_trust_domain(&request.trust_domain)?;
         let mut bundle = match pb::BundleFormat::try_from(request.format) {
@@ -340,6 +406,20 @@ impl AdminService for AdminApi {
                 Ok(stored) => {
                     bundle.set_sequence(stored.sequence);
                     tracing::info!(trust_domain = %trust_domain, sequence = stored.sequence, "federated bundle set");
+                    self.state.audit().emit(
+                        caller
+                            .event("bundle.set")
+                            .field("trust_domain", trust_domain.name())
+                            .field("sequence", stored.sequence),
+                    );
+                    self.state.audit().emit(
+                        AuditEvent::new("federation.bundle_changed")
+                            .field("trust_domain", trust_domain.name())
+                            .field("sequence", stored.sequence)
+                            .field("x509_authorities", bundle.x509_authorities().count())
+                            .field("jwt_authorities", bundle.jwt_authorities().len())
+                            .field("source", "admin"),
+                    );
                     return Ok(Response::new(pb::SetFederatedBundleResponse {
                         bundle: Some(bundle_to_proto(&bundle)),
                     }));
@@ -355,10 +435,12 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DeleteFederatedBundleRequest>,
     ) -> Result<Response<pb::DeleteFederatedBundleResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let trust_domain = self.federated_trust_domain(&request.into_inner().trust_domain)?;
         let lookup = trust_domain.clone();
         self.store(move |store| store.delete_bundle(&lookup)).await?;
         tracing::info!(trust_domain = %trust_domain, "federated bundle deleted");
+        self.state.audit().emit(caller.event("bundle.delete").field("trust_domain", trust_domain.name()));
         Ok(Response::new(pb::DeleteFederatedBundleResponse {}))
     }
 
@@ -386,9 +468,11 @@ impl AdminService for AdminApi {
     }
 
     async fn ban_agent(&self, request: Request<pb::BanAgentRequest>) -> Result<Response<pb::BanAgentResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let id = self.agent_id(&request.into_inner().spiffe_id)?;
         let node = self.store(move |store| store.ban_attested_node(&id)).await?;
         tracing::info!(agent = %node.spiffe_id, "agent banned");
+        self.state.audit().emit(caller.event("agent.ban").field("agent_id", redact_agent_id(node.spiffe_id.as_str())));
         Ok(Response::new(pb::BanAgentResponse {}))
     }
 
@@ -396,9 +480,13 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::EvictAgentRequest>,
     ) -> Result<Response<pb::EvictAgentResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let id = self.agent_id(&request.into_inner().spiffe_id)?;
         let node = self.store(move |store| store.delete_attested_node(&id)).await?;
         tracing::info!(agent = %node.spiffe_id, "agent evicted");
+        self.state
+            .audit()
+            .emit(caller.event("agent.evict").field("agent_id", redact_agent_id(node.spiffe_id.as_str())));
         Ok(Response::new(pb::EvictAgentResponse {}))
     }
 
@@ -406,6 +494,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::MintX509SvidRequest>,
     ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let request = request.into_inner();
         let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
         if request.dns_names.len() > MAX_DNS_NAMES {
@@ -434,6 +523,15 @@ impl AdminService for AdminApi {
         })?;
         let expires_at = unix_seconds(svid.expires_at);
         tracing::info!(spiffe_id = %spiffe_id, expires_at, "X.509-SVID minted");
+        let serial = svid.chain.first().and_then(|leaf| tessera_spiffe::tls::certificate_serial_hex(leaf).ok());
+        self.state.audit().emit(
+            caller
+                .event("svid.mint")
+                .field("type", "x509")
+                .field("spiffe_id", spiffe_id.as_str())
+                .field("serial", serial)
+                .field("expires_at", expires_at),
+        );
         Ok(Response::new(pb::MintX509SvidResponse {
             cert_chain: svid.chain,
             expires_at,
@@ -446,6 +544,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::MintJwtSvidRequest>,
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        let caller = AdminCaller::of(&request);
         let request = request.into_inner();
         let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
         check_audiences(&request.audiences)?;
@@ -460,6 +559,15 @@ impl AdminService for AdminApi {
             })?;
         let expires_at = unix_seconds(expires_at);
         tracing::info!(spiffe_id = %spiffe_id, expires_at, "JWT-SVID minted");
+        self.state.audit().emit(
+            caller
+                .event("svid.mint")
+                .field("type", "jwt")
+                .field("spiffe_id", spiffe_id.as_str())
+                .field("token_fingerprint", token_fingerprint(&token))
+                .field("audiences", request.audiences.clone())
+                .field("expires_at", expires_at),
+        );
         Ok(Response::new(pb::MintJwtSvidResponse { token, expires_at }))
     }
 
@@ -467,7 +575,14 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::CreateFederationRelationshipRequest>,
     ) -> Result<Response<pb::CreateFederationRelationshipResponse>, Status> {
-        federation::create(&self.state, request.into_inner()).await
+        let caller = AdminCaller::of(&request);
+        let request = request.into_inner();
+        let trust_domain = federation::audit_trust_domain(&request);
+        let answered = federation::create(&self.state, request).await;
+        if answered.is_ok() {
+            self.state.audit().emit(caller.event("federation.create").field("trust_domain", trust_domain));
+        }
+        answered
     }
 
     async fn list_federation_relationships(
@@ -488,21 +603,42 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::UpdateFederationRelationshipRequest>,
     ) -> Result<Response<pb::UpdateFederationRelationshipResponse>, Status> {
-        federation::update(&self.state, request.into_inner()).await
+        let caller = AdminCaller::of(&request);
+        let request = request.into_inner();
+        let trust_domain = federation::audit_trust_domain(&request);
+        let answered = federation::update(&self.state, request).await;
+        if answered.is_ok() {
+            self.state.audit().emit(caller.event("federation.update").field("trust_domain", trust_domain));
+        }
+        answered
     }
 
     async fn delete_federation_relationship(
         &self,
         request: Request<pb::DeleteFederationRelationshipRequest>,
     ) -> Result<Response<pb::DeleteFederationRelationshipResponse>, Status> {
-        federation::delete(&self.state, request.into_inner()).await
+        let caller = AdminCaller::of(&request);
+        let request = request.into_inner();
+        let trust_domain = federation::audit_trust_domain(&request);
+        let answered = federation::delete(&self.state, request).await;
+        if answered.is_ok() {
+            self.state.audit().emit(caller.event("federation.delete").field("trust_domain", trust_domain));
+        }
+        answered
     }
 
     async fn refresh_federation_relationship(
         &self,
         request: Request<pb::RefreshFederationRelationshipRequest>,
     ) -> Result<Response<pb::RefreshFederationRelationshipResponse>, Status> {
-        federation::refresh(&self.state, request.into_inner()).await
+        let caller = AdminCaller::of(&request);
+        let request = request.into_inner();
+        let trust_domain = federation::audit_trust_domain(&request);
+        let answered = federation::refresh(&self.state, request).await;
+        if answered.is_ok() {
+            self.state.audit().emit(caller.event("federation.refresh").field("trust_domain", trust_domain));
+        }
+        answered
     }
 
     async fn show_local_authorities(
@@ -516,7 +652,8 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ChangeLocalAuthorityRequest>,
     ) -> Result<Response<pb::ChangeLocalAuthorityResponse>, Status> {
-        localauthority::change(Arc::clone(&self.state), request.into_inner()).await.map(Response::new)
+        let caller = AdminCaller::of(&request);
+        localauthority::change(Arc::clone(&self.state), request.into_inner(), caller).await.map(Response::new)
     }
 }
 

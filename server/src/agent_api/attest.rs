@@ -56,8 +56,35 @@ pub(crate) const MAX_CSR_LEN: usize = 16 * 1024;
 pub(crate) async fn attest(
     state: &Arc<ServerState>,
     limit: &WorkLimit,
+    stream: Streaming<pb::AttestAgentRequest>,
+    peer: String,
+) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
+    // The attestation type as the agent named it (bounded: it is only echoed to the audit log).
+    let mut kind = String::new();
+    attest_inner(state, limit, stream, peer.clone(), &mut kind).await.inspect_err(|status| {
+        record_refusal(state, &peer, &kind, status);
+    })
+}
+
+/// Counts and audits a refused attestation.
+fn record_refusal(state: &ServerState, peer: &str, kind: &str, status: &Status) {
+    state.metrics().attestation(false);
+    let kind = if kind.is_empty() { "unknown" } else { kind };
+    state.audit().emit(super::audit::attestation_refused(peer, kind, status));
+}
+
+/// Counts and audits a successful attestation.
+fn record_success(state: &ServerState, peer: &str, kind: &str, result: &pb::AttestAgentResult) {
+    state.metrics().attestation(true);
+    state.audit().emit(super::audit::attested(peer, kind, result));
+}
+
+async fn attest_inner(
+    state: &Arc<ServerState>,
+    limit: &WorkLimit,
     mut stream: Streaming<pb::AttestAgentRequest>,
     peer: String,
+    kind: &mut String,
 ) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message())
         .await
@@ -67,6 +94,7 @@ pub(crate) async fn attest(
     };
     let permit = limit.acquire().await?;
     let data = params.data.ok_or_else(|| Status::invalid_argument("params.data is required"))?;
+    *kind = data.r#type.chars().take(64).collect();
     if params.csr.len() > MAX_CSR_LEN {
         return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")));
     }
@@ -74,6 +102,7 @@ pub(crate) async fn attest(
         JOIN_TOKEN => {
             let result = join_token(state, data.payload, params.csr).await?;
             drop(permit);
+            record_success(state, &peer, JOIN_TOKEN, &result);
             Ok(Box::pin(tokio_stream::once(Ok(result_response(result)))))
         }
         tessera_common::x509pop::TYPE if state.x509pop().is_some() => {
@@ -92,8 +121,13 @@ pub(crate) async fn attest(
             tokio::spawn(async move {
                 let outcome = finish_x509pop(&state, pending, params.csr, stream).await;
                 drop(permit);
-                if let Err(status) = &outcome {
-                    tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+                let kind = tessera_common::x509pop::TYPE;
+                match &outcome {
+                    Ok(result) => record_success(&state, &peer, kind, result),
+                    Err(status) => {
+                        tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
+                        record_refusal(&state, &peer, kind, status);
+                    }
                 }
                 let _ = sender.send(outcome.map(result_response)).await;
             });

@@ -38,6 +38,7 @@
 //! every authorized entry on every call; any entry change moves the revision and recomputes.
 
 pub(crate) mod attest;
+mod audit;
 pub(crate) mod auth;
 pub(crate) mod authz;
 mod convert;
@@ -287,6 +288,7 @@ impl AgentService for AgentApi {
         let state = Arc::clone(&self.state);
         let default_ttl = self.state.config().default_x509_svid_ttl;
         let agent_id = agent.id().clone();
+        let audit_log = self.state.audit().clone();
         let results = tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
             params
@@ -311,6 +313,9 @@ impl AgentService for AgentApi {
                                 })
                         }
                     };
+                    if let (Ok(svid), Some(entry)) = (&result, authorized.get(&item.entry_id)) {
+                        audit_log.emit(audit::x509_issued(svid, entry, &agent_id));
+                    }
                     pb::NewX509SvidResult {
                         entry_id: item.entry_id,
                         result: Some(match result {
@@ -360,6 +365,7 @@ impl AgentService for AgentApi {
         let state = Arc::clone(&self.state);
         let ttl = entry.jwt_svid_ttl.unwrap_or(self.state.config().default_jwt_svid_ttl);
         let audiences = request.audiences.clone();
+        let spiffe_id = entry.spiffe_id.clone();
         let (token, expires_at) = tokio::task::spawn_blocking(move || {
             state.ca().sign_jwt_svid(&entry.spiffe_id, &audiences, ttl, SystemTime::now())
         })
@@ -367,6 +373,7 @@ impl AgentService for AgentApi {
         .map_err(|err| Status::internal(format!("signing task: {err}")))?
         .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
         drop(permit);
+        self.state.audit().emit(audit::jwt_issued(&token, &spiffe_id, &request, agent.id(), expires_at));
         Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
     }
 

@@ -154,6 +154,7 @@ pub(crate) async fn run(
     stopped: watch::Receiver<bool>,
 ) {
     let agent_id = agent.id().clone();
+    let _open = state.metrics().sync_stream_opened();
     match run_inner(&state, agent, from_revision, &tx, stopped).await {
         Ok(()) | Err(Stop::Gone) => {}
         Err(Stop::Status(status)) => {
@@ -201,8 +202,10 @@ async fn run_inner(
                 if *revisions.borrow_and_update() <= revision {
                     continue;
                 }
+                let changed_at = std::time::Instant::now();
                 let (new_revision, new_set) = read_set(state, &agent.identity).await?;
                 send_diff(tx, new_revision, &held, &new_set).await?;
+                state.metrics().sync_delivered(changed_at);
                 revision = new_revision;
                 held = new_set;
                 // The federated bundles needed may have changed with the entries.

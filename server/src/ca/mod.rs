@@ -53,7 +53,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use tessera_spiffe::bundle::Bundle;
@@ -123,6 +123,8 @@ pub struct CertificateAuthority {
     current: RwLock<Arc<ActiveAuthorities>>,
     /// What rotation needs: the settings, the upstream authority and the journal in force.
     rotation: Mutex<RotationState>,
+    /// Signing counts and latency (served as metrics).
+    signing: crate::metrics::SigningMetrics,
 }
 
 /// The schedule's state: the journal as written, and whether the bundle still has to be
@@ -271,6 +273,7 @@ impl CertificateAuthority {
             rng: SystemRandom::new(),
             current: RwLock::new(Arc::new(ActiveAuthorities { bundle, ..active })),
             rotation: Mutex::new(RotationState { settings, upstream, journal, publish_pending: false }),
+            signing: crate::metrics::SigningMetrics::default(),
         };
         ca.can_sign(now)?;
         Ok(ca)
@@ -281,6 +284,21 @@ impl CertificateAuthority {
     pub fn next_rotation_at(&self) -> SystemTime {
         let rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
         if rotation.publish_pending { SystemTime::UNIX_EPOCH } else { from_unix(next_deadline(&rotation.journal)) }
+    }
+
+    /// When the schedule next acts on the authorities of `kind` (prepare, activate or drop).
+    pub fn next_step_at(&self, kind: SlotKind) -> SystemTime {
+        let rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        let journal = Journal {
+            slots: rotation.journal.slots.iter().filter(|s| s.kind == kind).cloned().collect(),
+            ..rotation.journal.clone()
+        };
+        from_unix(next_deadline(&journal))
+    }
+
+    /// The signing counters (metrics).
+    pub fn signing_metrics(&self) -> &crate::metrics::SigningMetrics {
+        &self.signing
     }
 
     /// A copy of the journal in force (authorities and their states).
@@ -537,6 +555,20 @@ impl CertificateAuthority {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<X509SvidChain, CaError> {
+        let start = Instant::now();
+        let signed = self.sign_from_csr(spiffe_id, dns_names, ttl, csr_der, now);
+        self.signing.x509.record(signed.is_ok(), start);
+        signed
+    }
+
+    fn sign_from_csr(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        csr_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
         let template = self.template(spiffe_id, dns_names, ttl)?;
         let active = self.current();
         let leaf = active
@@ -549,6 +581,20 @@ impl CertificateAuthority {
     /// Signs an X.509-SVID over a DER SubjectPublicKeyInfo whose private key the caller has
     /// already proven possession of.
     pub fn sign_x509_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        subject_public_key_info_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
+        let start = Instant::now();
+        let signed = self.sign_from_public_key(spiffe_id, dns_names, ttl, subject_public_key_info_der, now);
+        self.signing.x509.record(signed.is_ok(), start);
+        signed
+    }
+
+    fn sign_from_public_key(
         &self,
         spiffe_id: &SpiffeId,
         dns_names: &[String],
@@ -574,12 +620,28 @@ impl CertificateAuthority {
         csr_der: &[u8],
         now: SystemTime,
     ) -> Result<X509SvidChain, CaError> {
-        self.sign_x509_svid_from_csr(agent_id, &[], ttl, csr_der, now)
+        let start = Instant::now();
+        let signed = self.sign_from_csr(agent_id, &[], ttl, csr_der, now);
+        self.signing.agent_x509.record(signed.is_ok(), start);
+        signed
     }
 
     /// Signs a JWT-SVID for `spiffe_id` and `audiences`, valid for `ttl` capped by the JWT
     /// key's lifetime; `iss` is `jwt_issuer` when configured. Returns the token and its `exp`.
     pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audiences: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(String, SystemTime), CaError> {
+        let start = Instant::now();
+        let signed = self.sign_jwt(spiffe_id, audiences, ttl, now);
+        self.signing.jwt.record(signed.is_ok(), start);
+        signed
+    }
+
+    fn sign_jwt(
         &self,
         spiffe_id: &SpiffeId,
         audiences: &[String],
@@ -615,12 +677,13 @@ impl CertificateAuthority {
             .map_err(|e| CaError::SelfCheck(e.to_string()))?;
         let key = SigningKey::generate(KeyType::EcP256, &self.rng)
             .map_err(|source| CaError::KeyGeneration { what: "self-check key", source })?;
-        let svid = self.sign_x509_svid(&id, &[], SELF_CHECK_TTL, key.public_key().spki_der(), now)?;
+        // The unmetered paths: a health probe is not an issued SVID.
+        let svid = self.sign_from_public_key(&id, &[], SELF_CHECK_TTL, key.public_key().spki_der(), now)?;
         let bundle = self.bundle();
         let chain: Vec<&[u8]> = svid.chain.iter().map(Vec::as_slice).collect();
         verify_x509_svid(&chain, &bundle, now)
             .map_err(|e| CaError::SelfCheck(format!("X.509-SVID does not verify against the bundle: {e}")))?;
-        let (token, _) = self.sign_jwt_svid(&id, &[SELF_CHECK_AUDIENCE.to_owned()], SELF_CHECK_TTL, now)?;
+        let (token, _) = self.sign_jwt(&id, &[SELF_CHECK_AUDIENCE.to_owned()], SELF_CHECK_TTL, now)?;
         jwt::validate(&token, &bundle, &[SELF_CHECK_AUDIENCE], now)
             .map_err(|e| CaError::SelfCheck(format!("JWT-SVID does not validate against the bundle: {e}")))?;
         Ok(())

@@ -632,6 +632,14 @@ async fn store(state: &Arc<ServerState>, trust_domain: &TrustDomain, mut fetched
             Ok(stored) => {
                 fetched.set_sequence(stored.sequence);
                 tracing::info!(trust_domain = %trust_domain, sequence = stored.sequence, "federated bundle updated");
+                state.audit().emit(
+                    tessera_common::audit::AuditEvent::new("federation.bundle_changed")
+                        .field("trust_domain", trust_domain.name())
+                        .field("sequence", stored.sequence)
+                        .field("x509_authorities", fetched.x509_authorities().count())
+                        .field("jwt_authorities", fetched.jwt_authorities().len())
+                        .field("source", "bundle_endpoint"),
+                );
                 return Ok(fetched);
             }
             Err(DataStoreError::Conflict { .. }) => continue,
