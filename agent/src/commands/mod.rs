@@ -8,6 +8,7 @@
 //! non-zero exit.
 
 pub mod endpoint;
+pub mod exchange;
 mod output;
 
 use std::path::{Path, PathBuf};

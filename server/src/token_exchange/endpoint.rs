@@ -214,7 +214,7 @@ fn parse_form(body: &[u8]) -> Result<ExchangeRequest, FormError> {
             if !audiences.is_empty() {
                 return Err(FormError::target("an X.509-SVID takes no audience"));
             }
-            Requested::X509 { csr_der: parse_csr(csr).map_err(|reason| FormError::request(reason))? }
+            Requested::X509 { csr_der: parse_csr(csr).map_err(FormError::request)? }
         }
         (Some(X509_SVID_TOKEN_TYPE), None) => return Err(FormError::request("an X.509-SVID needs a csr")),
         (Some(JWT_TOKEN_TYPE) | None, None) => {
