@@ -50,6 +50,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         output: OutputFormat,
     },
+    /// Trade an OIDC token (CI job, pod) for an SVID at the server's token exchange endpoint,
+    /// without an agent.
+    Exchange(ExchangeArgs),
 }
 
 /// Where the agent's admin socket is.
@@ -74,6 +77,29 @@ pub struct DiagnoseArgs {
     pub admin: AdminSocketArgs,
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
+}
+
+/// `tessera-agent exchange`.
+#[derive(Debug, Clone, Args)]
+pub struct ExchangeArgs {
+    /// The server's token exchange endpoint, `https://host:port`.
+    #[arg(long, value_name = "URL")]
+    pub server: String,
+    /// File holding the OIDC token to exchange.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Ask for a JWT-SVID with this audience (repeatable) instead of an X.509-SVID.
+    #[arg(long = "audience", value_name = "AUD")]
+    pub audiences: Vec<String>,
+    /// Write `svid.pem`, `svid.key`, `bundle.pem` (or `jwt_svid.token`) here.
+    #[arg(long, value_name = "DIR")]
+    pub write: Option<PathBuf>,
+    /// PEM bundle of the trust domain: authenticate the server by its SPIFFE ID.
+    #[arg(long, value_name = "FILE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// PEM roots to authenticate the server by Web PKI instead of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where the Workload API is: `--socket-path`, else `SPIFFE_ENDPOINT_SOCKET`, else the default.

@@ -4,7 +4,8 @@
 //! `run` attests to the server (or reuses the persisted agent SVID), keeps the snapshot cache
 //! current ([`manager`]) and serves the Workload API ([`workload_api`]) and Envoy SDS ([`sds`])
 //! on `socket_path`.
-//! `api` and `healthcheck` ([`commands`]) are Workload API clients.
+//! `api` and `healthcheck` ([`commands`]) are Workload API clients; `exchange`
+//! ([`commands::exchange`]) trades an OIDC token for an SVID at the server, without an agent.
 
 pub mod admin;
 pub mod attestor;
@@ -35,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Api(command) => commands::api(command),
         Command::Diagnose(args) => commands::diagnose(&args),
         Command::Show { admin, output } => commands::show(&admin, output),
+        Command::Exchange(args) => commands::exchange::run(args),
     }
 }
 

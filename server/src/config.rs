@@ -33,7 +33,7 @@ pub use tessera_common::config::{
 };
 use tessera_common::config::{
     de_opt_path, de_opt_socket_addr, de_opt_string, de_opt_table, de_path, de_socket_addr, de_socket_path, de_str,
-    de_table, de_trust_domain, de_ttl, keyword, parse_toml, read_file,
+    de_table, de_trust_domain, de_ttl, keyword, parse_toml, parse_ttl, read_file,
 };
 use tessera_common::keyword_enum;
 use tessera_spiffe::TrustDomain;
@@ -86,6 +86,30 @@ pub const SERVER_KEYS: &[&str] = &[
     // Issue 8: the audit log.
     "audit.enabled",
     "audit.path",
+    // Issue 9: token exchange (workload identity federation, inbound).
+    "token_exchange.bind_address",
+    "token_exchange.profile",
+    "token_exchange.cert_path",
+    "token_exchange.key_path",
+    "token_exchange.max_concurrent_requests",
+    "token_exchange.request_timeout",
+    "token_exchange.issuer.issuer",
+    "token_exchange.issuer.preset",
+    "token_exchange.issuer.jwks_uri",
+    "token_exchange.issuer.jwks",
+    "token_exchange.issuer.ca_bundle_path",
+    "token_exchange.issuer.allowed_algorithms",
+    "token_exchange.issuer.audience",
+    "token_exchange.issuer.leeway",
+    "token_exchange.issuer.max_token_lifetime",
+    "token_exchange.issuer.require_jti",
+    "token_exchange.issuer.immutable_claims",
+    "token_exchange.policy.name",
+    "token_exchange.policy.issuer",
+    "token_exchange.policy.spiffe_id",
+    "token_exchange.policy.condition",
+    "token_exchange.policy.x509_svid_ttl",
+    "token_exchange.policy.jwt_svid_ttl",
 ];
 
 /// Default `trust_domain`.
@@ -233,6 +257,9 @@ pub struct ServerConfig {
     /// `[audit]`: the security event log (issue 8).
     #[serde(deserialize_with = "de_table")]
     pub audit: AuditConfig,
+    /// `[token_exchange]`: external OIDC tokens traded for SVIDs (issue 9).
+    #[serde(deserialize_with = "de_table")]
+    pub token_exchange: TokenExchangeConfig,
 }
 
 /// `[node_attestor]`: the node attestors enabled besides join tokens (always on).
@@ -438,6 +465,187 @@ pub struct FederatesWithConfig {
     pub ca_bundle_path: Option<PathBuf>,
 }
 
+// ---- Issue 9: token exchange (workload identity federation, inbound) ----------------------
+
+/// Default `token_exchange.max_concurrent_requests`.
+pub const DEFAULT_EXCHANGE_CONCURRENCY: u32 = 64;
+/// Default `token_exchange.request_timeout`.
+pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `token_exchange.issuer.leeway`.
+pub const DEFAULT_ISSUER_LEEWAY: Duration = Duration::from_secs(60);
+/// Longest `token_exchange.issuer.leeway` accepted.
+pub const MAX_ISSUER_LEEWAY: Duration = Duration::from_secs(300);
+/// Default `token_exchange.issuer.max_token_lifetime`.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Hard cap of `token_exchange.issuer.max_token_lifetime`: 48 hours.
+pub const MAX_TOKEN_LIFETIME_CAP: Duration = Duration::from_secs(48 * 3600);
+/// Default `token_exchange.issuer.allowed_algorithms`.
+pub const DEFAULT_ISSUER_ALGORITHMS: &[&str] = &["RS256", "ES256"];
+
+/// `[token_exchange]`: the RFC 8693 token exchange endpoint (`POST /v1/token`) and the
+/// external issuers and policies it trusts. See `crate::token_exchange`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenExchangeConfig {
+    /// Where to serve the endpoint over HTTPS; `None` (`""`, the default) disables it.
+    #[serde(deserialize_with = "de_opt_socket_addr")]
+    pub bind_address: Option<SocketAddr>,
+    /// TLS identity: `https_spiffe` (the server's own SVID, the default) or `https_web`.
+    pub profile: BundleEndpointProfile,
+    /// `https_web`: PEM certificate chain, leaf first.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub cert_path: Option<PathBuf>,
+    /// `https_web`: PEM private key of `cert_path`.
+    #[serde(deserialize_with = "de_opt_path")]
+    pub key_path: Option<PathBuf>,
+    /// Requests served at once; more get `503 temporarily_unavailable`.
+    pub max_concurrent_requests: u32,
+    /// Longest one request may take (reading the body included).
+    #[serde(deserialize_with = "de_ttl")]
+    pub request_timeout: Duration,
+    /// `[[token_exchange.issuer]]`: the external OIDC issuers whose tokens are accepted.
+    pub issuer: Vec<TrustedIssuerConfig>,
+    /// `[[token_exchange.policy]]`: which tokens get which SPIFFE ID.
+    pub policy: Vec<ExchangePolicyConfig>,
+}
+
+impl Default for TokenExchangeConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: None,
+            profile: BundleEndpointProfile::HttpsSpiffe,
+            cert_path: None,
+            key_path: None,
+            max_concurrent_requests: DEFAULT_EXCHANGE_CONCURRENCY,
+            request_timeout: DEFAULT_EXCHANGE_TIMEOUT,
+            issuer: Vec::new(),
+            policy: Vec::new(),
+        }
+    }
+}
+
+keyword_enum! {
+    /// `token_exchange.issuer.preset`: which claims of the issuer's tokens are immutable IDs.
+    pub enum IssuerPreset {
+        /// Any OIDC issuer: `immutable_claims` (default `sub`) are the immutable IDs.
+        Generic = "generic",
+        /// GitHub Actions: `repository_id`, `repository_owner_id`.
+        GithubActions = "github_actions",
+        /// GitLab CI: `project_id`, `namespace_id`.
+        GitlabCi = "gitlab_ci",
+        /// Kubernetes service-account tokens: `kubernetes.io.serviceaccount.uid`,
+        /// `kubernetes.io.pod.uid`.
+        Kubernetes = "kubernetes",
+    }
+}
+
+/// One `[[token_exchange.issuer]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuerConfig {
+    /// The exact `iss` of its tokens (also where OIDC discovery is read from).
+    pub issuer: String,
+    /// Which claims are immutable IDs.
+    #[serde(default = "default_preset")]
+    pub preset: IssuerPreset,
+    /// Where the JWKS is; `None`: from the discovery document at
+    /// `<issuer>/.well-known/openid-configuration`.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub jwks_uri: Option<String>,
+    /// The JWKS itself (JSON); when set, nothing is ever fetched for this issuer.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub jwks: Option<String>,
+    /// PEM roots to authenticate discovery and JWKS fetches with instead of the system's.
+    #[serde(default, deserialize_with = "de_opt_path")]
+    pub ca_bundle_path: Option<PathBuf>,
+    /// JWS algorithms accepted (never `none` or `HS*`).
+    #[serde(default = "default_issuer_algorithms")]
+    pub allowed_algorithms: Vec<String>,
+    /// The `aud` a token must carry to be exchanged here.
+    pub audience: String,
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (0 to 5 minutes).
+    #[serde(default = "default_issuer_leeway", deserialize_with = "de_leeway")]
+    pub leeway: Duration,
+    /// Longest `exp - iat` accepted (at most 48 hours).
+    #[serde(default = "default_max_token_lifetime", deserialize_with = "de_token_lifetime")]
+    pub max_token_lifetime: Duration,
+    /// Refuse tokens without a `jti` (every `jti` is single use either way).
+    #[serde(default = "default_true")]
+    pub require_jti: bool,
+    /// Claims (dotted paths) that never change for one subject, in addition to the preset's;
+    /// a policy's condition must pin one of them.
+    #[serde(default)]
+    pub immutable_claims: Vec<String>,
+}
+
+/// One `[[token_exchange.policy]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangePolicyConfig {
+    /// Unique name (audit lines name it).
+    pub name: String,
+    /// The `issuer` of the `[[token_exchange.issuer]]` it applies to.
+    pub issuer: String,
+    /// SPIFFE ID template in this trust domain, with `{claim}` placeholders.
+    pub spiffe_id: String,
+    /// CEL expression over `claims` that must be true; it must pin an immutable claim.
+    pub condition: String,
+    /// Longest X.509-SVID issued; `None`: `default_x509_svid_ttl`.
+    #[serde(default, deserialize_with = "de_opt_ttl")]
+    pub x509_svid_ttl: Option<Duration>,
+    /// Longest JWT-SVID issued; `None`: `default_jwt_svid_ttl`.
+    #[serde(default, deserialize_with = "de_opt_ttl")]
+    pub jwt_svid_ttl: Option<Duration>,
+}
+
+fn default_preset() -> IssuerPreset {
+    IssuerPreset::Generic
+}
+
+fn default_issuer_algorithms() -> Vec<String> {
+    DEFAULT_ISSUER_ALGORITHMS.iter().map(|alg| (*alg).to_owned()).collect()
+}
+
+fn default_issuer_leeway() -> Duration {
+    DEFAULT_ISSUER_LEEWAY
+}
+
+fn default_max_token_lifetime() -> Duration {
+    DEFAULT_MAX_TOKEN_LIFETIME
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ServerConfig {
+    fn check_token_exchange(&self) -> Result<(), (&'static str, String)> {
+        let exchange = &self.token_exchange;
+        if exchange.max_concurrent_requests == 0 || exchange.max_concurrent_requests > 10_000 {
+            return Err(("token_exchange.max_concurrent_requests", "must be between 1 and 10000".into()));
+        }
+        match exchange.profile {
+            BundleEndpointProfile::HttpsWeb if exchange.bind_address.is_some() => {
+                if exchange.cert_path.is_none() {
+                    return Err(("token_exchange.cert_path", "is required by the https_web profile".into()));
+                }
+                if exchange.key_path.is_none() {
+                    return Err(("token_exchange.key_path", "is required by the https_web profile".into()));
+                }
+            }
+            BundleEndpointProfile::HttpsSpiffe if exchange.cert_path.is_some() || exchange.key_path.is_some() => {
+                return Err((
+                    "token_exchange.cert_path",
+                    "only the https_web profile takes certificate files; https_spiffe serves the server's own SVID"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        crate::token_exchange::compile(self).map(|_| ())
+    }
+}
+
 impl ServerConfig {
     fn check_federation(&self) -> Result<(), (&'static str, String)> {
         if self.oidc.bind_address.is_some() {
@@ -516,6 +724,7 @@ impl Default for ServerConfig {
             max_concurrent_signing: 0,
             overload_wait: DEFAULT_OVERLOAD_WAIT,
             audit: AuditConfig::default(),
+            token_exchange: TokenExchangeConfig::default(),
         }
     }
 }
@@ -586,6 +795,9 @@ impl ServerConfig {
         if let Some(addr) = self.federation.bundle_endpoint.bind_address {
             listeners.push(("federation.bundle_endpoint.bind_address", addr));
         }
+        if let Some(addr) = self.token_exchange.bind_address {
+            listeners.push(("token_exchange.bind_address", addr));
+        }
         self.check_federation()?;
         for (key, value) in [
             ("max_concurrent_attestations", self.max_concurrent_attestations),
@@ -595,6 +807,7 @@ impl ServerConfig {
                 return Err((key, format!("{value} is too large: the maximum is {MAX_CONCURRENCY} (0 = automatic)")));
             }
         }
+        self.check_token_exchange()?;
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -663,6 +876,35 @@ fn de_wait<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Er
     })
 }
 
+const DURATION_FORM: &str = "a duration such as \"90s\", \"5m\", \"1h\" or \"7d\"";
+
+fn de_opt_ttl<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    de_str(deserializer, "a duration such as \"5m\", or \"\" for the default", |value| {
+        if value.is_empty() { Ok(None) } else { parse_ttl(value).map(Some) }
+    })
+}
+
+fn de_leeway<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    de_str(deserializer, DURATION_FORM, |value| {
+        let leeway = humantime::parse_duration(value)
+            .map_err(|error| format!("invalid duration {value:?}: {error}; expected {DURATION_FORM}"))?;
+        if leeway > MAX_ISSUER_LEEWAY || leeway.subsec_nanos() != 0 {
+            return Err(format!("leeway {value:?} must be a whole number of seconds between 0s and 5m"));
+        }
+        Ok(leeway)
+    })
+}
+
+fn de_token_lifetime<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    de_str(deserializer, DURATION_FORM, |value| {
+        let lifetime = parse_ttl(value)?;
+        if lifetime > MAX_TOKEN_LIFETIME_CAP {
+            return Err(format!("max_token_lifetime {value:?} is above the hard cap of 48h"));
+        }
+        Ok(lifetime)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,6 +942,20 @@ mod tests {
                     assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop"]);
                     let keys = fields_of::<X509PopConfig>();
                     from_code.extend(keys.iter().map(|key| format!("node_attestor.x509pop.{key}")));
+                    continue;
+                }
+                "token_exchange" => {
+                    for key in fields_of::<TokenExchangeConfig>() {
+                        let nested = match *key {
+                            "issuer" => fields_of::<TrustedIssuerConfig>(),
+                            "policy" => fields_of::<ExchangePolicyConfig>(),
+                            _ => {
+                                from_code.push(format!("token_exchange.{key}"));
+                                continue;
+                            }
+                        };
+                        from_code.extend(nested.iter().map(|inner| format!("token_exchange.{key}.{inner}")));
+                    }
                     continue;
                 }
                 _ => None,
@@ -786,5 +1042,76 @@ mod tests {
         );
         // Port 0 means "any free port": several listeners may ask for it.
         parse_str("bind_address = \"127.0.0.1:0\"\n[health]\nbind_address = \"127.0.0.1:0\"").unwrap();
+    }
+
+    const GITHUB_ISSUER: &str = r#"
+[token_exchange]
+bind_address = "127.0.0.1:0"
+
+[[token_exchange.issuer]]
+issuer = "https://token.actions.githubusercontent.com"
+preset = "github_actions"
+audience = "tessera"
+"#;
+
+    #[test]
+    fn token_exchange_policies_must_pin_an_immutable_claim() {
+        let good = format!(
+            "{GITHUB_ISSUER}\n[[token_exchange.policy]]\nname = \"ci\"\nissuer = \"https://token.actions.githubusercontent.com\"\n\
+             spiffe_id = \"spiffe://example.org/gh/{{repository_id}}\"\ncondition = 'claims.repository_id == \"42\"'\n"
+        );
+        let config = parse_str(&good).unwrap();
+        assert_eq!(config.token_exchange.issuer[0].leeway, DEFAULT_ISSUER_LEEWAY);
+        assert_eq!(config.token_exchange.issuer[0].max_token_lifetime, DEFAULT_MAX_TOKEN_LIFETIME);
+        for (condition, expected) in [
+            (r#"claims.aud == "tessera""#, "pins no immutable claim"),
+            (r#"claims.repository == "octo/app" && claims.repository_owner == "octo""#, "pins no immutable claim"),
+            ("", "must not be empty"),
+        ] {
+            let text = good.replace(r#"claims.repository_id == "42""#, condition);
+            let err = parse_str(&text).unwrap_err();
+            assert_eq!(err.key(), Some("token_exchange.policy.condition"), "{err}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with("config file /etc/tessera/server.toml: key token_exchange.policy.condition"),
+                "{message}"
+            );
+            assert!(message.contains(expected) && message.contains("policy \"ci\""), "{message}");
+        }
+    }
+
+    #[test]
+    fn token_exchange_issuer_checks() {
+        for (patch, key, expected) in [
+            ("allowed_algorithms = [\"none\"]", "token_exchange.issuer.allowed_algorithms", "never accepted"),
+            ("allowed_algorithms = [\"HS256\"]", "token_exchange.issuer.allowed_algorithms", "never accepted"),
+            ("allowed_algorithms = [\"EdDSA\"]", "token_exchange.issuer.allowed_algorithms", "is not one of"),
+            ("max_token_lifetime = \"49h\"", "token_exchange.issuer[0].max_token_lifetime", "hard cap of 48h"),
+            ("leeway = \"10m\"", "token_exchange.issuer[0].leeway", "between 0s and 5m"),
+            ("jwks = \"{}\"", "token_exchange.issuer.jwks", "no \"keys\""),
+            ("immutable_claims = [\"aud\"]", "token_exchange.issuer.immutable_claims", "identifies no subject"),
+        ] {
+            let err = parse_str(&format!("{GITHUB_ISSUER}{patch}\n")).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{patch}: {err}");
+            assert!(err.to_string().contains(expected), "{patch}: {err}");
+        }
+        let err = parse_str(&GITHUB_ISSUER.replace("https://token", "http://token")).unwrap_err();
+        assert_eq!(err.key(), Some("token_exchange.issuer.issuer"), "{err}");
+        let err = parse_str(&GITHUB_ISSUER.replace("audience = \"tessera\"", "")).unwrap_err();
+        assert_eq!(err.key(), Some("token_exchange.issuer[0].audience"), "{err}");
+        let err = parse_str(&format!(
+            "{GITHUB_ISSUER}\n[[token_exchange.policy]]\nname = \"x\"\nissuer = \"https://other\"\nspiffe_id = \"spiffe://example.org/a\"\n\
+             condition = 'claims.repository_id == \"1\"'\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key(), Some("token_exchange.policy.issuer"), "{err}");
+        let err = parse_str(&format!(
+            "{GITHUB_ISSUER}\n[[token_exchange.policy]]\nname = \"x\"\nissuer = \"https://token.actions.githubusercontent.com\"\n\
+             spiffe_id = \"spiffe://other.org/{{sub}}\"\ncondition = 'claims.repository_id == \"1\"'\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key(), Some("token_exchange.policy.spiffe_id"), "{err}");
+        let err = parse_str("[token_exchange]\nbind_address = \"127.0.0.1:0\"\nprofile = \"https_web\"\n").unwrap_err();
+        assert_eq!(err.key(), Some("token_exchange.cert_path"), "{err}");
     }
 }

@@ -13,6 +13,7 @@
 //! - [`ca`]: the X.509 CA and JWT signing key, persisted under `<data_dir>/ca`.
 //! - [`oidc`]: OIDC discovery (`/.well-known/openid-configuration`, JWKS) for JWT-SVIDs.
 //! - [`federation`]: the SPIFFE bundle endpoint and federation relationships.
+//! - [`token_exchange`]: RFC 8693 token exchange: external OIDC tokens traded for SVIDs.
 
 pub mod admin;
 pub mod agent_api;
@@ -25,6 +26,7 @@ pub mod federation;
 pub mod metrics;
 pub mod oidc;
 pub mod server;
+pub mod token_exchange;
 
 use std::path::Path;
 

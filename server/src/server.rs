@@ -265,6 +265,7 @@ pub struct RunningServer {
     metrics_addr: Option<SocketAddr>,
     oidc_addr: Option<SocketAddr>,
     bundle_endpoint_addr: Option<SocketAddr>,
+    token_exchange_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
 }
@@ -303,6 +304,11 @@ impl RunningServer {
     /// Where the federation bundle endpoint listens, when configured (bound address).
     pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
         self.bundle_endpoint_addr
+    }
+
+    /// Where the token exchange endpoint listens, when configured (bound address).
+    pub fn token_exchange_addr(&self) -> Option<SocketAddr> {
+        self.token_exchange_addr
     }
 
     /// The running federation relationships.
@@ -483,7 +489,15 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         tasks.spawn(serve_metrics(Arc::clone(&state), listener, stopped.clone()));
     }
     let extra = start_federation(&state, &server_svid_resolver, &mut tasks, &stopped).await;
-    let (oidc_addr, bundle_endpoint_addr) = match extra {
+    let extra = match extra {
+        Ok((oidc_addr, bundle_endpoint_addr)) => {
+            start_token_exchange(&state, &server_svid_resolver, &mut tasks, &stopped)
+                .await
+                .map(|token_exchange_addr| (oidc_addr, bundle_endpoint_addr, token_exchange_addr))
+        }
+        Err(err) => Err(err),
+    };
+    let (oidc_addr, bundle_endpoint_addr, token_exchange_addr) = match extra {
         Ok(extra) => extra,
         Err(err) => {
             stop.send_replace(true);
@@ -500,6 +514,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         metrics_addr,
         oidc_addr,
         bundle_endpoint_addr,
+        token_exchange_addr,
         stop,
         tasks,
     })
@@ -544,6 +559,54 @@ async fn start_federation(
         .await
         .map_err(|reason| ServerError::Federation { key: "federation.federates_with", reason })?;
     Ok((oidc_addr, bundle_endpoint_addr))
+}
+
+/// The token exchange endpoint (issue 9) and its replay-cache pruning, when configured.
+async fn start_token_exchange(
+    state: &Arc<ServerState>,
+    server_svid: &Arc<tessera_spiffe::tls::SvidResolver>,
+    tasks: &mut JoinSet<Result<(), ServerError>>,
+    stopped: &watch::Receiver<bool>,
+) -> Result<Option<SocketAddr>, ServerError> {
+    let config = &state.config().token_exchange;
+    let Some(addr) = config.bind_address else {
+        return Ok(None);
+    };
+    let fail = |key: &'static str| move |reason: String| ServerError::Federation { key, reason };
+    let exchange = {
+        let state = Arc::clone(state);
+        tokio::task::spawn_blocking(move || crate::token_exchange::TokenExchange::new(state))
+            .await
+            .map_err(|err| fail("token_exchange")(err.to_string()))?
+            .map_err(|(key, reason)| fail(key)(reason))?
+    };
+    let tls = crate::federation::endpoint::https_tls_config(
+        config.profile,
+        config.cert_path.as_deref(),
+        config.key_path.as_deref(),
+        Arc::clone(server_svid),
+    )
+    .map_err(fail("token_exchange"))?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|err| fail("token_exchange.bind_address")(format!("{addr}: {err}")))?;
+    let bound = listener.local_addr().map_err(|err| fail("token_exchange.bind_address")(err.to_string()))?;
+    let router = crate::token_exchange::endpoint::router(Arc::new(exchange));
+    tasks.spawn(crate::federation::endpoint::serve_https(
+        router,
+        listener,
+        tls,
+        stopped.clone(),
+        "token exchange endpoint",
+    ));
+    tasks.spawn({
+        let (state, stopped) = (Arc::clone(state), stopped.clone());
+        async move {
+            crate::token_exchange::prune_loop(state, stopped).await;
+            Ok(())
+        }
+    });
+    tracing::info!(address = %bound, "token exchange endpoint listening");
+    Ok(Some(bound))
 }
 
 /// Resolves when the stop flag is raised (or its sender is gone).

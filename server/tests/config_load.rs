@@ -105,6 +105,40 @@ ca_bundle_path = "/etc/tessera/web-roots.pem"
 [node_attestor.x509pop]
 ca_bundle_path = "/etc/tessera/node-ca.pem"
 agent_id_from = "subject_cn"
+[token_exchange]
+bind_address = "0.0.0.0:8445"
+profile = "https_web"
+cert_path = "/etc/tessera/exchange.crt"
+key_path = "/etc/tessera/exchange.key"
+max_concurrent_requests = 32
+request_timeout = "5s"
+
+[[token_exchange.issuer]]
+issuer = "https://token.actions.githubusercontent.com"
+preset = "github_actions"
+jwks_uri = "https://token.actions.githubusercontent.com/.well-known/jwks"
+ca_bundle_path = "/etc/tessera/github-roots.pem"
+allowed_algorithms = ["RS256"]
+audience = "https://tessera.prod.example.com"
+leeway = "30s"
+max_token_lifetime = "10m"
+require_jti = true
+immutable_claims = ["actor_id"]
+
+[[token_exchange.issuer]]
+issuer = "https://kubernetes.default.svc.cluster.local"
+preset = "kubernetes"
+jwks = '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "k8s-1", "x": "0gcbgdGUyKc7UjwpOKT-3AafpIoAmpdS7SIP7jyy7Yo", "y": "bTstaiQUnJtWW8bFibM1KpG6EYtuN39V3bnZY_R6uNc"}]}'
+audience = "tessera"
+require_jti = false
+
+[[token_exchange.policy]]
+name = "deploy"
+issuer = "https://token.actions.githubusercontent.com"
+spiffe_id = "spiffe://prod.example.com/github/{repository_owner_id}/{repository_id}"
+condition = 'claims.repository_id == "42" && claims.ref == "refs/heads/main"'
+x509_svid_ttl = "15m"
+jwt_svid_ttl = "2m"
 "#;
 
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
@@ -210,6 +244,15 @@ fn full_example_parses_to_every_value() {
     assert_eq!(upstream.key_file, PathBuf::from("/etc/tessera/upstream.key"));
     assert_eq!(upstream.bundle_file, Some(PathBuf::from("/etc/tessera/upstream-roots.pem")));
     assert_eq!(config.oidc.bind_address, Some("127.0.0.1:8444".parse().unwrap()));
+    let exchange = &config.token_exchange;
+    assert_eq!(exchange.max_concurrent_requests, 32);
+    assert_eq!(exchange.request_timeout, Duration::from_secs(5));
+    assert_eq!(exchange.issuer.len(), 2);
+    assert_eq!(exchange.issuer[0].leeway, Duration::from_secs(30));
+    assert_eq!(exchange.issuer[0].max_token_lifetime, Duration::from_secs(600));
+    assert!(!exchange.issuer[1].require_jti);
+    assert_eq!(exchange.policy[0].x509_svid_ttl, Some(Duration::from_secs(900)));
+    assert_eq!(exchange.policy[0].jwt_svid_ttl, Some(Duration::from_secs(120)));
     let endpoint = &config.federation.bundle_endpoint;
     assert_eq!(endpoint.refresh_hint, Duration::from_secs(120));
     assert_eq!(endpoint.cert_path, Some(PathBuf::from("/etc/tessera/endpoint.crt")));

@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod endpoint;
+pub mod exchange;
 mod output;
 
 pub use admin::{diagnose, show};

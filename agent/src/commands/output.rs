@@ -163,7 +163,7 @@ impl X509Output {
 
 /// Writes through a temporary file created with `mode` and renamed into place, so the file
 /// never exists with a wider mode or half written.
-fn write_file(path: &Path, content: &[u8], mode: u32) -> anyhow::Result<PathBuf> {
+pub(crate) fn write_file(path: &Path, content: &[u8], mode: u32) -> anyhow::Result<PathBuf> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
     let temporary = PathBuf::from(temporary);

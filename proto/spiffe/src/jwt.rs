@@ -515,6 +515,44 @@ where
     })
 }
 
+/// A compact JWS decoded but not yet trusted: what a validator of tokens other than JWT-SVIDs
+/// (an external OIDC issuer's ID tokens, say) needs to run its own checks with the same parser
+/// and limits as [`validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnverifiedJws {
+    /// `alg`, already on the allow-list (`none` and the HMAC family never get here).
+    pub algorithm: JwsAlgorithm,
+    /// The protected header (unique keys).
+    pub header: Map<String, Value>,
+    /// The payload as a JSON object (unique keys at every depth).
+    pub claims: Map<String, Value>,
+    /// `BASE64URL(header) '.' BASE64URL(payload)`, the bytes the signature covers.
+    pub signing_input: String,
+    /// The decoded signature.
+    pub signature: Vec<u8>,
+}
+
+impl UnverifiedJws {
+    /// Whether `key` verifies the signature for the token's `alg` (the key family must fit it).
+    pub fn verify_with(&self, key: &PublicKey) -> bool {
+        key.verify(self.algorithm, self.signing_input.as_bytes(), &self.signature)
+    }
+}
+
+/// Decodes a compact JWS with the bounds of [`validate`] (size cap, strict JSON, algorithm
+/// allow-list, no `crit`) and verifies nothing: the caller must check the signature with
+/// [`UnverifiedJws::verify_with`] before trusting any claim.
+pub fn decode_unverified(token: &str) -> Result<UnverifiedJws, JwtSvidError> {
+    let parsed = parse_compact(token)?;
+    Ok(UnverifiedJws {
+        algorithm: parsed.algorithm,
+        header: parsed.header,
+        claims: parsed.claims,
+        signing_input: parsed.signing_input.to_owned(),
+        signature: parsed.signature,
+    })
+}
+
 /// Parses a compact JWS: three base64url parts, header and payload JSON objects with unique
 /// keys, `alg` on the allow-list, no `crit`.
 fn parse_compact(token: &str) -> Result<ParsedToken<'_>, JwtSvidError> {
@@ -685,5 +723,35 @@ mod tests {
         assert_eq!(numeric_date(&claims, "e").unwrap(), None);
         assert_eq!(numeric_date(&claims, "f").unwrap(), Some(i64::MAX));
         assert_eq!(numeric_date(&claims, "missing").unwrap(), None);
+    }
+
+    #[test]
+    fn decode_unverified_checks_only_structure_and_verify_with_checks_the_signature() {
+        let rng = ring::rand::SystemRandom::new();
+        let key = SigningKey::generate(crate::keys::KeyType::EcP256, &rng).unwrap();
+        let claims = JwtSvidClaims {
+            subject: SpiffeId::parse("spiffe://example.org/w").unwrap(),
+            audience: vec!["a".into()],
+            issued_at: UNIX_EPOCH + Duration::from_secs(100),
+            expires_at: UNIX_EPOCH + Duration::from_secs(200),
+            issuer: None,
+            jwt_id: None,
+        };
+        let token = sign(&claims, &key, "k1", &rng).unwrap();
+        let jws = decode_unverified(&token).unwrap();
+        assert_eq!(jws.algorithm, JwsAlgorithm::Es256);
+        assert_eq!(jws.header["kid"], "k1");
+        assert_eq!(jws.claims["exp"], 200);
+        assert!(jws.verify_with(key.public_key()));
+        let other = SigningKey::generate(crate::keys::KeyType::EcP256, &rng).unwrap();
+        assert!(!jws.verify_with(other.public_key()));
+        // A payload changed after signing no longer verifies.
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let forged = URL_SAFE_NO_PAD.encode(br#"{"sub":"spiffe://example.org/x","aud":["a"],"exp":200}"#);
+        parts[1] = &forged;
+        assert!(!decode_unverified(&parts.join(".")).unwrap().verify_with(key.public_key()));
+        // `none` never decodes.
+        let none = format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(b"{}"));
+        assert!(matches!(decode_unverified(&none), Err(JwtSvidError::UnsupportedAlgorithm(_))));
     }
 }

@@ -80,9 +80,9 @@ pub enum FetchError {
         /// ` (redirect to ...)` for a redirect.
         location: String,
     },
-    /// The body was larger than allowed.
-    #[error("response is larger than {MAX_BUNDLE_JSON_LEN} bytes")]
-    TooLarge,
+    /// The body was larger than allowed (the limit in bytes).
+    #[error("response is larger than {0} bytes")]
+    TooLarge(usize),
     /// The body is not a valid SPIFFE bundle.
     #[error("response is not a valid SPIFFE bundle: {0}")]
     Bundle(String),
@@ -103,6 +103,33 @@ pub async fn fetch(url: &url::Url, trust_domain: &TrustDomain, auth: &EndpointAu
 }
 
 async fn fetch_inner(url: &url::Url, trust_domain: &TrustDomain, auth: &EndpointAuth) -> Result<Bundle, FetchError> {
+    let tls = client_config(auth).map_err(|err| FetchError::Http(format!("TLS configuration: {err}")))?;
+    let (body, peer_chain) = https_get(url, tls, "application/json", MAX_BUNDLE_JSON_LEN).await?;
+    let bundle = Bundle::from_json(trust_domain.clone(), &body).map_err(|err| FetchError::Bundle(err.to_string()))?;
+    check_bundle(&bundle, trust_domain)?;
+    if let EndpointAuth::Spiffe { endpoint_id, .. } = auth
+        && &endpoint_id.trust_domain() == trust_domain
+        && let Err(err) = verify_peer_svid(&peer_chain, &bundle, SystemTime::now())
+    {
+        return Err(FetchError::Refused(format!(
+            "it does not authenticate the endpoint's own SVID ({err}): it is not the bundle of {trust_domain}"
+        )));
+    }
+    Ok(bundle)
+}
+
+/// One HTTPS `GET` of `url` (checked with [`crate::federation::check_url`]): TCP connect, TLS
+/// with `tls`, HTTP/1.1, status 200, a body of at most `limit` bytes. Returns the body and the
+/// peer's certificate chain (DER, leaf first). Redirects are not followed. No deadline of its
+/// own: callers wrap it in theirs.
+///
+/// The bundle fetch and the token exchange's OIDC discovery and JWKS fetches share it.
+pub(crate) async fn https_get(
+    url: &url::Url,
+    tls: rustls::ClientConfig,
+    accept: &'static str,
+    limit: usize,
+) -> Result<(Bytes, Vec<Vec<u8>>), FetchError> {
     crate::federation::check_url(url.as_str()).map_err(FetchError::Url)?;
     let host = url.host_str().ok_or_else(|| FetchError::Url("no host".into()))?.to_owned();
     let port = url.port_or_known_default().unwrap_or(443);
@@ -114,7 +141,6 @@ async fn fetch_inner(url: &url::Url, trust_domain: &TrustDomain, auth: &Endpoint
         .await
         .map_err(|source| FetchError::Connect { address: address.clone(), source })?;
     let _ = tcp.set_nodelay(true);
-    let tls = client_config(auth).map_err(|err| FetchError::Http(format!("TLS configuration: {err}")))?;
     let server_name =
         ServerName::try_from(bare_host.clone()).map_err(|err| FetchError::Url(format!("host {host:?}: {err}")))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
@@ -141,7 +167,7 @@ async fn fetch_inner(url: &url::Url, trust_domain: &TrustDomain, auth: &Endpoint
         };
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, host_header)
-            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::ACCEPT, accept)
             .header(hyper::header::USER_AGENT, "tessera-server")
             .body(Empty::<Bytes>::new())
             .map_err(|err| FetchError::Http(err.to_string()))?;
@@ -157,9 +183,9 @@ async fn fetch_inner(url: &url::Url, trust_domain: &TrustDomain, auth: &Endpoint
                 .unwrap_or_default();
             return Err(FetchError::Status { status: status.as_u16(), location });
         }
-        let body = Limited::new(response.into_body(), MAX_BUNDLE_JSON_LEN).collect().await.map_err(|err| {
+        let body = Limited::new(response.into_body(), limit).collect().await.map_err(|err| {
             if err.is::<http_body_util::LengthLimitError>() {
-                FetchError::TooLarge
+                FetchError::TooLarge(limit)
             } else {
                 FetchError::Http(err.to_string())
             }
@@ -168,19 +194,7 @@ async fn fetch_inner(url: &url::Url, trust_domain: &TrustDomain, auth: &Endpoint
     }
     .await;
     driver.abort();
-    let body = result?;
-
-    let bundle = Bundle::from_json(trust_domain.clone(), &body).map_err(|err| FetchError::Bundle(err.to_string()))?;
-    check_bundle(&bundle, trust_domain)?;
-    if let EndpointAuth::Spiffe { endpoint_id, .. } = auth
-        && &endpoint_id.trust_domain() == trust_domain
-        && let Err(err) = verify_peer_svid(&peer_chain, &bundle, SystemTime::now())
-    {
-        return Err(FetchError::Refused(format!(
-            "it does not authenticate the endpoint's own SVID ({err}): it is not the bundle of {trust_domain}"
-        )));
-    }
-    Ok(bundle)
+    Ok((result?, peer_chain))
 }
 
 /// Checks a parsed bundle against the relationship's trust domain.
@@ -212,7 +226,8 @@ fn authority_trust_domain(der: &[u8]) -> Option<String> {
     })
 }
 
-fn client_config(auth: &EndpointAuth) -> Result<rustls::ClientConfig, rustls::Error> {
+/// The TLS client configuration of one fetch (HTTP/1.1 ALPN).
+pub(crate) fn client_config(auth: &EndpointAuth) -> Result<rustls::ClientConfig, rustls::Error> {
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let mut config = match auth {

@@ -47,14 +47,26 @@ pub(crate) fn tls_config(
     config: &BundleEndpointConfig,
     server_svid: Arc<SvidResolver>,
 ) -> Result<rustls::ServerConfig, String> {
+    https_tls_config(config.profile, config.cert_path.as_deref(), config.key_path.as_deref(), server_svid)
+}
+
+/// The TLS configuration of an HTTPS listener of the server (the bundle endpoint, the token
+/// exchange endpoint): `https_spiffe` presents the server's own SVID, `https_web` the
+/// operator's certificate chain and key read now (a renewed certificate needs a restart).
+pub(crate) fn https_tls_config(
+    profile: BundleEndpointProfile,
+    cert_path: Option<&Path>,
+    key_path: Option<&Path>,
+    server_svid: Arc<SvidResolver>,
+) -> Result<rustls::ServerConfig, String> {
     let builder = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|err| err.to_string())?
         .with_no_client_auth();
-    let mut tls = match config.profile {
+    let mut tls = match profile {
         BundleEndpointProfile::HttpsSpiffe => builder.with_cert_resolver(server_svid),
         BundleEndpointProfile::HttpsWeb => {
-            let (Some(cert_path), Some(key_path)) = (&config.cert_path, &config.key_path) else {
+            let (Some(cert_path), Some(key_path)) = (cert_path, key_path) else {
                 return Err("the https_web profile needs cert_path and key_path".into());
             };
             let (chain, key) = load_web_identity(cert_path, key_path)?;
@@ -105,6 +117,7 @@ async fn bundle(State(state): State<EndpointState>) -> Response {
 struct TlsListener {
     incoming: ReceiverStream<Result<AgentTlsStream, io::Error>>,
     local_addr: SocketAddr,
+    name: &'static str,
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -119,7 +132,7 @@ impl axum::serve::Listener for TlsListener {
                     return (stream, addr);
                 }
                 // `incoming` only yields connections; keep waiting.
-                Some(Err(err)) => tracing::warn!(error = %err, "bundle endpoint accept failed"),
+                Some(Err(err)) => tracing::warn!(error = %err, "{} accept failed", self.name),
                 // Stopped: graceful shutdown takes over from here.
                 None => std::future::pending::<()>().await,
             }
@@ -138,13 +151,24 @@ pub(crate) async fn serve(
     tls: rustls::ServerConfig,
     stopped: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    let local_addr = listener
-        .local_addr()
-        .map_err(|err| ServerError::Serve { listener: "bundle endpoint", reason: err.to_string() })?;
+    serve_https(router, listener, tls, stopped, "bundle endpoint").await
+}
+
+/// Serves `router` over TLS on `listener` until `stopped`; `name` names the listener in logs and
+/// errors. Handshakes run concurrently, each with a deadline.
+pub(crate) async fn serve_https(
+    router: Router,
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    stopped: watch::Receiver<bool>,
+    name: &'static str,
+) -> Result<(), ServerError> {
+    let local_addr =
+        listener.local_addr().map_err(|err| ServerError::Serve { listener: name, reason: err.to_string() })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let incoming = crate::agent_api::tls::incoming_named(listener, acceptor, stopped.clone(), "bundle endpoint");
-    axum::serve(TlsListener { incoming, local_addr }, router)
+    let incoming = crate::agent_api::tls::incoming_named(listener, acceptor, stopped.clone(), name);
+    axum::serve(TlsListener { incoming, local_addr, name }, router)
         .with_graceful_shutdown(crate::server::stop_requested(stopped))
         .await
-        .map_err(|err| ServerError::Serve { listener: "bundle endpoint", reason: err.to_string() })
+        .map_err(|err| ServerError::Serve { listener: name, reason: err.to_string() })
 }

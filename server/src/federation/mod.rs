@@ -267,7 +267,7 @@ impl Relationship {
     }
 }
 
-fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read as _;
     let file = std::fs::File::open(path).map_err(|err| format!("{}: {err}", path.display()))?;
     let mut data = Vec::new();
@@ -295,7 +295,7 @@ fn parse_bootstrap(data: &[u8], trust_domain: &TrustDomain) -> Result<Bundle, St
     Ok(bundle)
 }
 
-fn read_roots(data: &[u8]) -> Result<RootCertStore, String> {
+pub(crate) fn read_roots(data: &[u8]) -> Result<RootCertStore, String> {
     if data.len() as u64 > MAX_FILE_LEN {
         return Err(format!("larger than {MAX_FILE_LEN} bytes"));
     }
@@ -310,7 +310,7 @@ fn read_roots(data: &[u8]) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn system_roots() -> Result<RootCertStore, String> {
+pub(crate) fn system_roots() -> Result<RootCertStore, String> {
     let loaded = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(loaded.certs);
