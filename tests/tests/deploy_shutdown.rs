@@ -13,7 +13,7 @@
 //! The binaries are the ones `cargo test --workspace` builds (`target/debug/`).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,11 +23,7 @@ const DRAIN_BOUND: Duration = Duration::from_secs(20);
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/<this test> -> target/debug/<name>
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server -p tessera-agent`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 /// A child process, killed on drop, its stderr (or stdout) in a file.

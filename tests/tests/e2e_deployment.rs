@@ -8,8 +8,7 @@
 //! (`target/debug/`); run the workspace tests, or `cargo build -p tessera-server -p
 //! tessera-agent` first, when running this crate alone.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,16 +21,11 @@ const TRUST_DOMAIN: &str = "example.org";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/<this test> -> target/debug/<name>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server -p tessera-agent`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tessera_tests::harness::free_port().unwrap()
 }
 
 fn uid() -> u32 {

@@ -15,7 +15,7 @@
 //! The binaries are those `cargo test --workspace` builds (`target/debug/`).
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -27,15 +27,11 @@ const TRUST_DOMAIN: &str = "example.org";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server -p tessera-agent`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tessera_tests::harness::free_port().unwrap()
 }
 
 fn uid() -> u32 {

@@ -11,8 +11,7 @@
 //! Like e2e_deployment.rs, this uses the binaries built next to the test (`cargo build -p
 //! tessera-server -p tessera-agent` first when running this crate alone).
 
-use std::net::TcpListener as StdTcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -30,15 +29,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server -p tessera-agent`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tessera_tests::harness::free_port().unwrap()
 }
 
 struct Process(Child);

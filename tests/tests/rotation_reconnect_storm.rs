@@ -20,7 +20,7 @@
 //! The binaries are the ones `cargo test --workspace` builds (`target/debug/`); when running
 //! this crate alone, `cargo build -p tessera-server` first.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -49,15 +49,11 @@ const SERVER_HWM_BOUND_KIB: u64 = 128 * 1024;
 const PHASE_DEADLINE: Duration = Duration::from_secs(240);
 
 fn binary(name: &str) -> PathBuf {
-    // target/debug/deps/<this test> -> target/debug/<name>
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tessera_tests::harness::free_port().unwrap()
 }
 
 /// `tessera-server run` as a child process, killed (SIGKILL) on drop.

@@ -37,15 +37,11 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const REFUSED: &str = "the subject token was not accepted";
 
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built: run `cargo build -p tessera-server -p tessera-agent`", path.display());
-    path
+    tessera_tests::harness::binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tessera_tests::harness::free_port().unwrap()
 }
 
 fn now() -> u64 {
