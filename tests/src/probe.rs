@@ -286,11 +286,16 @@ pub fn fsync_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
 
 /// This process's resident set size in bytes (`VmRSS` of `/proc/self/status`).
 pub fn rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    rss_in("/proc/self/status")
+}
+
+/// The `VmRSS` of a `/proc/<pid>/status` file, in bytes.
+pub fn rss_in(status_path: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(status_path).with_context(|| format!("reading {status_path}"))?;
     let kib = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))?;
+        .ok_or_else(|| anyhow!("no VmRSS in {status_path}"))?;
     Ok(kib * 1024)
 }
