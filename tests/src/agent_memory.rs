@@ -143,7 +143,11 @@ impl AgentProcess {
 }
 
 /// Leaf DER and key DER sizes of the first SVID served on `socket`, once it is served.
-async fn first_svid_sizes(agent: &mut AgentProcess, socket: &Path, timeout: Duration) -> anyhow::Result<(usize, usize)> {
+async fn first_svid_sizes(
+    agent: &mut AgentProcess,
+    socket: &Path,
+    timeout: Duration,
+) -> anyhow::Result<(usize, usize)> {
     let deadline = Instant::now() + timeout;
     loop {
         agent.check_alive()?;

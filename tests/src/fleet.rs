@@ -115,7 +115,8 @@ pub async fn worker(job: WorkerJob) -> anyhow::Result<()> {
     let job = Arc::new(job);
     let mut tasks = tokio::task::JoinSet::new();
     for n in job.from..job.to {
-        let (job, bundle, server_id, permits) = (Arc::clone(&job), bundle.clone(), server_id.clone(), Arc::clone(&permits));
+        let (job, bundle, server_id, permits) =
+            (Arc::clone(&job), bundle.clone(), server_id.clone(), Arc::clone(&permits));
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             attest_and_sync(&job, bundle, server_id, n).await
@@ -246,7 +247,12 @@ pub async fn fleet(options: &FleetOptions) -> anyhow::Result<Vec<Figure>> {
             Figure::new(format!("{tag}.agents_per_sec"), ok as f64 / elapsed.as_secs_f64(), "/s", Target::None)
                 .against(fsync, "fsync_4k_single_writer_per_sec"),
         );
-        figures.push(Figure::new(format!("{tag}.server_cpu_ms_per_agent"), cpu.as_secs_f64() * 1e3 / n, "ms", Target::None));
+        figures.push(Figure::new(
+            format!("{tag}.server_cpu_ms_per_agent"),
+            cpu.as_secs_f64() * 1e3 / n,
+            "ms",
+            Target::None,
+        ));
         figures.push(Figure::new(
             format!("{tag}.server_rss_bytes_per_agent"),
             rss_after.saturating_sub(rss_before) as f64 / n,

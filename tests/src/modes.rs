@@ -389,7 +389,8 @@ struct OpenLoopRun {
     achieved_rate: f64,
 }
 
-type WlClient = SpiffeWorkloadApiClient<Channel>;
+/// A Workload API client on one connection.
+pub type WlClient = SpiffeWorkloadApiClient<Channel>;
 
 async fn connect_clients(socket: &Path, count: usize) -> anyhow::Result<Vec<WlClient>> {
     let mut clients = Vec::with_capacity(count);
@@ -521,8 +522,13 @@ async fn open_loop_level(
     ];
     for (name, mut run) in [("x509", x509), ("jwt", jwt)] {
         figures.push(
-            Figure::new(format!("{tag}.{name}_p50_us"), micros(run.latency.percentile(50.0)), "us", Target::RatioAtMost(2.0))
-                .against(floor_p50, "tonic_uds_unary_plus_proc_attest_p50_same_load"),
+            Figure::new(
+                format!("{tag}.{name}_p50_us"),
+                micros(run.latency.percentile(50.0)),
+                "us",
+                Target::RatioAtMost(2.0),
+            )
+            .against(floor_p50, "tonic_uds_unary_plus_proc_attest_p50_same_load"),
         );
         figures.push(
             Figure::new(format!("{tag}.{name}_p99_us"), micros(run.latency.percentile(99.0)), "us", p99_target)
@@ -540,12 +546,14 @@ async fn open_loop_level(
     Ok(figures)
 }
 
-async fn fetch_jwt(mut client: WlClient) -> bool {
+/// One cached `FetchJWTSVID` (audience [`AUDIENCE`]); true when it returned a token.
+pub async fn fetch_jwt(mut client: WlClient) -> bool {
     let request = with_header(wl::JwtsvidRequest { audience: vec![AUDIENCE.to_owned()], spiffe_id: String::new() });
     matches!(client.fetch_jwtsvid(request).await, Ok(response) if !response.get_ref().svids.is_empty())
 }
 
-async fn fetch_x509_first(mut client: WlClient) -> bool {
+/// Opens `FetchX509SVID` and reads its first message; true when it held an SVID.
+pub async fn fetch_x509_first(mut client: WlClient) -> bool {
     match client.fetch_x509svid(with_header(wl::X509svidRequest {})).await {
         Ok(response) => matches!(response.into_inner().message().await, Ok(Some(m)) if !m.svids.is_empty()),
         Err(_) => false,
@@ -654,7 +662,7 @@ async fn populate(server: &SimServer, parent: &SpiffeId, count: usize, writers: 
 
 /// A full `SyncEntries` from revision 0: entries received, wall time, and the error that
 /// ended it early (a message-size failure would show here).
-async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
+pub async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
     use pb::sync_entries_response::Event;
     let start = Instant::now();
     let mut received = 0;

@@ -13,8 +13,8 @@ use clap::{Parser, Subcommand};
 use tessera_tests::agent_memory::{self, AgentMemoryOptions};
 use tessera_tests::fleet::{self, FleetOptions, WorkerJob};
 use tessera_tests::modes::{self, OpenLoop, ThroughputOptions, WorkloadOptions};
-use tessera_tests::rotation::{self, RotationOptions};
 use tessera_tests::probe;
+use tessera_tests::rotation::{self, RotationOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera-loadgen", about = "Tessera's whole-system benchmarks, each beside its measured limit")]
@@ -252,7 +252,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             }
             Command::Rotation { agents, entries, ttl, probe_seconds } => {
                 if *agents == 0 || *entries == 0 || *ttl < 12 || !(probe_seconds.is_finite() && *probe_seconds > 0.0) {
-                    anyhow::bail!("--agents and --entries must be at least 1, --ttl at least 12, --probe-seconds positive");
+                    anyhow::bail!(
+                        "--agents and --entries must be at least 1, --ttl at least 12, --probe-seconds positive"
+                    );
                 }
                 let options = RotationOptions {
                     agents: *agents,
