@@ -13,9 +13,13 @@
 //! The loadgen process is its own workload: Workload API calls are attested as this process
 //! (`unix:uid:<our uid>`).
 
+pub mod agent_memory;
+pub mod cpu;
+pub mod fleet;
 pub mod harness;
 pub mod modes;
 pub mod probe;
 pub mod report;
+pub mod rotation;
 pub mod sim;
 pub mod stats;

@@ -362,9 +362,35 @@ pub struct WorkloadOptions {
     pub calls_per_level: usize,
     /// Least calls per client.
     pub min_calls_per_client: usize,
+    /// Open-loop load (a fixed arrival schedule) in place of closed-loop clients.
+    pub open_loop: Option<OpenLoop>,
 }
 
-type WlClient = SpiffeWorkloadApiClient<Channel>;
+/// An open-loop load: `rate` calls per second in total, spread evenly over the clients on a
+/// fixed schedule, for `duration` per measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenLoop {
+    /// Calls per second over all clients.
+    pub rate: f64,
+    /// How long each measurement runs.
+    pub duration: Duration,
+}
+
+/// What an open-loop run measured.
+#[derive(Debug, Default)]
+struct OpenLoopRun {
+    /// Latency of each successful call (see [`run_open_loop`] for where it starts).
+    latency: Samples,
+    /// How late the generator itself sent calls it was free to send (timer resolution and
+    /// scheduling of the load generator, not the system under test).
+    send_lag: Samples,
+    failures: u64,
+    /// Calls completed per second.
+    achieved_rate: f64,
+}
+
+/// A Workload API client on one connection.
+pub type WlClient = SpiffeWorkloadApiClient<Channel>;
 
 async fn connect_clients(socket: &Path, count: usize) -> anyhow::Result<Vec<WlClient>> {
     let mut clients = Vec::with_capacity(count);
@@ -409,12 +435,125 @@ where
     Ok((samples, failures))
 }
 
-async fn fetch_jwt(mut client: WlClient) -> bool {
+/// Drives `clients` open-loop: client `i` of `n` sends its `k`-th call at
+/// `start + (i + k n) / rate`, whatever happened to earlier calls, until `duration` is over.
+///
+/// Latency is counted from the scheduled send time whenever the client was still busy with its
+/// previous call at that time, so a stall of the system under test is charged to every call it
+/// delayed (no coordinated omission). When the client was idle, latency starts at the actual
+/// send: the generator's own timer lateness (tokio's timer has millisecond resolution) is
+/// reported apart, as `send_lag`, rather than charged to the system.
+async fn run_open_loop<F, Fut>(clients: &[WlClient], load: OpenLoop, call: F) -> anyhow::Result<OpenLoopRun>
+where
+    F: Fn(WlClient) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let n = clients.len().max(1);
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let end = start + load.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, client) in clients.iter().enumerate() {
+        let (client, call) = (client.clone(), call.clone());
+        tasks.spawn(async move {
+            let mut run = OpenLoopRun::default();
+            let mut previous_done = start;
+            for k in 0u64.. {
+                let scheduled = start + Duration::from_secs_f64((i as f64 + (k as f64) * n as f64) / load.rate);
+                if scheduled >= end {
+                    break;
+                }
+                let began = if previous_done > scheduled {
+                    scheduled
+                } else {
+                    tokio::time::sleep_until(scheduled).await;
+                    let now = tokio::time::Instant::now();
+                    run.send_lag.push(now - scheduled);
+                    now
+                };
+                let ok = call(client.clone()).await;
+                previous_done = tokio::time::Instant::now();
+                if ok {
+                    run.latency.push(previous_done - began);
+                } else {
+                    run.failures += 1;
+                }
+            }
+            run
+        });
+    }
+    let mut total = OpenLoopRun::default();
+    while let Some(result) = tasks.join_next().await {
+        let run = result.context("client task")?;
+        total.latency.extend(run.latency);
+        total.send_lag.extend(run.send_lag);
+        total.failures += run.failures;
+    }
+    let elapsed = tokio::time::Instant::now().saturating_duration_since(start).max(Duration::from_millis(1));
+    total.achieved_rate = total.latency.len() as f64 / elapsed.as_secs_f64();
+    Ok(total)
+}
+
+/// The figures of one open-loop level: each API beside the floor under the same schedule.
+async fn open_loop_level(
+    deployment: &Deployment,
+    floor: &FloorServer,
+    level: usize,
+    load: OpenLoop,
+) -> anyhow::Result<Vec<Figure>> {
+    print_progress(&format!("workload: open loop, {level} clients, {} calls/s for {:?}", load.rate, load.duration));
+    let floor_clients = connect_clients(floor.socket(), level).await?;
+    let mut floor_run = run_open_loop(&floor_clients, load, fetch_jwt).await?;
+    drop(floor_clients);
+    if floor_run.failures > 0 {
+        bail!("the floor probe failed {} calls at {level} clients", floor_run.failures);
+    }
+    let clients = connect_clients(&deployment.socket, level).await?;
+    let x509 = run_open_loop(&clients, load, fetch_x509_first).await?;
+    let jwt = run_open_loop(&clients, load, fetch_jwt).await?;
+    drop(clients);
+    let floor_p50 = micros(floor_run.latency.percentile(50.0));
+    let floor_p99 = micros(floor_run.latency.percentile(99.0));
+    let tag = format!("workload.open.c{level}");
+    let p99_target = if level == 100 { Target::Below(1000.0) } else { Target::None };
+    let mut figures = vec![
+        Figure::new(format!("{tag}.offered_rate"), load.rate, "/s", Target::None),
+        Figure::new(format!("{tag}.floor_p50_us"), floor_p50, "us", Target::None),
+        Figure::new(format!("{tag}.floor_p99_us"), floor_p99, "us", Target::None),
+    ];
+    for (name, mut run) in [("x509", x509), ("jwt", jwt)] {
+        figures.push(
+            Figure::new(
+                format!("{tag}.{name}_p50_us"),
+                micros(run.latency.percentile(50.0)),
+                "us",
+                Target::RatioAtMost(2.0),
+            )
+            .against(floor_p50, "tonic_uds_unary_plus_proc_attest_p50_same_load"),
+        );
+        figures.push(
+            Figure::new(format!("{tag}.{name}_p99_us"), micros(run.latency.percentile(99.0)), "us", p99_target)
+                .against(floor_p99, "tonic_uds_unary_plus_proc_attest_p99_same_load"),
+        );
+        figures.push(Figure::new(format!("{tag}.{name}_rate"), run.achieved_rate, "/s", Target::None));
+        figures.push(Figure::new(
+            format!("{tag}.{name}_send_lag_p99_us"),
+            micros(run.send_lag.percentile(99.0)),
+            "us",
+            Target::None,
+        ));
+        figures.push(Figure::new(format!("{tag}.{name}_failures"), run.failures as f64, "count", Target::Zero));
+    }
+    Ok(figures)
+}
+
+/// One cached `FetchJWTSVID` (audience [`AUDIENCE`]); true when it returned a token.
+pub async fn fetch_jwt(mut client: WlClient) -> bool {
     let request = with_header(wl::JwtsvidRequest { audience: vec![AUDIENCE.to_owned()], spiffe_id: String::new() });
     matches!(client.fetch_jwtsvid(request).await, Ok(response) if !response.get_ref().svids.is_empty())
 }
 
-async fn fetch_x509_first(mut client: WlClient) -> bool {
+/// Opens `FetchX509SVID` and reads its first message; true when it held an SVID.
+pub async fn fetch_x509_first(mut client: WlClient) -> bool {
     match client.fetch_x509svid(with_header(wl::X509svidRequest {})).await {
         Ok(response) => matches!(response.into_inner().message().await, Ok(Some(m)) if !m.svids.is_empty()),
         Err(_) => false,
@@ -440,6 +579,10 @@ pub async fn workload(options: &WorkloadOptions) -> anyhow::Result<Vec<Figure>> 
     let floor = FloorServer::start(&floor_dir.path().join("floor.sock"))?;
     let mut figures = Vec::new();
     for &level in &options.levels {
+        if let Some(load) = options.open_loop {
+            figures.extend(open_loop_level(&deployment, &floor, level, load).await?);
+            continue;
+        }
         let calls = (options.calls_per_level / level.max(1)).max(options.min_calls_per_client);
         print_progress(&format!("workload: {level} clients x {calls} calls"));
         let floor_clients = connect_clients(floor.socket(), level).await?;
@@ -519,7 +662,7 @@ async fn populate(server: &SimServer, parent: &SpiffeId, count: usize, writers: 
 
 /// A full `SyncEntries` from revision 0: entries received, wall time, and the error that
 /// ended it early (a message-size failure would show here).
-async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
+pub async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
     use pb::sync_entries_response::Event;
     let start = Instant::now();
     let mut received = 0;

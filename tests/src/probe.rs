@@ -1,4 +1,5 @@
-//! The raw limits the figures are held to, measured in the same run as the figure.
+//! The raw limits the figures are held to, measured in the same run as the figure. Shared by
+//! `tessera-loadgen` and the in-process criterion benches (`tests/benches/suite.rs`).
 //!
 //! - [`rate_on_all_cores`]: how many times per second `threads` OS threads can run an
 //!   operation, each with its own state (one per core = the machine's ceiling for that work);
@@ -6,6 +7,9 @@
 //!   with rcgen and ring directly (what the server's X.509-SVID path cannot beat);
 //! - [`es256_mint_op`]: a compact JWS over a typical JWT-SVID header and claims: JSON
 //!   formatting, base64url and a ring P-256 (fixed-size) signature;
+//! - [`p256_sign_op`], [`p256_verify_op`]: ring ECDSA P-256, the crypto floor;
+//! - [`proc_attest`]: the `/proc` reads of unix attestation;
+//! - [`fsync_rate`]: durable single-writer commits per second;
 //! - [`FloorServer`]: the floor of a Workload API call: a tonic unary call over a Unix socket
 //!   whose handler reads `/proc/<peer pid>/exe` and `/proc/<peer pid>/status` (the unix
 //!   attestation's syscalls) and answers a cached, SVID-sized response.
@@ -203,13 +207,7 @@ impl SpiffeWorkloadApi for Floor {
             .and_then(|info| info.peer_cred)
             .and_then(|cred| cred.pid())
             .ok_or_else(|| Status::permission_denied("no peer credentials"))?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map_err(|e| Status::permission_denied(format!("exe: {e}")))?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|e| Status::permission_denied(format!("status: {e}")))?;
-        if !status.lines().any(|line| line.starts_with("Uid:")) || exe.as_os_str().is_empty() {
-            return Err(Status::permission_denied("unreadable process"));
-        }
+        proc_attest(u32::try_from(pid).unwrap_or(0)).map_err(|e| Status::permission_denied(e.to_string()))?;
         Ok(Response::new(self.response.clone()))
     }
 
@@ -241,6 +239,49 @@ impl SpiffeWorkloadApi for Floor {
         Err(Status::unimplemented("floor probe"))
     }
 }
+
+/// The floor of unix workload attestation: read `/proc/<pid>/exe` and `/proc/<pid>/status`
+/// (the attestor's syscalls, without deriving selectors).
+pub fn proc_attest(pid: u32) -> anyhow::Result<()> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).with_context(|| format!("exe of {pid}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("status of {pid}"))?;
+    if !status.lines().any(|line| line.starts_with("Uid:")) || exe.as_os_str().is_empty() {
+        anyhow::bail!("unreadable process {pid}");
+    }
+    std::hint::black_box((exe, status));
+    Ok(())
+}
+
+/// One ring ECDSA P-256 signature over a 70-byte message (the crypto floor of every SVID).
+pub fn p256_sign_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    let rng = SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|e| anyhow!("{e}"))?;
+    let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|e| anyhow!("{e}"))?;
+    Ok(move || {
+        let signature = key.sign(&rng, PROBE_MESSAGE).map_err(|e| anyhow!("sign: {e}"))?;
+        std::hint::black_box(signature);
+        Ok(())
+    })
+}
+
+/// One ring ECDSA P-256 verification (the floor of a CSR's proof of possession and of chain
+/// validation).
+pub fn p256_verify_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    use ring::signature::KeyPair as _;
+    let rng = SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|e| anyhow!("{e}"))?;
+    let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng).map_err(|e| anyhow!("{e}"))?;
+    let signature = key.sign(&rng, PROBE_MESSAGE).map_err(|e| anyhow!("sign: {e}"))?;
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        key.public_key().as_ref().to_vec(),
+    );
+    Ok(move || public.verify(PROBE_MESSAGE, signature.as_ref()).map_err(|_| anyhow!("verify failed")))
+}
+
+const PROBE_MESSAGE: &[u8] = b"tessera limit probe message of typical to-be-signed size .............";
 
 /// One HTTP/2 connection over the Unix socket at `socket`.
 pub async fn uds_channel(socket: &Path) -> anyhow::Result<Channel> {
@@ -286,11 +327,16 @@ pub fn fsync_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
 
 /// This process's resident set size in bytes (`VmRSS` of `/proc/self/status`).
 pub fn rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    rss_in("/proc/self/status")
+}
+
+/// The `VmRSS` of a `/proc/<pid>/status` file, in bytes.
+pub fn rss_in(status_path: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(status_path).with_context(|| format!("reading {status_path}"))?;
     let kib = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))?;
+        .ok_or_else(|| anyhow!("no VmRSS in {status_path}"))?;
     Ok(kib * 1024)
 }

@@ -197,7 +197,13 @@ impl SimAgent {
     /// Registers `token`, attests with it and connects again with the agent SVID.
     pub async fn attest(server: &SimServer, token: &str) -> anyhow::Result<Self> {
         server.new_join_token(token)?;
-        let mut anonymous = connect(server.addr(), server.bundle(), server.server_id(), None).await?;
+        Self::attest_to(server.addr(), server.bundle(), server.server_id(), token).await
+    }
+
+    /// Attests with an already registered `token` to the server at `addr` (which may run in
+    /// another process), then connects again with the agent SVID.
+    pub async fn attest_to(addr: SocketAddr, bundle: Bundle, server_id: SpiffeId, token: &str) -> anyhow::Result<Self> {
+        let mut anonymous = connect(addr, bundle.clone(), server_id.clone(), None).await?;
         let (key, csr) = new_csr()?;
         let params = pb::AttestationParams {
             data: Some(pb::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
@@ -211,8 +217,7 @@ impl SimAgent {
         };
         let svid = result.svid.ok_or_else(|| anyhow!("attestation result without an agent SVID"))?;
         let key = key.serialize_der();
-        let client =
-            connect(server.addr(), server.bundle(), server.server_id(), Some((&svid.cert_chain, &key))).await?;
+        let client = connect(addr, bundle, server_id, Some((&svid.cert_chain, &key))).await?;
         Ok(Self { id: SpiffeId::parse(&svid.spiffe_id)?, client, chain: svid.cert_chain, key })
     }
 

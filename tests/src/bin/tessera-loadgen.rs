@@ -5,12 +5,16 @@
 //! (format in `tessera_tests::report`). Exit status: 0 when the run completed (whether or not
 //! targets were met; `--require-targets` makes a missed target exit 3), 1 on an error.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tessera_tests::modes::{self, ThroughputOptions, WorkloadOptions};
+use tessera_tests::agent_memory::{self, AgentMemoryOptions};
+use tessera_tests::fleet::{self, FleetOptions, WorkerJob};
+use tessera_tests::modes::{self, OpenLoop, ThroughputOptions, WorkloadOptions};
 use tessera_tests::probe;
+use tessera_tests::rotation::{self, RotationOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera-loadgen", about = "Tessera's whole-system benchmarks, each beside its measured limit")]
@@ -82,6 +86,13 @@ enum Command {
         /// Least calls per client.
         #[arg(long, default_value_t = 5)]
         min_calls_per_client: usize,
+        /// Open loop: this many calls per second in total on a fixed schedule, spread over the
+        /// clients (latency from the scheduled send time); without it, clients are closed-loop.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds of each open-loop measurement (floor, FetchX509SVID, FetchJWTSVID per level).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
     },
     /// Entries in sled at several sizes: write rate, start-up time, RSS per entry, full sync.
     Scale {
@@ -94,6 +105,73 @@ enum Command {
         /// Threads writing entries at once.
         #[arg(long, default_value_t = 16)]
         writers: usize,
+    },
+    /// Resident memory of a real agent process per cached X.509-SVID vs 2 x (leaf + key DER).
+    AgentMemory {
+        /// Cached SVID counts, comma-separated (each on a fresh server and agent).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        sizes: Vec<usize>,
+        /// The tessera-agent binary (default: next to this one).
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Threads writing entries at once.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Longest wait, in seconds, for the agent to mint every SVID of one size.
+        #[arg(long, default_value_t = 900.0)]
+        timeout: f64,
+    },
+    /// A fleet's X.509-SVIDs reaching half-life together: signing burst and server CPU, jitter off vs on.
+    Rotation {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 20)]
+        agents: usize,
+        /// Entries (SVIDs) per agent.
+        #[arg(long, default_value_t = 250)]
+        entries: usize,
+        /// X.509-SVID TTL in seconds of the entries (at least 12; notBefore is back-dated 10 s, so
+        /// renewal comes about TTL/2 - 5 s after minting).
+        #[arg(long, default_value_t = 30)]
+        ttl: u64,
+        /// Seconds of the limit probe.
+        #[arg(long, default_value_t = 3.0)]
+        probe_seconds: f64,
+    },
+    /// Many simulated agents (in worker processes) attesting and syncing: time, server CPU and RSS per agent.
+    Fleet {
+        /// Fleet sizes, comma-separated (each on a fresh server).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        agents: Vec<usize>,
+        /// Entries per agent.
+        #[arg(long, default_value_t = 2)]
+        entries: usize,
+        /// Worker processes running the simulated agents.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Attestations in flight per worker.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Longest wait, in seconds, for one fleet.
+        #[arg(long, default_value_t = 1800.0)]
+        timeout: f64,
+    },
+    /// (internal) One worker process of `fleet`.
+    #[command(hide = true)]
+    FleetWorker {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        #[arg(long)]
+        entries: usize,
+        #[arg(long)]
+        concurrency: usize,
     },
 }
 
@@ -111,12 +189,16 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    println!(
-        "MACHINE cpus={} model={:?} build={}",
-        probe::cores(),
-        cpu_model(),
-        if cfg!(debug_assertions) { "debug" } else { "release" }
-    );
+    // A fleet worker's stdout is read by its parent: only its READY line goes there.
+    if !matches!(cli.command, Command::FleetWorker { .. }) {
+        println!(
+            "MACHINE cpus={} model={:?} build={} load_average={:?}",
+            probe::cores(),
+            cpu_model(),
+            if cfg!(debug_assertions) { "debug" } else { "release" },
+            load_average()
+        );
+    }
     let figures = runtime.block_on(async {
         match &cli.command {
             Command::X509(args) => modes::x509(&args.options()?).await,
@@ -127,14 +209,22 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 }
                 modes::propagation(*entries).await
             }
-            Command::Workload { clients, calls, min_calls_per_client } => {
+            Command::Workload { clients, calls, min_calls_per_client, rate, seconds } => {
                 if clients.is_empty() || clients.contains(&0) || *min_calls_per_client == 0 {
                     anyhow::bail!("--clients must list levels of at least 1; --min-calls-per-client at least 1");
                 }
+                let open_loop = match rate {
+                    None => None,
+                    Some(rate) if rate.is_finite() && *rate > 0.0 && seconds.is_finite() && *seconds > 0.0 => {
+                        Some(OpenLoop { rate: *rate, duration: Duration::from_secs_f64(*seconds) })
+                    }
+                    Some(_) => anyhow::bail!("--rate and --seconds must be positive numbers"),
+                };
                 let options = WorkloadOptions {
                     levels: clients.clone(),
                     calls_per_level: *calls,
                     min_calls_per_client: *min_calls_per_client,
+                    open_loop,
                 };
                 modes::workload(&options).await
             }
@@ -147,6 +237,62 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1");
                 }
                 modes::scale(&modes::ScaleOptions { sizes, writers: *writers }).await
+            }
+            Command::AgentMemory { sizes, agent_bin, writers, timeout } => {
+                if sizes.is_empty() || sizes.contains(&0) || *writers == 0 || !(timeout.is_finite() && *timeout > 0.0) {
+                    anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1; --timeout positive");
+                }
+                let options = AgentMemoryOptions {
+                    sizes: sizes.clone(),
+                    agent_bin: agent_bin.clone().unwrap_or_else(agent_memory::default_agent_bin),
+                    writers: *writers,
+                    timeout: Duration::from_secs_f64(*timeout),
+                };
+                agent_memory::agent_memory(&options).await
+            }
+            Command::Rotation { agents, entries, ttl, probe_seconds } => {
+                if *agents == 0 || *entries == 0 || *ttl < 12 || !(probe_seconds.is_finite() && *probe_seconds > 0.0) {
+                    anyhow::bail!(
+                        "--agents and --entries must be at least 1, --ttl at least 12, --probe-seconds positive"
+                    );
+                }
+                let options = RotationOptions {
+                    agents: *agents,
+                    entries_per_agent: *entries,
+                    ttl: Duration::from_secs(*ttl),
+                    probe_duration: Duration::from_secs_f64(*probe_seconds),
+                };
+                rotation::rotation(&options).await
+            }
+            Command::Fleet { agents, entries, workers, concurrency, timeout } => {
+                if agents.is_empty()
+                    || agents.contains(&0)
+                    || *workers == 0
+                    || *concurrency == 0
+                    || !(timeout.is_finite() && *timeout > 0.0)
+                {
+                    anyhow::bail!("--agents must list sizes of at least 1; --workers and --concurrency at least 1");
+                }
+                let options = FleetOptions {
+                    sizes: agents.clone(),
+                    entries_per_agent: *entries,
+                    workers: *workers,
+                    concurrency: *concurrency,
+                    timeout: Duration::from_secs_f64(*timeout),
+                };
+                fleet::fleet(&options).await
+            }
+            Command::FleetWorker { addr, bundle, prefix, from, to, entries, concurrency } => {
+                let job = WorkerJob {
+                    addr: *addr,
+                    bundle: bundle.clone(),
+                    prefix: prefix.clone(),
+                    from: *from,
+                    to: *to,
+                    entries_per_agent: *entries,
+                    concurrency: *concurrency,
+                };
+                fleet::worker(job).await.map(|()| Vec::new())
             }
         }
     })?;
@@ -168,4 +314,12 @@ fn cpu_model() -> String {
                 .map(|model| model.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), printed so each run states how
+/// busy the machine was.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
