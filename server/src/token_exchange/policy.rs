@@ -269,29 +269,26 @@ fn one_line(text: &str) -> String {
     text.split('\n').map(str::trim).filter(|line| !line.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
+/// The keys and values of map literal or struct entries.
+fn entry_children(entries: &[cel::common::ast::IdedEntryExpr]) -> Vec<&cel::IdedExpr> {
+    entries
+        .iter()
+        .flat_map(|entry| match &entry.expr {
+            cel::common::ast::EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
+            cel::common::ast::EntryExpr::StructField(f) => vec![&f.value],
+        })
+        .collect()
+}
+
 /// The children of a node.
 fn children(expr: &cel::IdedExpr) -> Vec<&cel::IdedExpr> {
     match &expr.expr {
         Expr::Call(call) => call.target.iter().map(|t| t.as_ref()).chain(call.args.iter()).collect(),
         Expr::Comprehension(c) => vec![&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result],
         Expr::List(list) => list.elements.iter().collect(),
-        Expr::Map(map) => map
-            .entries
-            .iter()
-            .flat_map(|entry| match &entry.expr {
-                cel::common::ast::EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
-                cel::common::ast::EntryExpr::StructField(f) => vec![&f.value],
-            })
-            .collect(),
+        Expr::Map(map) => entry_children(&map.entries),
         Expr::Select(select) => vec![select.operand.as_ref()],
-        Expr::Struct(s) => s
-            .entries
-            .iter()
-            .flat_map(|entry| match &entry.expr {
-                cel::common::ast::EntryExpr::MapEntry(e) => vec![&e.key, &e.value],
-                cel::common::ast::EntryExpr::StructField(f) => vec![&f.value],
-            })
-            .collect(),
+        Expr::Struct(s) => entry_children(&s.entries),
         _ => Vec::new(),
     }
 }
