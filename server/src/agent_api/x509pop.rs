@@ -53,6 +53,8 @@ static CHALLENGE_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] = &[
 pub(crate) struct X509Pop {
     /// DER of each CA certificate of `ca_bundle_path`.
     roots: Vec<CertificateDer<'static>>,
+    /// The trust anchor of each of `roots`, same order (parsed once, at load).
+    anchors: Vec<TrustAnchor<'static>>,
     agent_id_from: X509PopAgentId,
 }
 
@@ -73,12 +75,20 @@ impl X509Pop {
     pub(crate) fn load(config: &X509PopConfig) -> Result<Self, String> {
         let path = &config.ca_bundle_path;
         let roots = read_certificates(path).map_err(|reason| format!("{}: {reason}", path.display()))?;
-        for (i, root) in roots.iter().enumerate() {
-            webpki::anchor_from_trusted_cert(root).map_err(|error| {
-                format!("{}: certificate {} is not a usable CA certificate: {error:?}", path.display(), i + 1)
-            })?;
-        }
-        Ok(Self { roots, agent_id_from: config.agent_id_from })
+        Self::from_roots(roots, config.agent_id_from).map_err(|reason| format!("{}: {reason}", path.display()))
+    }
+
+    fn from_roots(roots: Vec<CertificateDer<'static>>, agent_id_from: X509PopAgentId) -> Result<Self, String> {
+        let anchors = roots
+            .iter()
+            .enumerate()
+            .map(|(i, root)| {
+                webpki::anchor_from_trusted_cert(root)
+                    .map(|anchor| anchor.to_owned())
+                    .map_err(|error| format!("certificate {} is not a usable CA certificate: {error:?}", i + 1))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { roots, anchors, agent_id_from })
     }
 
     /// Steps 1 and 2: parses the payload and verifies the chain at `now`.
@@ -92,15 +102,13 @@ impl X509Pop {
             .map_err(|reason| Status::invalid_argument(format!("params.data.payload: {reason}")))?;
         let (leaf, intermediates) =
             chain.split_first().ok_or_else(|| Status::invalid_argument("params.data.payload: no certificate"))?;
-        let anchors: Vec<TrustAnchor<'_>> =
-            self.roots.iter().filter_map(|root| webpki::anchor_from_trusted_cert(root).ok()).collect();
         let end_entity = EndEntityCert::try_from(leaf)
             .map_err(|error| Status::invalid_argument(format!("params.data.payload: node certificate: {error:?}")))?;
         let seconds = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let path = end_entity
             .verify_for_usage(
                 webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
+                &self.anchors,
                 intermediates,
                 UnixTime::since_unix_epoch(seconds),
                 KeyUsage::client_auth(),
@@ -117,12 +125,10 @@ impl X509Pop {
         let mut ca_certificates: Vec<CertificateDer<'_>> =
             path.intermediate_certificates().map(|cert| cert.der()).collect();
         let anchor = path.anchor();
-        if let Some(root) = self.roots.iter().find(|root| {
-            webpki::anchor_from_trusted_cert(root).is_ok_and(|candidate| {
-                candidate.subject == anchor.subject
-                    && candidate.subject_public_key_info == anchor.subject_public_key_info
-            })
-        }) {
+        let root = self.anchors.iter().position(|candidate| {
+            candidate.subject == anchor.subject && candidate.subject_public_key_info == anchor.subject_public_key_info
+        });
+        if let Some(root) = root.and_then(|i| self.roots.get(i)) {
             ca_certificates.push(root.clone());
         }
 
@@ -267,7 +273,7 @@ mod tests {
     }
 
     fn attestor(roots: &[&Ca], agent_id_from: X509PopAgentId) -> X509Pop {
-        X509Pop { roots: roots.iter().map(|ca| ca.cert.der().clone()).collect(), agent_id_from }
+        X509Pop::from_roots(roots.iter().map(|ca| ca.cert.der().clone()).collect(), agent_id_from).unwrap()
     }
 
     fn pem_of(ders: &[&[u8]]) -> Vec<u8> {
