@@ -64,6 +64,8 @@ fn run_agent(file: Option<&Path>, join_token: Option<String>) -> anyhow::Result<
 }
 
 async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Result<()> {
+    // Before any socket exists, so a SIGTERM sent as soon as one appears drains the agent.
+    let mut signals = tessera_common::shutdown::ShutdownSignals::install();
     let audit = {
         let target = config.audit_target();
         tokio::task::spawn_blocking(move || tessera_common::audit::AuditLog::open(target))
@@ -89,9 +91,8 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
     ))));
     let manager = tokio::select! {
         started = manager::start(&config, join_token, Arc::clone(&cache)) => started?,
-        signal = shutdown_signal() => {
-            signal?;
-            tracing::info!("stopping before start-up completed");
+        signal = signals.recv() => {
+            tracing::info!(signal, "stopping before start-up completed");
             return Ok(());
         }
     };
@@ -151,8 +152,10 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
         audit = %tessera_common::audit::describe(audit.target()),
         "agent running"
     );
-    let outcome = tokio::select! {
-        signal = shutdown_signal() => signal,
+    tokio::select! {
+        signal = signals.recv() => {
+            tracing::info!(signal, "shutdown signal received");
+        }
         served = &mut api_task => {
             // The Workload API only ends by itself when it fails (e.g. the socket is in use).
             stop_ops.send_replace(true);
@@ -176,7 +179,7 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
     while ops.join_next().await.is_some() {}
     manager.shutdown().await;
     let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
-    outcome
+    Ok(())
 }
 
 /// `GET /live` (200 while the process serves) and `GET /ready` (200 once the agent is attested
@@ -205,18 +208,6 @@ async fn serve_health(
     if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
         tracing::error!("the health endpoint failed: {error}");
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
 
 /// Logs go to stderr at `log_level`, as text or JSON; see [`tessera_common::logging::init`].

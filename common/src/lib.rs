@@ -5,4 +5,5 @@ pub mod audit;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod shutdown;
 pub mod x509pop;

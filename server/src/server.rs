@@ -348,6 +348,9 @@ impl RunningServer {
 
 /// Runs the server until SIGINT or SIGTERM, then shuts it down gracefully.
 pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
+    // Listen for signals before any socket exists: a SIGTERM sent as soon as the admin socket
+    // appears (a supervisor, a test) must drain, not kill the process mid start-up.
+    let mut signals = tessera_common::shutdown::ShutdownSignals::install();
     let mut server = start(config).await?;
     tracing::info!(
         trust_domain = %server.state.trust_domain(),
@@ -359,7 +362,7 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         "tessera-server started"
     );
     tokio::select! {
-        signal = shutdown_signal() => {
+        signal = signals.recv() => {
             tracing::info!(signal, "shutting down");
             server.shutdown().await?;
             tracing::info!("tessera-server stopped");
@@ -612,22 +615,6 @@ async fn start_token_exchange(
 /// Resolves when the stop flag is raised (or its sender is gone).
 pub(crate) async fn stop_requested(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot listen for SIGTERM; only SIGINT stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    }
 }
 
 // ---- Admin socket ------------------------------------------------------------------------------
