@@ -350,6 +350,27 @@ mod tests {
     }
 
     #[test]
+    fn authority_ids_may_start_with_a_hyphen() {
+        // JWT key IDs are base64url, so about one in 32 begins with '-'.
+        for verb in ["activate", "taint", "revoke"] {
+            let cli = Cli::try_parse_from(["tessera-server", "localauthority", "jwt", verb, "--authority-id", "-QyZ3"])
+                .unwrap_or_else(|e| panic!("{verb}: {e}"));
+            let Command::LocalAuthority(LocalAuthorityCommand::Jwt(action)) = cli.command else {
+                panic!("parsed into the wrong subcommand");
+            };
+            let id = match action {
+                LocalAuthorityAction::Activate { authority_id, .. }
+                | LocalAuthorityAction::Taint { authority_id, .. }
+                | LocalAuthorityAction::Revoke { authority_id, .. } => authority_id,
+                LocalAuthorityAction::Show { .. } | LocalAuthorityAction::Prepare { .. } => {
+                    panic!("{verb} parsed as a step without an ID")
+                }
+            };
+            assert_eq!(id, "-QyZ3");
+        }
+    }
+
+    #[test]
     fn ttl_flags_are_whole_seconds() {
         let err = Cli::try_parse_from(["tessera-server", "token", "generate", "--ttl", "5m"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
@@ -468,7 +489,7 @@ pub enum LocalAuthorityAction {
     /// Make the prepared authority the one that signs; the active one becomes old.
     Activate {
         /// ID of the prepared authority (from `show`).
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         authority_id: String,
         #[command(flatten)]
         admin: AdminArgs,
@@ -476,7 +497,7 @@ pub enum LocalAuthorityAction {
     /// Taint an old authority: agents replace every SVID it signed.
     Taint {
         /// ID of the old authority.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         authority_id: String,
         #[command(flatten)]
         admin: AdminArgs,
@@ -484,7 +505,7 @@ pub enum LocalAuthorityAction {
     /// Remove a tainted old authority from the bundle everywhere.
     Revoke {
         /// ID of the tainted authority.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         authority_id: String,
         #[command(flatten)]
         admin: AdminArgs,
