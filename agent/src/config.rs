@@ -523,7 +523,8 @@ mod tests {
         let err = parse_str("[node_attestor.k8s_psat]\n[node_attestor.oidc]\ntoken_path = \"t\"\n").unwrap_err();
         assert_eq!(err.key(), Some("node_attestor.oidc"), "{err}");
         assert!(err.to_string().contains("cannot be set together with [node_attestor.k8s_psat]"), "{err}");
-        let both = "[node_attestor.x509pop]\ncertificate_path = \"c\"\nprivate_key_path = \"k\"\n[node_attestor.k8s_psat]\n";
+        let both =
+            "[node_attestor.x509pop]\ncertificate_path = \"c\"\nprivate_key_path = \"k\"\n[node_attestor.k8s_psat]\n";
         assert_eq!(parse_str(both).unwrap_err().key(), Some("node_attestor.k8s_psat"));
         let err = parse_str("join_token = \"abc\"\n[node_attestor.k8s_psat]\n").unwrap_err();
         assert_eq!(err.key(), Some("join_token"), "{err}");

@@ -535,7 +535,11 @@ fn not_utf8() {
 fn token_node_attestor_errors_name_the_key() {
     let cluster = "[[node_attestor.k8s_psat.cluster]]\nname = \"prod\"\nissuer = \"https://k8s.example\"\n\
                    audience = \"tessera-server\"\nservice_account_allow_list = [\"tessera:tessera-agent\"]\n";
-    assert_key_error(&cluster.replace("\"prod\"", "\"prod/eu\""), "node_attestor.k8s_psat.cluster.name", &["\"prod/eu\""]);
+    assert_key_error(
+        &cluster.replace("\"prod\"", "\"prod/eu\""),
+        "node_attestor.k8s_psat.cluster.name",
+        &["\"prod/eu\""],
+    );
     assert_key_error(
         &cluster.replace("[\"tessera:tessera-agent\"]", "[]"),
         "node_attestor.k8s_psat.cluster.service_account_allow_list",

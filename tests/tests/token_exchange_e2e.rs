@@ -354,10 +354,14 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
         "project_id": "11", "project_path": "grp/proj", "namespace_id": "22", "namespace_path": "grp",
         "ref": "main", "jti": unique("gl-job-1"), "iat": now, "nbf": now, "exp": now + 600,
     });
-    let response =
-        exchange(&server.url(), &trust, &gitlab.mint(&gitlab_claims).unwrap(), &Want::Jwt { audiences: vec!["db".into()] })
-            .await
-            .unwrap();
+    let response = exchange(
+        &server.url(),
+        &trust,
+        &gitlab.mint(&gitlab_claims).unwrap(),
+        &Want::Jwt { audiences: vec!["db".into()] },
+    )
+    .await
+    .unwrap();
     assert_eq!(response.issued_token_type, "urn:ietf:params:oauth:token-type:jwt");
     let validated = tessera_spiffe::jwt::validate(&response.access_token, &bundle, &["db"], SystemTime::now()).unwrap();
     assert_eq!(validated.spiffe_id().as_str(), "spiffe://example.org/gitlab/22/11");

@@ -42,7 +42,8 @@ impl TokenFile {
 }
 
 fn read_token(path: &Path) -> Result<String, String> {
-    let file = std::fs::File::open(path).map_err(|error| format!("cannot read: {}", crate::config::io_message(&error)))?;
+    let file =
+        std::fs::File::open(path).map_err(|error| format!("cannot read: {}", crate::config::io_message(&error)))?;
     let mut bytes = Vec::new();
     // One byte more than allowed tells "too large" apart, whatever the file's size claims.
     file.take(MAX_TOKEN_LEN as u64 + 1)
@@ -78,7 +79,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(file(dir.path(), b"aGVhZA.Ym9keQ.c2ln\n").read().unwrap(), "aGVhZA.Ym9keQ.c2ln");
         let k8s = TokenFile::k8s_psat(&K8sPsatConfig::default());
-        assert_eq!((k8s.attestor, k8s.path.as_path()), ("k8s_psat", Path::new("/var/run/secrets/tokens/tessera-agent")));
+        assert_eq!(
+            (k8s.attestor, k8s.path.as_path()),
+            ("k8s_psat", Path::new("/var/run/secrets/tokens/tessera-agent"))
+        );
     }
 
     #[test]

@@ -185,8 +185,10 @@ async fn node_token(
     csr: Vec<u8>,
     peer: &str,
 ) -> Result<pb::AttestAgentResult, Refusal> {
-    let token = super::node_token::decode_payload(payload)
-        .map_err(|message| Refusal { status: Status::invalid_argument(message), check: Some(FailedCheck::Malformed) })?;
+    let token = super::node_token::decode_payload(payload).map_err(|message| Refusal {
+        status: Status::invalid_argument(message),
+        check: Some(FailedCheck::Malformed),
+    })?;
     tessera_spiffe::x509::verify_csr(&csr).map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
     let refuse = |refused: TokenRefused| {
         tracing::warn!(
@@ -212,14 +214,18 @@ async fn node_token(
         .await
         .map_err(|err| Status::unavailable(format!("datastore: {err}")))?;
     if existing.as_ref().is_some_and(|node| node.banned) {
-        return Err(refuse(TokenRefused { check: FailedCheck::Banned, reason: format!("{} is banned", node.agent_id) }));
+        return Err(refuse(TokenRefused {
+            check: FailedCheck::Banned,
+            reason: format!("{} is banned", node.agent_id),
+        }));
     }
     if let Some(single_use) = &node.single_use {
         single_use.consume(state).await.map_err(|check| {
             refuse(TokenRefused { check, reason: format!("jti {:?}: {}", bounded(&single_use.jti), check.as_str()) })
         })?;
     }
-    let new_node = NewNode { agent_id: node.agent_id, attestation_type: attestor, selectors: node.selectors, can_reattest: true };
+    let new_node =
+        NewNode { agent_id: node.agent_id, attestation_type: attestor, selectors: node.selectors, can_reattest: true };
     Ok(issue(state, new_node, csr, existing, SystemTime::now()).await?)
 }
 

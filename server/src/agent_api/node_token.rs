@@ -258,7 +258,9 @@ fn compile_oidc(
             if claim.is_empty() || claim.len() > MAX_SELECTOR_CLAIM_PATH_LEN || claim.chars().any(char::is_control) {
                 return Err(fail(
                     "node_attestor.oidc.policy.selector_claims",
-                    format!("{claim:?} is not a claim path (1 to {MAX_SELECTOR_CLAIM_PATH_LEN} bytes, no control characters)"),
+                    format!(
+                        "{claim:?} is not a claim path (1 to {MAX_SELECTOR_CLAIM_PATH_LEN} bytes, no control characters)"
+                    ),
                 ));
             }
             if selector_claims.contains(claim) {
@@ -439,9 +441,8 @@ pub(crate) fn decode_payload(payload: &[u8]) -> Result<Unverified, String> {
         return Err(format!("params.data.payload: the token is larger than {MAX_TOKEN_LEN} bytes"));
     }
     let text = std::str::from_utf8(payload).map_err(|_| "params.data.payload: the token is not UTF-8".to_owned())?;
-    validate::decode(text.trim()).map_err(|_| {
-        "params.data.payload: not a compact JWS with an asymmetric alg, an iss and a kid".to_owned()
-    })
+    validate::decode(text.trim())
+        .map_err(|_| "params.data.payload: not a compact JWS with an asymmetric alg, an iss and a kid".to_owned())
 }
 
 /// A string claim (dotted path) of at most [`MAX_CLAIM_SELECTOR_LEN`] bytes without control
@@ -838,7 +839,12 @@ selector_claims = ["google.compute_engine.zone"]
                 "node_attestor.oidc.policy.spiffe_id",
                 "must start with",
             ),
-            (td_prefix, "spiffe://other.org/tessera/agent/oidc/", "node_attestor.oidc.policy.spiffe_id", "must start with"),
+            (
+                td_prefix,
+                "spiffe://other.org/tessera/agent/oidc/",
+                "node_attestor.oidc.policy.spiffe_id",
+                "must start with",
+            ),
             (
                 r#"claims.google.compute_engine.project_id == "p-1""#,
                 r#"claims.google.compute_engine.zone == "us-east1-b""#,
@@ -903,11 +909,8 @@ selector_claims = ["google.compute_engine.zone"]
         NodePolicy {
             name: "vms".into(),
             issuer: CLOUD_ISSUER.into(),
-            condition: compile_condition(
-                r#"claims.project_id == "p-1""#,
-                &BTreeSet::from(["project_id".to_owned()]),
-            )
-            .unwrap(),
+            condition: compile_condition(r#"claims.project_id == "p-1""#, &BTreeSet::from(["project_id".to_owned()]))
+                .unwrap(),
             template: SpiffeIdTemplate::parse("spiffe://example.org/tessera/agent/oidc/vm/{instance_id}", &td())
                 .unwrap(),
             selector_claims: selector_claims.iter().map(|c| (*c).to_owned()).collect(),
@@ -979,7 +982,10 @@ selector_claims = ["google.compute_engine.zone"]
             "{}\n[[node_attestor.oidc.issuer]]\nissuer = \"{CLOUD_ISSUER}\"\naudience = \"tessera-nodes\"\njwks = '{}'\n\
              immutable_claims = [\"project_id\"]\n\n[[node_attestor.oidc.policy]]\nname = \"vms\"\nissuer = \"{CLOUD_ISSUER}\"\n\
              condition = 'claims.project_id == \"p-1\"'\nspiffe_id = \"spiffe://example.org/tessera/agent/oidc/vm/{{instance_id}}\"\n",
-            CLUSTER.replace("jwks_uri = \"https://10.0.0.1:6443/openid/v1/jwks\"", &format!("jwks = '{}'", inline_jwks(&key))),
+            CLUSTER.replace(
+                "jwks_uri = \"https://10.0.0.1:6443/openid/v1/jwks\"",
+                &format!("jwks = '{}'", inline_jwks(&key))
+            ),
             inline_jwks(&key),
         );
         let config = server_config(&text).unwrap();

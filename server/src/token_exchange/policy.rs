@@ -182,7 +182,10 @@ pub fn compile_issuers(
 }
 
 /// Checks one issuer table; errors name the key of `keys`.
-pub fn compile_issuer(config: &TrustedIssuerConfig, keys: &IssuerKeys) -> Result<IssuerSettings, (&'static str, String)> {
+pub fn compile_issuer(
+    config: &TrustedIssuerConfig,
+    keys: &IssuerKeys,
+) -> Result<IssuerSettings, (&'static str, String)> {
     if config.issuer.is_empty() || config.issuer.len() > 1024 {
         return Err((keys.issuer, "must be 1 to 1024 characters".into()));
     }
