@@ -124,21 +124,30 @@ struct NodePolicy {
     single_use: bool,
 }
 
+/// A configuration error: the key to blame and the message.
+type ConfigResult<T> = Result<T, (&'static str, String)>;
+
+/// `[node_attestor.k8s_psat]`, checked: the clusters' issuers and the clusters.
+type CompiledK8sPsat = (Vec<IssuerSettings>, Vec<Cluster>);
+
+/// `[node_attestor.oidc]`, checked: the issuers and the policies.
+type CompiledOidc = (Vec<IssuerSettings>, Vec<NodePolicy>);
+
 /// `[node_attestor]`'s token attestors, checked (no I/O).
 #[derive(Debug, Default)]
 pub(crate) struct Compiled {
-    k8s_psat: Option<(Vec<IssuerSettings>, Vec<Cluster>)>,
-    oidc: Option<(Vec<IssuerSettings>, Vec<NodePolicy>)>,
+    k8s_psat: Option<CompiledK8sPsat>,
+    oidc: Option<CompiledOidc>,
 }
 
 /// Checks `[node_attestor.k8s_psat]` and `[node_attestor.oidc]`; the error names the key.
-pub(crate) fn compile(config: &ServerConfig) -> Result<Compiled, (&'static str, String)> {
+pub(crate) fn compile(config: &ServerConfig) -> ConfigResult<Compiled> {
     let k8s_psat = config.node_attestor.k8s_psat.as_ref().map(compile_k8s_psat).transpose()?;
     let oidc = config.node_attestor.oidc.as_ref().map(|oidc| compile_oidc(oidc, &config.trust_domain)).transpose()?;
     Ok(Compiled { k8s_psat, oidc })
 }
 
-fn compile_k8s_psat(config: &K8sPsatConfig) -> Result<(Vec<IssuerSettings>, Vec<Cluster>), (&'static str, String)> {
+fn compile_k8s_psat(config: &K8sPsatConfig) -> ConfigResult<CompiledK8sPsat> {
     if config.cluster.is_empty() {
         return Err(("node_attestor.k8s_psat", "needs at least one [[node_attestor.k8s_psat.cluster]]".into()));
     }
@@ -201,10 +210,7 @@ fn check_service_account(entry: &str) -> Result<(), String> {
     }
 }
 
-fn compile_oidc(
-    config: &OidcNodeAttestorConfig,
-    trust_domain: &TrustDomain,
-) -> Result<(Vec<IssuerSettings>, Vec<NodePolicy>), (&'static str, String)> {
+fn compile_oidc(config: &OidcNodeAttestorConfig, trust_domain: &TrustDomain) -> ConfigResult<CompiledOidc> {
     if config.issuer.is_empty() {
         return Err(("node_attestor.oidc", "needs at least one [[node_attestor.oidc.issuer]]".into()));
     }
@@ -347,7 +353,7 @@ impl From<FailedCheck> for TokenRefused {
 impl NodeTokenAttestors {
     /// Compiles the configuration and loads each issuer's CA file (blocking). Errors name the
     /// key and the file.
-    pub(crate) fn load(config: &ServerConfig) -> Result<Self, (&'static str, String)> {
+    pub(crate) fn load(config: &ServerConfig) -> ConfigResult<Self> {
         let Compiled { k8s_psat, oidc } = compile(config)?;
         let k8s_psat = match (k8s_psat, &config.node_attestor.k8s_psat) {
             (Some((settings, clusters)), Some(table)) => {
