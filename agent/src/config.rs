@@ -59,6 +59,8 @@ pub const AGENT_KEYS: &[&str] = &[
     "join_token",
     "node_attestor.x509pop.certificate_path",
     "node_attestor.x509pop.private_key_path",
+    "node_attestor.k8s_psat.token_path",
+    "node_attestor.oidc.token_path",
     "log_level",
     "log_format",
     "max_sha256_file_size",
@@ -78,6 +80,9 @@ pub const DEFAULT_DATA_DIR: &str = ".tessera/agent";
 pub const DEFAULT_SOCKET_PATH: &str = crate::cli::DEFAULT_SOCKET_PATH;
 /// Default `admin_socket`.
 pub const DEFAULT_ADMIN_SOCKET: &str = crate::cli::DEFAULT_ADMIN_SOCKET;
+/// Default `node_attestor.k8s_psat.token_path`: where the agent DaemonSet mounts its projected
+/// service-account token.
+pub const DEFAULT_K8S_PSAT_TOKEN_PATH: &str = "/var/run/secrets/tokens/tessera-agent";
 /// Default `max_sha256_file_size`: 256 MiB.
 pub const DEFAULT_MAX_SHA256_FILE_SIZE: u64 = 256 * 1024 * 1024;
 
@@ -158,6 +163,57 @@ pub struct NodeAttestorConfig {
     /// `[node_attestor.x509pop]`: attest with a node certificate and its key.
     #[serde(deserialize_with = "de_opt_table")]
     pub x509pop: Option<X509PopConfig>,
+    /// `[node_attestor.k8s_psat]`: attest with the pod's projected service-account token.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub k8s_psat: Option<K8sPsatConfig>,
+    /// `[node_attestor.oidc]`: attest with a token of an OIDC issuer the server trusts.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub oidc: Option<OidcConfig>,
+}
+
+impl NodeAttestorConfig {
+    /// The tables that are set, by name.
+    pub fn configured(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        if self.x509pop.is_some() {
+            set.push("x509pop");
+        }
+        if self.k8s_psat.is_some() {
+            set.push("k8s_psat");
+        }
+        if self.oidc.is_some() {
+            set.push("oidc");
+        }
+        set
+    }
+}
+
+/// `[node_attestor.k8s_psat]`: the projected service-account token of the agent's pod (a
+/// `serviceAccountToken` volume source with the server's audience). Read at every
+/// attestation, so the token the kubelet rotated in is the one sent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// The token file.
+    #[serde(deserialize_with = "de_path")]
+    pub token_path: PathBuf,
+}
+
+impl Default for K8sPsatConfig {
+    fn default() -> Self {
+        Self { token_path: PathBuf::from(DEFAULT_K8S_PSAT_TOKEN_PATH) }
+    }
+}
+
+/// `[node_attestor.oidc]`: a token (a compact JWT) from an issuer the server's
+/// `[node_attestor.oidc]` trusts, kept fresh in a file by something else (a cloud metadata
+/// helper, a sidecar). Read at every attestation.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The token file (required).
+    #[serde(deserialize_with = "de_path")]
+    pub token_path: PathBuf,
 }
 
 /// `[node_attestor.x509pop]`: the node certificate the server's `node_attestor.x509pop` CA
@@ -284,10 +340,21 @@ impl AgentConfig {
         if self.socket_path == self.admin_socket {
             return Err(("admin_socket", "must differ from socket_path".to_owned()));
         }
-        if self.join_token.is_some() && self.node_attestor.x509pop.is_some() {
+        let attestors = self.node_attestor.configured();
+        if let [first, second, ..] = attestors.as_slice() {
+            let key = match *second {
+                "k8s_psat" => "node_attestor.k8s_psat",
+                _ => "node_attestor.oidc",
+            };
+            return Err((
+                key,
+                format!("cannot be set together with [node_attestor.{first}]: the agent attests one way"),
+            ));
+        }
+        if let (Some(_), [attestor]) = (&self.join_token, attestors.as_slice()) {
             return Err((
                 "join_token",
-                "cannot be set together with [node_attestor.x509pop]: the agent attests one way".to_owned(),
+                format!("cannot be set together with [node_attestor.{attestor}]: the agent attests one way"),
             ));
         }
         if let Some(token) = &self.join_token {
@@ -387,9 +454,13 @@ mod tests {
             let nested = match *field {
                 "health" => Some(fields_of::<HealthConfig>()),
                 "node_attestor" => {
-                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop"]);
+                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop", "k8s_psat", "oidc"]);
                     let keys = fields_of::<X509PopConfig>();
                     from_code.extend(keys.iter().map(|key| format!("node_attestor.x509pop.{key}")));
+                    let keys = fields_of::<K8sPsatConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.k8s_psat.{key}")));
+                    let keys = fields_of::<OidcConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.oidc.{key}")));
                     continue;
                 }
                 "metrics" => Some(fields_of::<MetricsConfig>()),
@@ -439,6 +510,27 @@ mod tests {
         let debug = format!("{config:?}");
         assert!(!debug.contains("s3cr3t-token"), "{debug}");
         assert!(debug.contains("<redacted>"), "{debug}");
+    }
+
+    #[test]
+    fn at_most_one_node_attestor() {
+        let config = parse_str("[node_attestor.k8s_psat]\n").unwrap();
+        assert_eq!(config.node_attestor.k8s_psat.unwrap().token_path, Path::new(DEFAULT_K8S_PSAT_TOKEN_PATH));
+        let config = parse_str("[node_attestor.oidc]\ntoken_path = \"/run/idp/token\"\n").unwrap();
+        assert_eq!(config.node_attestor.oidc.unwrap().token_path, Path::new("/run/idp/token"));
+        let err = parse_str("[node_attestor.oidc]\n").unwrap_err();
+        assert_eq!(err.key(), Some("node_attestor.oidc.token_path"), "{err}");
+        let err = parse_str("[node_attestor.k8s_psat]\n[node_attestor.oidc]\ntoken_path = \"t\"\n").unwrap_err();
+        assert_eq!(err.key(), Some("node_attestor.oidc"), "{err}");
+        assert!(err.to_string().contains("cannot be set together with [node_attestor.k8s_psat]"), "{err}");
+        let both =
+            "[node_attestor.x509pop]\ncertificate_path = \"c\"\nprivate_key_path = \"k\"\n[node_attestor.k8s_psat]\n";
+        assert_eq!(parse_str(both).unwrap_err().key(), Some("node_attestor.k8s_psat"));
+        let err = parse_str("join_token = \"abc\"\n[node_attestor.k8s_psat]\n").unwrap_err();
+        assert_eq!(err.key(), Some("join_token"), "{err}");
+        assert!(err.to_string().contains("[node_attestor.k8s_psat]"), "{err}");
+        let err = parse_str("[node_attestor.k8s_psat]\ntoken_path = \"\"\n").unwrap_err();
+        assert_eq!(err.key(), Some("node_attestor.k8s_psat.token_path"), "{err}");
     }
 
     #[test]

@@ -59,6 +59,18 @@ certificate_path = "/etc/tessera/node.pem"
 private_key_path = "/etc/tessera/node.key"
 "#;
 
+/// The k8s_psat table, which excludes a join token and the other attestors.
+const K8S_PSAT_EXAMPLE: &str = r#"
+[node_attestor.k8s_psat]
+token_path = "/run/tessera/psat/token"
+"#;
+
+/// The oidc table, which excludes a join token and the other attestors.
+const OIDC_EXAMPLE: &str = r#"
+[node_attestor.oidc]
+token_path = "/run/idp/node-token"
+"#;
+
 fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).unwrap();
@@ -163,7 +175,9 @@ fn full_example_sets_every_listed_key() {
     }
     let mut in_example = BTreeSet::new();
     leaves("", &FULL_EXAMPLE.parse::<toml::Table>().unwrap(), &mut in_example);
-    leaves("", &X509POP_EXAMPLE.parse::<toml::Table>().unwrap(), &mut in_example);
+    for example in [X509POP_EXAMPLE, K8S_PSAT_EXAMPLE, OIDC_EXAMPLE] {
+        leaves("", &example.parse::<toml::Table>().unwrap(), &mut in_example);
+    }
     let listed: BTreeSet<String> = AGENT_KEYS.iter().map(|key| (*key).to_owned()).collect();
     assert_eq!(in_example, listed);
 }
@@ -324,4 +338,32 @@ fn x509pop_attestation_loads_and_excludes_a_join_token() {
     let missing_key = write(&dir, "[node_attestor.x509pop]\ncertificate_path = \"/etc/tessera/node.pem\"\n");
     let error = tessera_agent::config::load(Some(&missing_key)).unwrap_err();
     assert_eq!(error.key(), Some("node_attestor.x509pop.private_key_path"), "{error}");
+}
+
+#[test]
+fn token_attestors_load_and_exclude_every_other_way_to_attest() {
+    let config = load_ok(K8S_PSAT_EXAMPLE);
+    assert_eq!(config.node_attestor.k8s_psat.unwrap().token_path, PathBuf::from("/run/tessera/psat/token"));
+    let config = load_ok("[node_attestor.k8s_psat]\n");
+    assert_eq!(
+        config.node_attestor.k8s_psat.unwrap().token_path,
+        PathBuf::from(tessera_agent::config::DEFAULT_K8S_PSAT_TOKEN_PATH)
+    );
+    let config = load_ok(OIDC_EXAMPLE);
+    assert_eq!(config.node_attestor.oidc.unwrap().token_path, PathBuf::from("/run/idp/node-token"));
+
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key, names) in [
+        (format!("join_token = \"abc\"\n{OIDC_EXAMPLE}"), "join_token", "[node_attestor.oidc]"),
+        (format!("{X509POP_EXAMPLE}{K8S_PSAT_EXAMPLE}"), "node_attestor.k8s_psat", "[node_attestor.x509pop]"),
+        (format!("{K8S_PSAT_EXAMPLE}{OIDC_EXAMPLE}"), "node_attestor.oidc", "[node_attestor.k8s_psat]"),
+        ("[node_attestor.oidc]\n".to_owned(), "node_attestor.oidc.token_path", "missing"),
+        ("[node_attestor.k8s_psat]\ntoken_path = 5\n".to_owned(), "node_attestor.k8s_psat.token_path", "token_path"),
+    ] {
+        let path = write(&dir, &text);
+        let error = tessera_agent::config::load(Some(&path)).unwrap_err();
+        assert_eq!(error.key(), Some(key), "{text}: {error}");
+        let message = error.to_string();
+        assert!(message.contains(names) && message.contains(&path.display().to_string()), "{message}");
+    }
 }

@@ -5,5 +5,6 @@ pub mod audit;
 pub mod config;
 pub mod logging;
 pub mod metrics;
+pub mod node_token;
 pub mod shutdown;
 pub mod x509pop;

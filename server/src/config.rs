@@ -78,6 +78,35 @@ pub const SERVER_KEYS: &[&str] = &[
     // Issue 9: node attestors besides join tokens.
     "node_attestor.x509pop.ca_bundle_path",
     "node_attestor.x509pop.agent_id_from",
+    "node_attestor.k8s_psat.cluster.name",
+    "node_attestor.k8s_psat.cluster.service_account_allow_list",
+    "node_attestor.k8s_psat.cluster.single_use",
+    "node_attestor.k8s_psat.cluster.issuer",
+    "node_attestor.k8s_psat.cluster.jwks_uri",
+    "node_attestor.k8s_psat.cluster.jwks",
+    "node_attestor.k8s_psat.cluster.ca_bundle_path",
+    "node_attestor.k8s_psat.cluster.allowed_algorithms",
+    "node_attestor.k8s_psat.cluster.audience",
+    "node_attestor.k8s_psat.cluster.leeway",
+    "node_attestor.k8s_psat.cluster.max_token_lifetime",
+    "node_attestor.k8s_psat.cluster.require_jti",
+    "node_attestor.oidc.issuer.issuer",
+    "node_attestor.oidc.issuer.preset",
+    "node_attestor.oidc.issuer.jwks_uri",
+    "node_attestor.oidc.issuer.jwks",
+    "node_attestor.oidc.issuer.ca_bundle_path",
+    "node_attestor.oidc.issuer.allowed_algorithms",
+    "node_attestor.oidc.issuer.audience",
+    "node_attestor.oidc.issuer.leeway",
+    "node_attestor.oidc.issuer.max_token_lifetime",
+    "node_attestor.oidc.issuer.require_jti",
+    "node_attestor.oidc.issuer.immutable_claims",
+    "node_attestor.oidc.policy.name",
+    "node_attestor.oidc.policy.issuer",
+    "node_attestor.oidc.policy.condition",
+    "node_attestor.oidc.policy.spiffe_id",
+    "node_attestor.oidc.policy.selector_claims",
+    "node_attestor.oidc.policy.single_use",
     "agent_svid_rate_limit",
     // Issue 5: overload protection of the agent API.
     "max_concurrent_attestations",
@@ -269,6 +298,114 @@ pub struct NodeAttestorConfig {
     /// `[node_attestor.x509pop]`: agents prove possession of a node certificate's key.
     #[serde(deserialize_with = "de_opt_table")]
     pub x509pop: Option<X509PopConfig>,
+    /// `[node_attestor.k8s_psat]`: agents present their pod's projected service-account token.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub k8s_psat: Option<K8sPsatConfig>,
+    /// `[node_attestor.oidc]`: agents present a token of a trusted OIDC issuer.
+    #[serde(deserialize_with = "de_opt_table")]
+    pub oidc: Option<OidcNodeAttestorConfig>,
+}
+
+/// `[node_attestor.k8s_psat]`: the Kubernetes clusters whose agent pods may attest with their
+/// projected service-account token (see `crate::agent_api::node_token`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct K8sPsatConfig {
+    /// `[[node_attestor.k8s_psat.cluster]]`: one per cluster, keyed by its issuer.
+    pub cluster: Vec<K8sPsatClusterConfig>,
+}
+
+/// One `[[node_attestor.k8s_psat.cluster]]`: a cluster's token issuer (the keys and checks of
+/// `[[token_exchange.issuer]]`, without `preset` and `immutable_claims`, which only conditions
+/// use) and which service accounts run agents there.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sPsatClusterConfig {
+    /// 1 to 64 of `[A-Za-z0-9._-]`: a segment of the agent IDs and the `k8s_psat:cluster:`
+    /// selector.
+    pub name: String,
+    /// `namespace:name` of the service accounts agent pods run as (at least one).
+    pub service_account_allow_list: Vec<String>,
+    /// Record each token's `jti` and refuse it the second time (off by default: the kubelet
+    /// hands the agent pod the same token for most of its life).
+    #[serde(default)]
+    pub single_use: bool,
+    /// The cluster's service-account issuer: the exact `iss` of its tokens.
+    pub issuer: String,
+    /// Where the JWKS is; `None`: from the discovery document under `issuer`.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub jwks_uri: Option<String>,
+    /// The JWKS itself (JSON); when set, nothing is fetched.
+    #[serde(default, deserialize_with = "de_opt_string")]
+    pub jwks: Option<String>,
+    /// PEM roots to authenticate discovery and JWKS fetches with instead of the system's.
+    #[serde(default, deserialize_with = "de_opt_path")]
+    pub ca_bundle_path: Option<PathBuf>,
+    /// JWS algorithms accepted (never `none` or `HS*`).
+    #[serde(default = "default_issuer_algorithms")]
+    pub allowed_algorithms: Vec<String>,
+    /// The `aud` the projected token must carry (the volume's `audience`).
+    pub audience: String,
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (0 to 5 minutes).
+    #[serde(default = "default_issuer_leeway", deserialize_with = "de_leeway")]
+    pub leeway: Duration,
+    /// Longest `exp - iat` accepted (at most 48 hours).
+    #[serde(default = "default_max_token_lifetime", deserialize_with = "de_token_lifetime")]
+    pub max_token_lifetime: Duration,
+    /// Refuse tokens without a `jti`.
+    #[serde(default = "default_true")]
+    pub require_jti: bool,
+}
+
+impl K8sPsatClusterConfig {
+    /// The issuer part, in the form the shared issuer checks take.
+    pub fn issuer_config(&self) -> TrustedIssuerConfig {
+        TrustedIssuerConfig {
+            issuer: self.issuer.clone(),
+            preset: IssuerPreset::Kubernetes,
+            jwks_uri: self.jwks_uri.clone(),
+            jwks: self.jwks.clone(),
+            ca_bundle_path: self.ca_bundle_path.clone(),
+            allowed_algorithms: self.allowed_algorithms.clone(),
+            audience: self.audience.clone(),
+            leeway: self.leeway,
+            max_token_lifetime: self.max_token_lifetime,
+            require_jti: self.require_jti,
+            immutable_claims: Vec::new(),
+        }
+    }
+}
+
+/// `[node_attestor.oidc]`: agents attest with a token from any trusted OIDC issuer, mapped to
+/// an agent ID by a policy (see `crate::agent_api::node_token`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcNodeAttestorConfig {
+    /// `[[node_attestor.oidc.issuer]]`: the same keys as `[[token_exchange.issuer]]`, but a
+    /// separate list (another audience).
+    pub issuer: Vec<TrustedIssuerConfig>,
+    /// `[[node_attestor.oidc.policy]]`: which tokens attest which agents.
+    pub policy: Vec<NodePolicyConfig>,
+}
+
+/// One `[[node_attestor.oidc.policy]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePolicyConfig {
+    /// Unique name (audit lines and the `oidc:policy:` selector name it).
+    pub name: String,
+    /// The `issuer` of the `[[node_attestor.oidc.issuer]]` it applies to.
+    pub issuer: String,
+    /// CEL expression over `claims` that must be true; it must pin an immutable claim.
+    pub condition: String,
+    /// Agent ID template under `spiffe://<td>/tessera/agent/oidc/`, with `{claim}` placeholders.
+    pub spiffe_id: String,
+    /// Claims (dotted paths) that become `oidc:claim:<path>:<value>` node selectors.
+    #[serde(default)]
+    pub selector_claims: Vec<String>,
+    /// Record each token's `jti` and refuse it the second time (on by default).
+    #[serde(default = "default_true")]
+    pub single_use: bool,
 }
 
 keyword_enum! {
@@ -808,6 +945,7 @@ impl ServerConfig {
             }
         }
         self.check_token_exchange()?;
+        crate::agent_api::node_token::compile(self)?;
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -939,9 +1077,17 @@ mod tests {
                     continue;
                 }
                 "node_attestor" => {
-                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop"]);
+                    assert_eq!(fields_of::<NodeAttestorConfig>(), ["x509pop", "k8s_psat", "oidc"]);
                     let keys = fields_of::<X509PopConfig>();
                     from_code.extend(keys.iter().map(|key| format!("node_attestor.x509pop.{key}")));
+                    assert_eq!(fields_of::<K8sPsatConfig>(), ["cluster"]);
+                    let keys = fields_of::<K8sPsatClusterConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.k8s_psat.cluster.{key}")));
+                    assert_eq!(fields_of::<OidcNodeAttestorConfig>(), ["issuer", "policy"]);
+                    let keys = fields_of::<TrustedIssuerConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.oidc.issuer.{key}")));
+                    let keys = fields_of::<NodePolicyConfig>();
+                    from_code.extend(keys.iter().map(|key| format!("node_attestor.oidc.policy.{key}")));
                     continue;
                 }
                 "token_exchange" => {

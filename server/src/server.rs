@@ -149,6 +149,7 @@ pub struct ServerState {
     ca: Arc<CertificateAuthority>,
     federation: crate::federation::FederationHandle,
     x509pop: Option<crate::agent_api::x509pop::X509Pop>,
+    node_tokens: crate::agent_api::node_token::NodeTokenAttestors,
     metrics: Arc<ServerMetrics>,
     audit: AuditLog,
 }
@@ -171,6 +172,8 @@ impl ServerState {
                 .map(crate::agent_api::x509pop::X509Pop::load)
                 .transpose()
                 .map_err(|reason| ServerError::NodeAttestor { key: "node_attestor.x509pop.ca_bundle_path", reason })?;
+        let node_tokens = crate::agent_api::node_token::NodeTokenAttestors::load(&config)
+            .map_err(|(key, reason)| ServerError::NodeAttestor { key, reason })?;
         let metrics = Arc::new(ServerMetrics::new(ca.signing_metrics()));
         Ok(Self {
             config,
@@ -181,7 +184,13 @@ impl ServerState {
             metrics,
             audit: AuditLog::disabled(),
             x509pop,
+            node_tokens,
         })
+    }
+
+    /// The `k8s_psat` and `oidc` node attestors (each may be unconfigured).
+    pub(crate) fn node_tokens(&self) -> &crate::agent_api::node_token::NodeTokenAttestors {
+        &self.node_tokens
     }
 
     /// The x509pop node attestor, when configured.
@@ -564,7 +573,8 @@ async fn start_federation(
     Ok((oidc_addr, bundle_endpoint_addr))
 }
 
-/// The token exchange endpoint (issue 9) and its replay-cache pruning, when configured.
+/// The token exchange endpoint (issue 9) when configured, and the replay-cache pruning when it
+/// or a token node attestor is.
 async fn start_token_exchange(
     state: &Arc<ServerState>,
     server_svid: &Arc<tessera_spiffe::tls::SvidResolver>,
@@ -572,6 +582,14 @@ async fn start_token_exchange(
     stopped: &watch::Receiver<bool>,
 ) -> Result<Option<SocketAddr>, ServerError> {
     let config = &state.config().token_exchange;
+    // The replay cache holds the exchange's and the token node attestors' `jti`s.
+    if config.bind_address.is_some() || state.node_tokens().any() {
+        let (state, stopped) = (Arc::clone(state), stopped.clone());
+        tasks.spawn(async move {
+            crate::token_exchange::prune_loop(state, stopped).await;
+            Ok(())
+        });
+    }
     let Some(addr) = config.bind_address else {
         return Ok(None);
     };
@@ -601,13 +619,6 @@ async fn start_token_exchange(
         stopped.clone(),
         "token exchange endpoint",
     ));
-    tasks.spawn({
-        let (state, stopped) = (Arc::clone(state), stopped.clone());
-        async move {
-            crate::token_exchange::prune_loop(state, stopped).await;
-            Ok(())
-        }
-    });
     tracing::info!(address = %bound, "token exchange endpoint listening");
     Ok(Some(bound))
 }

@@ -105,6 +105,51 @@ ca_bundle_path = "/etc/tessera/web-roots.pem"
 [node_attestor.x509pop]
 ca_bundle_path = "/etc/tessera/node-ca.pem"
 agent_id_from = "subject_cn"
+
+[[node_attestor.k8s_psat.cluster]]
+name = "prod-eu"
+service_account_allow_list = ["tessera:tessera-agent", "tessera-canary:tessera-agent"]
+single_use = true
+issuer = "https://kubernetes.default.svc.cluster.local"
+jwks_uri = "https://10.96.0.1/openid/v1/jwks"
+ca_bundle_path = "/etc/tessera/kube-ca.crt"
+allowed_algorithms = ["RS256"]
+audience = "tessera-server"
+leeway = "10s"
+max_token_lifetime = "2h"
+require_jti = false
+
+[[node_attestor.k8s_psat.cluster]]
+name = "edge"
+service_account_allow_list = ["tessera:tessera-agent"]
+issuer = "https://oidc.edge.example.com"
+jwks = '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "edge-1", "x": "0gcbgdGUyKc7UjwpOKT-3AafpIoAmpdS7SIP7jyy7Yo", "y": "bTstaiQUnJtWW8bFibM1KpG6EYtuN39V3bnZY_R6uNc"}]}'
+audience = "tessera-server"
+
+[[node_attestor.oidc.issuer]]
+issuer = "https://accounts.google.com"
+preset = "generic"
+jwks_uri = "https://www.googleapis.com/oauth2/v3/certs"
+ca_bundle_path = "/etc/tessera/google-roots.pem"
+allowed_algorithms = ["RS256"]
+audience = "https://tessera.prod.example.com/nodes"
+leeway = "20s"
+max_token_lifetime = "1h"
+require_jti = false
+immutable_claims = ["google.compute_engine.project_id", "google.compute_engine.instance_id"]
+
+[[node_attestor.oidc.issuer]]
+issuer = "https://nodes.example.com"
+jwks = '{"keys": [{"kty": "EC", "crv": "P-256", "kid": "n-1", "x": "0gcbgdGUyKc7UjwpOKT-3AafpIoAmpdS7SIP7jyy7Yo", "y": "bTstaiQUnJtWW8bFibM1KpG6EYtuN39V3bnZY_R6uNc"}]}'
+audience = "tessera-nodes"
+
+[[node_attestor.oidc.policy]]
+name = "gce-nodes"
+issuer = "https://accounts.google.com"
+condition = 'claims.google.compute_engine.project_id == "prod-123"'
+spiffe_id = "spiffe://prod.example.com/tessera/agent/oidc/gce/{google.compute_engine.instance_id}"
+selector_claims = ["google.compute_engine.zone", "google.compute_engine.project_id"]
+single_use = false
 [token_exchange]
 bind_address = "0.0.0.0:8445"
 profile = "https_web"
@@ -253,6 +298,16 @@ fn full_example_parses_to_every_value() {
     assert!(!exchange.issuer[1].require_jti);
     assert_eq!(exchange.policy[0].x509_svid_ttl, Some(Duration::from_secs(900)));
     assert_eq!(exchange.policy[0].jwt_svid_ttl, Some(Duration::from_secs(120)));
+    let clusters = &config.node_attestor.k8s_psat.as_ref().unwrap().cluster;
+    assert_eq!((clusters[0].name.as_str(), clusters[0].single_use, clusters[0].require_jti), ("prod-eu", true, false));
+    assert_eq!(clusters[0].leeway, Duration::from_secs(10));
+    assert_eq!(clusters[0].max_token_lifetime, Duration::from_secs(7200));
+    assert_eq!((clusters[1].single_use, clusters[1].require_jti), (false, true), "the defaults");
+    assert_eq!(clusters[1].allowed_algorithms, ["RS256", "ES256"]);
+    let oidc = config.node_attestor.oidc.as_ref().unwrap();
+    assert_eq!(oidc.issuer.len(), 2);
+    assert!(!oidc.policy[0].single_use);
+    assert_eq!(oidc.policy[0].selector_claims.len(), 2);
     let endpoint = &config.federation.bundle_endpoint;
     assert_eq!(endpoint.refresh_hint, Duration::from_secs(120));
     assert_eq!(endpoint.cert_path, Some(PathBuf::from("/etc/tessera/endpoint.crt")));
@@ -474,4 +529,46 @@ fn not_utf8() {
     std::fs::write(&path, b"trust_domain = \"\xff\"\n").unwrap();
     let message = config::load(Some(&path)).unwrap_err().to_string();
     assert!(message.starts_with(&format!("cannot read config file {}: ", path.display())), "{message}");
+}
+
+#[test]
+fn token_node_attestor_errors_name_the_key() {
+    let cluster = "[[node_attestor.k8s_psat.cluster]]\nname = \"prod\"\nissuer = \"https://k8s.example\"\n\
+                   audience = \"tessera-server\"\nservice_account_allow_list = [\"tessera:tessera-agent\"]\n";
+    assert_key_error(
+        &cluster.replace("\"prod\"", "\"prod/eu\""),
+        "node_attestor.k8s_psat.cluster.name",
+        &["\"prod/eu\""],
+    );
+    assert_key_error(
+        &cluster.replace("[\"tessera:tessera-agent\"]", "[]"),
+        "node_attestor.k8s_psat.cluster.service_account_allow_list",
+        &["at least one service account"],
+    );
+    assert_key_error(
+        &cluster.replace("https://k8s.example", "http://k8s.example"),
+        "node_attestor.k8s_psat.cluster.issuer",
+        &["OIDC discovery needs an https:// issuer"],
+    );
+    let (err, message) = load_err(&cluster.replace("audience = \"tessera-server\"\n", ""));
+    assert_eq!(err.key(), Some("node_attestor.k8s_psat.cluster[0].audience"), "{message}");
+    let oidc = "[[node_attestor.oidc.issuer]]\nissuer = \"https://idp.example\"\naudience = \"nodes\"\n\
+                [[node_attestor.oidc.policy]]\nname = \"vms\"\nissuer = \"https://idp.example\"\n\
+                condition = 'claims.sub == \"vm-1\"'\nspiffe_id = \"spiffe://example.org/tessera/agent/oidc/{sub}\"\n";
+    config::parse(oidc, Path::new("server.toml")).unwrap();
+    assert_key_error(
+        &oidc.replace("/tessera/agent/oidc/{sub}", "/nodes/{sub}"),
+        "node_attestor.oidc.policy.spiffe_id",
+        &["policy \"vms\"", "spiffe://example.org/tessera/agent/oidc/"],
+    );
+    assert_key_error(
+        &oidc.replace("claims.sub == \"vm-1\"", "claims.name == \"vm\""),
+        "node_attestor.oidc.policy.condition",
+        &["pins no immutable claim"],
+    );
+    assert_key_error(
+        &oidc.replace("issuer = \"https://idp.example\"\ncondition", "issuer = \"https://other.example\"\ncondition"),
+        "node_attestor.oidc.policy.issuer",
+        &["is not the issuer of any [[node_attestor.oidc.issuer]]"],
+    );
 }

@@ -1,6 +1,7 @@
 //! Tessera's cross-crate and end-to-end tests live in this crate's `tests/` directory; this
-//! library holds [`harness`] (running the real binaries from tests) and the reusable part of
-//! the load generator, `tessera-loadgen`:
+//! library holds [`harness`] (running the real binaries from tests), [`oidc_issuer`] (a test
+//! OIDC issuer over HTTPS that mints tokens) and the reusable part of the load generator,
+//! `tessera-loadgen`:
 //!
 //! - [`sim`]: an in-process server on a sled datastore, and simulated agents that attest with a
 //!   join token and then talk to the agent API over real mTLS;
@@ -18,6 +19,7 @@ pub mod cpu;
 pub mod fleet;
 pub mod harness;
 pub mod modes;
+pub mod oidc_issuer;
 pub mod probe;
 pub mod report;
 pub mod rotation;

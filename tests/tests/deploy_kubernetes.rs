@@ -5,7 +5,9 @@
 //! the embedded `server.toml` and `agent.toml` are accepted by the real configuration
 //! loaders, and the structure the deployment depends on holds: the server is a one-replica
 //! StatefulSet with a volume claim for `data_dir`, the agent is a hostPID DaemonSet whose
-//! Workload API socket is inside a hostPath mount, and no container can escalate privileges.
+//! Workload API socket is inside a hostPath mount and which attests with a projected
+//! service-account token the server's `k8s_psat` cluster accepts, and no container can
+//! escalate privileges.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
-/// Objects the manifests reference but bootstrap creates (deploy/kubernetes/README.md).
-const BOOTSTRAP_OBJECTS: &[(&str, &str)] = &[("ConfigMap", "tessera-bundle"), ("Secret", "tessera-join-tokens")];
+/// Objects the manifests reference but bootstrap creates (deploy/kubernetes/README.md), or
+/// that Kubernetes itself puts in every namespace (`kube-root-ca.crt`, the cluster's CA).
+const BOOTSTRAP_OBJECTS: &[(&str, &str)] = &[("ConfigMap", "tessera-bundle"), ("ConfigMap", "kube-root-ca.crt")];
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
@@ -239,7 +242,7 @@ fn the_agent_is_a_host_pid_daemonset_serving_its_socket_through_a_host_path() {
     let data_mount = mount_containing(container, &config.data_dir);
     assert!(
         volume(agent, data_mount["name"].as_str().unwrap()).get("hostPath").is_some(),
-        "the agent SVID must survive pod restarts (a join token is single-use)"
+        "the agent SVID must survive pod restarts"
     );
     let admin_mount = mount_containing(container, &config.admin_socket);
     assert_ne!(admin_mount["name"], socket_mount["name"], "the admin socket must not be exposed to workloads");
@@ -247,16 +250,20 @@ fn the_agent_is_a_host_pid_daemonset_serving_its_socket_through_a_host_path() {
     let bundle_volume = volume(agent, mount_containing(container, bundle)["name"].as_str().unwrap());
     assert_eq!(str_at(bundle_volume, &["configMap", "name"]), Some("tessera-bundle"));
 
-    // The entrypoint and the probes use the paths of this configuration.
-    let entrypoint = data["entrypoint.sh"].as_str().unwrap();
-    assert!(entrypoint.contains("exec /usr/bin/tessera-agent run --config"), "the agent must be PID 1 for SIGTERM");
+    // The agent runs on the ConfigMap's configuration, as PID 1 (for SIGTERM).
     let config_mount = mount_containing(container, Path::new("/etc/tessera/agent/agent.toml"));
     assert_eq!(
         str_at(volume(agent, config_mount["name"].as_str().unwrap()), &["configMap", "name"]),
         Some("tessera-agent")
     );
-    let generated = mount_containing(container, Path::new("/run/tessera-agent/config/agent.toml"));
-    assert!(volume(agent, generated["name"].as_str().unwrap()).get("emptyDir").is_some());
+    let command: Vec<&str> = container["command"]
+        .as_sequence()
+        .into_iter()
+        .chain(container["args"].as_sequence())
+        .flatten()
+        .map(|arg| arg.as_str().unwrap())
+        .collect();
+    assert_eq!(command, ["/usr/bin/tessera-agent", "run", "--config", "/etc/tessera/agent/agent.toml"]);
     let socket = config.socket_path.to_str().unwrap();
     for probe in ["readinessProbe", "livenessProbe"] {
         let command = container[probe]["exec"]["command"].as_sequence().unwrap();
@@ -271,46 +278,56 @@ fn the_agent_is_a_host_pid_daemonset_serving_its_socket_through_a_host_path() {
 }
 
 #[test]
-fn the_agent_entrypoint_writes_the_token_into_a_config_the_loader_accepts() {
-    // Run the entrypoint's token handling with sh, as the container does, on a copy of the
-    // ConfigMap with its paths redirected to a temporary directory.
+fn agents_attest_with_a_projected_token_the_server_accepts() {
     let objects = objects();
-    let data = &find(&objects, "ConfigMap", "tessera-agent")["data"];
-    let dir = tempfile::Builder::new().prefix("k8s").tempdir_in("/tmp").unwrap();
-    let root = dir.path();
-    for sub in ["etc/tessera/agent", "etc/tessera/join-tokens", "run/tessera-agent/config", "bin"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    std::fs::write(root.join("etc/tessera/agent/agent.toml"), data["agent.toml"].as_str().unwrap()).unwrap();
-    // A stand-in for the agent binary: prints the configuration it was given.
-    let fake_agent = root.join("bin/tessera-agent");
-    std::fs::write(&fake_agent, "#!/bin/sh\ncat \"$3\"\n").unwrap();
-    std::fs::set_permissions(&fake_agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let root_text = root.to_str().unwrap();
-    let script = data["entrypoint.sh"]
-        .as_str()
-        .unwrap()
-        .replace("/etc/tessera", &format!("{root_text}/etc/tessera"))
-        .replace("/run/tessera-agent", &format!("{root_text}/run/tessera-agent"))
-        .replace("/usr/bin/tessera-agent", fake_agent.to_str().unwrap());
-    let run =
-        |node: &str| std::process::Command::new("sh").arg("-c").arg(&script).env("NODE_NAME", node).output().unwrap();
+    let server_text = find(&objects, "ConfigMap", "tessera-server")["data"]["server.toml"].as_str().unwrap();
+    let server_config = tessera_server::config::parse(server_text, Path::new("server-configmap.yaml")).unwrap();
+    let clusters =
+        &server_config.node_attestor.k8s_psat.as_ref().expect("the server trusts a k8s_psat cluster").cluster;
+    assert_eq!(clusters.len(), 1);
+    let cluster = &clusters[0];
+    let agent_text = find(&objects, "ConfigMap", "tessera-agent")["data"]["agent.toml"].as_str().unwrap();
+    let agent_config = tessera_agent::config::parse(agent_text, Path::new("agent-configmap.yaml")).unwrap();
+    assert_eq!(agent_config.join_token, None);
+    assert_eq!(agent_config.trust_domain, server_config.trust_domain);
+    let token_path = &agent_config.node_attestor.k8s_psat.as_ref().expect("the agent attests with k8s_psat").token_path;
 
-    std::fs::write(root.join("etc/tessera/join-tokens/node-a"), "tok-en_1.a").unwrap();
-    let output = run("node-a");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let config =
-        tessera_agent::config::parse(&String::from_utf8(output.stdout).unwrap(), Path::new("generated")).unwrap();
-    assert_eq!(config.join_token.as_deref(), Some("tok-en_1.a"));
+    // The token file is a projected service-account token for the cluster's audience, no
+    // longer-lived than the server accepts (and at least Kubernetes' minimum of 10 minutes).
+    let agent = find(&objects, "DaemonSet", "tessera-agent");
+    let container = &containers(agent)[0];
+    let mount = mount_containing(container, token_path);
+    assert_eq!(mount["readOnly"].as_bool(), Some(true));
+    let sources = volume(agent, mount["name"].as_str().unwrap())["projected"]["sources"].as_sequence().unwrap();
+    let token = sources
+        .iter()
+        .map(|source| &source["serviceAccountToken"])
+        .find(|token| {
+            token
+                .get("path")
+                .and_then(Value::as_str)
+                .map(|path| Path::new(mount["mountPath"].as_str().unwrap()).join(path))
+                == Some(token_path.clone())
+        })
+        .unwrap_or_else(|| panic!("no serviceAccountToken projected at {}", token_path.display()));
+    assert_eq!(token["audience"].as_str(), Some(cluster.audience.as_str()));
+    let lifetime = token["expirationSeconds"].as_u64().unwrap();
+    assert!((600..=cluster.max_token_lifetime.as_secs()).contains(&lifetime), "expirationSeconds {lifetime}");
 
-    let output = run("node-without-token");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let config =
-        tessera_agent::config::parse(&String::from_utf8(output.stdout).unwrap(), Path::new("generated")).unwrap();
-    assert_eq!(config.join_token, None);
+    // The pod runs as a service account on the cluster's allow list.
+    let pod = &agent["spec"]["template"]["spec"];
+    let account = format!(
+        "{}:{}",
+        str_at(agent, &["metadata", "namespace"]).unwrap(),
+        pod["serviceAccountName"].as_str().unwrap()
+    );
+    assert!(cluster.service_account_allow_list.contains(&account), "{account} is not allow-listed");
 
-    std::fs::write(root.join("etc/tessera/join-tokens/node-b"), "x\"\nlog_level = \"trace").unwrap();
-    let output = run("node-b");
-    assert!(!output.status.success(), "a token that could inject TOML must be refused");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("join token"), "{output:?}");
+    // The server authenticates the API server's discovery with the cluster's CA.
+    let server = find(&objects, "StatefulSet", "tessera-server");
+    let ca = cluster.ca_bundle_path.as_deref().expect("ca_bundle_path");
+    let ca_mount = mount_containing(&containers(server)[0], ca);
+    let ca_volume = volume(server, ca_mount["name"].as_str().unwrap());
+    assert_eq!(str_at(ca_volume, &["configMap", "name"]), Some("kube-root-ca.crt"));
+    assert_eq!(ca.file_name().and_then(|name| name.to_str()), Some("ca.crt"), "the ConfigMap's key");
 }

@@ -9,27 +9,21 @@
 //! The binaries are the ones `cargo test --workspace` builds next to this test (`target/debug/`).
 
 use std::collections::BTreeMap;
-use std::io;
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
-use axum::routing::get;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tessera_agent::commands::exchange::{ExchangeError, ServerTrust, Want, exchange, spiffe_trust};
 use tessera_spiffe::bundle::Bundle;
-use tessera_spiffe::keys::{KeyType, SigningKey};
 use tessera_spiffe::spiffe_id::TrustDomain;
+use tessera_tests::oidc_issuer::{IssuerKey, TestIssuer};
 
 const TRUST_DOMAIN: &str = "example.org";
 const AUDIENCE: &str = "tessera-e2e";
@@ -48,128 +42,21 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-// ---- The test OIDC issuer ---------------------------------------------------------------------
+// ---- The test OIDC issuer (tessera_tests::oidc_issuer) ------------------------------------------
 
-/// One signing key of the test issuer.
-struct IssuerKey {
-    kid: String,
-    key: SigningKey,
-}
-
-impl IssuerKey {
-    fn new(kid: &str) -> Self {
-        Self {
-            kid: kid.to_owned(),
-            key: SigningKey::generate(KeyType::EcP256, &ring::rand::SystemRandom::new()).unwrap(),
-        }
-    }
-
-    fn jwk(&self) -> Value {
-        let mut jwk = serde_json::to_value(self.key.public_key().to_jwk()).unwrap();
-        jwk["kid"] = json!(self.kid);
-        jwk["alg"] = json!("ES256");
-        jwk["use"] = json!("sig");
-        jwk
-    }
-
-    fn jwks(&self) -> Value {
-        json!({"keys": [self.jwk()]})
-    }
-
-    /// Mints an ES256 token with jsonwebtoken, under `kid`.
-    fn mint_with_kid(&self, kid: &str, claims: &Value) -> String {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(kid.to_owned());
-        jsonwebtoken::encode(&header, claims, &EncodingKey::from_ec_der(self.key.pkcs8_der())).unwrap()
-    }
-
-    fn mint(&self, claims: &Value) -> String {
-        self.mint_with_kid(&self.kid, claims)
-    }
-}
-
-/// An HTTPS server hosting three issuers under `/github`, `/gitlab` and `/unknown`, counting
-/// every request by path.
-struct TestIssuer {
-    base: String,
-    ca_pem: String,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl TestIssuer {
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-struct TlsAccept {
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsAccept {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.listener.accept().await else { continue };
-            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(tcp)).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
-async fn start_issuer(github: &IssuerKey, gitlab: &IssuerKey) -> TestIssuer {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &ca).unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes()).unwrap(),
-        )
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let discovery = |issuer: String| json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks"), "id_token_signing_alg_values_supported": ["ES256"]});
-    let documents: BTreeMap<String, Value> = BTreeMap::from([
-        ("/github/.well-known/openid-configuration".to_owned(), discovery(format!("{base}/github"))),
-        ("/github/jwks".to_owned(), github.jwks()),
-        ("/gitlab/jwks".to_owned(), gitlab.jwks()),
-        ("/unknown/.well-known/openid-configuration".to_owned(), discovery(format!("{base}/unknown"))),
-        ("/unknown/jwks".to_owned(), github.jwks()),
-    ]);
-    let documents = Arc::new(documents);
-    let seen = Arc::clone(&requests);
-    let router = Router::new().fallback(get(move |uri: axum::http::Uri| {
-        let (documents, seen) = (Arc::clone(&documents), Arc::clone(&seen));
-        async move {
-            seen.lock().unwrap().push(uri.path().to_owned());
-            match documents.get(uri.path()) {
-                Some(document) => (axum::http::StatusCode::OK, document.to_string()),
-                None => (axum::http::StatusCode::NOT_FOUND, String::new()),
-            }
-        }
-    }));
-    let accept = TlsAccept { listener, acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)) };
-    tokio::spawn(async move {
-        let _ = axum::serve(accept, router).await;
-    });
-    TestIssuer { base, ca_pem: ca_cert.pem(), requests }
+/// Three issuers under `/github` (discovery), `/gitlab` (a `jwks_uri` only) and `/unknown`
+/// (discovery, not configured in the server).
+fn start_issuer(github: &IssuerKey, gitlab: &IssuerKey) -> TestIssuer {
+    TestIssuer::start(|base| {
+        Ok(BTreeMap::from([
+            ("/github/.well-known/openid-configuration".to_owned(), TestIssuer::discovery(&format!("{base}/github"))),
+            ("/github/jwks".to_owned(), github.jwks()?),
+            ("/gitlab/jwks".to_owned(), gitlab.jwks()?),
+            ("/unknown/.well-known/openid-configuration".to_owned(), TestIssuer::discovery(&format!("{base}/unknown"))),
+            ("/unknown/jwks".to_owned(), github.jwks()?),
+        ]))
+    })
+    .unwrap()
 }
 
 // ---- The server ---------------------------------------------------------------------------------
@@ -288,7 +175,7 @@ fn server_config(
 ) -> String {
     let d = dir.display();
     let base = &issuer.base;
-    let k8s_jwks = kubernetes.jwks().to_string();
+    let k8s_jwks = kubernetes.jwks().unwrap().to_string();
     format!(
         r#"trust_domain = "{TRUST_DOMAIN}"
 data_dir = "{d}/server"
@@ -400,10 +287,10 @@ async fn expect_refused(server: &Server, trust: &ServerTrust, token: &str, check
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
-    let github = IssuerKey::new("gh-1");
-    let gitlab = IssuerKey::new("gl-1");
-    let kubernetes = IssuerKey::new("k8s-1");
-    let issuer = start_issuer(&github, &gitlab).await;
+    let github = IssuerKey::new("gh-1").unwrap();
+    let gitlab = IssuerKey::new("gl-1").unwrap();
+    let kubernetes = IssuerKey::new("k8s-1").unwrap();
+    let issuer = start_issuer(&github, &gitlab);
     let dir = tempfile::Builder::new().prefix("wif").tempdir_in("/tmp").unwrap();
     std::fs::write(dir.path().join("issuer-ca.pem"), &issuer.ca_pem).unwrap();
     let exchange_port = free_port();
@@ -422,7 +309,7 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     let trust = spiffe_trust(&server.path("bundle.pem")).unwrap();
 
     // GitHub Actions through the real CLI: key made locally, X.509-SVID written with its key.
-    let first_github = github.mint(&github_claims(&issuer, &unique("gh-run-1")));
+    let first_github = github.mint(&github_claims(&issuer, &unique("gh-run-1"))).unwrap();
     std::fs::write(server.path("gh.token"), &first_github).unwrap();
     let out = server.path("out");
     let output = Command::new(binary("tessera-agent"))
@@ -467,10 +354,14 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
         "project_id": "11", "project_path": "grp/proj", "namespace_id": "22", "namespace_path": "grp",
         "ref": "main", "jti": unique("gl-job-1"), "iat": now, "nbf": now, "exp": now + 600,
     });
-    let response =
-        exchange(&server.url(), &trust, &gitlab.mint(&gitlab_claims), &Want::Jwt { audiences: vec!["db".into()] })
-            .await
-            .unwrap();
+    let response = exchange(
+        &server.url(),
+        &trust,
+        &gitlab.mint(&gitlab_claims).unwrap(),
+        &Want::Jwt { audiences: vec!["db".into()] },
+    )
+    .await
+    .unwrap();
     assert_eq!(response.issued_token_type, "urn:ietf:params:oauth:token-type:jwt");
     let validated = tessera_spiffe::jwt::validate(&response.access_token, &bundle, &["db"], SystemTime::now()).unwrap();
     assert_eq!(validated.spiffe_id().as_str(), "spiffe://example.org/gitlab/22/11");
@@ -487,7 +378,7 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     };
     let csr_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::default().serialize_request(&csr_key).unwrap();
-    let k8s_token = kubernetes.mint(&k8s_claims("sa-uid-1", &unique("k8s-1")));
+    let k8s_token = kubernetes.mint(&k8s_claims("sa-uid-1", &unique("k8s-1"))).unwrap();
     let response =
         exchange(&server.url(), &trust, &k8s_token, &Want::X509 { csr_der: csr.der().to_vec() }).await.unwrap();
     assert_eq!(response.token_type, "N_A");
@@ -497,25 +388,25 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     // Refusals: one error for all, and an audit line naming the check.
     let fetched_before = issuer.requests().len();
     let unknown = with(github_claims(&issuer, &unique("u")), json!({"iss": format!("{}/unknown", issuer.base)}));
-    expect_refused(&server, &trust, &github.mint(&unknown), "unknown_issuer").await;
+    expect_refused(&server, &trust, &github.mint(&unknown).unwrap(), "unknown_issuer").await;
     assert_eq!(issuer.requests().len(), fetched_before, "an unknown issuer caused a fetch: {:?}", issuer.requests());
 
     let wrong_audience = with(github_claims(&issuer, &unique("a")), json!({"aud": "someone-else"}));
-    expect_refused(&server, &trust, &github.mint(&wrong_audience), "audience").await;
+    expect_refused(&server, &trust, &github.mint(&wrong_audience).unwrap(), "audience").await;
     let t = now;
     let expired =
         with(github_claims(&issuer, &unique("e")), json!({"iat": t - 4000, "nbf": t - 4000, "exp": t - 3600}));
-    expect_refused(&server, &trust, &github.mint(&expired), "expired").await;
+    expect_refused(&server, &trust, &github.mint(&expired).unwrap(), "expired").await;
     let early = with(github_claims(&issuer, &unique("n")), json!({"nbf": t + 600, "exp": t + 900}));
-    expect_refused(&server, &trust, &github.mint(&early), "not_yet_valid").await;
+    expect_refused(&server, &trust, &github.mint(&early).unwrap(), "not_yet_valid").await;
     let long = with(github_claims(&issuer, &unique("l")), json!({"exp": t + 7200}));
-    expect_refused(&server, &trust, &github.mint(&long), "lifetime").await;
+    expect_refused(&server, &trust, &github.mint(&long).unwrap(), "lifetime").await;
     expect_refused(&server, &trust, &first_github, "replay").await;
     let not_main = with(github_claims(&issuer, &unique("c")), json!({"ref": "refs/heads/feature"}));
-    expect_refused(&server, &trust, &github.mint(&not_main), "condition").await;
+    expect_refused(&server, &trust, &github.mint(&not_main).unwrap(), "condition").await;
     let other_repo = with(github_claims(&issuer, &unique("c2")), json!({"repository_id": "9999"}));
-    expect_refused(&server, &trust, &github.mint(&other_repo), "condition").await;
-    let wrong_uid = kubernetes.mint(&k8s_claims("sa-uid-2", &unique("k8s-2")));
+    expect_refused(&server, &trust, &github.mint(&other_repo).unwrap(), "condition").await;
+    let wrong_uid = kubernetes.mint(&k8s_claims("sa-uid-2", &unique("k8s-2"))).unwrap();
     expect_refused(&server, &trust, &wrong_uid, "condition").await;
 
     // alg none: no signature at all.
@@ -529,7 +420,7 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     // HS256 keyed with the issuer's public key (the classic algorithm confusion).
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("gh-1".into());
-    let public_jwk = github.jwk().to_string();
+    let public_jwk = github.jwk().unwrap().to_string();
     let confused = jsonwebtoken::encode(
         &header,
         &github_claims(&issuer, &unique("hs")),
@@ -548,12 +439,12 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     let jwks_fetches = |requests: Vec<String>| requests.iter().filter(|path| path.starts_with("/github/")).count();
     let before = jwks_fetches(issuer.requests());
     for n in 0..5 {
-        let token = github.mint_with_kid("rotated-away", &github_claims(&issuer, &unique(&format!("k{n}"))));
+        let token = github.mint_with_kid("rotated-away", &github_claims(&issuer, &unique(&format!("k{n}")))).unwrap();
         expect_refused(&server, &trust, &token, "unknown_kid").await;
     }
     assert!(jwks_fetches(issuer.requests()) <= before + 2, "unbounded key refreshes: {:?}", issuer.requests());
     // A payload changed after signing.
-    let genuine = github.mint(&github_claims(&issuer, &unique("t")));
+    let genuine = github.mint(&github_claims(&issuer, &unique("t"))).unwrap();
     let parts: Vec<&str> = genuine.split('.').collect();
     let forged_claims = with(github_claims(&issuer, &unique("t")), json!({"repository_owner_id": "1"}));
     let forged = format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(forged_claims.to_string()), parts[2]);
@@ -564,7 +455,7 @@ async fn oidc_tokens_are_exchanged_for_svids_and_every_bad_token_is_refused() {
     server.start();
     expect_refused(&server, &trust, &first_github, "replay").await;
     // And a fresh token still works after the restart.
-    let fresh = github.mint(&github_claims(&issuer, &unique("gh-run-2")));
+    let fresh = github.mint(&github_claims(&issuer, &unique("gh-run-2"))).unwrap();
     let response = exchange(&server.url(), &trust, &fresh, &Want::Jwt { audiences: vec!["db".into()] }).await.unwrap();
     assert_eq!(response.spiffe_id, "spiffe://example.org/github/77/4242");
 

@@ -1,5 +1,5 @@
-//! Node attestation over the `AttestAgent` stream, with a join token or an x509pop node
-//! certificate ([`Evidence`]).
+//! Node attestation over the `AttestAgent` stream, with a join token, an x509pop node
+//! certificate, or a token file for `k8s_psat` and `oidc` ([`Evidence`]).
 //!
 //! The agent generates its key here, sends the evidence and a CSR (answering the server's
 //! challenge for x509pop), and checks what comes back
@@ -40,13 +40,15 @@ pub enum Evidence {
     JoinToken(String),
     /// A node certificate and its key (re-attestable), read from these files at each attempt.
     X509Pop(crate::config::X509PopConfig),
+    /// A token (`k8s_psat`, `oidc`; re-attestable), read from its file at each attempt.
+    Token(super::node_token::TokenFile),
 }
 
 impl Evidence {
     /// Whether the agent may attest again with this evidence (after an eviction, or when its
     /// SVID expired).
     pub fn can_reattest(&self) -> bool {
-        matches!(self, Self::X509Pop(_))
+        matches!(self, Self::X509Pop(_) | Self::Token(_))
     }
 }
 
@@ -134,6 +136,12 @@ pub async fn attest_once(
             let data = AttestationData { r#type: tessera_common::x509pop::TYPE.to_owned(), payload: node.payload() };
             (data, Some(node))
         }
+        Evidence::Token(file) => {
+            // Read now: the file may hold a newer token than at the last attempt. A file that
+            // holds no token is the operator's (or the token's issuer's) to fix: final.
+            let token = file.read().map_err(AttestFailure::Refused)?;
+            (AttestationData { r#type: file.attestor.to_owned(), payload: token.into_bytes() }, None)
+        }
     };
     let (sender, receiver) = mpsc::channel(2);
     let params = AttestAgentRequest {
@@ -175,9 +183,10 @@ pub async fn attest_once(
     check_result(trust_domain, result, generated.private_key_pkcs8).map_err(AttestFailure::Invalid)
 }
 
-/// Attests again with the agent's re-attestable evidence (x509pop) after the server refused
+/// Attests again with the agent's re-attestable evidence (x509pop, a token file) after the server refused
 /// the agent SVID (evicted) or it expired, and switches to the new SVID. A new agent ID (a new
-/// node certificate named by its fingerprint) starts the entry sync from scratch.
+/// node certificate named by its fingerprint, a token mapped to another ID) starts the entry
+/// sync from scratch.
 pub(crate) async fn reattest(shared: &super::Shared) -> Result<(), String> {
     let Some(evidence) = &shared.reattest else {
         return Err("join-token agents attest once: attest it again with a new join token".to_owned());

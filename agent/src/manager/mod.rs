@@ -8,7 +8,7 @@
 //! 1. opens `data_dir` ([`Storage`]) and loads the persisted agent SVID and bundle;
 //! 2. if the persisted SVID is still valid it is used as is (a join token is single-use, so
 //!    an agent must be able to restart without one); otherwise the agent attests with its
-//!    join token ([`attest`]). A refused token ends `start` with
+//!    join token, node certificate (`x509pop`) or token file (`k8s_psat`, `oidc`) ([`attest`]). A refused token ends `start` with
 //!    [`ManagerError::AttestationRefused`] carrying the server's reason; an unreachable server
 //!    is retried with backoff;
 //! 3. spawns three tasks that run until [`RunningManager::shutdown`]:
@@ -38,6 +38,7 @@ pub mod attest;
 pub mod jwt;
 pub mod keys;
 pub mod mint;
+pub mod node_token;
 pub mod renew;
 pub mod state;
 pub mod sync;
@@ -303,23 +304,7 @@ pub async fn start(
             .map_err(|error| ManagerError::Other(error.to_string()))??
     };
     let data_dir = storage.dir().display().to_string();
-    let evidence = match (&config.node_attestor.x509pop, join_token.or_else(|| config.join_token.clone())) {
-        (Some(_), Some(_)) => {
-            return Err(ManagerError::Other(
-                "--join-token cannot be used with [node_attestor.x509pop]: the agent attests one way".to_owned(),
-            ));
-        }
-        (Some(x509pop), None) => {
-            // Checked now so a wrong path or key fails start-up, not the first attestation.
-            x509pop::NodeCredential::load(x509pop).map_err(ManagerError::Other)?;
-            Some(attest::Evidence::X509Pop(x509pop.clone()))
-        }
-        (None, Some(token)) => {
-            crate::config::validate_join_token(&trust_domain, &token).map_err(ManagerError::Other)?;
-            Some(attest::Evidence::JoinToken(token))
-        }
-        (None, None) => None,
-    };
+    let evidence = evidence_from(config, join_token, &trust_domain)?;
     let cached_bundle = storage.load_bundle(&trust_domain)?;
     let persisted = storage.load_agent_credential()?;
     let now = SystemTime::now();
@@ -399,6 +384,43 @@ pub async fn start(
     tasks.spawn(renew::run(Arc::clone(&shared), stop_rx));
     let jwt = Arc::new(jwt::JwtSvids::new(Arc::clone(&shared)));
     Ok(RunningManager { shared, stop, tasks, jwt })
+}
+
+/// What the agent attests with: its `[node_attestor]` table or a join token (`--join-token`
+/// over `join_token`). A configured node credential or token file is read now, so a wrong path
+/// fails start-up rather than the first attestation.
+fn evidence_from(
+    config: &AgentConfig,
+    join_token: Option<String>,
+    trust_domain: &TrustDomain,
+) -> Result<Option<attest::Evidence>, ManagerError> {
+    let join_token = join_token.or_else(|| config.join_token.clone());
+    let attestors = &config.node_attestor;
+    if let (Some(_), [attestor, ..]) = (&join_token, attestors.configured().as_slice()) {
+        return Err(ManagerError::Other(format!(
+            "--join-token cannot be used with [node_attestor.{attestor}]: the agent attests one way"
+        )));
+    }
+    if let Some(x509pop) = &attestors.x509pop {
+        x509pop::NodeCredential::load(x509pop).map_err(ManagerError::Other)?;
+        return Ok(Some(attest::Evidence::X509Pop(x509pop.clone())));
+    }
+    let token_file = match (&attestors.k8s_psat, &attestors.oidc) {
+        (Some(k8s_psat), _) => Some(node_token::TokenFile::k8s_psat(k8s_psat)),
+        (None, Some(oidc)) => Some(node_token::TokenFile::oidc(oidc)),
+        (None, None) => None,
+    };
+    if let Some(token_file) = token_file {
+        token_file.read().map_err(ManagerError::Other)?;
+        return Ok(Some(attest::Evidence::Token(token_file)));
+    }
+    match join_token {
+        Some(token) => {
+            crate::config::validate_join_token(trust_domain, &token).map_err(ManagerError::Other)?;
+            Ok(Some(attest::Evidence::JoinToken(token)))
+        }
+        None => Ok(None),
+    }
 }
 
 fn read_trust_bundle(trust_domain: &TrustDomain, path: &Path) -> Result<Bundle, ManagerError> {

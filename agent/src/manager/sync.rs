@@ -126,7 +126,7 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
 
 /// Logs a failed sync call; true when it is a refusal. A refusal (evicted, banned, or an agent
 /// SVID the server no longer accepts) also marks the agent as not attested: retrying keeps the
-/// cache serving and picks up an un-ban. A re-attestable agent (x509pop) attests again; a
+/// cache serving and picks up an un-ban. A re-attestable agent (x509pop, k8s_psat, oidc) attests again; a
 /// join-token agent needs the operator.
 fn report_failure(shared: &Shared, status: &tonic::Status, what: &str) -> bool {
     shared.server_errors.inc();

@@ -1,5 +1,6 @@
 //! Node attestation (spec: server-agent-flow §2): join tokens (always on) and, when
-//! configured, `x509pop` (see [`super::x509pop`]).
+//! configured, `x509pop` (see [`super::x509pop`]) and the token attestors `k8s_psat` and
+//! `oidc` (see [`super::node_token`]).
 //!
 //! Order of the join-token checks, chosen so that bad input never burns a token:
 //!
@@ -34,9 +35,12 @@ use tonic::{Status, Streaming};
 
 use super::BoxStream;
 use super::convert::{bundle_to_proto, selector_to_proto, unix_seconds};
+use super::node_token::TokenRefused;
 use super::overload::WorkLimit;
 use crate::datastore::{AttestedNode, DataStoreError, NodeSerials, blocking};
 use crate::server::ServerState;
+use crate::token_exchange::validate::FailedCheck;
+use tessera_common::node_token::{K8S_PSAT, OIDC};
 
 /// The join-token node attestor.
 pub(crate) const JOIN_TOKEN: &str = "join_token";
@@ -61,16 +65,31 @@ pub(crate) async fn attest(
 ) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
     // The attestation type as the agent named it (bounded: it is only echoed to the audit log).
     let mut kind = String::new();
-    attest_inner(state, limit, stream, peer.clone(), &mut kind).await.inspect_err(|status| {
-        record_refusal(state, &peer, &kind, status);
+    attest_inner(state, limit, stream, peer.clone(), &mut kind).await.map_err(|refusal| {
+        record_refusal(state, &peer, &kind, &refusal.status, refusal.check);
+        refusal.status
     })
 }
 
+/// A refused attestation: the agent's status and, for the token attestors, the check that
+/// refused it (for the audit line only).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    status: Status,
+    check: Option<FailedCheck>,
+}
+
+impl From<Status> for Refusal {
+    fn from(status: Status) -> Self {
+        Self { status, check: None }
+    }
+}
+
 /// Counts and audits a refused attestation.
-fn record_refusal(state: &ServerState, peer: &str, kind: &str, status: &Status) {
+fn record_refusal(state: &ServerState, peer: &str, kind: &str, status: &Status, check: Option<FailedCheck>) {
     state.metrics().attestation(false);
     let kind = if kind.is_empty() { "unknown" } else { kind };
-    state.audit().emit(super::audit::attestation_refused(peer, kind, status));
+    state.audit().emit(super::audit::attestation_refused(peer, kind, status, check.map(FailedCheck::as_str)));
 }
 
 /// Counts and audits a successful attestation.
@@ -85,18 +104,18 @@ async fn attest_inner(
     mut stream: Streaming<pb::AttestAgentRequest>,
     peer: String,
     kind: &mut String,
-) -> Result<BoxStream<pb::AttestAgentResponse>, Status> {
+) -> Result<BoxStream<pb::AttestAgentResponse>, Refusal> {
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, stream.message())
         .await
         .map_err(|_| Status::deadline_exceeded("no attestation parameters received in time"))??;
     let Some(pb::AttestAgentRequest { step: Some(pb::attest_agent_request::Step::Params(params)) }) = first else {
-        return Err(Status::invalid_argument("the first message must be `params`"));
+        return Err(Status::invalid_argument("the first message must be `params`").into());
     };
     let permit = limit.acquire().await?;
     let data = params.data.ok_or_else(|| Status::invalid_argument("params.data is required"))?;
     *kind = data.r#type.chars().take(64).collect();
     if params.csr.len() > MAX_CSR_LEN {
-        return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")));
+        return Err(Status::invalid_argument(format!("params.csr: larger than {MAX_CSR_LEN} bytes")).into());
     }
     match data.r#type.as_str() {
         JOIN_TOKEN => {
@@ -107,7 +126,7 @@ async fn attest_inner(
         }
         tessera_common::x509pop::TYPE if state.x509pop().is_some() => {
             let Some(x509pop) = state.x509pop() else {
-                return Err(Status::internal("x509pop is not configured"));
+                return Err(Status::internal("x509pop is not configured").into());
             };
             tessera_spiffe::x509::verify_csr(&params.csr)
                 .map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
@@ -126,24 +145,93 @@ async fn attest_inner(
                     Ok(result) => record_success(&state, &peer, kind, result),
                     Err(status) => {
                         tracing::warn!(peer = %peer, code = ?status.code(), reason = %status.message(), "agent attestation refused");
-                        record_refusal(&state, &peer, kind, status);
+                        record_refusal(&state, &peer, kind, status, None);
                     }
                 }
                 let _ = sender.send(outcome.map(result_response)).await;
             });
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver)))
         }
+        attestor @ (K8S_PSAT | OIDC) if state.node_tokens().enabled(attestor) => {
+            let attestor = if attestor == K8S_PSAT { K8S_PSAT } else { OIDC };
+            let result = node_token(state, attestor, &data.payload, params.csr, &peer).await?;
+            drop(permit);
+            record_success(state, &peer, attestor, &result);
+            Ok(Box::pin(tokio_stream::once(Ok(result_response(result)))))
+        }
         other => {
             let mut supported = vec![JOIN_TOKEN];
             if state.x509pop().is_some() {
                 supported.push(tessera_common::x509pop::TYPE);
             }
+            supported.extend([K8S_PSAT, OIDC].into_iter().filter(|attestor| state.node_tokens().enabled(attestor)));
             Err(Status::invalid_argument(format!(
                 "params.data.type: unsupported attestation type {other:?}; supported: {}",
                 supported.join(", ")
-            )))
+            ))
+            .into())
         }
     }
+}
+
+/// `k8s_psat` and `oidc` attestation (see [`super::node_token`]): the payload decodes, the CSR
+/// verifies (`INVALID_ARGUMENT` otherwise), the token passes every check of its attestor,
+/// the agent is not banned, and, for a single-use attestor, the `jti` is recorded for the
+/// first time; then the node is created or re-attested.
+async fn node_token(
+    state: &Arc<ServerState>,
+    attestor: &'static str,
+    payload: &[u8],
+    csr: Vec<u8>,
+    peer: &str,
+) -> Result<pb::AttestAgentResult, Refusal> {
+    let token = super::node_token::decode_payload(payload).map_err(|message| Refusal {
+        status: Status::invalid_argument(message),
+        check: Some(FailedCheck::Malformed),
+    })?;
+    tessera_spiffe::x509::verify_csr(&csr).map_err(|err| Status::invalid_argument(format!("params.csr: {err}")))?;
+    let refuse = |refused: TokenRefused| {
+        tracing::warn!(
+            peer,
+            attestor,
+            failed_check = refused.check.as_str(),
+            issuer = %bounded(&token.issuer),
+            subject = %bounded(token.claimed("sub").unwrap_or("-")),
+            reason = %refused.reason,
+            "agent attestation refused"
+        );
+        let status = match refused.check {
+            FailedCheck::Banned => Status::permission_denied("agent is banned"),
+            FailedCheck::Internal => Status::unavailable("the server cannot check node tokens right now; try again"),
+            _ => Status::permission_denied(super::node_token::NOT_ACCEPTED),
+        };
+        Refusal { status, check: Some(refused.check) }
+    };
+    let node = state.node_tokens().check(attestor, state.trust_domain(), &token).await.map_err(refuse)?;
+
+    let id = node.agent_id.clone();
+    let existing = blocking(state.datastore(), move |store| store.get_attested_node(&id))
+        .await
+        .map_err(|err| Status::unavailable(format!("datastore: {err}")))?;
+    if existing.as_ref().is_some_and(|node| node.banned) {
+        return Err(refuse(TokenRefused {
+            check: FailedCheck::Banned,
+            reason: format!("{} is banned", node.agent_id),
+        }));
+    }
+    if let Some(single_use) = &node.single_use {
+        single_use.consume(state).await.map_err(|check| {
+            refuse(TokenRefused { check, reason: format!("jti {:?}: {}", bounded(&single_use.jti), check.as_str()) })
+        })?;
+    }
+    let new_node =
+        NewNode { agent_id: node.agent_id, attestation_type: attestor, selectors: node.selectors, can_reattest: true };
+    Ok(issue(state, new_node, csr, existing, SystemTime::now()).await?)
+}
+
+/// A value from a token, for one log line: bounded, control characters replaced.
+fn bounded(text: &str) -> String {
+    text.chars().take(256).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 fn result_response(result: pb::AttestAgentResult) -> pb::AttestAgentResponse {

@@ -29,13 +29,23 @@ pub(super) fn attested(peer: &str, attestation_type: &str, result: &pb::AttestAg
         .field("peer", peer)
 }
 
-/// `agent.attestation_refused`, with the status the agent got.
-pub(super) fn attestation_refused(peer: &str, attestation_type: &str, status: &Status) -> AuditEvent {
-    AuditEvent::new("agent.attestation_refused")
+/// `agent.attestation_refused`, with the status the agent got and, for the token attestors
+/// (`k8s_psat`, `oidc`), the check that refused the token (which the agent is not told).
+pub(super) fn attestation_refused(
+    peer: &str,
+    attestation_type: &str,
+    status: &Status,
+    failed_check: Option<&str>,
+) -> AuditEvent {
+    let event = AuditEvent::new("agent.attestation_refused")
         .field("attestation_type", attestation_type)
         .field("code", format!("{:?}", status.code()))
         .field("reason", status.message())
-        .field("peer", peer)
+        .field("peer", peer);
+    match failed_check {
+        Some(check) => event.field("failed_check", check),
+        None => event,
+    }
 }
 
 /// `svid.issued` for an X.509-SVID signed for `entry` at `agent`'s request.

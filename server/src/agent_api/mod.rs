@@ -9,7 +9,8 @@
 //!   current bundle, unexpired, node attested and not banned, serial current or the renewal's
 //!   (spec: server-agent-flow §3).
 //! - [`authz`]: the one computation of the entries an agent is authorized for (§4).
-//! - [`attest`]: join-token attestation (§2).
+//! - [`attest`]: node attestation (§2): join tokens, [`x509pop`], and the token attestors
+//!   `k8s_psat` and `oidc` ([`node_token`]).
 //! - [`sync`]: the `SyncEntries` push stream.
 //! - this module: the service, `RenewAgent`, `BatchNewX509Svid`, `NewJwtSvid`, `FetchBundle`.
 //!
@@ -42,6 +43,7 @@ mod audit;
 pub(crate) mod auth;
 pub(crate) mod authz;
 mod convert;
+pub(crate) mod node_token;
 pub(crate) mod overload;
 mod rate;
 pub(crate) mod sync;

@@ -12,16 +12,24 @@
 //! key IDs costs at most one fetch per interval. A failed fetch keeps the previous keys.
 //! Only tokens whose `iss` is a configured issuer get here, so an unknown issuer never causes
 //! a fetch.
+//!
+//! [`IssuerSet`] is one list of trusted issuers (the exchange's, each k8s_psat cluster's, the
+//! oidc node attestor's) and [`IssuerSet::verify`] the sequence of checks every token goes
+//! through before anything specific to its use: known issuer, key, signature, `aud`, time
+//! claims, lifetime, remaining life.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::RootCertStore;
 use serde_json::Value;
 
 use super::jwks::{IssuerKey, KeySet, MAX_JWKS_LEN, parse_jwks};
-use super::policy::IssuerSettings;
+use super::policy::{IssuerKeys, IssuerSettings};
+use super::validate::{self, FailedCheck, Unverified, Verified};
 use crate::federation::client::{EndpointAuth, client_config, https_get};
 
 /// Shortest interval between two fetches of one issuer's keys.
@@ -147,5 +155,74 @@ impl TrustedIssuer {
             .await
             .map_err(|err| format!("JWKS {jwks_uri}: {err}"))?;
         parse_jwks(&body).map_err(|err| format!("JWKS {jwks_uri}: {err}"))
+    }
+}
+
+/// Trusted issuers by their exact `iss`.
+#[derive(Debug, Default)]
+pub struct IssuerSet {
+    issuers: HashMap<String, Arc<TrustedIssuer>>,
+}
+
+/// A token that passed [`IssuerSet::verify`].
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The issuer that signed it.
+    pub issuer: Arc<TrustedIssuer>,
+    /// The verified token.
+    pub token: Verified,
+    /// How long it stays valid (at least one second).
+    pub remaining: Duration,
+}
+
+impl IssuerSet {
+    /// Builds the set from compiled settings and, for each, its `ca_bundle_path`. Blocking:
+    /// reads the CA files (or the system roots, once, for issuers fetched without one). Errors
+    /// name the key of `keys` and the file.
+    pub fn load<'a>(
+        settings: Vec<IssuerSettings>,
+        ca_bundle_paths: impl IntoIterator<Item = Option<&'a Path>>,
+        keys: &IssuerKeys,
+    ) -> Result<Self, (&'static str, String)> {
+        let key = keys.ca_bundle_path;
+        let mut issuers = HashMap::new();
+        let system_roots = std::sync::OnceLock::new();
+        for (settings, ca_bundle_path) in settings.into_iter().zip(ca_bundle_paths) {
+            let roots = if settings.inline_keys.is_some() {
+                None
+            } else if let Some(path) = ca_bundle_path {
+                let data = crate::federation::read_limited(path).map_err(|message| (key, message))?;
+                let roots = crate::federation::read_roots(&data)
+                    .map_err(|message| (key, format!("{}: {message}", path.display())))?;
+                Some(Arc::new(roots))
+            } else {
+                let roots = system_roots.get_or_init(|| crate::federation::system_roots().map(Arc::new));
+                Some(Arc::clone(roots.as_ref().map_err(|message| (key, message.clone()))?))
+            };
+            issuers.insert(settings.issuer.clone(), Arc::new(TrustedIssuer::new(settings, roots)));
+        }
+        Ok(Self { issuers })
+    }
+
+    /// The trusted issuer with this exact `iss`.
+    pub fn get(&self, iss: &str) -> Option<&Arc<TrustedIssuer>> {
+        self.issuers.get(iss)
+    }
+
+    /// The checks every token passes, in the contract's order: known issuer (an unknown one
+    /// is refused before any network access), key by `kid` (fetched at a bounded rate),
+    /// [`validate::verify`] (algorithm, signature, `aud`, time claims with the leeway,
+    /// lifetime, `jti` shape), and at least one second of life left.
+    pub async fn verify(&self, token: &Unverified) -> Result<Checked, FailedCheck> {
+        let issuer = self.issuers.get(&token.issuer).ok_or(FailedCheck::UnknownIssuer)?;
+        let key = issuer.key(&token.key_id).await.ok_or(FailedCheck::UnknownKey)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs());
+        let verified = validate::verify(&issuer.settings, token, &key, now)?;
+        // Too little life left is as good as expired.
+        let remaining = Duration::from_secs(verified.expires_at.saturating_sub(now));
+        if remaining < Duration::from_secs(1) {
+            return Err(FailedCheck::Expired);
+        }
+        Ok(Checked { issuer: Arc::clone(issuer), token: verified, remaining })
     }
 }

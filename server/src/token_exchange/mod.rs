@@ -27,7 +27,6 @@ pub mod jwks;
 pub mod policy;
 pub mod validate;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +36,7 @@ use tokio::sync::watch;
 use crate::config::ServerConfig;
 use crate::datastore::blocking;
 use crate::server::ServerState;
-pub use issuer::TrustedIssuer;
+pub use issuer::{Checked, IssuerSet, TrustedIssuer};
 pub use policy::{Compiled, Policy, compile};
 use validate::FailedCheck;
 
@@ -99,7 +98,7 @@ pub struct Refused(pub FailedCheck);
 /// The exchange service: trusted issuers, policies and the server it signs with.
 #[derive(Debug)]
 pub struct TokenExchange {
-    issuers: HashMap<String, Arc<TrustedIssuer>>,
+    issuers: IssuerSet,
     policies: Vec<Policy>,
     state: Arc<ServerState>,
 }
@@ -163,6 +162,48 @@ pub fn audit_exchange(audit: &tessera_common::audit::AuditLog, record: &Exchange
     );
 }
 
+/// Which replay cache a `jti` is recorded in. Both live in the datastore's one `jti` table,
+/// under different keys: the exchange's under the bare `iss`, node attestation's under
+/// `node:<iss>`, so the two never count each other's tokens. (What keeps a token meant for one
+/// from being used at the other is its audience: each has its own issuer list.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayScope {
+    /// The token exchange endpoint.
+    Exchange,
+    /// The `k8s_psat` and `oidc` node attestors.
+    NodeAttestation,
+}
+
+impl ReplayScope {
+    /// The key the `jti`s of `issuer` are recorded under.
+    pub fn key(self, issuer: &str) -> String {
+        match self {
+            Self::Exchange => issuer.to_owned(),
+            Self::NodeAttestation => format!("node:{issuer}"),
+        }
+    }
+}
+
+/// Records `jti` in `scope` until the token's `exp` plus the leeway; [`FailedCheck::Replay`] if
+/// it was already recorded there, [`FailedCheck::Internal`] if the datastore does not answer.
+pub(crate) async fn consume_jti(
+    state: &ServerState,
+    scope: ReplayScope,
+    issuer: &policy::IssuerSettings,
+    jti: &str,
+    expires_at: u64,
+) -> Result<(), FailedCheck> {
+    let (key, jti) = (scope.key(&issuer.issuer), jti.to_owned());
+    let keep_until = expires_at.saturating_add(issuer.leeway.as_secs());
+    let first = blocking(state.datastore(), move |store| store.insert_jti_if_absent(&key, &jti, keep_until))
+        .await
+        .map_err(|err| {
+            tracing::error!(error = %err, ?scope, "the jti replay cache is not answering");
+            FailedCheck::Internal
+        })?;
+    if first { Ok(()) } else { Err(FailedCheck::Replay) }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs())
 }
@@ -177,27 +218,9 @@ impl TokenExchange {
     pub fn new(state: Arc<ServerState>) -> Result<Self, (&'static str, String)> {
         let config: &ServerConfig = state.config();
         let Compiled { issuers, policies } = compile(config)?;
-        let mut by_iss = HashMap::new();
-        let system_roots = std::sync::OnceLock::new();
-        for (settings, issuer_config) in issuers.into_iter().zip(&config.token_exchange.issuer) {
-            let roots = if settings.inline_keys.is_some() {
-                None
-            } else if let Some(path) = &issuer_config.ca_bundle_path {
-                let data = crate::federation::read_limited(path)
-                    .map_err(|message| ("token_exchange.issuer.ca_bundle_path", message))?;
-                let roots = crate::federation::read_roots(&data).map_err(|message| {
-                    ("token_exchange.issuer.ca_bundle_path", format!("{}: {message}", path.display()))
-                })?;
-                Some(Arc::new(roots))
-            } else {
-                let roots = system_roots.get_or_init(|| crate::federation::system_roots().map(Arc::new));
-                Some(Arc::clone(
-                    roots.as_ref().map_err(|message| ("token_exchange.issuer.ca_bundle_path", message.clone()))?,
-                ))
-            };
-            by_iss.insert(settings.issuer.clone(), Arc::new(TrustedIssuer::new(settings, roots)));
-        }
-        Ok(Self { issuers: by_iss, policies, state })
+        let paths = config.token_exchange.issuer.iter().map(|issuer| issuer.ca_bundle_path.as_deref());
+        let issuers = IssuerSet::load(issuers, paths, &policy::EXCHANGE_ISSUER_KEYS)?;
+        Ok(Self { issuers, policies, state })
     }
 
     /// The trusted issuer with this exact `iss`.
@@ -245,29 +268,14 @@ impl TokenExchange {
         requested: Requested,
     ) -> Result<(String, Issued), (Option<String>, FailedCheck)> {
         let refuse = |check| (None, check);
-        // Known issuer first: an unknown one is refused without any network access.
-        let issuer = self.issuers.get(&token.issuer).ok_or(refuse(FailedCheck::UnknownIssuer))?;
-        let key = issuer.key(&token.key_id).await.ok_or(refuse(FailedCheck::UnknownKey))?;
-        let now = unix_now();
-        let verified = validate::verify(&issuer.settings, token, &key, now).map_err(refuse)?;
-        // The token's remaining life caps what is issued; too little left is as good as expired.
-        let remaining = Duration::from_secs(verified.expires_at.saturating_sub(now));
-        if remaining < Duration::from_secs(1) {
-            return Err(refuse(FailedCheck::Expired));
-        }
+        // Known issuer first (an unknown one is refused without any network access), then the
+        // key, signature, audience, time claims and lifetime. The token's remaining life caps
+        // what is issued.
+        let Checked { issuer, token: verified, remaining } = self.issuers.verify(token).await.map_err(refuse)?;
         if let Some(jti) = &verified.jti {
-            let (iss, jti) = (issuer.settings.issuer.clone(), jti.clone());
-            let keep_until = verified.expires_at.saturating_add(issuer.settings.leeway.as_secs());
-            let first =
-                blocking(self.state.datastore(), move |store| store.insert_jti_if_absent(&iss, &jti, keep_until))
-                    .await
-                    .map_err(|err| {
-                        tracing::error!(error = %err, "token exchange: the jti replay cache is not answering");
-                        refuse(FailedCheck::Internal)
-                    })?;
-            if !first {
-                return Err(refuse(FailedCheck::Replay));
-            }
+            consume_jti(&self.state, ReplayScope::Exchange, &issuer.settings, jti, verified.expires_at)
+                .await
+                .map_err(refuse)?;
         }
         let policy = self
             .policies

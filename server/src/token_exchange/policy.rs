@@ -102,19 +102,45 @@ pub fn preset_claims(preset: IssuerPreset) -> &'static [&'static str] {
     }
 }
 
+/// The configuration keys an issuer table's errors name, so one set of checks serves
+/// `[[token_exchange.issuer]]`, `[[node_attestor.k8s_psat.cluster]]` and
+/// `[[node_attestor.oidc.issuer]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuerKeys {
+    /// The table, as written in the file (`[[token_exchange.issuer]]`).
+    pub table: &'static str,
+    /// `issuer`.
+    pub issuer: &'static str,
+    /// `jwks_uri`.
+    pub jwks_uri: &'static str,
+    /// `jwks`.
+    pub jwks: &'static str,
+    /// `ca_bundle_path`.
+    pub ca_bundle_path: &'static str,
+    /// `allowed_algorithms`.
+    pub allowed_algorithms: &'static str,
+    /// `audience`.
+    pub audience: &'static str,
+    /// `immutable_claims`.
+    pub immutable_claims: &'static str,
+}
+
+/// `[[token_exchange.issuer]]`.
+pub const EXCHANGE_ISSUER_KEYS: IssuerKeys = IssuerKeys {
+    table: "[[token_exchange.issuer]]",
+    issuer: "token_exchange.issuer.issuer",
+    jwks_uri: "token_exchange.issuer.jwks_uri",
+    jwks: "token_exchange.issuer.jwks",
+    ca_bundle_path: "token_exchange.issuer.ca_bundle_path",
+    allowed_algorithms: "token_exchange.issuer.allowed_algorithms",
+    audience: "token_exchange.issuer.audience",
+    immutable_claims: "token_exchange.issuer.immutable_claims",
+};
+
 /// Checks and compiles `[token_exchange]`; the error names the key to blame.
 pub fn compile(config: &ServerConfig) -> Result<Compiled, (&'static str, String)> {
     let exchange = &config.token_exchange;
-    let mut issuers: Vec<IssuerSettings> = Vec::new();
-    for (index, issuer) in exchange.issuer.iter().enumerate() {
-        let settings = compile_issuer(issuer).map_err(|(key, message)| {
-            (key, format!("issuer {:?} ([[token_exchange.issuer]] #{}): {message}", issuer.issuer, index + 1))
-        })?;
-        if issuers.iter().any(|known| known.issuer == settings.issuer) {
-            return Err(("token_exchange.issuer.issuer", format!("{:?} is listed twice", settings.issuer)));
-        }
-        issuers.push(settings);
-    }
+    let issuers = compile_issuers(&exchange.issuer, &EXCHANGE_ISSUER_KEYS)?;
     let mut policies: Vec<Policy> = Vec::new();
     for (index, policy) in exchange.policy.iter().enumerate() {
         let fail = |(key, message): (&'static str, String)| {
@@ -137,55 +163,77 @@ pub fn compile(config: &ServerConfig) -> Result<Compiled, (&'static str, String)
     Ok(Compiled { issuers, policies })
 }
 
-fn compile_issuer(config: &TrustedIssuerConfig) -> Result<IssuerSettings, (&'static str, String)> {
+/// Checks a list of issuer tables: each on its own ([`compile_issuer`]) and no `iss` twice.
+pub fn compile_issuers(
+    configs: &[TrustedIssuerConfig],
+    keys: &IssuerKeys,
+) -> Result<Vec<IssuerSettings>, (&'static str, String)> {
+    let mut issuers: Vec<IssuerSettings> = Vec::new();
+    for (index, issuer) in configs.iter().enumerate() {
+        let settings = compile_issuer(issuer, keys).map_err(|(key, message)| {
+            (key, format!("issuer {:?} ({} #{}): {message}", issuer.issuer, keys.table, index + 1))
+        })?;
+        if issuers.iter().any(|known| known.issuer == settings.issuer) {
+            return Err((keys.issuer, format!("{:?} is listed twice", settings.issuer)));
+        }
+        issuers.push(settings);
+    }
+    Ok(issuers)
+}
+
+/// Checks one issuer table; errors name the key of `keys`.
+pub fn compile_issuer(
+    config: &TrustedIssuerConfig,
+    keys: &IssuerKeys,
+) -> Result<IssuerSettings, (&'static str, String)> {
     if config.issuer.is_empty() || config.issuer.len() > 1024 {
-        return Err(("token_exchange.issuer.issuer", "must be 1 to 1024 characters".into()));
+        return Err((keys.issuer, "must be 1 to 1024 characters".into()));
+    }
+    if config.issuer.chars().any(char::is_control) {
+        return Err((keys.issuer, "must not contain control characters".into()));
     }
     let inline_keys = match &config.jwks {
-        Some(text) => Some(parse_jwks(text.as_bytes()).map_err(|message| ("token_exchange.issuer.jwks", message))?),
+        Some(text) => Some(parse_jwks(text.as_bytes()).map_err(|message| (keys.jwks, message))?),
         None => None,
     };
     if inline_keys.is_some() && config.jwks_uri.is_some() {
-        return Err(("token_exchange.issuer.jwks_uri", "give either jwks_uri or an inline jwks, not both".into()));
+        return Err((keys.jwks_uri, "give either jwks_uri or an inline jwks, not both".into()));
     }
     let jwks_uri = match &config.jwks_uri {
         Some(uri) => {
-            crate::federation::check_url(uri).map_err(|message| ("token_exchange.issuer.jwks_uri", message))?;
-            Some(url::Url::parse(uri).map_err(|err| ("token_exchange.issuer.jwks_uri", err.to_string()))?)
+            crate::federation::check_url(uri).map_err(|message| (keys.jwks_uri, message))?;
+            Some(url::Url::parse(uri).map_err(|err| (keys.jwks_uri, err.to_string()))?)
         }
         None => None,
     };
     if inline_keys.is_none() && jwks_uri.is_none() {
         // Keys come from OIDC discovery under the issuer URL.
         crate::federation::check_url(&config.issuer).map_err(|message| {
-            (
-                "token_exchange.issuer.issuer",
-                format!("{message} (OIDC discovery needs an https:// issuer; or set jwks_uri or jwks)"),
-            )
+            (keys.issuer, format!("{message} (OIDC discovery needs an https:// issuer; or set jwks_uri or jwks)"))
         })?;
     }
     if config.audience.is_empty() {
-        return Err(("token_exchange.issuer.audience", "must not be empty".into()));
+        return Err((keys.audience, "must not be empty".into()));
     }
     if config.allowed_algorithms.is_empty() {
-        return Err(("token_exchange.issuer.allowed_algorithms", "must list at least one algorithm".into()));
+        return Err((keys.allowed_algorithms, "must list at least one algorithm".into()));
     }
     let mut algorithms = Vec::new();
     for name in &config.allowed_algorithms {
         if name.eq_ignore_ascii_case("none") || name.to_ascii_uppercase().starts_with("HS") {
             return Err((
-                "token_exchange.issuer.allowed_algorithms",
+                keys.allowed_algorithms,
                 format!("{name:?} is never accepted: tokens must be signed with an asymmetric key"),
             ));
         }
         let algorithm: JwsAlgorithm = name.parse().map_err(|_| {
             (
-                "token_exchange.issuer.allowed_algorithms",
+                keys.allowed_algorithms,
                 format!("{name:?} is not one of RS256, RS384, RS512, ES256, ES384, PS256, PS384, PS512"),
             )
         })?;
         if algorithm == JwsAlgorithm::Es512 {
-            return Err(("token_exchange.issuer.allowed_algorithms", "ES512 cannot be verified by this server".into()));
+            return Err((keys.allowed_algorithms, "ES512 cannot be verified by this server".into()));
         }
         algorithms.push(algorithm);
     }
@@ -193,7 +241,7 @@ fn compile_issuer(config: &TrustedIssuerConfig) -> Result<IssuerSettings, (&'sta
     for claim in &config.immutable_claims {
         if claim.is_empty() || REGISTERED_CLAIMS.contains(&claim.as_str()) {
             return Err((
-                "token_exchange.issuer.immutable_claims",
+                keys.immutable_claims,
                 format!("{claim:?} identifies no subject (aud, iss, exp, iat, nbf and jti cannot be pinned)"),
             ));
         }
@@ -396,14 +444,7 @@ impl Policy {
     /// Whether the condition is true for `claims` (an error, a non-boolean result or a panic
     /// inside the interpreter are all "no").
     pub fn matches(&self, claims: &Map<String, Value>) -> bool {
-        let program = &self.condition;
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let value = cel::to_value(claims).ok()?;
-            let mut context = cel::Context::default();
-            context.add_variable_from_value("claims", value);
-            program.execute(&context).ok()
-        }));
-        matches!(outcome, Ok(Some(cel::Value::Bool(true))))
+        condition_holds(&self.condition, claims)
     }
 
     /// The SPIFFE ID for `claims`, or why none can be made.
@@ -412,9 +453,21 @@ impl Policy {
     }
 }
 
+/// Whether a compiled condition is true for `claims` (an error, a non-boolean result or a
+/// panic inside the interpreter are all "no").
+pub fn condition_holds(program: &cel::Program, claims: &Map<String, Value>) -> bool {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let value = cel::to_value(claims).ok()?;
+        let mut context = cel::Context::default();
+        context.add_variable_from_value("claims", value);
+        program.execute(&context).ok()
+    }));
+    matches!(outcome, Ok(Some(cel::Value::Bool(true))))
+}
+
 /// A SPIFFE ID with `{claim}` placeholders in its path.
 #[derive(Debug, Clone)]
-struct SpiffeIdTemplate {
+pub struct SpiffeIdTemplate {
     parts: Vec<TemplatePart>,
 }
 
@@ -425,7 +478,9 @@ enum TemplatePart {
 }
 
 impl SpiffeIdTemplate {
-    fn parse(template: &str, trust_domain: &TrustDomain) -> Result<Self, String> {
+    /// Parses a template; it must start with `spiffe://<trust_domain>/` and give a SPIFFE ID
+    /// once its placeholders are filled in.
+    pub fn parse(template: &str, trust_domain: &TrustDomain) -> Result<Self, String> {
         let mut parts = Vec::new();
         let mut rest = template;
         while let Some(open) = rest.find('{') {
@@ -475,7 +530,16 @@ impl SpiffeIdTemplate {
         Ok(template)
     }
 
-    fn render(&self, claims: &Map<String, Value>) -> Result<SpiffeId, String> {
+    /// The text before the first placeholder (the whole template when it has none).
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(TemplatePart::Literal(text)) => text,
+            _ => "",
+        }
+    }
+
+    /// The SPIFFE ID for `claims`, or why none can be made.
+    pub fn render(&self, claims: &Map<String, Value>) -> Result<SpiffeId, String> {
         let mut id = String::new();
         for part in &self.parts {
             match part {

@@ -10,7 +10,11 @@
 //! 3. the key is looked up by `kid` (the JWKS may be refreshed at a bounded rate);
 //! 4. [`verify`]: `alg` allowed for this issuer and fitting the key, the signature, `aud`,
 //!    `exp`/`nbf`/`iat` with the issuer's leeway, the lifetime `exp - iat`, `jti`;
-//! 5. then (in `super`) `jti` single use, the policy condition, the SPIFFE ID mapping.
+//! 5. then (in `super`) `jti` single use, the policy condition, the SPIFFE ID mapping; or, for
+//!    node attestation, the attestor's own checks (`crate::agent_api::node_token`).
+//!
+//! Steps 2 to 4 are [`super::IssuerSet::verify`], shared by the exchange and the node
+//! attestors.
 
 use std::time::Duration;
 
@@ -55,6 +59,16 @@ pub enum FailedCheck {
     Condition,
     /// The matching policy could not build a SPIFFE ID from the claims.
     Mapping,
+    /// Node attestation (`k8s_psat`): `sub` is not the service account the claims name, or
+    /// that service account is not on the cluster's allow list.
+    ServiceAccount,
+    /// Node attestation (`k8s_psat`): the token does not name its pod and node (not a bound
+    /// pod token, or a Kubernetes release older than 1.30).
+    NodeClaims,
+    /// Node attestation: a claim value cannot be a node selector.
+    Selector,
+    /// Node attestation: the agent is banned.
+    Banned,
     /// The server failed (datastore, CA, key fetch).
     Internal,
 }
@@ -77,6 +91,10 @@ impl FailedCheck {
             Self::Replay => "replay",
             Self::Condition => "condition",
             Self::Mapping => "mapping",
+            Self::ServiceAccount => "service_account",
+            Self::NodeClaims => "node_claims",
+            Self::Selector => "selector",
+            Self::Banned => "banned",
             Self::Internal => "internal",
         }
     }
