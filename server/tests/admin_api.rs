@@ -122,6 +122,9 @@ async fn entries_tokens_agents_and_health() {
     let cases = [
         (entry("web", AGENT, &[("unix", "uid:1")]), "spiffe_id"),
         (entry("spiffe://other.org/web", AGENT, &[("unix", "uid:1")]), "spiffe_id"),
+        // The server's and agents' own namespace: such an SVID could pass for the server.
+        (entry("spiffe://example.org/tessera/server", AGENT, &[("unix", "uid:1")]), "spiffe_id"),
+        (entry("spiffe://example.org/tessera/agent/x", AGENT, &[("unix", "uid:1")]), "spiffe_id"),
         (entry("spiffe://example.org/web", "spiffe://other.org/agent", &[("unix", "uid:1")]), "parent_id"),
         (entry("spiffe://example.org/web", "spiffe://example.org/a//b", &[("unix", "uid:1")]), "parent_id"),
         (entry("spiffe://example.org/web", AGENT, &[]), "selectors"),
@@ -211,6 +214,8 @@ async fn entries_tokens_agents_and_health() {
     assert_eq!(alias.selectors, vec![selector("spiffe_id", &agent_id)]);
     let bad = pb::GenerateJoinTokenRequest { spiffe_id: "spiffe://other.org/node".into(), ttl: 0 };
     assert_status(client.generate_join_token(bad).await, Code::InvalidArgument, "invalid spiffe_id");
+    let reserved = pb::GenerateJoinTokenRequest { spiffe_id: "spiffe://example.org/tessera".into(), ttl: 0 };
+    assert_status(client.generate_join_token(reserved).await, Code::InvalidArgument, "reserved /tessera namespace");
 
     // Agents: none attested yet.
     let agents = client.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner();
@@ -333,6 +338,7 @@ async fn bundles_and_minting() {
         (x509("spiffe://other.org/web", vec![], vec![]), "invalid spiffe_id"),
         (x509("spiffe://example.org", vec![], vec![]), "invalid spiffe_id"),
         (x509("", vec![], vec![]), "invalid spiffe_id"),
+        (x509("spiffe://example.org/tessera/server", vec![], vec![]), "reserved /tessera namespace"),
         (x509("spiffe://example.org/web", b"not a csr".to_vec(), vec![]), "invalid csr"),
         (x509("spiffe://example.org/web", vec![], vec![String::new()]), "invalid dns_names"),
         (x509("spiffe://example.org/web", vec![], vec!["web_.-x".into()]), "invalid dns_names"),
@@ -371,6 +377,11 @@ async fn bundles_and_minting() {
         client.mint_jwt_svid(jwt_req("spiffe://other.org/web", vec!["a".into()])).await,
         Code::InvalidArgument,
         "invalid spiffe_id",
+    );
+    assert_status(
+        client.mint_jwt_svid(jwt_req("spiffe://example.org/tessera/server", vec!["a".into()])).await,
+        Code::InvalidArgument,
+        "reserved /tessera namespace",
     );
 
     // Federated bundles: none, then set (PEM, then SPIFFE JSON), list, delete.

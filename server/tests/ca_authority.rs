@@ -365,3 +365,34 @@ fn bundle_sequence_grows_only_when_the_ca_is_renewed() {
         snapshot(&dir.path().join("ca")).into_keys().filter(|p| p.to_str().unwrap().ends_with(".key.der")).count();
     assert_eq!(keys, 2, "files of expired authorities are removed");
 }
+
+#[test]
+fn workload_svids_are_never_signed_in_the_reserved_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = load(dir.path(), &config(), &store(), now()).unwrap();
+    let ttl = Duration::from_secs(600);
+    let key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &SystemRandom::new())
+        .unwrap();
+    for reserved in ["/tessera", "/tessera/server", "/tessera/agent/join_token/t"] {
+        let spiffe_id = id(&format!("spiffe://example.org{reserved}"));
+        let refused = [
+            ca.sign_x509_svid_from_csr(&spiffe_id, &[], ttl, &csr(), now()).map(|_| ()),
+            ca.sign_x509_svid(&spiffe_id, &[], ttl, key.public_key().spki_der(), now()).map(|_| ()),
+            ca.sign_jwt_svid(&spiffe_id, &["aud".to_owned()], ttl, now()).map(|_| ()),
+        ];
+        for result in refused {
+            assert!(matches!(result, Err(CaError::ReservedId { .. })), "{reserved}: {result:?}");
+        }
+    }
+    // The deployment's own identities are still signed through their own paths.
+    let server = ca
+        .sign_server_svid(&id("spiffe://example.org/tessera/server"), ttl, key.public_key().spki_der(), now())
+        .unwrap();
+    assert_eq!(verify(&ca, &server.chain, &ca.bundle(), now()), id("spiffe://example.org/tessera/server"));
+    let agent = ca.sign_agent_svid(&id("spiffe://example.org/tessera/agent/join_token/t"), ttl, &csr(), now()).unwrap();
+    assert_eq!(verify(&ca, &agent.chain, &ca.bundle(), now()), id("spiffe://example.org/tessera/agent/join_token/t"));
+    // Paths that merely start with the same letters are ordinary workloads.
+    for ordinary in ["/tesseract", "/web/tessera/server"] {
+        ca.sign_jwt_svid(&id(&format!("spiffe://example.org{ordinary}")), &["aud".to_owned()], ttl, now()).unwrap();
+    }
+}

@@ -62,6 +62,27 @@ pub(crate) fn parse_member_id(
     Ok(id)
 }
 
+/// Parses the SPIFFE ID a workload SVID will carry: as [`parse_member_id`], and outside the
+/// reserved `/tessera` namespace of the server's and agents' own identities.
+pub(crate) fn parse_workload_id(
+    field: &'static str,
+    input: &str,
+    trust_domain: &TrustDomain,
+) -> Result<SpiffeId, FieldError> {
+    let id = parse_member_id(field, input, trust_domain)?;
+    if crate::ca::is_reserved_id(&id) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{input:?} is in the reserved {} namespace of the server's and agents' own identities; \
+                 choose another path",
+                crate::ca::RESERVED_PATH
+            ),
+        ));
+    }
+    Ok(id)
+}
+
 /// Parses the selectors of an entry: at least one, each well formed.
 pub(crate) fn parse_selectors(field: &'static str, selectors: &[common::Selector]) -> Result<SelectorSet, FieldError> {
     if selectors.is_empty() {
@@ -149,7 +170,7 @@ pub(crate) fn apply_entry(
     trust_domain: &TrustDomain,
 ) -> Result<RegistrationEntry, FieldError> {
     if mask.spiffe_id {
-        entry.spiffe_id = parse_member_id("spiffe_id", &proto.spiffe_id, trust_domain)?;
+        entry.spiffe_id = parse_workload_id("spiffe_id", &proto.spiffe_id, trust_domain)?;
     }
     if mask.parent_id {
         entry.parent_id = parse_member_id("parent_id", &proto.parent_id, trust_domain)?;
@@ -194,7 +215,7 @@ pub(crate) fn entry_from_proto(
     trust_domain: &TrustDomain,
 ) -> Result<RegistrationEntry, FieldError> {
     // The mandatory fields first, so their errors come in a natural order.
-    let spiffe_id = parse_member_id("spiffe_id", &proto.spiffe_id, trust_domain)?;
+    let spiffe_id = parse_workload_id("spiffe_id", &proto.spiffe_id, trust_domain)?;
     let parent_id = parse_member_id("parent_id", &proto.parent_id, trust_domain)?;
     let selectors = parse_selectors("selectors", &proto.selectors)?;
     let template = RegistrationEntry::new(id, spiffe_id, parent_id, selectors);

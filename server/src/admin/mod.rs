@@ -181,7 +181,7 @@ impl AdminService for AdminApi {
         let td = self.state.trust_domain().clone();
         let alias = match request.spiffe_id.as_str() {
             "" => None,
-            id => Some(convert::parse_member_id("spiffe_id", id, &td)?),
+            id => Some(convert::parse_workload_id("spiffe_id", id, &td)?),
         };
         let ttl = match request.ttl {
             0 => DEFAULT_JOIN_TOKEN_TTL,
@@ -496,7 +496,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::MintX509SvidResponse>, Status> {
         let caller = AdminCaller::of(&request);
         let request = request.into_inner();
-        let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
+        let spiffe_id = convert::parse_workload_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
         if request.dns_names.len() > MAX_DNS_NAMES {
             return Err(FieldError::new("dns_names", format!("at most {MAX_DNS_NAMES} names")).into());
         }
@@ -546,7 +546,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
         let caller = AdminCaller::of(&request);
         let request = request.into_inner();
-        let spiffe_id = convert::parse_member_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
+        let spiffe_id = convert::parse_workload_id("spiffe_id", &request.spiffe_id, self.state.trust_domain())?;
         check_audiences(&request.audiences)?;
         let ttl = match request.ttl {
             0 => self.state.config().default_jwt_svid_ttl,

@@ -114,7 +114,7 @@ fn issue_into(state: &ServerState, resolver: &SvidResolver, now: SystemTime) -> 
     let signer = state.ca().x509_authority_der();
     let svid = state
         .ca()
-        .sign_x509_svid(state.server_id(), &[], ttl, key.public_key().spki_der(), now)
+        .sign_server_svid(state.server_id(), ttl, key.public_key().spki_der(), now)
         .map_err(|err| format!("server certificate: {err}"))?;
     let certified = certified_key(&svid.chain, key.pkcs8_der()).map_err(|err| format!("server certificate: {err}"))?;
     resolver.set(certified);

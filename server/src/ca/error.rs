@@ -104,6 +104,14 @@ pub enum CaError {
     /// A CA certificate could not be created.
     #[error("cannot create the CA certificate: {0}")]
     CaCertificate(#[source] X509SvidError),
+    /// A workload SVID was asked for in the reserved namespace of the server and agents.
+    #[error(
+        "spiffe id {spiffe_id} is in the reserved /tessera namespace (the server's and agents' own identities); workload SVIDs cannot use it"
+    )]
+    ReservedId {
+        /// The refused ID.
+        spiffe_id: SpiffeId,
+    },
     /// The SPIFFE ID to sign is not in this CA's trust domain.
     #[error("spiffe id {spiffe_id} is not in trust domain {trust_domain}")]
     ForeignTrustDomain {

@@ -136,6 +136,17 @@ struct RotationState {
     publish_pending: bool,
 }
 
+/// Whether `spiffe_id` lies in the namespace of the deployment's own identities
+/// (`/tessera`, `/tessera/...`: the server and its agents). Only the server's own SVID and
+/// agent SVIDs are signed there; a workload SVID in it could pass for the server to agents.
+pub fn is_reserved_id(spiffe_id: &SpiffeId) -> bool {
+    let path = spiffe_id.path();
+    path == RESERVED_PATH || path.strip_prefix(RESERVED_PATH).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The path prefix of the deployment's own identities.
+pub const RESERVED_PATH: &str = "/tessera";
+
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertificateAuthority")
@@ -520,6 +531,15 @@ impl CertificateAuthority {
         self.current().jwt_not_after
     }
 
+    /// A workload SVID's ID: in the trust domain and outside the reserved namespace.
+    fn check_workload(&self, spiffe_id: &SpiffeId) -> Result<(), CaError> {
+        self.check_member(spiffe_id)?;
+        if is_reserved_id(spiffe_id) {
+            return Err(CaError::ReservedId { spiffe_id: spiffe_id.clone() });
+        }
+        Ok(())
+    }
+
     fn check_member(&self, spiffe_id: &SpiffeId) -> Result<(), CaError> {
         if spiffe_id.is_member_of(&self.trust_domain) {
             Ok(())
@@ -556,7 +576,8 @@ impl CertificateAuthority {
         now: SystemTime,
     ) -> Result<X509SvidChain, CaError> {
         let start = Instant::now();
-        let signed = self.sign_from_csr(spiffe_id, dns_names, ttl, csr_der, now);
+        let signed =
+            self.check_workload(spiffe_id).and_then(|()| self.sign_from_csr(spiffe_id, dns_names, ttl, csr_der, now));
         self.signing.x509.record(signed.is_ok(), start);
         signed
     }
@@ -589,7 +610,9 @@ impl CertificateAuthority {
         now: SystemTime,
     ) -> Result<X509SvidChain, CaError> {
         let start = Instant::now();
-        let signed = self.sign_from_public_key(spiffe_id, dns_names, ttl, subject_public_key_info_der, now);
+        let signed = self
+            .check_workload(spiffe_id)
+            .and_then(|()| self.sign_from_public_key(spiffe_id, dns_names, ttl, subject_public_key_info_der, now));
         self.signing.x509.record(signed.is_ok(), start);
         signed
     }
@@ -609,6 +632,18 @@ impl CertificateAuthority {
             .sign_x509_svid(&template, subject_public_key_info_der, now, &self.rng)
             .map_err(|source| CaError::X509Svid { spiffe_id: spiffe_id.clone(), source })?;
         Ok(Self::chain(&active, leaf, ttl, now))
+    }
+
+    /// Signs the server's own X.509-SVID (`spiffe://<td>/tessera/server`, the identity agents
+    /// check when they connect) over a public key the server generated.
+    pub fn sign_server_svid(
+        &self,
+        server_id: &SpiffeId,
+        ttl: Duration,
+        subject_public_key_info_der: &[u8],
+        now: SystemTime,
+    ) -> Result<X509SvidChain, CaError> {
+        self.sign_from_public_key(server_id, &[], ttl, subject_public_key_info_der, now)
     }
 
     /// Signs an agent's X.509-SVID from its CSR (same rules as
@@ -636,7 +671,7 @@ impl CertificateAuthority {
         now: SystemTime,
     ) -> Result<(String, SystemTime), CaError> {
         let start = Instant::now();
-        let signed = self.sign_jwt(spiffe_id, audiences, ttl, now);
+        let signed = self.check_workload(spiffe_id).and_then(|()| self.sign_jwt(spiffe_id, audiences, ttl, now));
         self.signing.jwt.record(signed.is_ok(), start);
         signed
     }

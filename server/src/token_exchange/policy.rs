@@ -270,6 +270,16 @@ fn compile_policy(
 ) -> Result<Policy, (&'static str, String)> {
     let template = SpiffeIdTemplate::parse(&config.spiffe_id, &server.trust_domain)
         .map_err(|message| ("token_exchange.policy.spiffe_id", message))?;
+    if template.sample().is_ok_and(|sample| crate::ca::is_reserved_id(&sample)) {
+        return Err((
+            "token_exchange.policy.spiffe_id",
+            format!(
+                "{:?} lies in the reserved {} namespace of the server's and agents' own identities",
+                config.spiffe_id,
+                crate::ca::RESERVED_PATH
+            ),
+        ));
+    }
     let condition = compile_condition(&config.condition, &issuer.immutable_claims)
         .map_err(|message| ("token_exchange.policy.condition", message))?;
     Ok(Policy {
@@ -447,9 +457,15 @@ impl Policy {
         condition_holds(&self.condition, claims)
     }
 
-    /// The SPIFFE ID for `claims`, or why none can be made.
+    /// The SPIFFE ID for `claims`, or why none can be made. Claims such as `tessera` and
+    /// `server` must not make one of the deployment's own identities, so an ID in the reserved
+    /// namespace is refused here (and the CA would refuse to sign it).
     pub fn spiffe_id(&self, claims: &Map<String, Value>) -> Result<SpiffeId, String> {
-        self.template.render(claims)
+        let id = self.template.render(claims)?;
+        if crate::ca::is_reserved_id(&id) {
+            return Err(format!("{id} is in the reserved {} namespace", crate::ca::RESERVED_PATH));
+        }
+        Ok(id)
     }
 }
 
@@ -517,7 +533,14 @@ impl SpiffeIdTemplate {
             }
         }
         let template = Self { parts };
-        let sample: String = template
+        template.sample()?;
+        Ok(template)
+    }
+
+    /// The ID with every placeholder filled in with `x`: what the template's fixed parts
+    /// make of an ordinary claim value.
+    pub fn sample(&self) -> Result<SpiffeId, String> {
+        let sample: String = self
             .parts
             .iter()
             .map(|part| match part {
@@ -525,9 +548,7 @@ impl SpiffeIdTemplate {
                 TemplatePart::Claim(_) => "x",
             })
             .collect();
-        SpiffeId::parse(&sample)
-            .map_err(|err| format!("{sample:?} (placeholders filled in) is not a SPIFFE ID: {err}"))?;
-        Ok(template)
+        SpiffeId::parse(&sample).map_err(|err| format!("{sample:?} (placeholders filled in) is not a SPIFFE ID: {err}"))
     }
 
     /// The text before the first placeholder (the whole template when it has none).
@@ -694,6 +715,46 @@ mod tests {
             "spiffe://example.org//{sub}",
         ] {
             assert!(SpiffeIdTemplate::parse(bad, &td).is_err(), "{bad}");
+        }
+    }
+
+    fn exchange_config(spiffe_id: &str) -> Result<ServerConfig, crate::config::ConfigError> {
+        let text = format!(
+            r#"trust_domain = "example.org"
+[[token_exchange.issuer]]
+issuer = "https://issuer.example"
+jwks = '{{"keys": [{{"kty": "EC", "crv": "P-256", "kid": "k", "x": "0gcbgdGUyKc7UjwpOKT-3AafpIoAmpdS7SIP7jyy7Yo", "y": "bTstaiQUnJtWW8bFibM1KpG6EYtuN39V3bnZY_R6uNc"}}]}}'
+audience = "tessera"
+[[token_exchange.policy]]
+name = "p"
+issuer = "https://issuer.example"
+spiffe_id = "{spiffe_id}"
+condition = 'claims.sub == "x"'
+"#
+        );
+        crate::config::parse(&text, std::path::Path::new("server.toml"))
+    }
+
+    #[test]
+    fn the_reserved_namespace_is_refused_at_load_and_when_claims_would_reach_it() {
+        for reserved in ["spiffe://example.org/tessera/{sub}", "spiffe://example.org/tessera/server"] {
+            let message = exchange_config(reserved).unwrap_err().to_string();
+            assert!(message.contains("token_exchange.policy.spiffe_id"), "{reserved}: {message}");
+            assert!(message.contains("reserved /tessera namespace"), "{reserved}: {message}");
+        }
+        for allowed in ["spiffe://example.org/tesseract/{sub}", "spiffe://example.org/ci/tessera/{sub}"] {
+            exchange_config(allowed).unwrap_or_else(|err| panic!("{allowed}: {err}"));
+        }
+        let config = exchange_config("spiffe://example.org/{a}/{b}").unwrap();
+        let Compiled { policies, .. } = compile(&config).unwrap();
+        let policy = &policies[0];
+        assert_eq!(
+            policy.spiffe_id(&claims(json!({"a": "ci", "b": "server"}))).unwrap().as_str(),
+            "spiffe://example.org/ci/server"
+        );
+        for (a, b) in [("tessera", "server"), ("tessera", "agent")] {
+            let err = policy.spiffe_id(&claims(json!({"a": a, "b": b}))).unwrap_err();
+            assert!(err.contains("reserved"), "{a}/{b}: {err}");
         }
     }
 
