@@ -114,10 +114,21 @@ fn print_progress(line: &str) {
     eprintln!("tessera-loadgen: {line}");
 }
 
+/// Prints the first failed call of each status code (the figures count them all), so a
+/// failure count comes with its cause.
+fn report_failure(mode: &str, status: &tonic::Status) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(status.code() as i32);
+    if first {
+        print_progress(&format!("{mode}: call failed with {:?}: {}", status.code(), status.message()));
+    }
+}
+
 /// `x509`: X.509-SVIDs/s through `BatchNewX509Svid` (see the [module docs](self)) against
 /// "parse CSR + verify + sign" on all cores.
 pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
-    let server = SimServer::start().await?;
+    let server = SimServer::start_for_throughput().await?;
     let agents = agents_with_entries(&server, "x509", options).await?;
     // The CSRs are made before the clock starts; each batch asks for every entry of its agent.
     let mut batches = Vec::new();
@@ -143,7 +154,10 @@ pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
                     .count() as u64;
                 (ok, items - ok)
             }
-            Err(_) => (0, items),
+            Err(status) => {
+                report_failure("x509", &status);
+                (0, items)
+            }
         }
     };
     // Warm-up: one batch per agent, untimed.
@@ -174,7 +188,7 @@ pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
 
 /// `jwt`: JWT-SVIDs/s through `NewJwtSvid` against the raw ES256 mint rate on all cores.
 pub async fn jwt(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
-    let server = SimServer::start().await?;
+    let server = SimServer::start_for_throughput().await?;
     let agents: Vec<(SimAgent, Arc<Vec<String>>)> = agents_with_entries(&server, "jwt", options)
         .await?
         .into_iter()
@@ -185,7 +199,11 @@ pub async fn jwt(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
         let request = pb::NewJwtSvidRequest { entry_id, audiences: vec![AUDIENCE.to_owned()] };
         match agent.client.clone().new_jwt_svid(request).await {
             Ok(response) if !response.get_ref().token.is_empty() => (1, 0),
-            _ => (0, 1),
+            Ok(_) => (0, 1),
+            Err(status) => {
+                report_failure("jwt", &status);
+                (0, 1)
+            }
         }
     };
     for (agent, entries) in &agents {

@@ -36,6 +36,13 @@
 //! the current second, so signing calls reuse the last set computed for the same agent
 //! identity at the same entry revision and second ([`AuthorizedCache`]) instead of decoding
 //! every authorized entry on every call; any entry change moves the revision and recomputes.
+//! The revision is the one the datastore publishes after every durable entry write
+//! ([`crate::datastore::DataStore::subscribe`]), so a cache hit reads nothing from the store.
+//!
+//! With the connection's remembered chain verification and node record (see [`auth`]), a
+//! `NewJwtSvid` call for an unchanged agent thus reaches the signature without a datastore
+//! read or a hop to the blocking pool, and the ES256 signature itself runs inline (it is
+//! shorter than such a hop; the signing permit bounds how many run at once).
 
 pub(crate) mod attest;
 mod audit;
@@ -113,6 +120,8 @@ pub struct AgentApi {
     limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
+    /// The datastore's latest committed entry revision (the key of `authorized_cache`).
+    revisions: watch::Receiver<u64>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -131,6 +140,7 @@ impl AgentApi {
         Self {
             rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
             limits: Arc::new(overload::Limits::from_config(state.config())),
+            revisions: state.datastore().subscribe(),
             state,
             authorized_cache: Arc::default(),
             stopped,
@@ -143,15 +153,16 @@ impl AgentApi {
     }
 
     async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<AuthorizedSet, Status> {
+        // The revision is read before the set is computed: an entry write in between only
+        // makes the next call recompute. A hit costs no datastore read.
+        let now = now_secs();
+        let revision = *self.revisions.borrow();
+        if let Some(set) = self.authorized_cache.get(&agent.identity, revision, now) {
+            return Ok(set);
+        }
         let (server_id, identity) = (self.state.server_id().clone(), agent.identity.clone());
         let cache = Arc::clone(&self.authorized_cache);
         blocking(self.state.datastore(), move |store| {
-            let now = now_secs();
-            // Read before computing: a write in between only makes the next call recompute.
-            let revision = store.current_revision()?;
-            if let Some(set) = cache.get(&identity, revision, now) {
-                return Ok(set);
-            }
             let set = Arc::new(authorized_entries(store, &server_id, &identity, now)?);
             cache.put(identity, revision, now, Arc::clone(&set));
             Ok(set)
@@ -362,18 +373,16 @@ impl AgentService for AgentApi {
         };
         self.rate.take(agent.id(), 1, std::time::Instant::now())?;
         let permit = self.signing_permit(&agent).await?;
-        let state = Arc::clone(&self.state);
         let ttl = entry.jwt_svid_ttl.unwrap_or(self.state.config().default_jwt_svid_ttl);
-        let audiences = request.audiences.clone();
-        let spiffe_id = entry.spiffe_id.clone();
-        let (token, expires_at) = tokio::task::spawn_blocking(move || {
-            state.ca().sign_jwt_svid(&entry.spiffe_id, &audiences, ttl, SystemTime::now())
-        })
-        .await
-        .map_err(|err| Status::internal(format!("signing task: {err}")))?
-        .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
+        // Inline: one ES256 signature (tens of microseconds) costs less than a hop to the
+        // blocking pool and back, and the signing permit bounds how many run at once.
+        let (token, expires_at) = self
+            .state
+            .ca()
+            .sign_jwt_svid(&entry.spiffe_id, &request.audiences, ttl, SystemTime::now())
+            .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
         drop(permit);
-        self.state.audit().emit(audit::jwt_issued(&token, &spiffe_id, &request, agent.id(), expires_at));
+        self.state.audit().emit(audit::jwt_issued(&token, &entry.spiffe_id, &request, agent.id(), expires_at));
         Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
     }
 
