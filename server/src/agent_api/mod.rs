@@ -178,6 +178,21 @@ impl AgentApi {
     }
 }
 
+/// The audiences of a JWT-SVID request: 1 to [`MAX_AUDIENCES`], each 1 to
+/// [`MAX_AUDIENCE_LEN`] bytes.
+fn check_audiences(audiences: &[String]) -> Result<(), String> {
+    if audiences.is_empty() {
+        return Err("audiences: at least one audience is required".to_owned());
+    }
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(format!("audiences: at most {MAX_AUDIENCES}"));
+    }
+    if audiences.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
+        return Err(format!("audiences: each must be 1 to {MAX_AUDIENCE_LEN} bytes"));
+    }
+    Ok(())
+}
+
 /// The per-item status of a signing failure.
 fn sign_error_status(err: &CaError) -> rpc::Status {
     let code = match err {
@@ -356,17 +371,7 @@ impl AgentService for AgentApi {
             tracing::warn!(agent = %agent.id(), entry = %request.entry_id, reason = %status.message(), "JWT-SVID refused");
             status
         };
-        if request.audiences.is_empty() {
-            return Err(refuse(Status::invalid_argument("audiences: at least one audience is required")));
-        }
-        if request.audiences.len() > MAX_AUDIENCES {
-            return Err(refuse(Status::invalid_argument(format!("audiences: at most {MAX_AUDIENCES}"))));
-        }
-        if request.audiences.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
-            return Err(refuse(Status::invalid_argument(format!(
-                "audiences: each must be 1 to {MAX_AUDIENCE_LEN} bytes"
-            ))));
-        }
+        check_audiences(&request.audiences).map_err(|message| refuse(Status::invalid_argument(message)))?;
         let authorized = self.authorized(&agent).await?;
         let Some(entry) = authorized.get(&request.entry_id).cloned() else {
             return Err(refuse(Status::not_found(NOT_AUTHORIZED)));
@@ -384,6 +389,74 @@ impl AgentService for AgentApi {
         drop(permit);
         self.state.audit().emit(audit::jwt_issued(&token, &entry.spiffe_id, &request, agent.id(), expires_at));
         Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
+    }
+
+    async fn batch_new_jwt_svid(
+        &self,
+        request: Request<pb::BatchNewJwtSvidRequest>,
+    ) -> Result<Response<pb::BatchNewJwtSvidResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "BatchNewJwtSvid").await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            tracing::warn!(agent = %agent.id(), items = params.len(), "JWT-SVID batch refused: too large");
+            return Err(Status::invalid_argument(format!(
+                "params: {} items; at most {MAX_BATCH} per call",
+                params.len()
+            )));
+        }
+        if params.is_empty() {
+            return Ok(Response::new(pb::BatchNewJwtSvidResponse { results: Vec::new() }));
+        }
+        self.rate.take(agent.id(), params.len(), std::time::Instant::now())?;
+        let authorized = self.authorized(&agent).await?;
+        let permit = self.signing_permit(&agent).await?;
+        let state = Arc::clone(&self.state);
+        let default_ttl = self.state.config().default_jwt_svid_ttl;
+        let agent_id = agent.id().clone();
+        // One hop to the blocking pool per batch: up to MAX_BATCH signatures are too long to
+        // run on a runtime worker.
+        let results = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            params
+                .into_iter()
+                .map(|item| {
+                    let signed = match (check_audiences(&item.audiences), authorized.get(&item.entry_id)) {
+                        (Err(message), _) => Err(item_error(Code::InvalidArgument, message)),
+                        (Ok(()), None) => Err(item_error(Code::NotFound, NOT_AUTHORIZED)),
+                        (Ok(()), Some(entry)) => {
+                            let ttl = entry.jwt_svid_ttl.unwrap_or(default_ttl);
+                            match state.ca().sign_jwt_svid(&entry.spiffe_id, &item.audiences, ttl, now) {
+                                Ok((token, expires_at)) => {
+                                    state.audit().emit(audit::jwt_issued(
+                                        &token,
+                                        &entry.spiffe_id,
+                                        &item,
+                                        &agent_id,
+                                        expires_at,
+                                    ));
+                                    Ok(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) })
+                                }
+                                Err(err) => Err(sign_error_status(&err)),
+                            }
+                        }
+                    };
+                    if let Err(status) = &signed {
+                        tracing::warn!(agent = %agent_id, entry = %item.entry_id, reason = %status.message, "JWT-SVID refused");
+                    }
+                    pb::NewJwtSvidResult {
+                        entry_id: item.entry_id,
+                        result: Some(match signed {
+                            Ok(svid) => pb::new_jwt_svid_result::Result::Svid(svid),
+                            Err(status) => pb::new_jwt_svid_result::Result::Error(status),
+                        }),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|err| Status::internal(format!("signing task: {err}")))?;
+        drop(permit);
+        Ok(Response::new(pb::BatchNewJwtSvidResponse { results }))
     }
 
     async fn fetch_bundle(
