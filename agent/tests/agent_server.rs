@@ -289,6 +289,21 @@ async fn jwt_svids_are_fetched_once_and_then_served_from_the_cache() {
     let third = with_deadline("JWT fetch", source.fetch_jwt_svid(&entry, &["other".to_owned()])).await.unwrap();
     assert_ne!(third.token, first.token);
     assert_eq!(agent.jwt_svids().server_fetches(), 2);
+    assert_eq!(agent.jwt_svids().server_calls(), 2, "lone misses go out at once, one call each");
+
+    // Concurrent misses travel together: one BatchNewJwtSvid call carries many of them.
+    let bursts: Vec<[String; 1]> = (0..40).map(|n| [format!("burst-{n}")]).collect();
+    let burst = futures_util::future::join_all(bursts.iter().map(|aud| source.fetch_jwt_svid(&entry, aud)));
+    let tokens = with_deadline("JWT burst", burst).await;
+    for (token, aud) in tokens.iter().zip(&bursts) {
+        let token = token.as_ref().unwrap();
+        let bundle = agent.cache().current().bundles.clone();
+        let claims = tessera_spiffe::jwt::validate(&token.token, bundle.as_ref(), aud, SystemTime::now()).unwrap();
+        assert_eq!(claims.spiffe_id(), &entry.spiffe_id);
+    }
+    assert_eq!(agent.jwt_svids().server_fetches(), 42);
+    let calls = agent.jwt_svids().server_calls() - 2;
+    assert!(calls < 40, "40 concurrent misses took {calls} calls: they were not batched");
 
     // An entry the agent does not hold is refused locally.
     let mut stranger = CachedEntry::clone(&entry);

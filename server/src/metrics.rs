@@ -29,6 +29,7 @@ pub const AGENT_API_METHODS: &[(&str, &str)] = &[
     ("/tessera.agent.v1.AgentService/SyncEntries", "SyncEntries"),
     ("/tessera.agent.v1.AgentService/BatchNewX509Svid", "BatchNewX509Svid"),
     ("/tessera.agent.v1.AgentService/NewJwtSvid", "NewJwtSvid"),
+    ("/tessera.agent.v1.AgentService/BatchNewJwtSvid", "BatchNewJwtSvid"),
     ("/tessera.agent.v1.AgentService/FetchBundle", "FetchBundle"),
 ];
 

@@ -514,6 +514,82 @@ async fn jwt_svids_need_an_authorized_entry_and_an_audience() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_svid_batches_check_every_item_on_its_own() {
+    let dir = tempdir();
+    let server = start_memory(dir.path()).await;
+    let mut agent = attest(&server, "jb1").await;
+    let other = attest(&server, "jb2").await;
+    let store = store(&server);
+    entry(&store, "api", "/api", &agent.id, &["unix:uid:1"]);
+    entry(&store, "web", "/web", &agent.id, &["unix:uid:2"]);
+    entry(&store, "theirs", "/theirs", &other.id, &["unix:uid:1"]);
+    let item = |entry_id: &str, audiences: &[&str]| pb::NewJwtSvidRequest {
+        entry_id: entry_id.into(),
+        audiences: audiences.iter().map(|a| (*a).to_owned()).collect(),
+    };
+    let params = vec![
+        item("api", &["db"]),
+        item("theirs", &["db"]),
+        item("web", &[]),
+        item("web", &["cache", "db"]),
+        item("missing", &["db"]),
+    ];
+    let results =
+        agent.client.batch_new_jwt_svid(pb::BatchNewJwtSvidRequest { params }).await.unwrap().into_inner().results;
+    let outcome: Vec<(String, Result<String, i32>)> = results
+        .into_iter()
+        .map(|result| {
+            let outcome = match result.result.unwrap() {
+                pb::new_jwt_svid_result::Result::Svid(svid) => Ok(svid.token),
+                pb::new_jwt_svid_result::Result::Error(status) => Err(status.code),
+            };
+            (result.entry_id, outcome)
+        })
+        .collect();
+    let ids: Vec<&str> = outcome.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["api", "theirs", "web", "web", "missing"], "one result per item, in order");
+    assert_eq!(outcome[1].1, Err(Code::NotFound as i32), "another agent's entry");
+    assert_eq!(outcome[2].1, Err(Code::InvalidArgument as i32), "no audience");
+    assert_eq!(outcome[4].1, Err(Code::NotFound as i32), "unknown entry");
+    for (index, (spiffe_id, audience)) in
+        [(0, ("spiffe://example.org/api", "db")), (3, ("spiffe://example.org/web", "cache"))]
+    {
+        let token = outcome[index].1.as_ref().unwrap();
+        let claims = tessera_spiffe::jwt::validate(token, &bundle(&server), &[audience], SystemTime::now()).unwrap();
+        assert_eq!(claims.spiffe_id().as_str(), spiffe_id);
+    }
+
+    let too_many = vec![item("api", &["db"]); tessera_server::agent_api::MAX_BATCH + 1];
+    let status = agent.client.batch_new_jwt_svid(pb::BatchNewJwtSvidRequest { params: too_many }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_or_eviction_refuses_the_next_call_on_a_connection_that_was_just_served() {
+    let dir = tempdir();
+    let server = start_memory(dir.path()).await;
+    let store = store(&server);
+    for (name, revoke) in [("nb1", "ban"), ("nb2", "evict")] {
+        let mut agent = attest(&server, name).await;
+        entry(&store, &format!("{name}-api"), &format!("/{name}"), &agent.id, &["unix:uid:1"]);
+        let request = || pb::NewJwtSvidRequest { entry_id: format!("{name}-api"), audiences: vec!["db".into()] };
+        // Served twice: the second call reuses what the connection remembered.
+        agent.client.new_jwt_svid(request()).await.unwrap();
+        agent.client.new_jwt_svid(request()).await.unwrap();
+        if revoke == "ban" {
+            store.ban_attested_node(&agent.id).unwrap();
+        } else {
+            store.delete_attested_node(&agent.id).unwrap();
+        }
+        let status = agent.client.new_jwt_svid(request()).await.unwrap_err();
+        let expected = if revoke == "ban" { Code::PermissionDenied } else { Code::Unauthenticated };
+        assert_eq!(status.code(), expected, "{revoke}: {status:?}");
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_the_ca_nodes_and_entries() {
     let dir = tempdir();
     let server = tessera_server::server::start(config(dir.path())).await.unwrap();

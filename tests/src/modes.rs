@@ -114,10 +114,21 @@ fn print_progress(line: &str) {
     eprintln!("tessera-loadgen: {line}");
 }
 
+/// Prints the first failed call of each status code (the figures count them all), so a
+/// failure count comes with its cause.
+fn report_failure(mode: &str, status: &tonic::Status) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<i32>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(status.code() as i32);
+    if first {
+        print_progress(&format!("{mode}: call failed with {:?}: {}", status.code(), status.message()));
+    }
+}
+
 /// `x509`: X.509-SVIDs/s through `BatchNewX509Svid` (see the [module docs](self)) against
 /// "parse CSR + verify + sign" on all cores.
 pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
-    let server = SimServer::start().await?;
+    let server = SimServer::start_for_throughput().await?;
     let agents = agents_with_entries(&server, "x509", options).await?;
     // The CSRs are made before the clock starts; each batch asks for every entry of its agent.
     let mut batches = Vec::new();
@@ -143,7 +154,10 @@ pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
                     .count() as u64;
                 (ok, items - ok)
             }
-            Err(_) => (0, items),
+            Err(status) => {
+                report_failure("x509", &status);
+                (0, items)
+            }
         }
     };
     // Warm-up: one batch per agent, untimed.
@@ -172,29 +186,64 @@ pub async fn x509(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
     ])
 }
 
-/// `jwt`: JWT-SVIDs/s through `NewJwtSvid` against the raw ES256 mint rate on all cores.
+/// `jwt`: JWT-SVIDs/s through `BatchNewJwtSvid` (one token per entry of the agent per call,
+/// as agents batch their misses) against the raw ES256 mint rate on all cores; then, for
+/// comparison, the same through the unary `NewJwtSvid` (one round trip per token).
 pub async fn jwt(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
-    let server = SimServer::start().await?;
+    let server = SimServer::start_for_throughput().await?;
     let agents: Vec<(SimAgent, Arc<Vec<String>>)> = agents_with_entries(&server, "jwt", options)
         .await?
         .into_iter()
         .map(|(agent, entries)| (agent, Arc::new(entries)))
         .collect();
-    let call = |agent: SimAgent, entries: Arc<Vec<String>>, n: u64| async move {
+    let batch_call = |agent: SimAgent, entries: Arc<Vec<String>>, _n: u64| async move {
+        let params: Vec<pb::NewJwtSvidRequest> = entries
+            .iter()
+            .map(|entry_id| pb::NewJwtSvidRequest { entry_id: entry_id.clone(), audiences: vec![AUDIENCE.to_owned()] })
+            .collect();
+        let items = params.len() as u64;
+        match agent.client.clone().batch_new_jwt_svid(pb::BatchNewJwtSvidRequest { params }).await {
+            Ok(response) => {
+                let ok = response
+                    .into_inner()
+                    .results
+                    .iter()
+                    .filter(
+                        |r| matches!(&r.result, Some(pb::new_jwt_svid_result::Result::Svid(s)) if !s.token.is_empty()),
+                    )
+                    .count() as u64;
+                (ok, items - ok)
+            }
+            Err(status) => {
+                report_failure("jwt", &status);
+                (0, items)
+            }
+        }
+    };
+    let unary_call = |agent: SimAgent, entries: Arc<Vec<String>>, n: u64| async move {
         let entry_id = entries[(n as usize) % entries.len()].clone();
         let request = pb::NewJwtSvidRequest { entry_id, audiences: vec![AUDIENCE.to_owned()] };
         match agent.client.clone().new_jwt_svid(request).await {
             Ok(response) if !response.get_ref().token.is_empty() => (1, 0),
-            _ => (0, 1),
+            Ok(_) => (0, 1),
+            Err(status) => {
+                report_failure("jwt unary", &status);
+                (0, 1)
+            }
         }
     };
     for (agent, entries) in &agents {
-        if call(agent.clone(), Arc::clone(entries), 0).await.1 > 0 {
+        if batch_call(agent.clone(), Arc::clone(entries), 0).await.1 > 0 {
+            bail!("warm-up BatchNewJwtSvid failed for {}", agent.id);
+        }
+        if unary_call(agent.clone(), Arc::clone(entries), 0).await.1 > 0 {
             bail!("warm-up NewJwtSvid failed for {}", agent.id);
         }
     }
-    print_progress("jwt: measuring NewJwtSvid");
-    let (done, failed, mut latency, elapsed) = drive(&agents, options, call).await?;
+    print_progress("jwt: measuring BatchNewJwtSvid");
+    let (done, failed, mut latency, elapsed) = drive(&agents, options, batch_call).await?;
+    print_progress("jwt: measuring NewJwtSvid (unary)");
+    let (unary_done, unary_failed, mut unary_latency, unary_elapsed) = drive(&agents, options, unary_call).await?;
     server.shutdown().await?;
     print_progress("jwt: measuring the limit (ES256 mint on all cores)");
     let cores = probe::cores();
@@ -203,12 +252,17 @@ pub async fn jwt(options: &ThroughputOptions) -> anyhow::Result<Vec<Figure>> {
         tokio::task::spawn_blocking(move || probe::rate_on_all_cores(cores, probe_duration, probe::es256_mint_op))
             .await??;
     let rate = done as f64 / elapsed.as_secs_f64();
+    let unary_rate = unary_done as f64 / unary_elapsed.as_secs_f64();
+    let limit_name = format!("ring_es256_mint_x{cores}_threads");
     Ok(vec![
-        Figure::new("jwt.svids_per_sec", rate, "/s", Target::RatioAtLeast(0.5))
-            .against(limit, format!("ring_es256_mint_x{cores}_threads")),
-        Figure::new("jwt.call_p50_us", micros(latency.percentile(50.0)), "us", Target::None),
-        Figure::new("jwt.call_p99_us", micros(latency.percentile(99.0)), "us", Target::None),
+        Figure::new("jwt.svids_per_sec", rate, "/s", Target::RatioAtLeast(0.5)).against(limit, limit_name.clone()),
+        Figure::new("jwt.batch_p50_ms", millis(latency.percentile(50.0)), "ms", Target::None),
+        Figure::new("jwt.batch_p99_ms", millis(latency.percentile(99.0)), "ms", Target::None),
         Figure::new("jwt.failures", failed as f64, "count", Target::Zero),
+        Figure::new("jwt.unary_svids_per_sec", unary_rate, "/s", Target::None).against(limit, limit_name),
+        Figure::new("jwt.unary_call_p50_us", micros(unary_latency.percentile(50.0)), "us", Target::None),
+        Figure::new("jwt.unary_call_p99_us", micros(unary_latency.percentile(99.0)), "us", Target::None),
+        Figure::new("jwt.unary_failures", unary_failed as f64, "count", Target::Zero),
     ])
 }
 

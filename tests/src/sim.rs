@@ -50,6 +50,17 @@ impl SimServer {
         Ok(Self { server, dir })
     }
 
+    /// Starts a server for a signing-throughput figure: as [`Self::start`], but without the
+    /// per-agent rate limit (`agent_svid_rate_limit = 0`), which would otherwise measure the
+    /// limiter (100 SVIDs/s per agent by default) instead of the server. The server-wide
+    /// overload limits keep their defaults.
+    pub async fn start_for_throughput() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tlg").tempdir_in("/tmp").context("temporary directory")?;
+        let config = ServerConfig { agent_svid_rate_limit: 0, ..config(dir.path())? };
+        let server = server::start(config).await.context("starting the server")?;
+        Ok(Self { server, dir })
+    }
+
     /// The temporary directory (data directory and admin socket are inside).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -66,6 +66,8 @@ async fn jwt_mode_prints_the_rate_beside_the_mint_limit() {
     let out = loadgen(&["jwt", "--agents", "2", "--entries", "2", "--seconds", "0.5", "--probe-seconds", "0.2"]).await;
     assert_throughput(&out, "jwt.svids_per_sec");
     assert_eq!(number(&figure(&out, "jwt.failures"), "value"), 0.0, "{out}");
+    assert_throughput(&out, "jwt.unary_svids_per_sec");
+    assert_eq!(number(&figure(&out, "jwt.unary_failures"), "value"), 0.0, "{out}");
 }
 
 #[tokio::test]

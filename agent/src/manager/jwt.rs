@@ -1,7 +1,12 @@
-//! JWT-SVIDs for the Workload API: signed by the server on demand (`NewJwtSvid`), validated
-//! against the agent's bundle (signature, `sub` = the entry's SPIFFE ID, audiences, `exp`),
-//! and cached per (entry ID, entry revision, sorted and de-duplicated audiences) until half
-//! their lifetime has passed.
+//! JWT-SVIDs for the Workload API: signed by the server on demand, validated against the
+//! agent's bundle (signature, `sub` = the entry's SPIFFE ID, audiences, `exp`), and cached per
+//! (entry ID, entry revision, sorted and de-duplicated audiences) until half their lifetime has
+//! passed.
+//!
+//! Cache misses go to the server in batches (`BatchNewJwtSvid`, [`batcher`]): the misses that
+//! arrive while earlier batches are in flight travel together in the next call, so a burst of
+//! workloads costs a few round trips instead of one each, and a lone miss is sent at once. A
+//! server without the batch call (`UNIMPLEMENTED`) is asked item by item with `NewJwtSvid`.
 //!
 //! The cache holds at most [`MAX_CACHED`] tokens; when full, expired tokens are dropped
 //! first, then the ones closest to their refresh point. A token for an entry that changed
@@ -12,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tessera_wire::tessera::agent::v1::NewJwtSvidRequest;
+use tessera_wire::tessera::agent::v1::{self as pb, NewJwtSvidRequest};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Code;
 
 use super::Shared;
@@ -21,6 +27,12 @@ use crate::client::CALL_TIMEOUT;
 
 /// Most tokens kept.
 pub const MAX_CACHED: usize = 4096;
+/// Most tokens asked for in one `BatchNewJwtSvid` call.
+pub const MAX_JWT_BATCH: usize = 128;
+/// Most `BatchNewJwtSvid` calls in flight at once.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Most misses waiting for a batch.
+const MAX_WAITING: usize = 4096;
 /// Longest token accepted from the server.
 const MAX_TOKEN_LEN: usize = 64 * 1024;
 
@@ -80,11 +92,41 @@ pub struct JwtSvids {
     cache: Mutex<TokenCache>,
     hits: AtomicU64,
     fetches: AtomicU64,
+    /// The batcher's queue, started on the first miss (inside the runtime).
+    batcher: std::sync::OnceLock<mpsc::Sender<batcher::Pending>>,
+    /// Signing calls made to the server (a batch is one).
+    calls: Arc<AtomicU64>,
 }
 
 impl JwtSvids {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        Self { shared, cache: Mutex::new(TokenCache::default()), hits: AtomicU64::new(0), fetches: AtomicU64::new(0) }
+        Self {
+            shared,
+            cache: Mutex::new(TokenCache::default()),
+            hits: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            batcher: std::sync::OnceLock::new(),
+            calls: Arc::default(),
+        }
+    }
+
+    /// Signing calls made to the server so far: a batch of tokens is one call.
+    pub fn server_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Asks the server for one token through the batcher.
+    async fn sign(&self, request: NewJwtSvidRequest) -> Result<pb::NewJwtSvidResponse, JwtSvidError> {
+        let queue = self.batcher.get_or_init(|| {
+            let (sender, receiver) = mpsc::channel(MAX_WAITING);
+            tokio::spawn(batcher::run(Arc::clone(&self.shared), receiver, Arc::clone(&self.calls)));
+            sender
+        });
+        let (reply, answer) = oneshot::channel();
+        queue
+            .try_send(batcher::Pending { request, reply })
+            .map_err(|_| JwtSvidError::Unavailable("too many JWT-SVID requests are waiting for the server".into()))?;
+        answer.await.map_err(|_| JwtSvidError::Unavailable("the JWT-SVID batcher stopped".into()))?
     }
 
     /// Tokens served from the cache so far.
@@ -125,24 +167,9 @@ impl JwtSvids {
                 return Ok(svid);
             }
         }
-        let mut request =
-            tonic::Request::new(NewJwtSvidRequest { entry_id: entry.id.clone(), audiences: key.audiences.clone() });
-        request.set_timeout(CALL_TIMEOUT);
-        let response = self.shared.client.agent().new_jwt_svid(request).await.map_err(|status| {
-            let message = status.message().to_owned();
-            match status.code() {
-                Code::NotFound | Code::PermissionDenied => JwtSvidError::UnknownEntry(entry.id.clone()),
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::ResourceExhausted
-                | Code::Aborted
-                | Code::Unknown
-                | Code::Cancelled => JwtSvidError::Unavailable(message),
-                _ => JwtSvidError::Refused(message),
-            }
-        })?;
+        let response =
+            self.sign(NewJwtSvidRequest { entry_id: entry.id.clone(), audiences: key.audiences.clone() }).await?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let response = response.into_inner();
         let fetched_at = SystemTime::now();
         if response.token.is_empty() || response.token.len() > MAX_TOKEN_LEN {
             return Err(JwtSvidError::Refused("the server returned an empty or oversized token".to_owned()));
@@ -175,6 +202,113 @@ impl JwtSvids {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TokenCache> {
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// What a refused call or item means for the workload that asked.
+fn error_for(code: Code, message: String, entry_id: &str) -> JwtSvidError {
+    match code {
+        Code::NotFound | Code::PermissionDenied => JwtSvidError::UnknownEntry(entry_id.to_owned()),
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Unknown
+        | Code::Cancelled => JwtSvidError::Unavailable(message),
+        _ => JwtSvidError::Refused(message),
+    }
+}
+
+mod batcher {
+    //! One task that turns concurrent cache misses into `BatchNewJwtSvid` calls: it takes
+    //! every miss waiting (up to [`MAX_JWT_BATCH`]) as one batch, with at most
+    //! [`MAX_BATCHES_IN_FLIGHT`] calls in flight; misses that arrive meanwhile form the next.
+
+    use super::*;
+
+    /// A miss waiting for its token.
+    pub(super) struct Pending {
+        pub(super) request: NewJwtSvidRequest,
+        pub(super) reply: oneshot::Sender<Result<pb::NewJwtSvidResponse, JwtSvidError>>,
+    }
+
+    /// Runs until every sender is gone (the agent is stopping).
+    pub(super) async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Pending>, calls: Arc<AtomicU64>) {
+        let slots = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+        while let Some(first) = queue.recv().await {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            // Everything that queued up while waiting for the slot goes in this batch.
+            let mut batch = vec![first];
+            while batch.len() < MAX_JWT_BATCH {
+                match queue.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            let shared = Arc::clone(&shared);
+            calls.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                send(&shared, batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    async fn send(shared: &Shared, batch: Vec<Pending>) {
+        let params: Vec<NewJwtSvidRequest> = batch.iter().map(|pending| pending.request.clone()).collect();
+        let mut request = tonic::Request::new(pb::BatchNewJwtSvidRequest { params });
+        request.set_timeout(CALL_TIMEOUT);
+        match shared.client.agent().batch_new_jwt_svid(request).await {
+            Ok(response) => {
+                let results = response.into_inner().results;
+                if results.len() != batch.len() {
+                    let message =
+                        format!("the server answered {} results for {} JWT-SVID requests", results.len(), batch.len());
+                    for pending in batch {
+                        let _ = pending.reply.send(Err(JwtSvidError::Refused(message.clone())));
+                    }
+                    return;
+                }
+                for (pending, result) in batch.into_iter().zip(results) {
+                    let entry_id = &pending.request.entry_id;
+                    let answer = if &result.entry_id != entry_id {
+                        Err(JwtSvidError::Refused(format!(
+                            "the server answered for entry {:?} instead of {entry_id:?}",
+                            result.entry_id
+                        )))
+                    } else {
+                        match result.result {
+                            Some(pb::new_jwt_svid_result::Result::Svid(svid)) => Ok(svid),
+                            Some(pb::new_jwt_svid_result::Result::Error(status)) => {
+                                Err(error_for(Code::from(status.code), status.message, entry_id))
+                            }
+                            None => Err(JwtSvidError::Refused("the server answered an empty result".to_owned())),
+                        }
+                    };
+                    let _ = pending.reply.send(answer);
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                // A server from before the batch call: one call per token.
+                for pending in batch {
+                    let mut request = tonic::Request::new(pending.request.clone());
+                    request.set_timeout(CALL_TIMEOUT);
+                    let answer = shared.client.agent().new_jwt_svid(request).await.map(tonic::Response::into_inner);
+                    let entry_id = &pending.request.entry_id;
+                    let _ = pending
+                        .reply
+                        .send(answer.map_err(|status| error_for(status.code(), status.message().to_owned(), entry_id)));
+                }
+            }
+            Err(status) => {
+                for pending in batch {
+                    let error = error_for(status.code(), status.message().to_owned(), &pending.request.entry_id);
+                    let _ = pending.reply.send(Err(error));
+                }
+            }
+        }
     }
 }
 

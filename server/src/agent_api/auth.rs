@@ -23,6 +23,13 @@
 //! checked on every call. A connection's chain cannot change, so only the bundle and the
 //! clock can invalidate the result: a bundle change re-verifies at once, and the validity
 //! period of intermediates is re-checked within [`REVERIFY_AFTER`].
+//!
+//! Steps 3-5 read the node record. The connection also keeps the record it last accepted,
+//! tagged with the datastore's node generation ([`crate::datastore::DataStore::node_generation`])
+//! read *before* the record was; the copy is reused only while the generation has not moved.
+//! Every node write (attestation, renewal, handover, ban, eviction) moves it, so a ban or an
+//! eviction refuses the very next call, exactly as a fresh read would, without a datastore
+//! read (and a hop to the blocking pool) on every call of an unchanged node.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -72,27 +79,72 @@ fn refuse(status: Status, call: &'static str, peer: Option<&AgentConnInfo>, agen
 /// How long a connection reuses its last chain verification (see the [module docs](self)).
 pub(crate) const REVERIFY_AFTER: Duration = Duration::from_secs(30);
 
-/// The bundle's X.509 authorities a verification was checked against, its result, and when.
-type Verification = (Vec<Vec<u8>>, PeerSvid, Instant);
+/// A chain verification: the bundle it was checked against, its result, and when.
+#[derive(Debug)]
+struct Verification {
+    /// The bundle as served then (compared by pointer first: it is the same `Arc` until the
+    /// bundle changes).
+    bundle: Arc<Bundle>,
+    /// That bundle's X.509 authorities (a changed bundle with the same ones needs no new
+    /// verification, e.g. after a JWT key rotation).
+    authorities: Vec<Vec<u8>>,
+    peer: PeerSvid,
+    at: Instant,
+}
 
-/// One connection's last successful chain verification.
+/// A node record accepted by steps 3-5, and the node generation read before it was.
+#[derive(Debug)]
+struct AcceptedNode {
+    generation: u64,
+    /// The serial it was accepted for (the node's current serial).
+    serial: String,
+    node: AttestedNode,
+}
+
+/// One connection's last successful chain verification and node check.
 #[derive(Debug, Default)]
-pub(crate) struct VerifiedPeer(Mutex<Option<Verification>>);
+pub(crate) struct VerifiedPeer {
+    chain: Mutex<Option<Verification>>,
+    node: Mutex<Option<AcceptedNode>>,
+}
 
 impl VerifiedPeer {
     /// The remembered result, if it was verified against `bundle`'s current X.509
     /// authorities less than [`REVERIFY_AFTER`] ago.
-    fn get(&self, bundle: &Bundle) -> Option<PeerSvid> {
-        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let (authorities, peer, at) = guard.as_ref()?;
-        let same = authorities.len() == bundle.x509_authorities().len()
-            && authorities.iter().zip(bundle.x509_authorities()).all(|(a, b)| a.as_slice() == b);
-        (same && at.elapsed() < REVERIFY_AFTER).then(|| peer.clone())
+    fn get(&self, bundle: &Arc<Bundle>) -> Option<PeerSvid> {
+        let mut guard = self.chain.lock().unwrap_or_else(PoisonError::into_inner);
+        let verification = guard.as_mut()?;
+        if verification.at.elapsed() >= REVERIFY_AFTER {
+            return None;
+        }
+        if !Arc::ptr_eq(&verification.bundle, bundle) {
+            let same = verification.authorities.len() == bundle.x509_authorities().len()
+                && verification.authorities.iter().zip(bundle.x509_authorities()).all(|(a, b)| a.as_slice() == b);
+            if !same {
+                return None;
+            }
+            verification.bundle = Arc::clone(bundle);
+        }
+        Some(verification.peer.clone())
     }
 
-    fn remember(&self, bundle: &Bundle, peer: &PeerSvid) {
+    fn remember(&self, bundle: &Arc<Bundle>, peer: &PeerSvid) {
         let authorities = bundle.x509_authorities().map(<[u8]>::to_vec).collect();
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((authorities, peer.clone(), Instant::now()));
+        *self.chain.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Verification { bundle: Arc::clone(bundle), authorities, peer: peer.clone(), at: Instant::now() });
+    }
+
+    /// The node accepted for `serial` at node generation `generation`, if that is still the
+    /// generation.
+    fn accepted_node(&self, generation: u64, serial: &str) -> Option<AttestedNode> {
+        let guard = self.node.lock().unwrap_or_else(PoisonError::into_inner);
+        let accepted = guard.as_ref()?;
+        (accepted.generation == generation && accepted.serial == serial).then(|| accepted.node.clone())
+    }
+
+    fn accept_node(&self, generation: u64, serial: &str, node: &AttestedNode) {
+        *self.node.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(AcceptedNode { generation, serial: serial.to_owned(), node: node.clone() });
     }
 }
 
@@ -117,7 +169,7 @@ pub(crate) async fn authenticate<T>(
         ));
     };
     let now = SystemTime::now();
-    let bundle = state.ca().bundle();
+    let bundle = state.ca().shared_bundle();
     let peer = match info.and_then(|i| i.verified.get(&bundle)) {
         Some(peer) => peer,
         None => {
@@ -130,7 +182,46 @@ pub(crate) async fn authenticate<T>(
             peer
         }
     };
-    check_node(state, &peer, now).await.map_err(|status| refuse(status, call, info, Some(&peer.spiffe_id)))
+    // Read before the node is: a write after this point moves it and voids what is kept.
+    let generation = state.datastore().node_generation();
+    if let Some(node) = info.and_then(|i| i.verified.accepted_node(generation, &peer.serial_hex)) {
+        return accept_known_node(state, &peer, node, now)
+            .map_err(|status| refuse(status, call, info, Some(&peer.spiffe_id)));
+    }
+    let agent =
+        check_node(state, &peer, now).await.map_err(|status| refuse(status, call, info, Some(&peer.spiffe_id)))?;
+    if let Some(info) = info {
+        info.verified.accept_node(generation, &agent.serial, &agent.node);
+    }
+    Ok(agent)
+}
+
+/// Steps 3-5 for a node record accepted earlier on this connection and unchanged since (same
+/// node generation): what [`check_node`] would conclude from the same record, without the read.
+fn accept_known_node(
+    state: &ServerState,
+    peer: &PeerSvid,
+    node: AttestedNode,
+    now: SystemTime,
+) -> Result<AuthenticatedAgent, Status> {
+    if peer.not_after <= now {
+        return Err(Status::unauthenticated("agent SVID has expired"));
+    }
+    if !is_agent_id(state, &peer.spiffe_id) {
+        return Err(Status::permission_denied(format!("{} is not an agent ID", peer.spiffe_id)));
+    }
+    if node.banned {
+        return Err(Status::permission_denied("agent is banned"));
+    }
+    if node.serial != peer.serial_hex || node.spiffe_id != peer.spiffe_id {
+        return Err(Status::unauthenticated("agent SVID is no longer current (superseded by a renewal)"));
+    }
+    Ok(AuthenticatedAgent {
+        identity: AgentIdentity { agent_id: peer.spiffe_id.clone(), node_selectors: node.selectors.clone() },
+        serial: peer.serial_hex.clone(),
+        svid_expires_at: peer.not_after,
+        node,
+    })
 }
 
 /// Checks steps 3-5 for a verified peer SVID, doing the serial handover when needed.
@@ -214,7 +305,7 @@ pub(crate) async fn recheck(state: &Arc<ServerState>, agent: &AuthenticatedAgent
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_spiffe::TrustDomain;
+    use tessera_spiffe::{SelectorSet, TrustDomain};
 
     fn self_signed() -> Vec<u8> {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -232,13 +323,71 @@ mod tests {
             not_after: SystemTime::now() + Duration::from_secs(600),
         };
         let verified = VerifiedPeer::default();
-        assert!(verified.get(&bundle).is_none(), "nothing verified yet");
-        verified.remember(&bundle, &peer);
-        assert_eq!(verified.get(&bundle), Some(peer.clone()));
+        let shared = Arc::new(bundle.clone());
+        assert!(verified.get(&shared).is_none(), "nothing verified yet");
+        verified.remember(&shared, &peer);
+        assert_eq!(verified.get(&shared), Some(peer.clone()));
+        assert_eq!(verified.get(&Arc::new(bundle.clone())), Some(peer.clone()), "same authorities, new bundle value");
 
         let mut rotated = bundle.clone();
         rotated.add_x509_authority(&self_signed()).unwrap();
-        assert!(verified.get(&rotated).is_none(), "a new authority re-verifies");
-        assert!(verified.get(&Bundle::new(td)).is_none(), "a removed authority re-verifies");
+        assert!(verified.get(&Arc::new(rotated)).is_none(), "a new authority re-verifies");
+        assert!(verified.get(&Arc::new(Bundle::new(td))).is_none(), "a removed authority re-verifies");
+    }
+
+    fn node(serial: &str) -> AttestedNode {
+        AttestedNode {
+            spiffe_id: SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap(),
+            attestation_type: "join_token".into(),
+            serial: serial.into(),
+            new_serial: None,
+            expires_at: 0,
+            banned: false,
+            selectors: SelectorSet::default(),
+            can_reattest: false,
+        }
+    }
+
+    #[test]
+    fn an_accepted_node_is_reused_only_at_the_same_generation_and_serial() {
+        let verified = VerifiedPeer::default();
+        assert!(verified.accepted_node(0, "01").is_none(), "nothing accepted yet");
+        verified.accept_node(7, "01", &node("01"));
+        assert_eq!(verified.accepted_node(7, "01"), Some(node("01")));
+        assert!(verified.accepted_node(8, "01").is_none(), "any node write voids it");
+        assert!(verified.accepted_node(7, "02").is_none(), "another serial is checked afresh");
+    }
+
+    #[tokio::test]
+    async fn every_node_write_moves_the_generation_so_bans_and_evictions_are_seen_at_once() {
+        use crate::datastore::{DataStore, DataStoreOptions, MemoryDataStore, NodeSerials, SledDataStore};
+        let dir = tempfile::tempdir().unwrap();
+        let stores: Vec<Arc<dyn DataStore>> = vec![
+            Arc::new(MemoryDataStore::new(DataStoreOptions::default())),
+            Arc::new(SledDataStore::open(dir.path(), DataStoreOptions::default()).unwrap()),
+        ];
+        for store in stores {
+            let id = node("01").spiffe_id;
+            let mut seen = store.node_generation();
+            let mut moved = |store: &Arc<dyn DataStore>, what: &str| {
+                let now = store.node_generation();
+                assert!(now > seen, "{what} did not move the node generation");
+                seen = now;
+            };
+            store.create_attested_node(&node("01")).unwrap();
+            moved(&store, "create");
+            let serials = NodeSerials { serial: "01".into(), new_serial: Some("02".into()), expires_at: 1 };
+            store.update_attested_node_serials(&id, "01", &serials).unwrap();
+            moved(&store, "renewal");
+            store.set_attested_node_selectors(&id, &SelectorSet::default()).unwrap();
+            moved(&store, "selector update");
+            store.ban_attested_node(&id).unwrap();
+            moved(&store, "ban");
+            store.delete_attested_node(&id).unwrap();
+            moved(&store, "eviction");
+            let unchanged = store.node_generation();
+            store.get_attested_node(&id).unwrap();
+            assert_eq!(store.node_generation(), unchanged, "a read moved the node generation");
+        }
     }
 }

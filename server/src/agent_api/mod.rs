@@ -37,6 +37,13 @@
 //! the current second, so signing calls reuse the last set computed for the same agent
 //! identity at the same entry revision and second ([`AuthorizedCache`]) instead of decoding
 //! every authorized entry on every call; any entry change moves the revision and recomputes.
+//! The revision is the one the datastore publishes after every durable entry write
+//! ([`crate::datastore::DataStore::subscribe`]), so a cache hit reads nothing from the store.
+//!
+//! With the connection's remembered chain verification and node record (see [`auth`]), a
+//! `NewJwtSvid` call for an unchanged agent thus reaches the signature without a datastore
+//! read or a hop to the blocking pool, and the ES256 signature itself runs inline (it is
+//! shorter than such a hop; the signing permit bounds how many run at once).
 
 pub(crate) mod attest;
 mod audit;
@@ -115,6 +122,8 @@ pub struct AgentApi {
     limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
+    /// The datastore's latest committed entry revision (the key of `authorized_cache`).
+    revisions: watch::Receiver<u64>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -133,6 +142,7 @@ impl AgentApi {
         Self {
             rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
             limits: Arc::new(overload::Limits::from_config(state.config())),
+            revisions: state.datastore().subscribe(),
             state,
             authorized_cache: Arc::default(),
             stopped,
@@ -145,15 +155,16 @@ impl AgentApi {
     }
 
     async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<AuthorizedSet, Status> {
+        // The revision is read before the set is computed: an entry write in between only
+        // makes the next call recompute. A hit costs no datastore read.
+        let now = now_secs();
+        let revision = *self.revisions.borrow();
+        if let Some(set) = self.authorized_cache.get(&agent.identity, revision, now) {
+            return Ok(set);
+        }
         let (server_id, identity) = (self.state.server_id().clone(), agent.identity.clone());
         let cache = Arc::clone(&self.authorized_cache);
         blocking(self.state.datastore(), move |store| {
-            let now = now_secs();
-            // Read before computing: a write in between only makes the next call recompute.
-            let revision = store.current_revision()?;
-            if let Some(set) = cache.get(&identity, revision, now) {
-                return Ok(set);
-            }
             let set = Arc::new(authorized_entries(store, &server_id, &identity, now)?);
             cache.put(identity, revision, now, Arc::clone(&set));
             Ok(set)
@@ -167,6 +178,21 @@ impl AgentApi {
             tracing::debug!(agent = %agent.id(), "signing call refused: the server is overloaded");
         })
     }
+}
+
+/// The audiences of a JWT-SVID request: 1 to [`MAX_AUDIENCES`], each 1 to
+/// [`MAX_AUDIENCE_LEN`] bytes.
+fn check_audiences(audiences: &[String]) -> Result<(), String> {
+    if audiences.is_empty() {
+        return Err("audiences: at least one audience is required".to_owned());
+    }
+    if audiences.len() > MAX_AUDIENCES {
+        return Err(format!("audiences: at most {MAX_AUDIENCES}"));
+    }
+    if audiences.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
+        return Err(format!("audiences: each must be 1 to {MAX_AUDIENCE_LEN} bytes"));
+    }
+    Ok(())
 }
 
 /// The per-item status of a signing failure.
@@ -347,36 +373,92 @@ impl AgentService for AgentApi {
             tracing::warn!(agent = %agent.id(), entry = %request.entry_id, reason = %status.message(), "JWT-SVID refused");
             status
         };
-        if request.audiences.is_empty() {
-            return Err(refuse(Status::invalid_argument("audiences: at least one audience is required")));
-        }
-        if request.audiences.len() > MAX_AUDIENCES {
-            return Err(refuse(Status::invalid_argument(format!("audiences: at most {MAX_AUDIENCES}"))));
-        }
-        if request.audiences.iter().any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN) {
-            return Err(refuse(Status::invalid_argument(format!(
-                "audiences: each must be 1 to {MAX_AUDIENCE_LEN} bytes"
-            ))));
-        }
+        check_audiences(&request.audiences).map_err(|message| refuse(Status::invalid_argument(message)))?;
         let authorized = self.authorized(&agent).await?;
         let Some(entry) = authorized.get(&request.entry_id).cloned() else {
             return Err(refuse(Status::not_found(NOT_AUTHORIZED)));
         };
         self.rate.take(agent.id(), 1, std::time::Instant::now())?;
         let permit = self.signing_permit(&agent).await?;
-        let state = Arc::clone(&self.state);
         let ttl = entry.jwt_svid_ttl.unwrap_or(self.state.config().default_jwt_svid_ttl);
-        let audiences = request.audiences.clone();
-        let spiffe_id = entry.spiffe_id.clone();
-        let (token, expires_at) = tokio::task::spawn_blocking(move || {
-            state.ca().sign_jwt_svid(&entry.spiffe_id, &audiences, ttl, SystemTime::now())
+        // Inline: one ES256 signature (tens of microseconds) costs less than a hop to the
+        // blocking pool and back, and the signing permit bounds how many run at once.
+        let (token, expires_at) = self
+            .state
+            .ca()
+            .sign_jwt_svid(&entry.spiffe_id, &request.audiences, ttl, SystemTime::now())
+            .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
+        drop(permit);
+        self.state.audit().emit(audit::jwt_issued(&token, &entry.spiffe_id, &request, agent.id(), expires_at));
+        Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
+    }
+
+    async fn batch_new_jwt_svid(
+        &self,
+        request: Request<pb::BatchNewJwtSvidRequest>,
+    ) -> Result<Response<pb::BatchNewJwtSvidResponse>, Status> {
+        let agent = authenticate(&self.state, &request, "BatchNewJwtSvid").await?;
+        let params = request.into_inner().params;
+        if params.len() > MAX_BATCH {
+            tracing::warn!(agent = %agent.id(), items = params.len(), "JWT-SVID batch refused: too large");
+            return Err(Status::invalid_argument(format!(
+                "params: {} items; at most {MAX_BATCH} per call",
+                params.len()
+            )));
+        }
+        if params.is_empty() {
+            return Ok(Response::new(pb::BatchNewJwtSvidResponse { results: Vec::new() }));
+        }
+        self.rate.take(agent.id(), params.len(), std::time::Instant::now())?;
+        let authorized = self.authorized(&agent).await?;
+        let permit = self.signing_permit(&agent).await?;
+        let state = Arc::clone(&self.state);
+        let default_ttl = self.state.config().default_jwt_svid_ttl;
+        let agent_id = agent.id().clone();
+        // One hop to the blocking pool per batch: up to MAX_BATCH signatures are too long to
+        // run on a runtime worker.
+        let results = tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            params
+                .into_iter()
+                .map(|item| {
+                    let signed = match (check_audiences(&item.audiences), authorized.get(&item.entry_id)) {
+                        (Err(message), _) => Err(item_error(Code::InvalidArgument, message)),
+                        (Ok(()), None) => Err(item_error(Code::NotFound, NOT_AUTHORIZED)),
+                        (Ok(()), Some(entry)) => {
+                            let ttl = entry.jwt_svid_ttl.unwrap_or(default_ttl);
+                            match state.ca().sign_jwt_svid(&entry.spiffe_id, &item.audiences, ttl, now) {
+                                Ok((token, expires_at)) => {
+                                    state.audit().emit(audit::jwt_issued(
+                                        &token,
+                                        &entry.spiffe_id,
+                                        &item,
+                                        &agent_id,
+                                        expires_at,
+                                    ));
+                                    Ok(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) })
+                                }
+                                Err(err) => Err(sign_error_status(&err)),
+                            }
+                        }
+                    };
+                    if let Err(status) = &signed {
+                        tracing::warn!(agent = %agent_id, entry = %item.entry_id, reason = %status.message, "JWT-SVID refused");
+                    }
+                    pb::NewJwtSvidResult {
+                        entry_id: item.entry_id,
+                        result: Some(match signed {
+                            Ok(svid) => pb::new_jwt_svid_result::Result::Svid(svid),
+                            Err(status) => pb::new_jwt_svid_result::Result::Error(status),
+                        }),
+                    }
+                })
+                .collect::<Vec<_>>()
         })
         .await
-        .map_err(|err| Status::internal(format!("signing task: {err}")))?
-        .map_err(|err| Status::internal(format!("cannot sign the JWT-SVID: {err}")))?;
+        .map_err(|err| Status::internal(format!("signing task: {err}")))?;
         drop(permit);
-        self.state.audit().emit(audit::jwt_issued(&token, &spiffe_id, &request, agent.id(), expires_at));
-        Ok(Response::new(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) }))
+        Ok(Response::new(pb::BatchNewJwtSvidResponse { results }))
     }
 
     async fn fetch_bundle(

@@ -97,7 +97,7 @@ struct ActiveAuthorities {
     jwt_key: SigningKey,
     jwt_key_id: String,
     jwt_not_after: SystemTime,
-    bundle: Bundle,
+    bundle: Arc<Bundle>,
     /// What an operator tainted, for agents to replace.
     tainted: Arc<TaintedAuthorities>,
 }
@@ -282,7 +282,7 @@ impl CertificateAuthority {
             ca_dir,
             jwt_issuer: config.jwt_issuer.clone().filter(|s| !s.is_empty()),
             rng: SystemRandom::new(),
-            current: RwLock::new(Arc::new(ActiveAuthorities { bundle, ..active })),
+            current: RwLock::new(Arc::new(ActiveAuthorities { bundle: Arc::new(bundle), ..active })),
             rotation: Mutex::new(RotationState { settings, upstream, journal, publish_pending: false }),
             signing: crate::metrics::SigningMetrics::default(),
         };
@@ -371,7 +371,7 @@ impl CertificateAuthority {
         state.publish_pending = false;
         let sequence = bundle.sequence();
         *self.current.write().unwrap_or_else(PoisonError::into_inner) =
-            Arc::new(ActiveAuthorities { bundle, ..active });
+            Arc::new(ActiveAuthorities { bundle: Arc::new(bundle), ..active });
         info!(
             sequence,
             x509_authority = ?state.journal.active(SlotKind::X509).map(|s| &s.id),
@@ -507,7 +507,13 @@ impl CertificateAuthority {
 
     /// The current trust bundle (X.509 roots and JWT keys, with its sequence).
     pub fn bundle(&self) -> Bundle {
-        self.current().bundle.clone()
+        Bundle::clone(&self.current().bundle)
+    }
+
+    /// The current trust bundle without copying it: the same `Arc` until the next rotation
+    /// step or bundle change, so callers can tell "unchanged" with [`Arc::ptr_eq`].
+    pub fn shared_bundle(&self) -> Arc<Bundle> {
+        Arc::clone(&self.current().bundle)
     }
 
     /// End of validity of the X.509 CA that signs now; no X.509-SVID outlives it.
@@ -872,7 +878,7 @@ impl Loaded {
             jwt_key,
             jwt_key_id: jwt_slot.id.clone(),
             jwt_not_after: jwt_slot.not_after_time(),
-            bundle: Bundle::new(trust_domain.clone()),
+            bundle: Arc::new(Bundle::new(trust_domain.clone())),
             tainted: Arc::new(tainted),
         };
         Ok((active, bundle))

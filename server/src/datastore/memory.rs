@@ -28,6 +28,8 @@ pub struct MemoryDataStore {
 
 #[derive(Default)]
 struct State {
+    /// [`DataStore::node_generation`].
+    node_generation: u64,
     entries: BTreeMap<String, RegistrationEntry>,
     /// Unique key (SPIFFE ID, parent, selectors) -> entry ID.
     unique: HashMap<String, String>,
@@ -243,6 +245,7 @@ impl DataStore for MemoryDataStore {
             });
         }
         state.nodes.insert(key.to_owned(), node.clone());
+        state.node_generation += 1;
         Ok(())
     }
 
@@ -264,6 +267,7 @@ impl DataStore for MemoryDataStore {
     ) -> Result<AttestedNode> {
         validate_serials(serials)?;
         let mut state = self.state();
+        state.node_generation += 1;
         let node = state.node_mut(spiffe_id)?;
         if node.banned {
             return Err(DataStoreError::NodeBanned { spiffe_id: spiffe_id.clone() });
@@ -284,6 +288,7 @@ impl DataStore for MemoryDataStore {
 
     fn set_attested_node_selectors(&self, spiffe_id: &SpiffeId, selectors: &SelectorSet) -> Result<AttestedNode> {
         let mut state = self.state();
+        state.node_generation += 1;
         let node = state.node_mut(spiffe_id)?;
         node.selectors = selectors.clone();
         Ok(node.clone())
@@ -291,6 +296,7 @@ impl DataStore for MemoryDataStore {
 
     fn ban_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
         let mut state = self.state();
+        state.node_generation += 1;
         let node = state.node_mut(spiffe_id)?;
         node.banned = true;
         node.serial.clear();
@@ -299,10 +305,16 @@ impl DataStore for MemoryDataStore {
     }
 
     fn delete_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
-        self.state()
+        let mut state = self.state();
+        state.node_generation += 1;
+        state
             .nodes
             .remove(spiffe_id.as_str())
             .ok_or_else(|| DataStoreError::NotFound { kind: ResourceKind::AttestedNode, id: spiffe_id.to_string() })
+    }
+
+    fn node_generation(&self) -> u64 {
+        self.state().node_generation
     }
 
     fn create_join_token(&self, token: &JoinToken) -> Result<()> {

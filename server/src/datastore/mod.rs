@@ -205,6 +205,13 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Evicts the node: deletes it, so the agent must attest again. Returns it as it was.
     fn delete_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode>;
 
+    /// A counter that moves forward after every attested-node write (create, serial update,
+    /// selector update, ban, delete) and never otherwise. A caller that keeps a copy of a node
+    /// reads this *before* reading the node and reuses the copy only while the counter has not
+    /// moved, so a ban or eviction is seen by the very next call. A store shared between
+    /// server replicas must move it for the other replicas' writes as well.
+    fn node_generation(&self) -> u64;
+
     // ---- Join tokens -------------------------------------------------------------------------
 
     /// Stores a new join token. [`DataStoreError::AlreadyExists`] if it exists.

@@ -35,6 +35,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional, TransactionalTree};
@@ -299,6 +300,8 @@ pub struct SledDataStore {
     path: PathBuf,
     options: DataStoreOptions,
     revisions: watch::Sender<u64>,
+    /// [`DataStore::node_generation`].
+    node_generation: AtomicU64,
     /// Serialises compactions, so the floor only moves forward.
     compaction: Mutex<()>,
 }
@@ -365,7 +368,15 @@ impl SledDataStore {
                 return Err(DataStoreError::UnsupportedSchema { path, found, supported: SCHEMA_VERSION });
             }
         }
-        let store = Self { db, trees, path, options, revisions: watch::Sender::new(0), compaction: Mutex::new(()) };
+        let store = Self {
+            db,
+            trees,
+            path,
+            options,
+            revisions: watch::Sender::new(0),
+            node_generation: AtomicU64::new(0),
+            compaction: Mutex::new(()),
+        };
         store.revisions.send_replace(store.read_meta_u64(KEY_REVISION)?);
         Ok(store)
     }
@@ -444,8 +455,10 @@ impl SledDataStore {
     /// Runs a node write transaction, then flushes.
     fn node_transaction<T>(&self, operation: &'static str, write: impl Fn(&NodeTx<'_>) -> TxResult<T>) -> Result<T> {
         let value = (&self.trees.nodes, &self.trees.node_by_selector)
-            .transaction(|(nodes, by_selector)| write(&NodeTx { nodes, by_selector }))
-            .map_err(tx_error(operation))?;
+            .transaction(|(nodes, by_selector)| write(&NodeTx { nodes, by_selector }));
+        // Moved after any attempt, committed or not: a spurious move only costs a re-read.
+        self.node_generation.fetch_add(1, Ordering::AcqRel);
+        let value = value.map_err(tx_error(operation))?;
         self.flush()?;
         Ok(value)
     }
@@ -848,6 +861,10 @@ impl DataStore for SledDataStore {
             tx.remove(&node)?;
             Ok(node)
         })
+    }
+
+    fn node_generation(&self) -> u64 {
+        self.node_generation.load(Ordering::Acquire)
     }
 
     fn create_join_token(&self, token: &JoinToken) -> Result<()> {

@@ -491,6 +491,69 @@ impl ::prost::Name for NewJwtSvidResponse {
         "type.googleapis.com/tessera.agent.v1.NewJwtSvidResponse".into()
     }
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BatchNewJwtSvidRequest {
+    /// One item per token. The server refuses batches larger than its limit
+    /// with INVALID_ARGUMENT.
+    #[prost(message, repeated, tag = "1")]
+    pub params: ::prost::alloc::vec::Vec<NewJwtSvidRequest>,
+}
+impl ::prost::Name for BatchNewJwtSvidRequest {
+    const NAME: &'static str = "BatchNewJwtSvidRequest";
+    const PACKAGE: &'static str = "tessera.agent.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.agent.v1.BatchNewJwtSvidRequest".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.agent.v1.BatchNewJwtSvidRequest".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BatchNewJwtSvidResponse {
+    /// One result per request item, in the same order.
+    #[prost(message, repeated, tag = "1")]
+    pub results: ::prost::alloc::vec::Vec<NewJwtSvidResult>,
+}
+impl ::prost::Name for BatchNewJwtSvidResponse {
+    const NAME: &'static str = "BatchNewJwtSvidResponse";
+    const PACKAGE: &'static str = "tessera.agent.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.agent.v1.BatchNewJwtSvidResponse".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.agent.v1.BatchNewJwtSvidResponse".into()
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct NewJwtSvidResult {
+    #[prost(string, tag = "1")]
+    pub entry_id: ::prost::alloc::string::String,
+    #[prost(oneof = "new_jwt_svid_result::Result", tags = "2, 3")]
+    pub result: ::core::option::Option<new_jwt_svid_result::Result>,
+}
+/// Nested message and enum types in `NewJwtSvidResult`.
+pub mod new_jwt_svid_result {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Result {
+        #[prost(message, tag = "2")]
+        Svid(super::NewJwtSvidResponse),
+        /// Why this item failed: `code` is a gRPC status code (NOT_FOUND for an
+        /// entry that is unknown or not authorized for this agent, INVALID_ARGUMENT
+        /// for bad audiences).
+        #[prost(message, tag = "3")]
+        Error(super::super::super::super::google::rpc::Status),
+    }
+}
+impl ::prost::Name for NewJwtSvidResult {
+    const NAME: &'static str = "NewJwtSvidResult";
+    const PACKAGE: &'static str = "tessera.agent.v1";
+    fn full_name() -> ::prost::alloc::string::String {
+        "tessera.agent.v1.NewJwtSvidResult".into()
+    }
+    fn type_url() -> ::prost::alloc::string::String {
+        "type.googleapis.com/tessera.agent.v1.NewJwtSvidResult".into()
+    }
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct FetchBundleRequest {}
 impl ::prost::Name for FetchBundleRequest {
@@ -780,6 +843,35 @@ pub mod agent_service_client {
                 .insert(GrpcMethod::new("tessera.agent.v1.AgentService", "NewJwtSvid"));
             self.inner.unary(req, path, codec).await
         }
+        /// Signs one JWT-SVID per (entry, audiences) item, with the checks of
+        /// `NewJwtSvid` applied to each item. Each item succeeds or fails on its own;
+        /// a malformed or oversized batch fails as a whole with INVALID_ARGUMENT.
+        pub async fn batch_new_jwt_svid(
+            &mut self,
+            request: impl tonic::IntoRequest<super::BatchNewJwtSvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BatchNewJwtSvidResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/tessera.agent.v1.AgentService/BatchNewJwtSvid",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("tessera.agent.v1.AgentService", "BatchNewJwtSvid"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// Returns the current trust bundles as SPIFFE bundle documents.
         pub async fn fetch_bundle(
             &mut self,
@@ -884,6 +976,16 @@ pub mod agent_service_server {
             request: tonic::Request<super::NewJwtSvidRequest>,
         ) -> std::result::Result<
             tonic::Response<super::NewJwtSvidResponse>,
+            tonic::Status,
+        >;
+        /// Signs one JWT-SVID per (entry, audiences) item, with the checks of
+        /// `NewJwtSvid` applied to each item. Each item succeeds or fails on its own;
+        /// a malformed or oversized batch fails as a whole with INVALID_ARGUMENT.
+        async fn batch_new_jwt_svid(
+            &self,
+            request: tonic::Request<super::BatchNewJwtSvidRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::BatchNewJwtSvidResponse>,
             tonic::Status,
         >;
         /// Returns the current trust bundles as SPIFFE bundle documents.
@@ -1186,6 +1288,52 @@ pub mod agent_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NewJwtSvidSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/tessera.agent.v1.AgentService/BatchNewJwtSvid" => {
+                    #[allow(non_camel_case_types)]
+                    struct BatchNewJwtSvidSvc<T: AgentService>(pub Arc<T>);
+                    impl<
+                        T: AgentService,
+                    > tonic::server::UnaryService<super::BatchNewJwtSvidRequest>
+                    for BatchNewJwtSvidSvc<T> {
+                        type Response = super::BatchNewJwtSvidResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::BatchNewJwtSvidRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentService>::batch_new_jwt_svid(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = BatchNewJwtSvidSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
