@@ -101,7 +101,7 @@ async fn wait_for<T>(cache: &Cache, limit: Duration, what: &str, check: impl Fn(
 }
 
 fn identity_of(snapshot: &AgentSnapshot, entry_id: &str) -> Option<Identity> {
-    snapshot.identities.iter().find(|identity| identity.entry.id == entry_id).cloned()
+    snapshot.identity(entry_id).cloned()
 }
 
 async fn with_deadline<T>(what: &str, future: impl Future<Output = T>) -> T {
@@ -228,7 +228,7 @@ async fn entries_reach_the_cache_quickly_with_valid_svids_and_leave_on_delete() 
 
     store(&server).delete_entry(&entry.id).unwrap();
     wait_for(&cache, WAIT, "the identity to disappear", |snapshot| {
-        (identity_of(snapshot, &entry.id).is_none() && snapshot.entries.iter().all(|e| e.id != entry.id)).then_some(())
+        (identity_of(snapshot, &entry.id).is_none() && snapshot.entry(&entry.id).is_none()).then_some(())
     })
     .await;
     with_deadline("agent shutdown", agent.shutdown()).await;
@@ -268,10 +268,8 @@ async fn jwt_svids_are_fetched_once_and_then_served_from_the_cache() {
     let agent = start_agent(&config, Some("tok-jwt")).await.unwrap();
     let cache = Arc::clone(agent.cache());
     let created = create_entry(&server, &agent_id("tok-jwt"), "jwt", None);
-    let entry: Arc<CachedEntry> = wait_for(&cache, WAIT, "the entry", |snapshot| {
-        snapshot.entries.iter().find(|entry| entry.id == created.id).cloned()
-    })
-    .await;
+    let entry: Arc<CachedEntry> =
+        wait_for(&cache, WAIT, "the entry", |snapshot| snapshot.entry(&created.id).cloned()).await;
 
     let source = agent.jwt_source();
     let audiences = ["service-b".to_owned(), "service-a".to_owned()];
@@ -385,7 +383,7 @@ async fn many_entries_are_minted_in_batches() {
         (snapshot.ready && ids.iter().all(|id| identity_of(snapshot, id).is_some())).then_some(())
     })
     .await;
-    assert_eq!(cache.current().identities.len(), 250);
+    assert_eq!(cache.current().identity_count(), 250);
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
@@ -468,7 +466,7 @@ async fn during_an_outage_svids_are_served_until_they_expire_and_no_longer() {
     })
     .await;
     assert!(SystemTime::now() >= last.svid.expires_at, "an unexpired SVID was dropped");
-    assert!(cache.current().entries.iter().any(|e| e.id == entry.id), "the entry itself is still known");
+    assert!(cache.current().entry(&entry.id).is_some(), "the entry itself is still known");
     with_deadline("agent shutdown", agent.shutdown()).await;
 }
 

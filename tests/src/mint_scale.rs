@@ -185,7 +185,7 @@ async fn run_size(options: &MintScaleOptions, size: usize) -> anyhow::Result<Run
             write = Some(started.elapsed());
         }
         // Identities minted, the probe's excepted.
-        let minted = agent.cache.current().identities.len().saturating_sub(1);
+        let minted = agent.cache.current().identity_count().saturating_sub(1);
         while tenth_cpu.len() < 10 && minted >= size * (tenth_cpu.len() + 1) / 10 {
             let (now_cpu, now) = (cpu(), Instant::now());
             tenth_cpu.push(now_cpu.saturating_sub(mark_cpu));
@@ -245,8 +245,18 @@ pub async fn mint_scale(options: &MintScaleOptions) -> anyhow::Result<Vec<Figure
         figures.push(Figure::new(format!("{tag}.all_minted_s"), run.all_minted.as_secs_f64(), "s", Target::None));
         figures.push(Figure::new(format!("{tag}.write_s"), run.write.as_secs_f64(), "s", Target::None));
         figures.push(Figure::new(format!("{tag}.wall_per_entry_us"), per_entry(run.all_minted), "us", Target::None));
-        figures.push(Figure::new(format!("{tag}.server_cpu_per_entry_us"), per_entry(run.server_cpu), "us", Target::None));
-        figures.push(Figure::new(format!("{tag}.agent_cpu_per_entry_us"), per_entry(run.agent_cpu), "us", Target::None));
+        figures.push(Figure::new(
+            format!("{tag}.server_cpu_per_entry_us"),
+            per_entry(run.server_cpu),
+            "us",
+            Target::None,
+        ));
+        figures.push(Figure::new(
+            format!("{tag}.agent_cpu_per_entry_us"),
+            per_entry(run.agent_cpu),
+            "us",
+            Target::None,
+        ));
         figures.push(Figure::new(format!("{tag}.cpu_per_entry_first_tenth_us"), first, "us", Target::None));
         figures.push(
             Figure::new(format!("{tag}.cpu_per_entry_last_tenth_us"), last, "us", Target::None)
