@@ -520,15 +520,17 @@ fn captured_logs() -> Logs {
     }))
 }
 
-/// Issue 5: an agent whose signing calls the server refuses with a retryable status
-/// (here `RESOURCE_EXHAUSTED` from `agent_svid_rate_limit`) backs off exponentially with
-/// jitter instead of hammering the server, keeps what it minted, and is served in the end.
+/// Issues 5 and 7: an agent whose signing calls the server refuses with its per-agent rate
+/// limit (`RESOURCE_EXHAUSTED` from `agent_svid_rate_limit`) waits the time the refusal names
+/// (`tessera-retry-after-ms`) instead of hammering the server or backing off ever longer
+/// (which made a long burst's rate decay to a batch per 30 s), keeps what it minted, and is
+/// served in the end at the configured rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_signing_calls_are_retried_with_growing_backoff_until_served() {
+async fn rate_limited_signing_calls_wait_the_time_the_server_names_until_served() {
     let logs = captured_logs();
     let dir = tempfile::tempdir().unwrap();
     // 10 SVIDs per second, bursts of 500: five batches of 100 pass, the sixth is refused until
-    // the bucket has refilled 100 tokens (10 s).
+    // the bucket has refilled 100 tokens (about 10 s), a wait the refusal names.
     let config = ServerConfig { agent_svid_rate_limit: 10, ..server_config(dir.path()) };
     let store_: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
     let server = server::start_with(config, store_).await.unwrap();
@@ -544,31 +546,20 @@ async fn refused_signing_calls_are_retried_with_growing_backoff_until_served() {
     .await;
     let served_after = started.elapsed();
 
-    let refusals: Vec<Instant> = logs
+    let refusals = logs
         .lock()
         .unwrap()
         .iter()
         .filter(|(_, line)| line.contains("per-agent signing rate limit reached") && line.contains("tok-backoff"))
-        .map(|(at, _)| *at)
-        .collect();
-    let gaps: Vec<Duration> = refusals.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    eprintln!("served after {served_after:?}; {} refusals, gaps {gaps:?}", refusals.len());
-    assert!(refusals.len() >= 2, "the sixth batch must have been refused more than once: {gaps:?}");
-    assert!(refusals.len() <= 8, "without backoff an agent retries far more often: {} refusals", refusals.len());
-    // Backoff starts at 0.25-0.5 s and every delay is at least the previous one.
-    assert!(gaps.iter().all(|gap| *gap >= Duration::from_millis(200)), "{gaps:?}");
-    if gaps.len() >= 2 {
-        assert!(gaps[gaps.len() - 1] > gaps[0], "the delays must grow: {gaps:?}");
-    }
-    let agent_lines = logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, line)| {
-            line.contains("minting X.509-SVIDs failed: ResourceExhausted") && line.contains("retrying in")
-        })
         .count();
-    assert!(agent_lines >= refusals.len(), "the agent reports each refused call and its delay");
+    eprintln!("served after {served_after:?}; {refusals} refusals");
+    assert!(refusals >= 1, "the sixth batch must have been refused");
+    // Waiting what the refusal names finds the tokens there: the sixth batch is refused once
+    // (twice at most, should the clock round against it). Backing off from 0.25 s doubling
+    // takes five refusals to reach 10 s.
+    assert!(refusals <= 2, "the agent retried before the named time: {refusals} refusals");
+    // The limit held: 100 SVIDs beyond the burst took most of 10 s of refill.
+    assert!(served_after >= Duration::from_secs(5), "served after {served_after:?}");
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
