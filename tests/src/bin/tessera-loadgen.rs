@@ -121,6 +121,9 @@ enum Command {
         /// Longest wait, in seconds, for the agent to mint every SVID of one size.
         #[arg(long, default_value_t = 900.0)]
         timeout: f64,
+        /// The server's agent_svid_rate_limit (0 = unlimited); the server's default when absent.
+        #[arg(long)]
+        rate_limit: Option<u32>,
     },
     /// Entries created one by one while a real agent syncs: time and CPU per entry to mint them all.
     MintScale {
@@ -255,7 +258,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 }
                 modes::scale(&modes::ScaleOptions { sizes, writers: *writers }).await
             }
-            Command::AgentMemory { sizes, agent_bin, writers, timeout } => {
+            Command::AgentMemory { sizes, agent_bin, writers, timeout, rate_limit } => {
                 if sizes.is_empty() || sizes.contains(&0) || *writers == 0 || !(timeout.is_finite() && *timeout > 0.0) {
                     anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1; --timeout positive");
                 }
@@ -264,6 +267,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     agent_bin: agent_bin.clone().unwrap_or_else(agent_memory::default_agent_bin),
                     writers: *writers,
                     timeout: Duration::from_secs_f64(*timeout),
+                    rate_limit: *rate_limit,
                 };
                 agent_memory::agent_memory(&options).await
             }
