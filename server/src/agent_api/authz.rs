@@ -91,7 +91,7 @@ const CHANGES_PAGE: usize = 1_000;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SetChange {
     /// An entry joined the set or changed (its revision is the entry's).
-    Upsert(RegistrationEntry),
+    Upsert(Box<RegistrationEntry>),
     /// An entry left the set (deleted, expired, or no longer authorized) at `revision`.
     Delete { entry_id: String, revision: u64 },
 }
@@ -324,7 +324,7 @@ impl AuthorizedSet {
                 let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
                 self.remove(id);
                 self.insert(entry.clone(), depth);
-                Ok(Ok(Some(SetChange::Upsert(entry))))
+                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
             }
             (old, authorized) => {
                 if let Some(old) = old {
@@ -356,7 +356,7 @@ impl AuthorizedSet {
                     Some(_) => {}
                 }
                 self.insert(entry.clone(), depth);
-                Ok(Ok(Some(SetChange::Upsert(entry))))
+                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
             }
         }
     }
@@ -453,7 +453,7 @@ pub(crate) fn diff(
     let mut changes: Vec<SetChange> = Vec::new();
     for (id, entry) in new {
         if old.get(id) != Some(entry) {
-            changes.push(SetChange::Upsert(entry.clone()));
+            changes.push(SetChange::Upsert(Box::new(entry.clone())));
         }
     }
     for id in old.keys() {
@@ -534,7 +534,7 @@ mod tests {
         for change in changes {
             match change {
                 SetChange::Upsert(entry) => {
-                    held.insert(entry.id.clone(), entry);
+                    held.insert(entry.id.clone(), *entry);
                 }
                 SetChange::Delete { entry_id, .. } => {
                     held.remove(&entry_id);
