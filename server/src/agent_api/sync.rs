@@ -29,7 +29,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
 use std::time::{Duration, SystemTime};
 
 use tessera_spiffe::TrustDomain;
@@ -228,6 +227,7 @@ async fn run_inner(
                     let (set, changes) = advance_set(state, held).await?;
                     held = set;
                     send_changes(tx, changes).await?;
+                    revision = held.revision().max(revision);
                 }
                 bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles).await?;
             }
