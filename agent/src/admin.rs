@@ -156,11 +156,10 @@ fn unix_seconds(time: SystemTime) -> i64 {
 /// Matching entries first, then by fewest missing selectors, then by SPIFFE ID. Pure.
 pub fn diagnose_entries(snapshot: &AgentSnapshot, selectors: &SelectorSet) -> Vec<pb::EntryDiagnosis> {
     let mut entries: Vec<pb::EntryDiagnosis> = snapshot
-        .entries
-        .iter()
+        .entries()
         .map(|entry| {
             let missing: Vec<String> = entry.selectors.missing_from(selectors).map(ToString::to_string).collect();
-            let svid = snapshot.identities.iter().find(|identity| identity.entry.id == entry.id);
+            let svid = snapshot.identity(&entry.id);
             pb::EntryDiagnosis {
                 entry_id: entry.id.clone(),
                 spiffe_id: entry.spiffe_id.to_string(),
@@ -248,7 +247,7 @@ impl AgentAdminService for AgentAdmin {
     async fn show(&self, _: Request<pb::ShowRequest>) -> Result<Response<pb::ShowResponse>, Status> {
         let status = self.status.borrow().clone();
         let snapshot = self.cache.current();
-        let soonest = snapshot.identities.iter().map(|identity| identity.svid.expires_at).min();
+        let soonest = snapshot.identities().map(|identity| identity.svid.expires_at).min();
         Ok(Response::new(pb::ShowResponse {
             trust_domain: self.trust_domain.clone(),
             agent_id: status.agent_id.as_ref().map(ToString::to_string).unwrap_or_default(),
@@ -257,8 +256,8 @@ impl AgentAdminService for AgentAdmin {
             connected: status.connected,
             last_sync: status.last_sync.map_or(0, unix_seconds),
             revision: status.revision,
-            entries: snapshot.entries.len() as u64,
-            svids: snapshot.identities.len() as u64,
+            entries: snapshot.entry_count() as u64,
+            svids: snapshot.identity_count() as u64,
             soonest_svid_expires_at: soonest.map_or(0, unix_seconds),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
@@ -299,11 +298,13 @@ mod tests {
                 revision: 1,
             })
         };
-        snapshot.entries = vec![
+        for e in [
             entry("far", &["unix:uid:0", "unix:path:/bin/x"]),
             entry("near", &["unix:uid:1000", "unix:path:/usr/bin/app"]),
             entry("yes", &["unix:uid:1000"]),
-        ];
+        ] {
+            snapshot.insert_entry(e);
+        }
         let caller = SelectorSet::parse_all(&["unix:uid:1000", "unix:gid:1000"]).unwrap();
         let diagnosed = diagnose_entries(&snapshot, &caller);
         let order: Vec<&str> = diagnosed.iter().map(|d| d.entry_id.as_str()).collect();

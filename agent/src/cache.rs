@@ -28,8 +28,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use imbl::{OrdMap, OrdSet};
 use tessera_spiffe::bundle::BundleSet;
-use tessera_spiffe::selector::SelectorSet;
+use tessera_spiffe::selector::{Selector, SelectorSet};
 use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -85,7 +86,14 @@ pub struct Identity {
 }
 
 /// Everything the agent can serve at one point in time.
-#[derive(Clone, Debug)]
+///
+/// Entries and identities live in persistent maps (`imbl`): a snapshot shares its structure
+/// with the one before it, so publishing one is O(1) and changing one entry or SVID is
+/// O(log N), whatever the number of entries N. A caller's identities are found through an
+/// index on each entry's first selector, so a reader's view costs O(log N) plus the entries
+/// that could match it, not a scan of every entry (issue 7: entries created one by one cost a
+/// full copy and a full scan each before).
+#[derive(Clone)]
 pub struct AgentSnapshot {
     /// Datastore revision of the entry set (0 before the first sync).
     pub revision: u64,
@@ -95,32 +103,154 @@ pub struct AgentSnapshot {
     pub ready: bool,
     /// The own trust domain's bundle and every federated bundle the agent received.
     pub bundles: Arc<BundleSet>,
-    /// Every entry the agent is authorized for, whether or not it has an SVID yet.
-    pub entries: Vec<Arc<CachedEntry>>,
-    /// Entries with a current SVID.
-    pub identities: Vec<Identity>,
+    /// Every entry the agent is authorized for, whether or not it has an SVID yet, by ID.
+    entries: OrdMap<String, Arc<CachedEntry>>,
+    /// Entries with a current SVID, by entry ID.
+    identities: OrdMap<String, Identity>,
+    /// (first selector, entry ID) of every entry; `None` for an entry without selectors
+    /// (which matches every caller).
+    by_first_selector: OrdSet<(Option<Selector>, String)>,
+}
+
+impl fmt::Debug for AgentSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentSnapshot")
+            .field("revision", &self.revision)
+            .field("ready", &self.ready)
+            .field("entries", &self.entries.len())
+            .field("identities", &self.identities.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn first_selector(entry: &CachedEntry) -> (Option<Selector>, String) {
+    (entry.selectors.iter().next().cloned(), entry.id.clone())
 }
 
 impl AgentSnapshot {
     /// An empty, not-ready snapshot for a trust domain.
     pub fn empty(bundles: BundleSet) -> Self {
-        Self { revision: 0, ready: false, bundles: Arc::new(bundles), entries: Vec::new(), identities: Vec::new() }
+        Self {
+            revision: 0,
+            ready: false,
+            bundles: Arc::new(bundles),
+            entries: OrdMap::new(),
+            identities: OrdMap::new(),
+            by_first_selector: OrdSet::new(),
+        }
+    }
+
+    /// Every entry, by entry ID.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<CachedEntry>> + '_ {
+        self.entries.values()
+    }
+
+    /// How many entries the agent holds.
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entry with this ID.
+    pub fn entry(&self, id: &str) -> Option<&Arc<CachedEntry>> {
+        self.entries.get(id)
+    }
+
+    /// Every identity (entry with a current SVID), by entry ID.
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> + '_ {
+        self.identities.values()
+    }
+
+    /// How many entries have a current SVID.
+    pub fn identity_count(&self) -> usize {
+        self.identities.len()
+    }
+
+    /// The identity of the entry with this ID.
+    pub fn identity(&self, entry_id: &str) -> Option<&Identity> {
+        self.identities.get(entry_id)
+    }
+
+    /// Adds or replaces an entry. An identity already held for its ID keeps its SVID and
+    /// takes the new entry (the manager decides whether the SVID is still served).
+    pub fn insert_entry(&mut self, entry: Arc<CachedEntry>) {
+        if let Some(old) = self.entries.insert(entry.id.clone(), Arc::clone(&entry)) {
+            self.by_first_selector.remove(&first_selector(&old));
+        }
+        self.by_first_selector.insert(first_selector(&entry));
+        if let Some(identity) = self.identities.get(&entry.id) {
+            let svid = Arc::clone(&identity.svid);
+            self.identities.insert(entry.id.clone(), Identity { entry, svid });
+        }
+    }
+
+    /// Adds or replaces an identity, and its entry.
+    pub fn insert_identity(&mut self, identity: Identity) {
+        let stored = self.entries.get(&identity.entry.id);
+        if stored.is_none_or(|stored| !Arc::ptr_eq(stored, &identity.entry)) {
+            self.insert_entry(Arc::clone(&identity.entry));
+        }
+        self.identities.insert(identity.entry.id.clone(), identity);
+    }
+
+    /// Removes the identity of an entry (the entry stays); returns whether there was one.
+    pub fn remove_identity(&mut self, entry_id: &str) -> bool {
+        self.identities.remove(entry_id).is_some()
+    }
+
+    /// Removes an entry and its identity.
+    pub fn remove_entry(&mut self, entry_id: &str) {
+        if let Some(old) = self.entries.remove(entry_id) {
+            self.by_first_selector.remove(&first_selector(&old));
+        }
+        self.identities.remove(entry_id);
+    }
+
+    /// Removes every identity (the entries stay).
+    pub fn clear_identities(&mut self) {
+        self.identities = OrdMap::new();
+    }
+
+    /// The IDs of the entries that can match a caller with `selectors`: those whose first
+    /// selector is one of the caller's (an entry matches only when all of its selectors are
+    /// the caller's), and those without selectors. O(|selectors| log N + candidates).
+    fn candidates<'a>(&'a self, selectors: &'a SelectorSet) -> impl Iterator<Item = &'a str> + 'a {
+        let without = self
+            .by_first_selector
+            .range((None, String::new())..)
+            .take_while(|(first, _)| first.is_none())
+            .map(|(_, id)| id.as_str());
+        let with = selectors.iter().flat_map(move |selector| {
+            self.by_first_selector
+                .range((Some(selector.clone()), String::new())..)
+                .take_while(move |(first, _)| first.as_ref() == Some(selector))
+                .map(|(_, id)| id.as_str())
+        });
+        without.chain(with)
     }
 
     /// The identities a caller with `selectors` is entitled to, in a stable order (entry
     /// SPIFFE ID, then entry ID), so that the first one is a deterministic default.
     pub fn identities_for(&self, selectors: &SelectorSet) -> Vec<&Identity> {
-        let mut found: Vec<&Identity> =
-            self.identities.iter().filter(|identity| identity.entry.selectors.is_subset_of(selectors)).collect();
+        let mut found: Vec<&Identity> = self
+            .candidates(selectors)
+            .filter_map(|id| self.identities.get(id))
+            .filter(|identity| identity.entry.selectors.is_subset_of(selectors))
+            .collect();
         found.sort_by(|a, b| {
             (a.entry.spiffe_id.as_str(), a.entry.id.as_str()).cmp(&(b.entry.spiffe_id.as_str(), b.entry.id.as_str()))
         });
         found
     }
 
-    /// The entries matching `selectors`, whether or not they have an SVID yet.
+    /// The entries matching `selectors`, whether or not they have an SVID yet, by entry ID.
     pub fn entries_for(&self, selectors: &SelectorSet) -> Vec<&Arc<CachedEntry>> {
-        self.entries.iter().filter(|entry| entry.selectors.is_subset_of(selectors)).collect()
+        let mut found: Vec<&Arc<CachedEntry>> = self
+            .candidates(selectors)
+            .filter_map(|id| self.entries.get(id))
+            .filter(|entry| entry.selectors.is_subset_of(selectors))
+            .collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found
     }
 
     /// The federated trust domains the given identities may see bundles of.
@@ -248,8 +378,9 @@ mod tests {
         let web = entry("e2", "spiffe://example.org/web", &["unix:uid:1000"]);
         let db = entry("e1", "spiffe://example.org/db", &["unix:uid:1000", "unix:gid:50"]);
         let other = entry("e3", "spiffe://example.org/other", &["unix:uid:2000"]);
-        snapshot.entries = vec![web.clone(), db.clone(), other.clone()];
-        snapshot.identities = vec![identity(web), identity(db), identity(other)];
+        for entry in [web, db, other] {
+            snapshot.insert_identity(identity(entry));
+        }
         snapshot
     }
 
@@ -265,6 +396,38 @@ mod tests {
         assert_eq!(ids, ["spiffe://example.org/web"]);
 
         assert!(snapshot.identities_for(&SelectorSet::new()).is_empty());
+    }
+
+    #[test]
+    fn the_selector_index_follows_replaced_and_removed_entries() {
+        let mut snapshot = snapshot();
+        let caller = SelectorSet::parse_all(&["unix:uid:1000", "unix:gid:50"]).unwrap();
+        let ids = |snapshot: &AgentSnapshot, selectors: &SelectorSet| -> Vec<String> {
+            snapshot.entries_for(selectors).iter().map(|entry| entry.id.clone()).collect()
+        };
+        assert_eq!(ids(&snapshot, &caller), ["e1", "e2"]);
+        // e2 moves to another uid: the caller loses it, the other uid gains it.
+        snapshot.insert_entry(entry("e2", "spiffe://example.org/web", &["unix:uid:2000"]));
+        assert_eq!(ids(&snapshot, &caller), ["e1"]);
+        let other = SelectorSet::parse_all(&["unix:uid:2000"]).unwrap();
+        assert_eq!(ids(&snapshot, &other), ["e2", "e3"]);
+        // The identity of a replaced entry carries the new entry.
+        assert_eq!(snapshot.identity("e2").unwrap().entry.selectors, other);
+        assert_eq!(snapshot.identities_for(&other).len(), 2);
+        snapshot.remove_entry("e3");
+        assert_eq!(ids(&snapshot, &other), ["e2"]);
+        assert!(snapshot.identity("e3").is_none());
+        assert_eq!((snapshot.entry_count(), snapshot.identity_count()), (2, 2));
+        // An entry whose first selector the caller lacks does not match, even when the
+        // caller has its others; one without selectors matches everybody.
+        snapshot.insert_entry(entry("e4", "spiffe://example.org/x", &["unix:gid:50", "unix:uid:1000", "unix:user:z"]));
+        assert_eq!(ids(&snapshot, &caller), ["e1"]);
+        snapshot.insert_entry(entry("e5", "spiffe://example.org/any", &[]));
+        assert_eq!(ids(&snapshot, &caller), ["e1", "e5"]);
+        assert_eq!(ids(&snapshot, &SelectorSet::new()), ["e5"]);
+        snapshot.remove_identity("e1");
+        assert!(snapshot.identities_for(&caller).is_empty());
+        assert_eq!(ids(&snapshot, &caller), ["e1", "e5"], "the entry stays without its SVID");
     }
 
     #[test]

@@ -108,15 +108,15 @@ impl Collector for StateCollector {
             &mut encoder,
             "cache_entries",
             "Registration entries synced to this agent",
-            snapshot.entries.len() as i64,
+            snapshot.entry_count() as i64,
         )?;
         gauge(
             &mut encoder,
             "cache_svids",
             "X.509-SVIDs the agent holds for its entries",
-            snapshot.identities.len() as i64,
+            snapshot.identity_count() as i64,
         )?;
-        if let Some(soonest) = snapshot.identities.iter().map(|identity| identity.svid.expires_at).min() {
+        if let Some(soonest) = snapshot.identities().map(|identity| identity.svid.expires_at).min() {
             gauge(
                 &mut encoder,
                 "svid_expiry_horizon_seconds",

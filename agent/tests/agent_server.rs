@@ -101,7 +101,7 @@ async fn wait_for<T>(cache: &Cache, limit: Duration, what: &str, check: impl Fn(
 }
 
 fn identity_of(snapshot: &AgentSnapshot, entry_id: &str) -> Option<Identity> {
-    snapshot.identities.iter().find(|identity| identity.entry.id == entry_id).cloned()
+    snapshot.identity(entry_id).cloned()
 }
 
 async fn with_deadline<T>(what: &str, future: impl Future<Output = T>) -> T {
@@ -228,7 +228,7 @@ async fn entries_reach_the_cache_quickly_with_valid_svids_and_leave_on_delete() 
 
     store(&server).delete_entry(&entry.id).unwrap();
     wait_for(&cache, WAIT, "the identity to disappear", |snapshot| {
-        (identity_of(snapshot, &entry.id).is_none() && snapshot.entries.iter().all(|e| e.id != entry.id)).then_some(())
+        (identity_of(snapshot, &entry.id).is_none() && snapshot.entry(&entry.id).is_none()).then_some(())
     })
     .await;
     with_deadline("agent shutdown", agent.shutdown()).await;
@@ -268,10 +268,8 @@ async fn jwt_svids_are_fetched_once_and_then_served_from_the_cache() {
     let agent = start_agent(&config, Some("tok-jwt")).await.unwrap();
     let cache = Arc::clone(agent.cache());
     let created = create_entry(&server, &agent_id("tok-jwt"), "jwt", None);
-    let entry: Arc<CachedEntry> = wait_for(&cache, WAIT, "the entry", |snapshot| {
-        snapshot.entries.iter().find(|entry| entry.id == created.id).cloned()
-    })
-    .await;
+    let entry: Arc<CachedEntry> =
+        wait_for(&cache, WAIT, "the entry", |snapshot| snapshot.entry(&created.id).cloned()).await;
 
     let source = agent.jwt_source();
     let audiences = ["service-b".to_owned(), "service-a".to_owned()];
@@ -400,7 +398,7 @@ async fn many_entries_are_minted_in_batches() {
         (snapshot.ready && ids.iter().all(|id| identity_of(snapshot, id).is_some())).then_some(())
     })
     .await;
-    assert_eq!(cache.current().identities.len(), 250);
+    assert_eq!(cache.current().identity_count(), 250);
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
@@ -483,7 +481,7 @@ async fn during_an_outage_svids_are_served_until_they_expire_and_no_longer() {
     })
     .await;
     assert!(SystemTime::now() >= last.svid.expires_at, "an unexpired SVID was dropped");
-    assert!(cache.current().entries.iter().any(|e| e.id == entry.id), "the entry itself is still known");
+    assert!(cache.current().entry(&entry.id).is_some(), "the entry itself is still known");
     with_deadline("agent shutdown", agent.shutdown()).await;
 }
 
@@ -537,15 +535,17 @@ fn captured_logs() -> Logs {
     }))
 }
 
-/// Issue 5: an agent whose signing calls the server refuses with a retryable status
-/// (here `RESOURCE_EXHAUSTED` from `agent_svid_rate_limit`) backs off exponentially with
-/// jitter instead of hammering the server, keeps what it minted, and is served in the end.
+/// Issues 5 and 7: an agent whose signing calls the server refuses with its per-agent rate
+/// limit (`RESOURCE_EXHAUSTED` from `agent_svid_rate_limit`) waits the time the refusal names
+/// (`tessera-retry-after-ms`) instead of hammering the server or backing off ever longer
+/// (which made a long burst's rate decay to a batch per 30 s), keeps what it minted, and is
+/// served in the end at the configured rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_signing_calls_are_retried_with_growing_backoff_until_served() {
+async fn rate_limited_signing_calls_wait_the_time_the_server_names_until_served() {
     let logs = captured_logs();
     let dir = tempfile::tempdir().unwrap();
     // 10 SVIDs per second, bursts of 500: five batches of 100 pass, the sixth is refused until
-    // the bucket has refilled 100 tokens (10 s).
+    // the bucket has refilled 100 tokens (about 10 s), a wait the refusal names.
     let config = ServerConfig { agent_svid_rate_limit: 10, ..server_config(dir.path()) };
     let store_: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
     let server = server::start_with(config, store_).await.unwrap();
@@ -561,31 +561,20 @@ async fn refused_signing_calls_are_retried_with_growing_backoff_until_served() {
     .await;
     let served_after = started.elapsed();
 
-    let refusals: Vec<Instant> = logs
+    let refusals = logs
         .lock()
         .unwrap()
         .iter()
         .filter(|(_, line)| line.contains("per-agent signing rate limit reached") && line.contains("tok-backoff"))
-        .map(|(at, _)| *at)
-        .collect();
-    let gaps: Vec<Duration> = refusals.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    eprintln!("served after {served_after:?}; {} refusals, gaps {gaps:?}", refusals.len());
-    assert!(refusals.len() >= 2, "the sixth batch must have been refused more than once: {gaps:?}");
-    assert!(refusals.len() <= 8, "without backoff an agent retries far more often: {} refusals", refusals.len());
-    // Backoff starts at 0.25-0.5 s and every delay is at least the previous one.
-    assert!(gaps.iter().all(|gap| *gap >= Duration::from_millis(200)), "{gaps:?}");
-    if gaps.len() >= 2 {
-        assert!(gaps[gaps.len() - 1] > gaps[0], "the delays must grow: {gaps:?}");
-    }
-    let agent_lines = logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, line)| {
-            line.contains("minting X.509-SVIDs failed: ResourceExhausted") && line.contains("retrying in")
-        })
         .count();
-    assert!(agent_lines >= refusals.len(), "the agent reports each refused call and its delay");
+    eprintln!("served after {served_after:?}; {refusals} refusals");
+    assert!(refusals >= 1, "the sixth batch must have been refused");
+    // Waiting what the refusal names finds the tokens there: the sixth batch is refused once
+    // (twice at most, should the clock round against it). Backing off from 0.25 s doubling
+    // takes five refusals to reach 10 s.
+    assert!(refusals <= 2, "the agent retried before the named time: {refusals} refusals");
+    // The limit held: 100 SVIDs beyond the burst took most of 10 s of refill.
+    assert!(served_after >= Duration::from_secs(5), "served after {served_after:?}");
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }

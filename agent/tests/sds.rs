@@ -419,7 +419,7 @@ async fn a_stream_waits_for_an_svid_that_is_being_minted() {
     eventually("the stream to wait on the cache", || agent.cache.subscribers() > 0).await;
     let svid = agent.trust.ca.svid(&web.spiffe_id);
     agent.cache.update(|snapshot| {
-        snapshot.identities.push(tessera_agent::cache::Identity { entry: web, svid });
+        snapshot.insert_identity(tessera_agent::cache::Identity { entry: web, svid });
     });
     let first = tokio::time::timeout(DEADLINE, opening).await.unwrap().unwrap().unwrap();
     assert_eq!(first.version_info, "1");

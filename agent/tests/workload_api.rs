@@ -269,7 +269,7 @@ async fn calls_wait_for_the_first_sync_then_give_up_with_unavailable() {
     agent.add_entry_only(web.clone());
     agent.cache.update(|snapshot| snapshot.ready = true);
     let svid = agent.trust.ca.svid(&web.spiffe_id);
-    agent.cache.update(|snapshot| snapshot.identities.push(tessera_agent::cache::Identity { entry: web, svid }));
+    agent.cache.update(|snapshot| snapshot.insert_identity(tessera_agent::cache::Identity { entry: web, svid }));
     let message = tokio::time::timeout(DEADLINE, waiting).await.unwrap().unwrap().unwrap().unwrap();
     assert_eq!(message.svids[0].spiffe_id, "spiffe://example.org/web");
 }

@@ -44,6 +44,9 @@ pub struct AgentMemoryOptions {
     pub writers: usize,
     /// Longest wait for the agent to mint everything.
     pub timeout: Duration,
+    /// The server's `agent_svid_rate_limit`; `None` keeps the server's default (100 SVIDs per
+    /// second: 100,000 SVIDs take 17 minutes by the limit alone).
+    pub rate_limit: Option<u32>,
 }
 
 /// The `tessera-agent` next to the running load generator (same build profile).
@@ -207,7 +210,14 @@ pub async fn agent_memory(options: &AgentMemoryOptions) -> anyhow::Result<Vec<Fi
     let mut figures = Vec::new();
     let uid = rustix::process::getuid().as_raw();
     for &size in &options.sizes {
-        let server = SimServer::start().await?;
+        let dir = tempfile::Builder::new().prefix("tlg").tempdir_in("/tmp").context("temporary directory")?;
+        let rate_limit = options.rate_limit;
+        let server = SimServer::start_configured(dir, |config| {
+            if let Some(rate) = rate_limit {
+                config.agent_svid_rate_limit = rate;
+            }
+        })
+        .await?;
         let token = format!("lg-mem-{size}");
         server.new_join_token(&token)?;
         let agent_id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/tessera/agent/join_token/{token}"))?;

@@ -8,6 +8,8 @@
 //! - [`probe`]: the raw limits each figure is held to, measured in the same run (rates on all
 //!   cores, the tonic-over-UDS + `/proc` attestation floor);
 //! - [`stats`]: percentiles of latency samples;
+//! - [`mint_scale`]: minting time and CPU per entry for entries created one by one while a
+//!   real agent syncs (how the cost grows with the number of entries);
 //! - [`modes`]: the measurements themselves (one per `tessera-loadgen` subcommand), each
 //!   returning [`report::Figure`]s that print the figure beside its limit and their ratio.
 //!
@@ -18,6 +20,7 @@ pub mod agent_memory;
 pub mod cpu;
 pub mod fleet;
 pub mod harness;
+pub mod mint_scale;
 pub mod modes;
 pub mod oidc_issuer;
 pub mod probe;

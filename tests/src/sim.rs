@@ -46,7 +46,18 @@ impl SimServer {
 
     /// Starts a server whose data directory is `dir/data` (reused when it exists).
     pub async fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Self> {
-        let server = server::start(config(dir.path())?).await.context("starting the server")?;
+        Self::start_configured(dir, |_| {}).await
+    }
+
+    /// Starts a server in `dir` with the simulated deployment's [`config`], changed by `adjust`
+    /// (a signing rate limit, say) first.
+    pub async fn start_configured(
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Self> {
+        let mut config = config(dir.path())?;
+        adjust(&mut config);
+        let server = server::start(config).await.context("starting the server")?;
         Ok(Self { server, dir })
     }
 

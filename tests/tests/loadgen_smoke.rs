@@ -160,3 +160,15 @@ async fn fleet_mode_attests_and_syncs_every_agent_from_worker_processes() {
     assert_throughput(&out, "fleet.n4.agents_per_sec");
     assert!(number(&figure(&out, "fleet.n4.server_cpu_ms_per_agent"), "value") >= 0.0, "{out}");
 }
+
+#[tokio::test]
+async fn mint_scale_mode_mints_every_entry_and_measures_both_sides() {
+    let out =
+        loadgen(&["mint-scale", "--sizes", "20", "--writers", "2", "--rate-limit", "0", "--timeout", "120"]).await;
+    assert!(number(&figure(&out, "mint_scale.n20.all_minted_s"), "value") > 0.0, "{out}");
+    // Both sides did work, measured apart on their own runtimes.
+    assert!(number(&figure(&out, "mint_scale.n20.server_cpu_per_entry_us"), "value") > 0.0, "{out}");
+    assert!(number(&figure(&out, "mint_scale.n20.agent_cpu_per_entry_us"), "value") > 0.0, "{out}");
+    let last = figure(&out, "mint_scale.n20.cpu_per_entry_last_tenth_us");
+    assert_eq!(last["limit_name"], "cpu_per_entry_first_tenth_us", "{out}");
+}

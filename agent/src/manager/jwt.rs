@@ -150,8 +150,7 @@ impl JwtSvids {
         let known = self
             .shared
             .state()
-            .entries
-            .get(&entry.id)
+            .entry(&entry.id)
             .is_some_and(|current| current.revision == entry.revision && current.spiffe_id == entry.spiffe_id);
         if !known {
             return Err(JwtSvidError::UnknownEntry(entry.id.clone()));

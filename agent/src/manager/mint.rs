@@ -9,7 +9,12 @@
 //! Each returned SVID is checked before it is served: a usable X.509-SVID for the generated
 //! key, with the entry's SPIFFE ID, verifying against the current bundle. A per-item error
 //! (or an unusable SVID) is logged and the entry retried after [`ITEM_RETRY`]; a failed call
-//! backs the whole scheduler off (exponential, with jitter) while the cache keeps serving.
+//! backs the whole scheduler off (exponential, with jitter) while the cache keeps serving,
+//! except a refusal by the server's per-agent signing rate limit (`RESOURCE_EXHAUSTED`), after
+//! which the scheduler waits the time the server names ([`rate_limit_wait`]) and goes on: a
+//! burst of thousands of new entries is then minted at the configured rate, where an
+//! exponential backoff (up to 30 s between calls, against a bucket that holds 5 s of tokens)
+//! made the rate decay the longer the burst lasted.
 //! A result for an entry that was deleted or changed while the call was in flight is dropped
 //! (the changed entry is minted again).
 
@@ -33,6 +38,12 @@ pub const BATCH_SIZE: usize = 100;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// When to retry an entry whose SVID could not be minted.
 pub const ITEM_RETRY: Duration = Duration::from_secs(5);
+/// Shortest wait after a rate-limit refusal, whatever the server says.
+pub const RATE_LIMIT_WAIT_MIN: Duration = Duration::from_millis(10);
+/// Longest wait after a rate-limit refusal, whatever the server says.
+pub const RATE_LIMIT_WAIT_MAX: Duration = Duration::from_secs(30);
+/// The wait after a rate-limit refusal that does not say how long to wait.
+pub const RATE_LIMIT_WAIT_DEFAULT: Duration = Duration::from_secs(1);
 /// Longest sleep without a reason (a safety net; every real event wakes the task).
 const IDLE_CHECK: Duration = Duration::from_secs(60);
 
@@ -46,7 +57,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             let mut state = shared.state();
             if state.drop_expired(SystemTime::now()) {
                 tracing::warn!("X.509-SVIDs expired before they could be renewed; they are no longer served");
-                shared.publish(&state);
+                shared.publish(&mut state);
             }
         }
         let work = shared.state().mint_work(SystemTime::now());
@@ -59,7 +70,19 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             };
             match minted {
                 Ok(()) => backoff.reset(),
-                Err(reason) => {
+                Err(Failure { reason, retry_after: Some(wait) }) => {
+                    // The server's signing rate limit: it said when the call will be accepted.
+                    // Waiting exactly that long keeps a long burst at the configured rate; an
+                    // exponential backoff would let the rate decay to a batch per 30 s.
+                    backoff.reset();
+                    tracing::debug!("minting paused by the server's rate limit for {wait:?}: {reason}");
+                    let expiry = shared.state().next_deadline(SystemTime::now()).map_or(wait, until);
+                    if sleep_or_stop(wait.min(expiry), &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(Failure { reason, retry_after: None }) => {
                     let delay = backoff.next_delay(&shared.rng);
                     shared.server_errors.inc();
                     tracing::warn!("minting X.509-SVIDs failed: {reason}; retrying in {delay:?}");
@@ -87,8 +110,44 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Why a minting pass stopped: a call failed as a whole.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    reason: String,
+    /// Set when the server's rate limit refused the call: how long until it accepts it.
+    retry_after: Option<Duration>,
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self { reason, retry_after: None }
+    }
+}
+
+impl Failure {
+    fn from_status(status: &tonic::Status) -> Self {
+        let reason = format!("{:?}: {}", status.code(), status.message());
+        let retry_after = (status.code() == tonic::Code::ResourceExhausted).then(|| rate_limit_wait(status));
+        Self { reason, retry_after }
+    }
+}
+
+/// The wait a rate-limit refusal asks for ([`tessera_wire::RETRY_AFTER_MS_METADATA`]), within
+/// [`RATE_LIMIT_WAIT_MIN`] and [`RATE_LIMIT_WAIT_MAX`]; [`RATE_LIMIT_WAIT_DEFAULT`] when the
+/// server sent none or an unreadable one.
+pub(crate) fn rate_limit_wait(status: &tonic::Status) -> Duration {
+    status
+        .metadata()
+        .get(tessera_wire::RETRY_AFTER_MS_METADATA)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(RATE_LIMIT_WAIT_DEFAULT, |millis| {
+            Duration::from_millis(millis).clamp(RATE_LIMIT_WAIT_MIN, RATE_LIMIT_WAIT_MAX)
+        })
+}
+
 /// Mints for `work` in batches; `Err` when a call failed as a whole.
-async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), String> {
+async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), Failure> {
     for chunk in work.chunks(BATCH_SIZE) {
         let entries = chunk.to_vec();
         let count = entries.len();
@@ -97,7 +156,8 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), S
             entries.into_iter().map(|entry| new_key_and_csr().map(|key| (entry, key))).collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|error| format!("key generation task: {error}"))??;
+        .map_err(|error| format!("key generation task: {error}"))?
+        .map_err(Failure::from)?;
         let params = keyed
             .iter()
             .map(|(entry, key)| NewX509SvidParams { entry_id: entry.id.clone(), csr: key.csr_der.clone() })
@@ -109,10 +169,10 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), S
             .agent()
             .batch_new_x509_svid(request)
             .await
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
+            .map_err(|status| Failure::from_status(&status))?
             .into_inner();
         if response.results.len() != count {
-            return Err(format!("the server answered {} results for {count} requests", response.results.len()));
+            return Err(format!("the server answered {} results for {count} requests", response.results.len()).into());
         }
         let now = SystemTime::now();
         let mut accepted = Vec::with_capacity(count);
@@ -137,21 +197,18 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), S
         let mut changed = false;
         for (entry, minted) in accepted {
             // Drop results for entries deleted or changed while the call was in flight.
-            if state.entries.get(&entry.id).is_some_and(|current| current.revision == entry.revision) {
+            if state.entry(&entry.id).is_some_and(|current| current.revision == entry.revision) {
                 tracing::debug!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "X.509-SVID minted");
-                state.retry_at.remove(&entry.id);
-                state.svids.insert(entry.id.clone(), minted);
+                state.set_minted(&entry.id, minted, now);
                 changed = true;
             }
         }
         for (entry, reason) in failed {
             tracing::warn!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "cannot mint an X.509-SVID: {reason}");
-            if state.entries.contains_key(&entry.id) {
-                state.retry_at.insert(entry.id.clone(), now + ITEM_RETRY);
-            }
+            state.set_retry(&entry.id, now + ITEM_RETRY, now);
         }
         if changed {
-            shared.publish(&state);
+            shared.publish(&mut state);
         }
     }
     Ok(())
@@ -187,4 +244,33 @@ fn check_svid(
         svid: Arc::new(X509Svid { cert_chain: chain, private_key_pkcs8: key.private_key_pkcs8, issued_at, expires_at }),
         renew_at: renew,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(hint: Option<&str>) -> tonic::Status {
+        let mut status = tonic::Status::resource_exhausted("agent_svid_rate_limit: retry in 0.4 s");
+        if let Some(hint) = hint {
+            status.metadata_mut().insert(tessera_wire::RETRY_AFTER_MS_METADATA, hint.parse().unwrap());
+        }
+        status
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_waits_what_the_server_names_within_bounds() {
+        assert_eq!(rate_limit_wait(&refusal(Some("400"))), Duration::from_millis(400));
+        assert_eq!(rate_limit_wait(&refusal(Some("0"))), RATE_LIMIT_WAIT_MIN);
+        assert_eq!(rate_limit_wait(&refusal(Some("99999999999"))), RATE_LIMIT_WAIT_MAX);
+        assert_eq!(rate_limit_wait(&refusal(Some("soon"))), RATE_LIMIT_WAIT_DEFAULT);
+        assert_eq!(rate_limit_wait(&refusal(None)), RATE_LIMIT_WAIT_DEFAULT);
+
+        let limited = Failure::from_status(&refusal(Some("250")));
+        assert_eq!(limited.retry_after, Some(Duration::from_millis(250)));
+        // Any other failure backs off exponentially, hint or not.
+        let mut unavailable = tonic::Status::unavailable("max_concurrent_signing");
+        unavailable.metadata_mut().insert(tessera_wire::RETRY_AFTER_MS_METADATA, "5".parse().unwrap());
+        assert_eq!(Failure::from_status(&unavailable).retry_after, None);
+    }
 }

@@ -181,7 +181,7 @@ impl Shared {
     }
 
     /// Publishes the state as a new snapshot.
-    pub(crate) fn publish(&self, state: &State) {
+    pub(crate) fn publish(&self, state: &mut State) {
         self.cache.publish(state.snapshot(SystemTime::now()));
     }
 
@@ -354,7 +354,7 @@ pub async fn start(
 
     let client = ServerClient::new(&config.server_address, verifier, Some(&credential)).map_err(ManagerError::Other)?;
     let bundle = trust.read().ok().and_then(|state| state.bundle.clone());
-    let state = State::new(trust_domain.clone(), bundle);
+    let mut state = State::new(trust_domain.clone(), bundle);
     cache.publish(state.snapshot(now));
     let status = AgentStatus {
         attested: true,

@@ -55,6 +55,24 @@ pub struct Applied {
 pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 
 /// The manager's view of the world.
+///
+/// # Cost per change
+///
+/// Every rule here costs O(log N) per changed entry, whatever the number N of entries held
+/// (issue 7: entries created one by one used to cost a scan and a copy of all N each):
+///
+/// - the published view (entries, identities, selector index) is an [`AgentSnapshot`] kept up
+///   to date change by change in persistent maps; [`State::snapshot`] clones it in O(1);
+/// - the entries that need an SVID now are a set (`pending`), kept by [`State::touch`] each
+///   time something about an entry changes, so [`State::mint_work`] returns them without a
+///   scan;
+/// - each entry's next time-based event (renewal point, retry, SVID expiry) is one key in an
+///   ordered set (`timers`): the next deadline is its first key, and only entries whose time
+///   has come are looked at again.
+///
+/// [`State::work`] counts the entries these operations visit, so a test can hold the cost of
+/// one change flat as N grows. A whole snapshot from the server and a newly tainted authority
+/// visit every entry once, as they must.
 #[derive(Debug)]
 pub struct State {
     trust_domain: TrustDomain,
@@ -62,42 +80,185 @@ pub struct State {
     pub revision: u64,
     /// True after the first `synced`.
     pub ready: bool,
-    /// The authorized entries, by ID.
-    pub entries: BTreeMap<String, Arc<CachedEntry>>,
+    /// What is published: entries, identities and the selector index.
+    view: AgentSnapshot,
     /// Minted SVIDs, by entry ID.
-    pub svids: HashMap<String, Minted>,
+    svids: HashMap<String, Minted>,
     /// Entries whose last mint failed, and when to try again.
-    pub retry_at: HashMap<String, SystemTime>,
+    retry_at: HashMap<String, SystemTime>,
+    /// Entries that need an SVID now.
+    pending: BTreeSet<String>,
+    /// (when, entry ID): each entry's next renewal point, retry or SVID expiry.
+    timers: BTreeSet<(SystemTime, String)>,
+    /// The key of each entry in `timers`.
+    timer_of: HashMap<String, SystemTime>,
     /// Own and federated bundles.
     pub bundles: BundleSet,
     /// DER certificates of the server's tainted X.509 authorities (forced rotation).
     pub tainted_x509: Vec<Vec<u8>>,
     /// Key IDs of the server's tainted JWT keys: cached JWT-SVIDs they signed are not served.
     pub tainted_jwt_key_ids: Vec<String>,
-    pending: Option<PendingSnapshot>,
+    pending_snapshot: Option<PendingSnapshot>,
+    work: u64,
 }
 
 impl State {
     /// Empty state; `bundle` is the cached own bundle, if any.
     pub fn new(trust_domain: TrustDomain, bundle: Option<Bundle>) -> Self {
         let own = bundle.unwrap_or_else(|| Bundle::new(trust_domain.clone()));
+        let bundles = BundleSet::new(own);
         Self {
             trust_domain,
             revision: 0,
             ready: false,
-            entries: BTreeMap::new(),
+            view: AgentSnapshot::empty(bundles.clone()),
             svids: HashMap::new(),
             retry_at: HashMap::new(),
-            bundles: BundleSet::new(own),
+            pending: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            timer_of: HashMap::new(),
+            bundles,
             tainted_x509: Vec::new(),
             tainted_jwt_key_ids: Vec::new(),
-            pending: None,
+            pending_snapshot: None,
+            work: 0,
+        }
+    }
+
+    /// Entries visited by the operations so far (see the type's docs): the measure of work
+    /// per change that the scale tests hold flat.
+    pub fn work(&self) -> u64 {
+        self.work
+    }
+
+    /// The authorized entry with this ID.
+    pub fn entry(&self, id: &str) -> Option<&Arc<CachedEntry>> {
+        self.view.entry(id)
+    }
+
+    /// How many entries are held.
+    pub fn entry_count(&self) -> usize {
+        self.view.entry_count()
+    }
+
+    /// The IDs of the entries held, in order.
+    pub fn entry_ids(&self) -> Vec<&str> {
+        self.view.entries().map(|entry| entry.id.as_str()).collect()
+    }
+
+    /// The SVID minted for an entry.
+    pub fn minted(&self, entry_id: &str) -> Option<&Minted> {
+        self.svids.get(entry_id)
+    }
+
+    /// How many SVIDs are held.
+    pub fn minted_count(&self) -> usize {
+        self.svids.len()
+    }
+
+    /// Records an SVID minted for `entry_id` (clearing a retry mark).
+    pub fn set_minted(&mut self, entry_id: &str, minted: Minted, now: SystemTime) {
+        self.retry_at.remove(entry_id);
+        self.svids.insert(entry_id.to_owned(), minted);
+        self.touch(entry_id, now);
+    }
+
+    /// Marks `entry_id` to be minted again no earlier than `at` (its last mint failed).
+    pub fn set_retry(&mut self, entry_id: &str, at: SystemTime, now: SystemTime) {
+        if self.view.entry(entry_id).is_some() {
+            self.retry_at.insert(entry_id.to_owned(), at);
+            self.touch(entry_id, now);
         }
     }
 
     /// Forgets a half-received snapshot (the stream broke).
     pub fn stream_reset(&mut self) {
-        self.pending = None;
+        self.pending_snapshot = None;
+    }
+
+    /// Brings the indexes of one entry up to date with its entry, SVID and retry mark at
+    /// `now`: drops an expired SVID, publishes or hides its identity, adds it to or removes it
+    /// from the mint work, and sets its next timer. Returns whether an SVID was dropped.
+    /// O(log N).
+    fn touch(&mut self, id: &str, now: SystemTime) -> bool {
+        self.work += 1;
+        if let Some(at) = self.timer_of.remove(id) {
+            self.timers.remove(&(at, id.to_owned()));
+        }
+        let Some(entry) = self.view.entry(id).cloned() else {
+            self.pending.remove(id);
+            self.svids.remove(id);
+            self.retry_at.remove(id);
+            return false;
+        };
+        let mut dropped = false;
+        if self.svids.get(id).is_some_and(|minted| minted.svid.expires_at <= now) {
+            self.svids.remove(id);
+            dropped = true;
+        }
+        let minted = self.svids.get(id);
+        match minted {
+            // An SVID minted for an older revision is still served while it is re-minted,
+            // unless the SPIFFE ID changed.
+            Some(minted) if minted.spiffe_id == entry.spiffe_id => {
+                let current = self.view.identity(id).is_some_and(|identity| {
+                    Arc::ptr_eq(&identity.svid, &minted.svid) && Arc::ptr_eq(&identity.entry, &entry)
+                });
+                if !current {
+                    self.view.insert_identity(Identity { entry: Arc::clone(&entry), svid: Arc::clone(&minted.svid) });
+                }
+            }
+            _ => {
+                self.view.remove_identity(id);
+            }
+        }
+        let retry = self.retry_at.get(id).copied().filter(|at| *at > now);
+        let needs_svid = retry.is_none()
+            && minted.is_none_or(|minted| minted.entry_revision != entry.revision || minted.renew_at <= now);
+        let next = [retry, minted.map(|m| m.renew_at), minted.map(|m| m.svid.expires_at)]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min();
+        if retry.is_none() {
+            self.retry_at.remove(id);
+        }
+        if needs_svid {
+            self.pending.insert(id.to_owned());
+        } else {
+            self.pending.remove(id);
+        }
+        if let Some(at) = next {
+            self.timers.insert((at, id.to_owned()));
+            self.timer_of.insert(id.to_owned(), at);
+        }
+        dropped
+    }
+
+    /// Adds or replaces an entry.
+    fn put_entry(&mut self, entry: CachedEntry, now: SystemTime) {
+        let id = entry.id.clone();
+        self.view.insert_entry(Arc::new(entry));
+        self.touch(&id, now);
+    }
+
+    /// Forgets an entry, its SVID, retry mark and timer.
+    fn remove_entry(&mut self, id: &str, now: SystemTime) {
+        self.view.remove_entry(id);
+        self.touch(id, now);
+    }
+
+    /// Looks again at every entry whose timer is due at `now`; returns whether an SVID was
+    /// dropped because it expired. O(log N) per due entry.
+    fn advance(&mut self, now: SystemTime) -> bool {
+        let mut dropped = false;
+        while let Some((at, id)) = self.timers.first().cloned() {
+            if at > now {
+                break;
+            }
+            dropped |= self.touch(&id, now);
+        }
+        dropped
     }
 
     /// Applies one sync event. A malformed entry is logged and skipped; a protocol violation
@@ -107,15 +268,16 @@ impl State {
         match event {
             Event::SnapshotPage(page) => {
                 if page.page == 0 {
-                    self.pending = Some(PendingSnapshot { revision: page.revision, ..PendingSnapshot::default() });
+                    self.pending_snapshot =
+                        Some(PendingSnapshot { revision: page.revision, ..PendingSnapshot::default() });
                 }
                 let pending = self
-                    .pending
+                    .pending_snapshot
                     .as_mut()
                     .ok_or_else(|| format!("snapshot page {} arrived without page 0", page.page))?;
                 if page.page != pending.next_page || page.revision != pending.revision {
                     let expected = pending.next_page;
-                    self.pending = None;
+                    self.pending_snapshot = None;
                     return Err(format!(
                         "snapshot page {} (revision {}) arrived, expected page {expected}",
                         page.page, page.revision
@@ -128,11 +290,25 @@ impl State {
                     }
                 }
                 if page.last_page
-                    && let Some(done) = self.pending.take()
+                    && let Some(done) = self.pending_snapshot.take()
                 {
-                    self.entries = done.entries;
+                    // The whole set is replaced: every entry is visited once.
+                    let removed: Vec<String> = self
+                        .view
+                        .entries()
+                        .filter(|entry| !done.entries.contains_key(&entry.id))
+                        .map(|entry| entry.id.clone())
+                        .collect();
+                    for id in removed {
+                        self.remove_entry(&id, now);
+                    }
+                    for (id, entry) in done.entries {
+                        if self.view.entry(&id) != Some(&entry) {
+                            self.view.insert_entry(entry);
+                        }
+                        self.touch(&id, now);
+                    }
                     self.revision = done.revision;
-                    self.forget_removed();
                     applied.entries_changed = true;
                 }
             }
@@ -144,20 +320,16 @@ impl State {
                 match convert_entry(&self.trust_domain, wire, now) {
                     Some(entry) => {
                         self.retry_at.remove(&id);
-                        self.entries.insert(id, Arc::new(entry));
+                        self.put_entry(entry, now);
                     }
                     // An entry this agent cannot use is as good as absent.
-                    None => {
-                        self.entries.remove(&id);
-                        self.forget_removed();
-                    }
+                    None => self.remove_entry(&id, now),
                 }
                 self.revision = self.revision.max(upsert.revision);
                 applied.entries_changed = true;
             }
             Event::EntryDeleted(deleted) => {
-                self.entries.remove(&deleted.entry_id);
-                self.forget_removed();
+                self.remove_entry(&deleted.entry_id, now);
                 self.revision = self.revision.max(deleted.revision);
                 applied.entries_changed = true;
             }
@@ -187,6 +359,9 @@ impl State {
                     }
                 }
                 applied.bundles_changed = bundles != self.bundles;
+                if applied.bundles_changed {
+                    self.view.bundles = Arc::new(bundles.clone());
+                }
                 self.bundles = bundles;
                 self.tainted_jwt_key_ids = update.tainted_jwt_key_ids;
                 if update.tainted_x509_authorities != self.tainted_x509 {
@@ -207,80 +382,59 @@ impl State {
     /// Brings the renewal of every SVID signed by a tainted X.509 authority forward to a point
     /// in the next [`TAINT_SPREAD`] (spread by entry ID). Returns whether any moved.
     pub fn reschedule_tainted(&mut self, now: SystemTime) -> bool {
-        let mut moved = false;
+        let mut moved = Vec::new();
         for (entry_id, minted) in &mut self.svids {
+            self.work += 1;
             if !signed_by_any(&minted.svid.cert_chain, &self.tainted_x509, &self.trust_domain, now) {
                 continue;
             }
             let at = now + spread(entry_id, TAINT_SPREAD);
             if minted.renew_at > at {
                 minted.renew_at = at;
-                moved = true;
+                moved.push(entry_id.clone());
             }
         }
-        if moved {
+        for entry_id in &moved {
+            self.touch(entry_id, now);
+        }
+        if !moved.is_empty() {
             tracing::warn!("the server tainted an X.509 authority; re-minting the SVIDs it signed");
         }
-        moved
-    }
-
-    /// Drops SVIDs and retry marks of entries no longer present.
-    fn forget_removed(&mut self) {
-        let entries = &self.entries;
-        self.svids.retain(|id, _| entries.contains_key(id));
-        self.retry_at.retain(|id, _| entries.contains_key(id));
+        !moved.is_empty()
     }
 
     /// Forgets SVIDs that have expired at `now` (they must not be served; their entries are
     /// minted again). Returns whether any was dropped, i.e. whether to publish.
     pub fn drop_expired(&mut self, now: SystemTime) -> bool {
-        let before = self.svids.len();
-        self.svids.retain(|_, minted| minted.svid.expires_at > now);
-        self.svids.len() != before
+        self.advance(now)
     }
 
     /// Entries that need a (new) X.509-SVID at `now`: none yet, minted for an older
-    /// revision, or past the renewal point; except those waiting for a retry.
-    pub fn mint_work(&self, now: SystemTime) -> Vec<Arc<CachedEntry>> {
-        self.entries
-            .values()
-            .filter(|entry| self.retry_at.get(&entry.id).is_none_or(|at| *at <= now))
-            .filter(|entry| match self.svids.get(&entry.id) {
-                None => true,
-                Some(minted) => minted.entry_revision != entry.revision || minted.renew_at <= now,
-            })
-            .cloned()
-            .collect()
+    /// revision, or past the renewal point; except those waiting for a retry. O(log N) per
+    /// entry whose time came, plus the entries returned.
+    pub fn mint_work(&mut self, now: SystemTime) -> Vec<Arc<CachedEntry>> {
+        self.advance(now);
+        let work: Vec<Arc<CachedEntry>> = self.pending.iter().filter_map(|id| self.view.entry(id).cloned()).collect();
+        self.work += work.len() as u64;
+        work
     }
 
     /// The next moment something time-based happens: a renewal, a retry, or an SVID expiring
-    /// (it must leave the published snapshot).
-    pub fn next_deadline(&self, now: SystemTime) -> Option<SystemTime> {
-        let renewals = self.svids.values().flat_map(|minted| [minted.renew_at, minted.svid.expires_at]);
-        let retries = self.retry_at.values().copied();
-        renewals.chain(retries).filter(|at| *at > now).min()
+    /// (it must leave the published snapshot). A moment already past means "now".
+    pub fn next_deadline(&self, _now: SystemTime) -> Option<SystemTime> {
+        self.timers.first().map(|(at, _)| *at)
     }
 
     /// The snapshot to publish: every entry, and an identity for each entry with an
     /// unexpired SVID carrying the entry's SPIFFE ID (an SVID minted for an older revision is
-    /// still served while it is re-minted, unless the SPIFFE ID changed).
-    pub fn snapshot(&self, now: SystemTime) -> AgentSnapshot {
-        let entries: Vec<Arc<CachedEntry>> = self.entries.values().cloned().collect();
-        let identities = entries
-            .iter()
-            .filter_map(|entry| {
-                let minted = self.svids.get(&entry.id)?;
-                (minted.spiffe_id == entry.spiffe_id && minted.svid.expires_at > now)
-                    .then(|| Identity { entry: Arc::clone(entry), svid: Arc::clone(&minted.svid) })
-            })
-            .collect();
-        AgentSnapshot {
-            revision: self.revision,
-            ready: self.ready,
-            bundles: Arc::new(self.bundles.clone()),
-            entries,
-            identities,
-        }
+    /// still served while it is re-minted, unless the SPIFFE ID changed). SVIDs expired at
+    /// `now` are dropped first. O(1) plus the entries whose time came.
+    pub fn snapshot(&mut self, now: SystemTime) -> AgentSnapshot {
+        self.advance(now);
+        let mut snapshot = self.view.clone();
+        snapshot.revision = self.revision;
+        snapshot.ready = self.ready;
+        snapshot
     }
 }
 
@@ -430,15 +584,15 @@ mod tests {
         let now = SystemTime::now();
         let mut state = State::new(td(), None);
         state.apply(page(5, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
-        assert_eq!(state.entries.len(), 1);
+        assert_eq!(state.entry_count(), 1);
 
         let applied = state.apply(page(9, 0, vec![wire_entry("b", "b", 7)], false), now).unwrap();
         assert!(!applied.entries_changed);
-        assert!(state.entries.contains_key("a"), "the old set stays until the last page");
+        assert!(state.entry("a").is_some(), "the old set stays until the last page");
         assert_eq!(state.revision, 5);
         let applied = state.apply(page(9, 1, vec![wire_entry("c", "c", 8)], true), now).unwrap();
         assert!(applied.entries_changed);
-        assert_eq!(state.entries.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(state.entry_ids(), ["b", "c"]);
         assert_eq!(state.revision, 9);
 
         assert!(state.apply(page(10, 3, vec![], true), now).is_err(), "page without page 0");
@@ -457,23 +611,23 @@ mod tests {
         assert_eq!(state.revision, 4);
         assert_eq!(state.mint_work(now).len(), 2);
 
-        state.svids.insert("a".to_owned(), minted("spiffe://example.org/a", 3, later, later));
-        state.svids.insert("b".to_owned(), minted("spiffe://example.org/b", 4, later, later));
+        state.set_minted("a", minted("spiffe://example.org/a", 3, later, later), now);
+        state.set_minted("b", minted("spiffe://example.org/b", 4, later, later), now);
         assert!(state.mint_work(now).is_empty());
-        assert_eq!(state.snapshot(now).identities.len(), 2);
+        assert_eq!(state.snapshot(now).identity_count(), 2);
 
         // A changed entry is re-minted; with the same SPIFFE ID the old SVID is served meanwhile.
         state.apply(upsert(wire_entry("a", "a", 5), 5), now).unwrap();
         assert_eq!(state.mint_work(now).iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a"]);
-        assert_eq!(state.snapshot(now).identities.len(), 2);
+        assert_eq!(state.snapshot(now).identity_count(), 2);
         // A changed SPIFFE ID hides the old SVID at once.
         state.apply(upsert(wire_entry("a", "renamed", 6), 6), now).unwrap();
-        assert_eq!(state.snapshot(now).identities.len(), 1);
+        assert_eq!(state.snapshot(now).identity_count(), 1);
 
         state.apply(Event::EntryDeleted(EntryDeleted { entry_id: "b".to_owned(), revision: 7 }), now).unwrap();
-        assert!(!state.svids.contains_key("b"));
+        assert!(state.minted("b").is_none());
         assert_eq!(state.revision, 7);
-        assert!(state.snapshot(now).identities.is_empty());
+        assert!(state.snapshot(now).identity_count() == 0);
         state.apply(Event::Synced(Synced { revision: 7 }), now).unwrap();
         assert!(state.snapshot(now).ready);
     }
@@ -485,19 +639,70 @@ mod tests {
         state.apply(page(1, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
         let renew = now + Duration::from_secs(5);
         let expires = now + Duration::from_secs(10);
-        state.svids.insert("a".to_owned(), minted("spiffe://example.org/a", 1, renew, expires));
+        state.set_minted("a", minted("spiffe://example.org/a", 1, renew, expires), now);
         assert!(state.mint_work(now).is_empty());
         assert_eq!(state.next_deadline(now), Some(renew));
         assert_eq!(state.mint_work(renew).len(), 1);
         assert_eq!(state.next_deadline(renew), Some(expires));
-        assert!(state.snapshot(expires).identities.is_empty(), "an expired SVID is not served");
         assert!(!state.drop_expired(renew));
+        assert_eq!(state.snapshot(renew).identity_count(), 1, "served until it expires");
         assert!(state.drop_expired(expires));
-        assert!(state.svids.is_empty());
+        assert_eq!(state.snapshot(expires).identity_count(), 0, "an expired SVID is not served");
+        assert_eq!(state.minted_count(), 0);
         assert_eq!(state.mint_work(expires).len(), 1, "an entry whose SVID expired is minted again");
 
-        state.retry_at.insert("a".to_owned(), now + Duration::from_secs(7));
+        state.set_retry("a", now + Duration::from_secs(7), renew);
         assert!(state.mint_work(renew).is_empty(), "waiting for the retry");
+    }
+
+    /// Issue 7: entries created one by one while the agent holds N must cost the same per
+    /// entry whatever N. The state counts the entries its operations visit; one entry's whole
+    /// life (synced, minted, published, renewed, deleted) must visit as many at N = 10 as at
+    /// N = 3,000. A scan of every entry per change (the mint work, the next deadline, the
+    /// published snapshot) makes the large count grow by thousands.
+    #[test]
+    fn the_work_of_one_change_does_not_grow_with_the_entries_held() {
+        fn one_entry_life(held: usize) -> (u64, usize) {
+            let now = SystemTime::now();
+            let renew = now + Duration::from_secs(1800);
+            let expires = now + Duration::from_secs(3600);
+            let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
+            let mut state = State::new(td(), None);
+            for n in 0..held {
+                let id = format!("e{n}");
+                state.apply(upsert(wire_entry(&id, &id, n as u64 + 1), n as u64 + 1), now).unwrap();
+                let path = format!("spiffe://example.org/{id}");
+                state.set_minted(&id, minted(&path, n as u64 + 1, renew, expires), now);
+            }
+            assert!(state.mint_work(now).is_empty());
+            let base = held as u64 + 1;
+            let before = state.work();
+
+            state.apply(upsert(wire_entry("new", "new", base), base), now).unwrap();
+            let published = state.snapshot(now);
+            assert_eq!(published.entry_count(), held + 1);
+            let work = state.mint_work(now);
+            assert_eq!(work.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
+            let (new_renew, new_expires) = (now + Duration::from_secs(60), now + Duration::from_secs(120));
+            state.set_minted("new", minted("spiffe://example.org/new", base, new_renew, new_expires), now);
+            assert_eq!(state.snapshot(now).identity_count(), held + 1);
+            assert_eq!(state.next_deadline(now), Some(new_renew));
+            assert!(state.mint_work(now).is_empty());
+            // Its renewal point comes: only it is looked at again.
+            assert_eq!(state.mint_work(new_renew).len(), 1);
+            state.set_retry("new", new_renew + Duration::from_secs(5), new_renew);
+            assert!(!state.drop_expired(new_renew));
+            state
+                .apply(Event::EntryDeleted(EntryDeleted { entry_id: "new".to_owned(), revision: base + 1 }), now)
+                .unwrap();
+            let after = state.snapshot(now);
+            assert_eq!((after.entry_count(), after.identity_count()), (held, held));
+            (state.work() - before, held)
+        }
+        let (small, _) = one_entry_life(10);
+        let (large, held) = one_entry_life(3_000);
+        assert!(small > 0, "the count must measure something");
+        assert_eq!(large, small, "one entry's life visited {large} entries with {held} held, {small} with 10");
     }
 
     #[test]
@@ -530,7 +735,7 @@ mod tests {
             wire_entry("ok", "ok", 1),
         ];
         state.apply(page(1, 0, entries, true), now).unwrap();
-        assert_eq!(state.entries.keys().collect::<Vec<_>>(), ["ok"]);
+        assert_eq!(state.entry_ids(), ["ok"]);
     }
 
     #[test]

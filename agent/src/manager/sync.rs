@@ -94,7 +94,7 @@ fn apply(shared: &Shared, event: tessera_wire::tessera::agent::v1::sync_entries_
         let mut state = shared.state();
         let applied = state.apply(event, now)?;
         if applied.entries_changed || applied.bundles_changed || applied.synced {
-            shared.publish(&state);
+            shared.publish(&mut state);
         }
         (applied, state.revision, state.bundles.own().clone())
     };

@@ -398,10 +398,8 @@ mod tests {
         bundles.insert_federated(Bundle::new(td("zeta.test"))).unwrap();
         let mut snapshot = AgentSnapshot::empty(bundles);
         snapshot.ready = true;
-        snapshot.entries = entries.to_vec();
-        snapshot.identities = entries
-            .iter()
-            .map(|e| Identity {
+        for e in entries {
+            snapshot.insert_identity(Identity {
                 entry: e.clone(),
                 svid: Arc::new(X509Svid {
                     cert_chain: vec![vec![1, 2, 3]],
@@ -409,8 +407,8 @@ mod tests {
                     issued_at: SystemTime::UNIX_EPOCH,
                     expires_at: SystemTime::UNIX_EPOCH,
                 }),
-            })
-            .collect();
+            });
+        }
         snapshot
     }
 
@@ -504,7 +502,7 @@ mod tests {
             r#"workload is not authorized for the requested identities ["spiffe://example.org/db", "spiffe://zeta.test"]"#
         );
         // The SVID of a matching entry that is being minted is pending; a foreign one is not.
-        snap.identities.clear();
+        snap.clear_identities();
         let sub = parse(&["default", "spiffe://example.org/web"]).unwrap();
         let Err(BuildError::NotAuthorized(missing)) = build(&snap, &own, &caller(), &sub, ValidationMode::Legacy)
         else {

@@ -79,7 +79,7 @@ pub(crate) fn log_no_identity(
             .field("gid", peer.gid)
             .field("selectors", selector_list.clone())
             .field("requested_spiffe_id", requested)
-            .field("entries_on_node", snapshot.entries.len()),
+            .field("entries_on_node", snapshot.entry_count()),
     );
     let caller_selectors = selector_list.join(" ");
     let explanation = explain_no_identity(snapshot, selectors, requested, EXPLAINED_ENTRIES);
@@ -90,7 +90,7 @@ pub(crate) fn log_no_identity(
         gid = peer.gid,
         selectors = %caller_selectors,
         requested_spiffe_id = requested.unwrap_or(""),
-        entries_on_node = snapshot.entries.len(),
+        entries_on_node = snapshot.entry_count(),
         why = %explanation,
         "no identity issued to Workload API caller"
     );
@@ -104,14 +104,13 @@ pub(crate) fn explain_no_identity(
     requested: Option<&str>,
     limit: usize,
 ) -> String {
-    if snapshot.entries.is_empty() {
+    if snapshot.entry_count() == 0 {
         return "this agent has no registration entries (create one with `tessera-server entry create \
                 --parent-id <this agent's ID or alias> ...`)"
             .to_owned();
     }
     let mut candidates: Vec<(usize, String)> = snapshot
-        .entries
-        .iter()
+        .entries()
         .filter(|entry| requested.is_none_or(|id| entry.spiffe_id.as_str() == id))
         .map(|entry| {
             let missing: Vec<String> = entry.selectors.missing_from(selectors).map(ToString::to_string).collect();
@@ -178,11 +177,13 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let mut snapshot = AgentSnapshot::empty(BundleSet::new(Bundle::new(td)));
         assert!(explain_no_identity(&snapshot, &SelectorSet::new(), None, 10).contains("no registration entries"));
-        snapshot.entries = vec![
+        for e in [
             entry("far", "spiffe://example.org/far", &["unix:uid:0", "unix:path:/bin/x"]),
             entry("near", "spiffe://example.org/near", &["unix:uid:1000", "unix:path:/usr/bin/app"]),
             entry("pending", "spiffe://example.org/pending", &["unix:uid:1000"]),
-        ];
+        ] {
+            snapshot.insert_entry(e);
+        }
         let caller = SelectorSet::parse_all(&["unix:uid:1000", "unix:path:/usr/bin/other"]).unwrap();
         let text = explain_no_identity(&snapshot, &caller, None, 2);
         assert_eq!(

@@ -295,8 +295,9 @@ mod tests {
         bundles.insert_federated(Bundle::new(td("partner.test"))).unwrap();
         let mut snapshot = AgentSnapshot::empty(bundles);
         snapshot.ready = true;
-        snapshot.entries = entries.to_vec();
-        snapshot.identities = entries.iter().map(|e| Identity { entry: e.clone(), svid: svid(1) }).collect();
+        for e in entries {
+            snapshot.insert_identity(Identity { entry: e.clone(), svid: svid(1) });
+        }
         snapshot
     }
 
@@ -329,10 +330,10 @@ mod tests {
         let mut snap = snapshot(&[web.clone(), other.clone()]);
         let before = X509View::of(&snap, &own, &caller()).unwrap();
         // Another workload's SVID rotates: no change for this caller.
-        snap.identities[1].svid = svid(2);
+        snap.insert_identity(Identity { entry: other, svid: svid(2) });
         assert_eq!(X509View::of(&snap, &own, &caller()).unwrap(), before);
         // This caller's SVID rotates (same bytes, new SVID): a change.
-        snap.identities[0].svid = svid(1);
+        snap.insert_identity(Identity { entry: web, svid: svid(1) });
         assert_ne!(X509View::of(&snap, &own, &caller()).unwrap(), before);
     }
 

@@ -230,8 +230,7 @@ impl Agent {
         let svid = self.trust.ca.svid(&entry.spiffe_id);
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            snapshot.entries.push(Arc::clone(&entry));
-            snapshot.identities.push(Identity { entry, svid });
+            snapshot.insert_identity(Identity { entry, svid });
         });
     }
 
@@ -239,7 +238,7 @@ impl Agent {
     pub fn add_entry_only(&self, entry: Arc<CachedEntry>) {
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            snapshot.entries.push(entry);
+            snapshot.insert_entry(entry);
         });
     }
 
@@ -247,10 +246,9 @@ impl Agent {
     pub fn rotate(&self, id: &str) {
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            for identity in &mut snapshot.identities {
-                if identity.entry.id == id {
-                    identity.svid = self.trust.ca.svid(&identity.entry.spiffe_id);
-                }
+            if let Some(identity) = snapshot.identity(id).cloned() {
+                let svid = self.trust.ca.svid(&identity.entry.spiffe_id);
+                snapshot.insert_identity(Identity { entry: identity.entry, svid });
             }
         });
     }
@@ -258,8 +256,7 @@ impl Agent {
     pub fn remove_entry(&self, id: &str) {
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            snapshot.entries.retain(|entry| entry.id != id);
-            snapshot.identities.retain(|identity| identity.entry.id != id);
+            snapshot.remove_entry(id);
         });
     }
 

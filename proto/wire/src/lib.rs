@@ -158,3 +158,9 @@ pub mod google {
         pub mod rpc => "gen/google.rpc.rs";
     }
 }
+
+/// gRPC metadata key the agent API sets on a `RESOURCE_EXHAUSTED` answer to a signing call
+/// refused by the per-agent rate limit: the number of milliseconds (ASCII decimal) after which
+/// the same call will be accepted. An agent waits that long instead of backing off
+/// exponentially, so a long burst of new entries is signed at the configured rate.
+pub const RETRY_AFTER_MS_METADATA: &str = "tessera-retry-after-ms";

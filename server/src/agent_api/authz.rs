@@ -14,12 +14,31 @@
 //!
 //! Node-alias entries themselves are not in the set (they are an authorization device, not a
 //! workload identity). Entries that have expired at `now` are neither included nor expanded.
+//!
+//! # Keeping a set up to date: [`AuthorizedSet`]
+//!
+//! Computing the set reads every authorized entry. The sync stream and the signing calls keep
+//! an [`AuthorizedSet`] per agent instead and move it forward with the datastore's change log
+//! ([`AuthorizedSet::advance`]): each change costs reading the changed entry, whatever the
+//! number N of entries the agent holds (issue 7: with entries created one by one, recomputing
+//! per revision made each creation cost O(N), O(N²) in all). The rule applied per change is
+//! the one above, with the breadth-first depth of every expanded SPIFFE ID kept:
+//!
+//! - a changed entry is authorized when it has not expired and its parent is expanded at a
+//!   depth of at most [`MAX_DEPTH`];
+//! - whenever a change would move the graph under an authorized entry (an entry whose SPIFFE
+//!   ID has children gets or loses an expansion, or its depth changes; a node alias that
+//!   concerns the agent changes; the log was compacted past the set's revision), the set is
+//!   computed again from scratch and the difference returned, so the result is always exactly
+//!   what [`authorized_entries`] gives.
+//!
+//! Entries that expire leave the set at the first advance after their expiry.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use tessera_spiffe::{SelectorSet, SpiffeId};
+use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
-use crate::datastore::{DataStore, RegistrationEntry, Result};
+use crate::datastore::{ChangeKind, DataStore, DataStoreError, RegistrationEntry, Result};
 
 /// Most parent levels followed below the roots.
 pub(crate) const MAX_DEPTH: usize = 32;
@@ -55,43 +74,395 @@ pub(crate) fn matching_aliases(
 }
 
 /// The entries `agent` is authorized for, by entry ID. See the [module docs](self).
+#[cfg(test)]
 pub(crate) fn authorized_entries(
     store: &dyn DataStore,
     server_id: &SpiffeId,
     agent: &AgentIdentity,
     now: u64,
 ) -> Result<BTreeMap<String, RegistrationEntry>> {
-    let mut expanded: HashSet<SpiffeId> = HashSet::new();
-    let mut frontier = vec![agent.agent_id.clone()];
-    for alias in matching_aliases(store, server_id, &agent.node_selectors, now)? {
-        frontier.push(alias.spiffe_id);
-    }
-    // The server ID is never a parent to expand here: its children are node aliases, which
-    // only count through the selector match above.
-    expanded.insert(server_id.clone());
-    frontier.retain(|id| expanded.insert(id.clone()));
+    Ok(AuthorizedSet::compute(store, server_id, agent, now)?.entries)
+}
 
-    let mut authorized = BTreeMap::new();
-    for _ in 0..=MAX_DEPTH {
-        if frontier.is_empty() {
-            break;
-        }
-        let children = store.list_entries_by_parents(&frontier)?;
-        frontier = Vec::new();
-        for child in children {
-            if child.is_expired(now) || authorized.contains_key(&child.id) {
-                continue;
-            }
-            if expanded.insert(child.spiffe_id.clone()) {
-                frontier.push(child.spiffe_id.clone());
-            }
-            authorized.insert(child.id.clone(), child);
+/// Changes log entries read per page while advancing.
+const CHANGES_PAGE: usize = 1_000;
+
+/// One change to an agent's authorized set.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum SetChange {
+    /// An entry joined the set or changed (its revision is the entry's).
+    Upsert(Box<RegistrationEntry>),
+    /// An entry left the set (deleted, expired, or no longer authorized) at `revision`.
+    Delete { entry_id: String, revision: u64 },
+}
+
+impl SetChange {
+    fn revision(&self) -> u64 {
+        match self {
+            Self::Upsert(entry) => entry.revision,
+            Self::Delete { revision, .. } => *revision,
         }
     }
-    if !frontier.is_empty() {
-        tracing::warn!(agent = %agent.agent_id, "entry parent chain deeper than {MAX_DEPTH} levels; deeper entries are not authorized");
+}
+
+/// A change that moves the graph under authorized entries: the set is computed again.
+#[derive(Debug)]
+struct Recompute;
+
+/// An agent's authorized set with what it takes to move it forward change by change; see
+/// the [module docs](self).
+#[derive(Debug, Clone)]
+pub(crate) struct AuthorizedSet {
+    identity: AgentIdentity,
+    /// The datastore revision the set reflects.
+    revision: u64,
+    entries: BTreeMap<String, RegistrationEntry>,
+    /// The roots: the agent's ID and its matching node aliases' SPIFFE IDs (depth 0).
+    roots: HashSet<SpiffeId>,
+    /// Entry IDs of the matching node aliases.
+    alias_ids: HashSet<String>,
+    /// The earliest expiry of a matching node alias (its children leave with it).
+    alias_expiry: Option<u64>,
+    /// For each SPIFFE ID carried by authorized entries: how many carry it at each depth
+    /// (the depth of an entry is its parent's plus one). The ID's depth is the least.
+    depths: HashMap<SpiffeId, BTreeMap<usize, usize>>,
+    /// Authorized entries per parent ID.
+    children: HashMap<SpiffeId, usize>,
+    /// (expiry, entry ID) of the authorized entries that expire.
+    expiries: BTreeSet<(u64, String)>,
+    /// Authorized entries per trust domain they federate with.
+    federated: BTreeMap<TrustDomain, usize>,
+    /// Entries read from the datastore so far (tests hold the cost of a change flat with it).
+    reads: u64,
+}
+
+impl AuthorizedSet {
+    /// The set computed from scratch at the store's current revision (read first, so a write
+    /// in between is replayed by the next [`Self::advance`]).
+    pub(crate) fn compute(
+        store: &dyn DataStore,
+        server_id: &SpiffeId,
+        agent: &AgentIdentity,
+        now: u64,
+    ) -> Result<Self> {
+        let revision = store.current_revision()?;
+        let mut set = Self {
+            identity: agent.clone(),
+            revision,
+            entries: BTreeMap::new(),
+            roots: HashSet::new(),
+            alias_ids: HashSet::new(),
+            alias_expiry: None,
+            depths: HashMap::new(),
+            children: HashMap::new(),
+            expiries: BTreeSet::new(),
+            federated: BTreeMap::new(),
+            reads: 0,
+        };
+        let mut expanded: HashSet<SpiffeId> = HashSet::new();
+        let mut frontier = vec![agent.agent_id.clone()];
+        for alias in matching_aliases(store, server_id, &agent.node_selectors, now)? {
+            set.reads += 1;
+            if let Some(at) = alias.expires_at {
+                set.alias_expiry = Some(set.alias_expiry.map_or(at, |earliest| earliest.min(at)));
+            }
+            set.alias_ids.insert(alias.id);
+            frontier.push(alias.spiffe_id);
+        }
+        // The server ID is never a parent to expand here: its children are node aliases, which
+        // only count through the selector match above.
+        expanded.insert(server_id.clone());
+        frontier.retain(|id| expanded.insert(id.clone()));
+        set.roots = frontier.iter().cloned().collect();
+
+        let mut depth_of: HashMap<SpiffeId, usize> = frontier.iter().map(|id| (id.clone(), 0)).collect();
+        for _ in 0..=MAX_DEPTH {
+            if frontier.is_empty() {
+                break;
+            }
+            let children = store.list_entries_by_parents(&frontier)?;
+            set.reads += children.len() as u64;
+            frontier = Vec::new();
+            for child in children {
+                if child.is_expired(now) || set.entries.contains_key(&child.id) {
+                    continue;
+                }
+                let depth = depth_of.get(&child.parent_id).copied().unwrap_or(0) + 1;
+                if expanded.insert(child.spiffe_id.clone()) {
+                    depth_of.insert(child.spiffe_id.clone(), depth);
+                    frontier.push(child.spiffe_id.clone());
+                }
+                set.insert(child, depth);
+            }
+        }
+        if !frontier.is_empty() {
+            tracing::warn!(agent = %agent.agent_id, "entry parent chain deeper than {MAX_DEPTH} levels; deeper entries are not authorized");
+        }
+        Ok(set)
     }
-    Ok(authorized)
+
+    /// The agent this set is for.
+    pub(crate) fn identity(&self) -> &AgentIdentity {
+        &self.identity
+    }
+
+    /// The datastore revision the set reflects.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The authorized entries, by entry ID.
+    pub(crate) fn entries(&self) -> &BTreeMap<String, RegistrationEntry> {
+        &self.entries
+    }
+
+    /// Entries read from the datastore so far.
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// The trust domains other than `own` that authorized entries federate with, sorted.
+    pub(crate) fn federated_domains(&self, own: &TrustDomain) -> Vec<TrustDomain> {
+        self.federated.keys().filter(|td| *td != own).cloned().collect()
+    }
+
+    /// Whether an authorized entry or a matching node alias has expired at `now` (the next
+    /// [`Self::advance`] takes it out).
+    pub(crate) fn expires_by(&self, now: u64) -> bool {
+        self.alias_expiry.is_some_and(|at| at <= now) || self.expiries.first().is_some_and(|(at, _)| *at <= now)
+    }
+
+    /// The least depth of a SPIFFE ID: 0 for a root, else that of the entries carrying it.
+    fn depth(&self, id: &SpiffeId) -> Option<usize> {
+        if self.roots.contains(id) {
+            return Some(0);
+        }
+        self.depths.get(id).and_then(|depths| depths.keys().next().copied())
+    }
+
+    fn insert(&mut self, entry: RegistrationEntry, depth: usize) {
+        *self.depths.entry(entry.spiffe_id.clone()).or_default().entry(depth).or_default() += 1;
+        *self.children.entry(entry.parent_id.clone()).or_default() += 1;
+        if let Some(at) = entry.expires_at {
+            self.expiries.insert((at, entry.id.clone()));
+        }
+        for td in &entry.federates_with {
+            *self.federated.entry(td.clone()).or_default() += 1;
+        }
+        self.entries.insert(entry.id.clone(), entry);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<RegistrationEntry> {
+        let entry = self.entries.remove(id)?;
+        let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
+        if let Some(depths) = self.depths.get_mut(&entry.spiffe_id) {
+            if let Some(count) = depths.get_mut(&depth) {
+                *count -= 1;
+                if *count == 0 {
+                    depths.remove(&depth);
+                }
+            }
+            if depths.is_empty() {
+                self.depths.remove(&entry.spiffe_id);
+            }
+        }
+        if let Some(count) = self.children.get_mut(&entry.parent_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.children.remove(&entry.parent_id);
+            }
+        }
+        if let Some(at) = entry.expires_at {
+            self.expiries.remove(&(at, entry.id.clone()));
+        }
+        for td in &entry.federates_with {
+            if let Some(count) = self.federated.get_mut(td) {
+                *count -= 1;
+                if *count == 0 {
+                    self.federated.remove(td);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Whether `id` is the parent of authorized entries.
+    fn has_children(&self, id: &SpiffeId) -> bool {
+        self.children.contains_key(id)
+    }
+
+    /// Applies the new state `new` (`None`: deleted) of entry `id`, changed at `revision`.
+    fn apply_one(
+        &mut self,
+        store: &dyn DataStore,
+        server_id: &SpiffeId,
+        id: &str,
+        new: Option<RegistrationEntry>,
+        revision: u64,
+        now: u64,
+    ) -> Result<std::result::Result<Option<SetChange>, Recompute>> {
+        // Node aliases decide the roots.
+        if self.alias_ids.contains(id) {
+            return Ok(Err(Recompute));
+        }
+        if let Some(entry) = &new
+            && entry.parent_id == *server_id
+        {
+            let concerns_agent = !entry.is_expired(now) && entry.selectors.is_subset_of(&self.identity.node_selectors);
+            return Ok(if concerns_agent { Err(Recompute) } else { Ok(None) });
+        }
+        let authorized = new.filter(|entry| {
+            !entry.is_expired(now) && self.depth(&entry.parent_id).is_some_and(|depth| depth <= MAX_DEPTH)
+        });
+        let old = self.entries.get(id);
+        match (old, authorized) {
+            (None, None) => Ok(Ok(None)),
+            (Some(old), Some(entry)) if old == &entry => Ok(Ok(None)),
+            // Same place in the graph: only the entry's own fields change.
+            (Some(old), Some(entry)) if old.spiffe_id == entry.spiffe_id && old.parent_id == entry.parent_id => {
+                let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
+                self.remove(id);
+                self.insert(entry.clone(), depth);
+                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
+            }
+            (old, authorized) => {
+                if let Some(old) = old {
+                    // Losing the entry must not move the graph under it.
+                    let spiffe_id = old.spiffe_id.clone();
+                    if self.has_children(&spiffe_id) && self.depth(&spiffe_id) != self.depth_without(old) {
+                        return Ok(Err(Recompute));
+                    }
+                    self.remove(id);
+                }
+                let Some(entry) = authorized else {
+                    return Ok(Ok(Some(SetChange::Delete { entry_id: id.to_owned(), revision })));
+                };
+                let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
+                match self.depth(&entry.spiffe_id) {
+                    // A SPIFFE ID expanded for the first time: its children (held by no one
+                    // yet) would join.
+                    None => {
+                        let children = store.list_entries_by_parents(std::slice::from_ref(&entry.spiffe_id))?;
+                        self.reads += children.len() as u64;
+                        if !children.is_empty() {
+                            return Ok(Err(Recompute));
+                        }
+                    }
+                    // A shallower path to an ID with children moves their depth.
+                    Some(current) if depth < current && self.has_children(&entry.spiffe_id) => {
+                        return Ok(Err(Recompute));
+                    }
+                    Some(_) => {}
+                }
+                self.insert(entry.clone(), depth);
+                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
+            }
+        }
+    }
+
+    /// The depth `old.spiffe_id` would have without `old`.
+    fn depth_without(&self, old: &RegistrationEntry) -> Option<usize> {
+        if self.roots.contains(&old.spiffe_id) {
+            return Some(0);
+        }
+        let own = self.depth(&old.parent_id).map_or(0, |d| d + 1);
+        let depths = self.depths.get(&old.spiffe_id)?;
+        depths.iter().find(|(depth, count)| **depth != own || **count > 1).map(|(depth, _)| *depth)
+    }
+
+    /// Moves the set to the store's current revision and returns what changed, in revision
+    /// order. Reads only the changed entries, unless a change moves the graph (see the
+    /// [module docs](self)), in which case the set is computed again and the difference
+    /// returned. Entries expired at `now` leave the set. On an error the set may stand between
+    /// two revisions, which the next call resumes from.
+    pub(crate) fn advance(&mut self, store: &dyn DataStore, server_id: &SpiffeId, now: u64) -> Result<Vec<SetChange>> {
+        let mut changes = Vec::new();
+        match self.follow(store, server_id, now, &mut changes)? {
+            Ok(()) => Ok(changes),
+            Err(Recompute) => {
+                let mut fresh = Self::compute(store, server_id, &self.identity, now)?;
+                fresh.reads += self.reads;
+                changes.extend(diff(fresh.revision, &self.entries, &fresh.entries));
+                *self = fresh;
+                Ok(changes)
+            }
+        }
+    }
+
+    fn follow(
+        &mut self,
+        store: &dyn DataStore,
+        server_id: &SpiffeId,
+        now: u64,
+        changes: &mut Vec<SetChange>,
+    ) -> Result<std::result::Result<(), Recompute>> {
+        if self.alias_expiry.is_some_and(|at| at <= now) {
+            return Ok(Err(Recompute));
+        }
+        // Entries that expired since.
+        while let Some((at, id)) = self.expiries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.expiries.remove(&(at, id.clone()));
+            match self.apply_one(store, server_id, &id, None, self.revision, now)? {
+                Ok(change) => changes.extend(change),
+                Err(recompute) => return Ok(Err(recompute)),
+            }
+        }
+        let mut read = 0usize;
+        loop {
+            let page = match store.changes_since(self.revision, CHANGES_PAGE) {
+                Ok(page) => page,
+                Err(DataStoreError::ResyncRequired { .. }) => return Ok(Err(Recompute)),
+                Err(err) => return Err(err),
+            };
+            if page.is_empty() {
+                return Ok(Ok(()));
+            }
+            read += page.len();
+            // Far behind: one computation is cheaper than replaying the log.
+            if read > CHANGES_PAGE.max(self.entries.len()) {
+                return Ok(Err(Recompute));
+            }
+            for change in page {
+                let new = match change.kind {
+                    ChangeKind::Delete => None,
+                    ChangeKind::Upsert => {
+                        self.reads += 1;
+                        store.get_entry(&change.entry_id)?
+                    }
+                };
+                match self.apply_one(store, server_id, &change.entry_id, new, change.revision, now)? {
+                    Ok(applied) => changes.extend(applied),
+                    Err(recompute) => return Ok(Err(recompute)),
+                }
+                self.revision = self.revision.max(change.revision);
+            }
+        }
+    }
+}
+
+/// The changes that turn `old` into `new` (at `revision`), in revision order.
+pub(crate) fn diff(
+    revision: u64,
+    old: &BTreeMap<String, RegistrationEntry>,
+    new: &BTreeMap<String, RegistrationEntry>,
+) -> Vec<SetChange> {
+    let mut changes: Vec<SetChange> = Vec::new();
+    for (id, entry) in new {
+        if old.get(id) != Some(entry) {
+            changes.push(SetChange::Upsert(Box::new(entry.clone())));
+        }
+    }
+    for id in old.keys() {
+        if !new.contains_key(id) {
+            changes.push(SetChange::Delete { entry_id: id.clone(), revision });
+        }
+    }
+    changes.sort_by_key(SetChange::revision);
+    changes
 }
 
 #[cfg(test)]
@@ -156,6 +527,115 @@ mod tests {
         // The other agent sees only its own entry.
         let other = AgentIdentity { agent_id: other_agent, node_selectors: SelectorSet::new() };
         assert_eq!(ids(&authorized_entries(&store, &server, &other, 0).unwrap()), vec!["other"]);
+    }
+
+    /// Applies `changes` to `held` as an agent does.
+    fn replay(held: &mut BTreeMap<String, RegistrationEntry>, changes: Vec<SetChange>) {
+        for change in changes {
+            match change {
+                SetChange::Upsert(entry) => {
+                    held.insert(entry.id.clone(), *entry);
+                }
+                SetChange::Delete { entry_id, .. } => {
+                    held.remove(&entry_id);
+                }
+            }
+        }
+    }
+
+    /// Every kind of change, one after the other: after each, the advanced set is exactly the
+    /// set computed from scratch, and so is what an agent holds after replaying the changes.
+    #[test]
+    fn advancing_gives_the_computed_set_after_every_kind_of_change() {
+        let store = MemoryDataStore::default();
+        let server = id("/tessera/server");
+        let agent = id("/tessera/agent/join_token/a");
+        let identity = AgentIdentity {
+            agent_id: agent.clone(),
+            node_selectors: [Selector::new("spiffe_id", agent.as_str()).unwrap()].into_iter().collect(),
+        };
+        let mut set = AuthorizedSet::compute(&store, &server, &identity, 50).unwrap();
+        let mut held = set.entries().clone();
+        let mut check = |set: &mut AuthorizedSet, store: &MemoryDataStore, now: u64, what: &str| {
+            let changes = set.advance(store, &server, now).unwrap();
+            replay(&mut held, changes);
+            let expected = authorized_entries(store, &server, &identity, now).unwrap();
+            assert_eq!(ids(set.entries()), ids(&expected), "after {what}");
+            assert_eq!(set.entries(), &expected, "after {what}");
+            assert_eq!(&held, &expected, "the agent's copy after {what}");
+            assert_eq!(set.revision(), store.current_revision().unwrap(), "after {what}");
+        };
+        entry(&store, "w1", "/w1", &agent, &["unix:uid:1"]);
+        check(&mut set, &store, 50, "a child of the agent");
+        entry(&store, "orphan", "/o/child", &id("/o"), &["unix:uid:2"]);
+        check(&mut set, &store, 50, "an entry under an unknown parent");
+        entry(&store, "o", "/o", &agent, &["unix:uid:3"]);
+        check(&mut set, &store, 50, "the parent of an existing entry (it joins too)");
+        entry(&store, "o2", "/o", &agent, &["unix:uid:4"]);
+        check(&mut set, &store, 50, "a second entry with the same SPIFFE ID");
+        store.delete_entry("o").unwrap();
+        check(&mut set, &store, 50, "one of two entries carrying a parent ID");
+        store.delete_entry("o2").unwrap();
+        check(&mut set, &store, 50, "the last entry carrying a parent ID (its child leaves)");
+        entry(&store, "alias", "/cluster", &server, &["spiffe_id:spiffe://example.org/tessera/agent/join_token/a"]);
+        entry(&store, "c1", "/cluster/db", &id("/cluster"), &["unix:uid:5"]);
+        check(&mut set, &store, 50, "a node alias and its child");
+        entry(&store, "other-alias", "/elsewhere", &server, &["k8s:ns:x"]);
+        check(&mut set, &store, 50, "a node alias of another agent");
+        let mut moved = store.get_entry("w1").unwrap().unwrap();
+        moved.parent_id = id("/nowhere");
+        store.update_entry(&moved, None).unwrap();
+        check(&mut set, &store, 50, "a child moved away");
+        let mut back = store.get_entry("w1").unwrap().unwrap();
+        back.parent_id = agent.clone();
+        back.selectors = selectors(&["unix:uid:9"]);
+        back.federates_with = vec![TrustDomain::new("partner.test").unwrap()];
+        store.update_entry(&back, None).unwrap();
+        check(&mut set, &store, 50, "a child moved back, with new selectors and a federation");
+        assert_eq!(
+            set.federated_domains(&TrustDomain::new("example.org").unwrap()),
+            [TrustDomain::new("partner.test").unwrap()]
+        );
+        let mut expiring = RegistrationEntry::new("x", id("/x"), agent.clone(), selectors(&["t:1"]));
+        expiring.expires_at = Some(100);
+        store.create_entry(&expiring).unwrap();
+        check(&mut set, &store, 99, "an entry that expires later");
+        assert!(set.expires_by(100) && !set.expires_by(99));
+        check(&mut set, &store, 100, "its expiry");
+        store.delete_entry("alias").unwrap();
+        check(&mut set, &store, 100, "the node alias deleted (its child leaves)");
+        store.delete_entry("w1").unwrap();
+        check(&mut set, &store, 100, "a deleted child");
+        assert!(set.federated_domains(&TrustDomain::new("example.org").unwrap()).is_empty());
+    }
+
+    /// Issue 7: with N entries authorized, one more entry must cost the same datastore reads
+    /// whatever N (it read all N before).
+    #[test]
+    fn one_new_entry_reads_the_same_whatever_the_set_holds() {
+        fn reads_for_one_more(held: usize) -> u64 {
+            let store = MemoryDataStore::default();
+            let server = id("/tessera/server");
+            let agent = id("/tessera/agent/join_token/a");
+            for n in 0..held {
+                entry(&store, &format!("e{n}"), &format!("/w/{n}"), &agent, &["unix:uid:1"]);
+            }
+            let identity = AgentIdentity { agent_id: agent.clone(), node_selectors: SelectorSet::new() };
+            let mut set = AuthorizedSet::compute(&store, &server, &identity, 0).unwrap();
+            assert_eq!(set.entries().len(), held);
+            let before = set.reads();
+            entry(&store, "new", "/w/new", &agent, &["unix:uid:2"]);
+            let changes = set.advance(&store, &server, 0).unwrap();
+            assert!(matches!(&changes[..], [SetChange::Upsert(e)] if e.id == "new"), "{changes:?}");
+            store.delete_entry("new").unwrap();
+            let changes = set.advance(&store, &server, 0).unwrap();
+            assert!(matches!(&changes[..], [SetChange::Delete { entry_id, .. }] if entry_id == "new"));
+            set.reads() - before
+        }
+        let small = reads_for_one_more(10);
+        let large = reads_for_one_more(2_000);
+        assert!(small > 0, "the count must measure something");
+        assert_eq!(large, small, "one entry read {large} entries with 2,000 held, {small} with 10");
     }
 
     #[test]

@@ -33,17 +33,16 @@
 //!
 //! # Authorization cache
 //!
-//! The authorized set is a pure function of the datastore's state, the agent's identity and
-//! the current second, so signing calls reuse the last set computed for the same agent
-//! identity at the same entry revision and second ([`AuthorizedCache`]) instead of decoding
-//! every authorized entry on every call; any entry change moves the revision and recomputes.
-//! The revision is the one the datastore publishes after every durable entry write
-//! ([`crate::datastore::DataStore::subscribe`]), so a cache hit reads nothing from the store.
+//! Signing calls keep one [`authz::AuthorizedSet`] per agent identity ([`AuthorizedCache`])
+//! and move it forward with the datastore's change log before each use, so a call costs
+//! reading the entries changed since the agent's last call, not every authorized entry (an
+//! agent minting entries as they are created one by one made each call recompute the whole
+//! set before, O(N) per entry). New node selectors start a new set.
 //!
 //! With the connection's remembered chain verification and node record (see [`auth`]), a
-//! `NewJwtSvid` call for an unchanged agent thus reaches the signature without a datastore
-//! read or a hop to the blocking pool, and the ES256 signature itself runs inline (it is
-//! shorter than such a hop; the signing permit bounds how many run at once).
+//! signing call for an unchanged agent reads no node record, and a `NewJwtSvid` signature
+//! runs inline (it is shorter than a hop to the blocking pool; the signing permit bounds how
+//! many run at once). `BatchNewJwtSvid` signs many tokens per round trip.
 
 pub(crate) mod attest;
 mod audit;
@@ -57,7 +56,7 @@ pub(crate) mod sync;
 pub(crate) mod tls;
 pub(crate) mod x509pop;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
@@ -72,10 +71,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use self::auth::{AuthenticatedAgent, authenticate};
-use self::authz::{AgentIdentity, authorized_entries};
+use self::authz::{AgentIdentity, AuthorizedSet};
 use self::convert::{bundle_document, unix_seconds};
 use crate::ca::CaError;
-use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
+use crate::datastore::{DataStore, DataStoreError, RegistrationEntry, blocking};
 use crate::server::ServerState;
 
 /// Most items in one `BatchNewX509Svid` call.
@@ -90,27 +89,47 @@ pub const NOT_AUTHORIZED: &str = "entry not found or not authorized";
 /// Most agents whose authorized set is cached at once (the cache is cleared when full).
 const AUTHORIZED_CACHE_AGENTS: usize = 1024;
 
-type AuthorizedSet = Arc<BTreeMap<String, RegistrationEntry>>;
+/// One agent's authorized set, shared by its concurrent calls.
+type SharedSet = Arc<Mutex<Option<AuthorizedSet>>>;
 
-/// The last authorized set per agent, with the identity, revision and second it was computed
-/// for (see the [module docs](self)).
+/// The authorized set of each agent that signed recently (see the [module docs](self)).
 #[derive(Debug, Default)]
-struct AuthorizedCache(Mutex<HashMap<SpiffeId, (AgentIdentity, u64, u64, AuthorizedSet)>>);
+struct AuthorizedCache(Mutex<HashMap<SpiffeId, SharedSet>>);
 
 impl AuthorizedCache {
-    fn get(&self, identity: &AgentIdentity, revision: u64, now: u64) -> Option<AuthorizedSet> {
-        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&identity.agent_id)
-            .filter(|(cached, at_revision, at, _)| cached == identity && *at_revision == revision && *at == now)
-            .map(|(.., set)| Arc::clone(set))
-    }
-
-    fn put(&self, identity: AgentIdentity, revision: u64, now: u64, set: AuthorizedSet) {
+    /// The slot of `agent_id`, created empty when missing.
+    fn slot(&self, agent_id: &SpiffeId) -> SharedSet {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= AUTHORIZED_CACHE_AGENTS && !map.contains_key(&identity.agent_id) {
+        if map.len() >= AUTHORIZED_CACHE_AGENTS && !map.contains_key(agent_id) {
             map.clear();
         }
-        map.insert(identity.agent_id.clone(), (identity, revision, now, set));
+        Arc::clone(map.entry(agent_id.clone()).or_default())
+    }
+
+    /// Runs `read` on the agent's set brought to the store's current revision (computed when
+    /// missing or for other node selectors).
+    fn with_current<T>(
+        &self,
+        store: &dyn DataStore,
+        server_id: &SpiffeId,
+        identity: &AgentIdentity,
+        now: u64,
+        read: impl FnOnce(&AuthorizedSet) -> T,
+    ) -> Result<T, DataStoreError> {
+        let slot = self.slot(&identity.agent_id);
+        let mut held = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        // Taken out while it moves: after an error the slot is empty and the next call
+        // computes the set from scratch.
+        let set = match held.take() {
+            Some(mut set) if set.identity() == identity => {
+                set.advance(store, server_id, now)?;
+                set
+            }
+            _ => AuthorizedSet::compute(store, server_id, identity, now)?,
+        };
+        let value = read(&set);
+        *held = Some(set);
+        Ok(value)
     }
 }
 
@@ -122,8 +141,6 @@ pub struct AgentApi {
     limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
-    /// The datastore's latest committed entry revision (the key of `authorized_cache`).
-    revisions: watch::Receiver<u64>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -142,7 +159,6 @@ impl AgentApi {
         Self {
             rate: Arc::new(rate::SigningRateLimit::new(state.config().agent_svid_rate_limit)),
             limits: Arc::new(overload::Limits::from_config(state.config())),
-            revisions: state.datastore().subscribe(),
             state,
             authorized_cache: Arc::default(),
             stopped,
@@ -154,23 +170,31 @@ impl AgentApi {
         AgentServiceServer::new(self)
     }
 
-    async fn authorized(&self, agent: &AuthenticatedAgent) -> Result<AuthorizedSet, Status> {
-        // The revision is read before the set is computed: an entry write in between only
-        // makes the next call recompute. A hit costs no datastore read.
-        let now = now_secs();
-        let revision = *self.revisions.borrow();
-        if let Some(set) = self.authorized_cache.get(&agent.identity, revision, now) {
-            return Ok(set);
-        }
+    /// `read` applied to the agent's authorized set at the store's current revision.
+    async fn authorized<T: Send + 'static>(
+        &self,
+        agent: &AuthenticatedAgent,
+        read: impl FnOnce(&AuthorizedSet) -> T + Send + 'static,
+    ) -> Result<T, Status> {
         let (server_id, identity) = (self.state.server_id().clone(), agent.identity.clone());
         let cache = Arc::clone(&self.authorized_cache);
         blocking(self.state.datastore(), move |store| {
-            let set = Arc::new(authorized_entries(store, &server_id, &identity, now)?);
-            cache.put(identity, revision, now, Arc::clone(&set));
-            Ok(set)
+            cache.with_current(store, &server_id, &identity, now_secs(), read)
         })
         .await
         .map_err(datastore_status)
+    }
+
+    /// The authorized entries among `ids`, by ID.
+    async fn authorized_entries_among(
+        &self,
+        agent: &AuthenticatedAgent,
+        ids: Vec<String>,
+    ) -> Result<HashMap<String, RegistrationEntry>, Status> {
+        self.authorized(agent, move |set| {
+            ids.into_iter().filter_map(|id| set.entries().get(&id).map(|entry| (id, entry.clone()))).collect()
+        })
+        .await
     }
 
     async fn signing_permit(&self, agent: &AuthenticatedAgent) -> Result<overload::WorkPermit, Status> {
@@ -311,7 +335,8 @@ impl AgentService for AgentApi {
             return Ok(Response::new(pb::BatchNewX509SvidResponse { results: Vec::new() }));
         }
         self.rate.take(agent.id(), params.len(), std::time::Instant::now())?;
-        let authorized = self.authorized(&agent).await?;
+        let authorized =
+            self.authorized_entries_among(&agent, params.iter().map(|item| item.entry_id.clone()).collect()).await?;
         let permit = self.signing_permit(&agent).await?;
         let state = Arc::clone(&self.state);
         let default_ttl = self.state.config().default_x509_svid_ttl;
@@ -374,8 +399,8 @@ impl AgentService for AgentApi {
             status
         };
         check_audiences(&request.audiences).map_err(|message| refuse(Status::invalid_argument(message)))?;
-        let authorized = self.authorized(&agent).await?;
-        let Some(entry) = authorized.get(&request.entry_id).cloned() else {
+        let mut authorized = self.authorized_entries_among(&agent, vec![request.entry_id.clone()]).await?;
+        let Some(entry) = authorized.remove(&request.entry_id) else {
             return Err(refuse(Status::not_found(NOT_AUTHORIZED)));
         };
         self.rate.take(agent.id(), 1, std::time::Instant::now())?;
@@ -410,7 +435,8 @@ impl AgentService for AgentApi {
             return Ok(Response::new(pb::BatchNewJwtSvidResponse { results: Vec::new() }));
         }
         self.rate.take(agent.id(), params.len(), std::time::Instant::now())?;
-        let authorized = self.authorized(&agent).await?;
+        let authorized =
+            self.authorized_entries_among(&agent, params.iter().map(|item| item.entry_id.clone()).collect()).await?;
         let permit = self.signing_permit(&agent).await?;
         let state = Arc::clone(&self.state);
         let default_ttl = self.state.config().default_jwt_svid_ttl;
@@ -466,8 +492,8 @@ impl AgentService for AgentApi {
         request: Request<pb::FetchBundleRequest>,
     ) -> Result<Response<pb::FetchBundleResponse>, Status> {
         let agent = authenticate(&self.state, &request, "FetchBundle").await?;
-        let authorized = self.authorized(&agent).await?;
-        let domains = sync::federated_domains(&authorized, self.state.trust_domain());
+        let own = self.state.trust_domain().clone();
+        let domains = self.authorized(&agent, move |set| set.federated_domains(&own)).await?;
         let (own, federated) = sync::load_bundles(&self.state, domains).await?;
         Ok(Response::new(pb::FetchBundleResponse {
             bundle: Some(bundle_document(&own)),
@@ -480,19 +506,36 @@ impl AgentService for AgentApi {
 mod tests {
     use super::*;
 
+    /// The signing calls' cache follows entry changes and new node selectors.
     #[test]
-    fn the_authorized_cache_answers_only_for_the_same_identity_revision_and_second() {
+    fn the_authorized_cache_follows_changes_and_node_selectors() {
+        let store = crate::datastore::MemoryDataStore::default();
+        let server_id = SpiffeId::parse("spiffe://example.org/tessera/server").unwrap();
         let agent_id = SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/c").unwrap();
-        let identity = AgentIdentity { agent_id, node_selectors: tessera_spiffe::SelectorSet::default() };
+        let identity = AgentIdentity { agent_id: agent_id.clone(), node_selectors: SelectorSet::default() };
+        let create = |id: &str, parent: &SpiffeId, selectors: &[&str]| {
+            let spiffe_id = SpiffeId::parse(&format!("spiffe://example.org/{id}")).unwrap();
+            let entry =
+                RegistrationEntry::new(id, spiffe_id, parent.clone(), SelectorSet::parse_all(selectors).unwrap());
+            store.create_entry(&entry).unwrap();
+        };
         let cache = AuthorizedCache::default();
-        assert!(cache.get(&identity, 7, 100).is_none());
-        cache.put(identity.clone(), 7, 100, Arc::default());
-        assert!(cache.get(&identity, 7, 100).is_some());
-        assert!(cache.get(&identity, 8, 100).is_none(), "an entry change recomputes");
-        assert!(cache.get(&identity, 7, 101).is_none(), "expiry is judged per second");
-        let mut other = identity.clone();
-        other.node_selectors = tessera_spiffe::SelectorSet::parse_all(&["join_token:x"]).unwrap();
-        assert!(cache.get(&other, 7, 100).is_none(), "new node selectors recompute");
+        let ids = |identity: &AgentIdentity| {
+            cache
+                .with_current(&store, &server_id, identity, 0, |set| set.entries().keys().cloned().collect::<Vec<_>>())
+                .unwrap()
+        };
+        assert!(ids(&identity).is_empty());
+        create("w1", &agent_id, &["unix:uid:1"]);
+        assert_eq!(ids(&identity), ["w1"], "an entry created since the last call");
+        create("alias", &server_id, &["k8s:ns:x"]);
+        create("w2", &SpiffeId::parse("spiffe://example.org/alias").unwrap(), &["unix:uid:2"]);
+        assert_eq!(ids(&identity), ["w1"], "an alias the agent does not match");
+        let mut aliased = identity.clone();
+        aliased.node_selectors = SelectorSet::parse_all(&["k8s:ns:x"]).unwrap();
+        assert_eq!(ids(&aliased), ["w1", "w2"], "new node selectors start a new set");
+        store.delete_entry("w1").unwrap();
+        assert_eq!(ids(&aliased), ["w2"]);
     }
     use crate::config::ServerConfig;
     use crate::datastore::{AttestedNode, DataStore, MemoryDataStore};

@@ -3,7 +3,10 @@
 //! Each signed SVID costs one token (a batch costs its item count); the bucket refills at the
 //! configured rate and holds at most `max(rate, MAX_BATCH)` tokens, so an idle agent can always
 //! send one full batch. A call that finds too few tokens is refused as a whole with
-//! `RESOURCE_EXHAUSTED` (retryable: agents back off and retry). The map is bounded: when it
+//! `RESOURCE_EXHAUSTED` (retryable), which carries the wait until the call would be accepted in
+//! the `tessera-retry-after-ms` metadata ([`tessera_wire::RETRY_AFTER_MS_METADATA`]): the agent
+//! waits exactly that long rather than backing off exponentially, so a burst of new entries is
+//! signed at the configured rate instead of ever more slowly. The map is bounded: when it
 //! grows past [`MAX_TRACKED`], buckets that have refilled completely (idle agents) are dropped.
 
 use std::collections::HashMap;
@@ -60,10 +63,16 @@ impl SigningRateLimit {
         }
         let wait = (cost - bucket.tokens) / self.rate;
         tracing::warn!(agent = %agent, cost, "per-agent signing rate limit reached; asking the agent to retry");
-        Err(Status::resource_exhausted(format!(
+        let mut status = Status::resource_exhausted(format!(
             "agent_svid_rate_limit: this agent may have {} SVIDs signed per second; retry in {wait:.1} s",
             self.rate
-        )))
+        ));
+        // The same wait in machine-readable form, rounded up so the retry finds the tokens.
+        let millis = (wait * 1000.0).ceil().clamp(1.0, 3_600_000.0) as u64;
+        if let Ok(value) = tonic::metadata::MetadataValue::try_from(millis.to_string()) {
+            status.metadata_mut().insert(tessera_wire::RETRY_AFTER_MS_METADATA, value);
+        }
+        Err(status)
     }
 }
 
@@ -83,6 +92,10 @@ mod tests {
         let err = limit.take(&agent, 1, t0).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(err.message().contains("agent_svid_rate_limit"), "{}", err.message());
+        // One token short at 10/s: the call is accepted again 100 ms later, and says so.
+        let hint: u64 =
+            err.metadata().get(tessera_wire::RETRY_AFTER_MS_METADATA).unwrap().to_str().unwrap().parse().unwrap();
+        assert!((100..=101).contains(&hint), "{hint}");
         limit.take(&other, 1, t0).unwrap();
         limit.take(&agent, 10, t0 + Duration::from_secs(1)).unwrap();
         assert!(limit.take(&agent, 1, t0 + Duration::from_secs(1)).is_err());

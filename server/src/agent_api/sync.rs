@@ -10,12 +10,13 @@
 //!    (current revision first, then the authorized set), in pages of [`PAGE_SIZE`]; then
 //!    `synced`;
 //! 3. then it waits on the datastore's revision subscription. Each time the revision
-//!    advances it reads the current revision, recomputes the authorized set
-//!    ([`super::authz`]) and sends the difference with what the agent holds: `entry_upserted`
-//!    for new or changed entries (their revision), `entry_deleted` for entries that were
-//!    deleted or left the set (the revision read), in revision order. Recomputing rather than
-//!    replaying the change log keeps authorization exact when a change elsewhere in the
-//!    parent graph (a node alias, an intermediate parent) moves entries in or out of the set;
+//!    advances it moves the agent's [`AuthorizedSet`] forward with the change log and sends
+//!    what changed: `entry_upserted` for new or changed entries (their revision),
+//!    `entry_deleted` for entries that were deleted or left the set, in revision order. Each
+//!    change costs reading the changed entry, not the agent's whole set; a change elsewhere in
+//!    the parent graph (a node alias, an intermediate parent) that moves entries in or out of
+//!    the set makes the set be computed again and the difference sent, so authorization stays
+//!    exact (see [`super::authz`]);
 //! 4. every [`RECHECK_INTERVAL`] it re-authenticates the agent (evicted, banned, SVID
 //!    superseded or expired end the stream with `UNAUTHENTICATED`/`PERMISSION_DENIED`) and
 //!    re-sends `bundles` when the own bundle's or a relevant federated bundle's sequence
@@ -37,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::auth::{AuthenticatedAgent, recheck};
-use super::authz::{AgentIdentity, authorized_entries};
+use super::authz::{AgentIdentity, AuthorizedSet, SetChange, diff};
 use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
 use crate::ca::TaintedAuthorities;
 use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
@@ -76,16 +77,23 @@ fn datastore_status(err: DataStoreError) -> Status {
     Status::unavailable(format!("datastore: {err}"))
 }
 
-/// The agent's authorized entries at a revision read before them.
-async fn read_set(
-    state: &Arc<ServerState>,
-    identity: &AgentIdentity,
-) -> Result<(u64, BTreeMap<String, RegistrationEntry>), Status> {
+/// The agent's authorized set, computed at a revision read before its entries.
+async fn read_set(state: &Arc<ServerState>, identity: &AgentIdentity) -> Result<AuthorizedSet, Status> {
     let (server_id, identity) = (state.server_id().clone(), identity.clone());
+    blocking(state.datastore(), move |store| AuthorizedSet::compute(store, &server_id, &identity, now_secs()))
+        .await
+        .map_err(datastore_status)
+}
+
+/// Moves `set` to the store's current revision; returns it with what changed.
+async fn advance_set(
+    state: &Arc<ServerState>,
+    mut set: AuthorizedSet,
+) -> Result<(AuthorizedSet, Vec<SetChange>), Status> {
+    let server_id = state.server_id().clone();
     blocking(state.datastore(), move |store| {
-        let revision = store.current_revision()?;
-        let set = authorized_entries(store, &server_id, &identity, now_secs())?;
-        Ok((revision, set))
+        let changes = set.advance(store, &server_id, now_secs())?;
+        Ok((set, changes))
     })
     .await
     .map_err(datastore_status)
@@ -94,14 +102,6 @@ async fn read_set(
 /// What identifies the bundles an agent holds: own sequence + (trust domain, sequence) of
 /// each federated bundle + the tainted authorities of the own CA.
 type BundlesKey = (u64, Vec<(String, u64)>, Arc<TaintedAuthorities>);
-
-pub(crate) fn federated_domains(set: &BTreeMap<String, RegistrationEntry>, own: &TrustDomain) -> Vec<TrustDomain> {
-    let mut domains: Vec<TrustDomain> =
-        set.values().flat_map(|e| e.federates_with.iter().cloned()).filter(|td| td != own).collect();
-    domains.sort_by(|a, b| a.name().cmp(b.name()));
-    domains.dedup();
-    domains
-}
 
 /// The own bundle and the federated bundles of `domains` that exist and parse.
 pub(crate) async fn load_bundles(
@@ -177,13 +177,14 @@ async fn run_inner(
     revisions.borrow_and_update();
     let own_td = state.trust_domain().clone();
 
-    let (mut revision, mut held) = read_set(state, &agent.identity).await?;
-    let (own, federated) = load_bundles(state, federated_domains(&held, &own_td)).await?;
+    let mut held = read_set(state, &agent.identity).await?;
+    let mut revision = held.revision();
+    let (own, federated) = load_bundles(state, held.federated_domains(&own_td)).await?;
     let mut bundles = bundles_key(state, &own, &federated);
     send(tx, bundles_event(&own, &federated, &bundles.2)).await?;
 
     if from_revision == 0 || from_revision != revision {
-        send_snapshot(tx, revision, &held).await?;
+        send_snapshot(tx, revision, held.entries()).await?;
     }
     send(tx, Event::Synced(pb::Synced { revision })).await?;
 
@@ -203,11 +204,11 @@ async fn run_inner(
                     continue;
                 }
                 let changed_at = std::time::Instant::now();
-                let (new_revision, new_set) = read_set(state, &agent.identity).await?;
-                send_diff(tx, new_revision, &held, &new_set).await?;
+                let (set, changes) = advance_set(state, held).await?;
+                held = set;
+                send_changes(tx, changes).await?;
                 state.metrics().sync_delivered(changed_at);
-                revision = new_revision;
-                held = new_set;
+                revision = held.revision();
                 // The federated bundles needed may have changed with the entries.
                 bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles).await?;
             }
@@ -216,10 +217,17 @@ async fn run_inner(
                 if node.selectors != agent.identity.node_selectors {
                     // Re-attestation changed the node selectors: node aliases may differ.
                     agent.identity.node_selectors = node.selectors.clone();
-                    let (new_revision, new_set) = read_set(state, &agent.identity).await?;
-                    send_diff(tx, new_revision, &held, &new_set).await?;
-                    revision = new_revision.max(revision);
+                    let new_set = read_set(state, &agent.identity).await?;
+                    send_changes(tx, diff(new_set.revision(), held.entries(), new_set.entries())).await?;
+                    revision = new_set.revision().max(revision);
                     held = new_set;
+                } else if held.expires_by(now_secs()) {
+                    // An entry (or node alias) expired: it leaves the set now, not at the next
+                    // change.
+                    let (set, changes) = advance_set(state, held).await?;
+                    held = set;
+                    send_changes(tx, changes).await?;
+                    revision = held.revision().max(revision);
                 }
                 bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles).await?;
             }
@@ -239,11 +247,11 @@ fn bundles_event(own: &Bundle, federated: &[Bundle], tainted: &TaintedAuthoritie
 async fn resend_bundles_if_changed(
     state: &Arc<ServerState>,
     tx: &Sender,
-    held: &BTreeMap<String, RegistrationEntry>,
+    held: &AuthorizedSet,
     own_td: &TrustDomain,
     previous: &BundlesKey,
 ) -> Result<BundlesKey, Stop> {
-    let (own, federated) = load_bundles(state, federated_domains(held, own_td)).await?;
+    let (own, federated) = load_bundles(state, held.federated_domains(own_td)).await?;
     let key = bundles_key(state, &own, &federated);
     if &key != previous {
         send(tx, bundles_event(&own, &federated, &key.2)).await?;
@@ -272,40 +280,28 @@ async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, Regist
 }
 
 /// The events that turn `old` into `new`, in revision order.
-pub(crate) fn diff(
+#[cfg(test)]
+pub(crate) fn diff_events(
     revision: u64,
     old: &BTreeMap<String, RegistrationEntry>,
     new: &BTreeMap<String, RegistrationEntry>,
 ) -> Vec<Event> {
-    let mut events: Vec<(u64, Event)> = Vec::new();
-    for (id, entry) in new {
-        if old.get(id) != Some(entry) {
-            events.push((
-                entry.revision,
-                Event::EntryUpserted(pb::EntryUpserted {
-                    entry: Some(entry_to_proto(entry)),
-                    revision: entry.revision,
-                }),
-            ));
-        }
-    }
-    for id in old.keys() {
-        if !new.contains_key(id) {
-            events.push((revision, Event::EntryDeleted(pb::EntryDeleted { entry_id: id.clone(), revision })));
-        }
-    }
-    events.sort_by_key(|(rev, _)| *rev);
-    events.into_iter().map(|(_, event)| event).collect()
+    diff(revision, old, new).into_iter().map(change_event).collect()
 }
 
-async fn send_diff(
-    tx: &Sender,
-    revision: u64,
-    old: &BTreeMap<String, RegistrationEntry>,
-    new: &BTreeMap<String, RegistrationEntry>,
-) -> Result<(), Stop> {
-    for event in diff(revision, old, new) {
-        send(tx, event).await?;
+fn change_event(change: SetChange) -> Event {
+    match change {
+        SetChange::Upsert(entry) => {
+            let revision = entry.revision;
+            Event::EntryUpserted(pb::EntryUpserted { entry: Some(entry_to_proto(&entry)), revision })
+        }
+        SetChange::Delete { entry_id, revision } => Event::EntryDeleted(pb::EntryDeleted { entry_id, revision }),
+    }
+}
+
+async fn send_changes(tx: &Sender, changes: Vec<SetChange>) -> Result<(), Stop> {
+    for change in changes {
+        send(tx, change_event(change)).await?;
     }
     Ok(())
 }
@@ -330,7 +326,7 @@ mod tests {
     fn diff_sends_changes_in_revision_order() {
         let old: BTreeMap<_, _> = [("a", 1), ("b", 2), ("c", 3)].map(|(id, r)| (id.to_owned(), entry(id, r))).into();
         let new: BTreeMap<_, _> = [("a", 1), ("c", 7), ("d", 5)].map(|(id, r)| (id.to_owned(), entry(id, r))).into();
-        let events = diff(8, &old, &new);
+        let events = diff_events(8, &old, &new);
         let summary: Vec<String> = events
             .iter()
             .map(|e| match e {
@@ -340,6 +336,6 @@ mod tests {
             })
             .collect();
         assert_eq!(summary, vec!["+d@5", "+c@7", "-b@8"]);
-        assert!(diff(8, &new, &new).is_empty());
+        assert!(diff_events(8, &new, &new).is_empty());
     }
 }

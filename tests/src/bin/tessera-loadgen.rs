@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tessera_tests::agent_memory::{self, AgentMemoryOptions};
 use tessera_tests::fleet::{self, FleetOptions, WorkerJob};
+use tessera_tests::mint_scale::{self, MintScaleOptions};
 use tessera_tests::modes::{self, OpenLoop, ThroughputOptions, WorkloadOptions};
 use tessera_tests::probe;
 use tessera_tests::rotation::{self, RotationOptions};
@@ -118,6 +119,25 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         writers: usize,
         /// Longest wait, in seconds, for the agent to mint every SVID of one size.
+        #[arg(long, default_value_t = 900.0)]
+        timeout: f64,
+        /// The server's agent_svid_rate_limit (0 = unlimited); the server's default when absent.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+    },
+    /// Entries created one by one while a real agent syncs: time and CPU per entry to mint them all.
+    MintScale {
+        /// Entry counts, comma-separated (each on a fresh server and agent).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        sizes: Vec<usize>,
+        /// Threads creating entries at once (each entry is still its own write).
+        #[arg(long, default_value_t = 1)]
+        writers: usize,
+        /// The server's agent_svid_rate_limit (SVIDs per second per agent, 0 = unlimited);
+        /// the server's default when absent.
+        #[arg(long)]
+        rate_limit: Option<u32>,
+        /// Longest wait, in seconds, for one size to be minted.
         #[arg(long, default_value_t = 900.0)]
         timeout: f64,
     },
@@ -238,7 +258,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 }
                 modes::scale(&modes::ScaleOptions { sizes, writers: *writers }).await
             }
-            Command::AgentMemory { sizes, agent_bin, writers, timeout } => {
+            Command::AgentMemory { sizes, agent_bin, writers, timeout, rate_limit } => {
                 if sizes.is_empty() || sizes.contains(&0) || *writers == 0 || !(timeout.is_finite() && *timeout > 0.0) {
                     anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1; --timeout positive");
                 }
@@ -247,8 +267,21 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     agent_bin: agent_bin.clone().unwrap_or_else(agent_memory::default_agent_bin),
                     writers: *writers,
                     timeout: Duration::from_secs_f64(*timeout),
+                    rate_limit: *rate_limit,
                 };
                 agent_memory::agent_memory(&options).await
+            }
+            Command::MintScale { sizes, writers, rate_limit, timeout } => {
+                if sizes.is_empty() || sizes.contains(&0) || *writers == 0 || !(timeout.is_finite() && *timeout > 0.0) {
+                    anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1; --timeout positive");
+                }
+                let options = MintScaleOptions {
+                    sizes: sizes.clone(),
+                    writers: *writers,
+                    rate_limit: *rate_limit,
+                    timeout: Duration::from_secs_f64(*timeout),
+                };
+                mint_scale::mint_scale(&options).await
             }
             Command::Rotation { agents, entries, ttl, probe_seconds } => {
                 if *agents == 0 || *entries == 0 || *ttl < 12 || !(probe_seconds.is_finite() && *probe_seconds > 0.0) {
