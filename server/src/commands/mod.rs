@@ -110,7 +110,15 @@ impl AdminClient {
 fn status_error(socket: &Path, status: &Status) -> anyhow::Error {
     let message = status.message();
     match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled if message.contains("transport") || message.is_empty() => {
+        // The CLI never cancels its own calls: a cancelled call is the connection going away
+        // under it (h2 reports "operation was canceled" when the server closes first).
+        Code::Cancelled => {
+            anyhow!(
+                "admin socket {}: the server closed the connection (only the server's uid and root may use it): {message}",
+                socket.display()
+            )
+        }
+        Code::Unavailable | Code::Unknown if message.contains("transport") || message.is_empty() => {
             anyhow!(
                 "admin socket {}: the server closed the connection (only the server's uid and root may use it): {message}",
                 socket.display()
@@ -215,6 +223,23 @@ mod tests {
             "invalid --ttl 0: a TTL must be at least 1 second"
         );
         assert!(ttl_flag("--x509-svid-ttl", Some(u64::MAX)).unwrap_err().to_string().contains("--x509-svid-ttl"));
+    }
+
+    #[test]
+    fn a_connection_closed_by_the_server_is_named_as_such() {
+        let socket = Path::new("/run/tessera/admin.sock");
+        for status in [
+            Status::cancelled("operation was canceled"),
+            Status::unavailable("error trying to connect: transport error"),
+            Status::unknown(""),
+        ] {
+            let message = status_error(socket, &status).to_string();
+            assert!(message.contains("closed the connection"), "{status:?}: {message}");
+            assert!(message.contains("/run/tessera/admin.sock"), "{status:?}: {message}");
+        }
+        // A refusal with a reason is shown as the reason.
+        let message = status_error(socket, &Status::invalid_argument("invalid spiffe_id: x")).to_string();
+        assert_eq!(message, "invalid spiffe_id: x");
     }
 
     #[test]
