@@ -109,6 +109,14 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
     )
     .with_audit(audit.clone())
     .with_metrics(metrics.workload_api());
+    // Bound before "agent running" is logged, so the socket exists once the log says so.
+    let listener = match workload_api::bind_socket(&config.socket_path) {
+        Ok(listener) => listener,
+        Err(error) => {
+            manager.shutdown().await;
+            return Err(anyhow::Error::new(error));
+        }
+    };
     let (stop_ops, ops_stopped) = tokio::sync::watch::channel(false);
     let stopped = move || {
         let mut stopped = ops_stopped.clone();
@@ -138,7 +146,7 @@ async fn serve(config: AgentConfig, join_token: Option<String>) -> anyhow::Resul
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let socket_path = config.socket_path.clone();
     let mut api_task = tokio::spawn(async move {
-        api.serve(&socket_path, async move {
+        api.serve_bound(listener, &socket_path, async move {
             let _ = api_stopped.await;
         })
         .await

@@ -125,6 +125,17 @@ impl WorkloadApi {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let listener = bind_socket(socket_path)?;
+        self.serve_bound(listener, socket_path, shutdown).await
+    }
+
+    /// As [`serve`](Self::serve), on a listener [`bind_socket`] already bound at `socket_path`
+    /// (so a caller can report the socket as ready only once it exists).
+    pub async fn serve_bound(
+        self,
+        listener: UnixListener,
+        socket_path: &Path,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let bound = std::fs::symlink_metadata(socket_path).ok().map(|m| (m.dev(), m.ino()));
         tracing::info!(socket = %socket_path.display(), "Workload API listening");
         let result = self.serve_listener(listener, shutdown).await;
