@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
@@ -325,7 +325,10 @@ impl RunningServer {
         self.state.federation()
     }
 
-    /// Stops accepting, lets in-flight calls finish, removes the admin socket file.
+    /// Stops accepting, lets in-flight calls finish, removes the admin socket file, and waits
+    /// (at most [`SHUTDOWN_RELEASE_WAIT`]) for the tasks spawned per call (sync streams,
+    /// connections) to let go of the server's state, so the datastore is closed when this
+    /// returns and the same data directory can be opened again at once.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         self.stop.send_replace(true);
         let mut result = Ok(());
@@ -340,6 +343,13 @@ impl RunningServer {
         remove_socket_file(&self.admin_socket);
         let audit = self.state.audit().clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+        let released = tokio::time::Instant::now() + SHUTDOWN_RELEASE_WAIT;
+        while Arc::strong_count(&self.state) > 1 && tokio::time::Instant::now() < released {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&self.state) > 1 {
+            tracing::debug!("server state still referenced after shutdown; the datastore closes when it is released");
+        }
         result
     }
 
@@ -384,6 +394,9 @@ pub async fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
     }
 }
+
+/// Longest [`RunningServer::shutdown`] waits for per-call tasks to release the server's state.
+pub const SHUTDOWN_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens the datastore, binds the listeners and spawns them.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {

@@ -593,12 +593,17 @@ async fn a_ban_or_eviction_refuses_the_next_call_on_a_connection_that_was_just_s
 async fn restart_keeps_the_ca_nodes_and_entries() {
     let dir = tempdir();
     let server = tessera_server::server::start(config(dir.path())).await.unwrap();
-    let agent = attest(&server, "p1").await;
+    let mut agent = attest(&server, "p1").await;
     entry(&store(&server), "kept", "/kept", &agent.id, &["unix:uid:1"]);
     let bundle_before = bundle(&server);
+    // A sync stream is open when the server stops: its task must let go of the datastore
+    // before `shutdown` returns, so the restart below can open it at once.
+    let mut open_stream = sync(&mut agent.client, 0).await.unwrap();
+    read_initial(&mut open_stream).await;
     server.shutdown().await.unwrap();
 
     let server = tessera_server::server::start(config(dir.path())).await.unwrap();
+    drop(open_stream);
     assert_eq!(bundle(&server).x509_authorities_der(), bundle_before.x509_authorities_der());
     // The agent's cached bundle still authenticates the restarted server, and its SVID is
     // still accepted.
