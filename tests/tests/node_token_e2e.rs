@@ -204,6 +204,16 @@ selector_claims = ["zone"]
             .collect()
     }
 
+    /// [`Self::failed_checks`] once there are at least `count` of them.
+    fn wait_failed_checks(&self, attestor: &str, count: usize) -> Vec<String> {
+        wait_for(
+            || self.failed_checks(attestor).len() >= count,
+            &format!("{count} audit lines of refused {attestor} attestations"),
+            || format!("{:#?}", self.refusals()),
+        );
+        self.failed_checks(attestor)
+    }
+
     /// `tessera-server agent show --output json` of `agent_id`, once it is attested.
     fn wait_attested(&self, agent_id: &str, log: impl Fn() -> String) -> Value {
         wait_for(
@@ -315,7 +325,8 @@ fn k8s_psat_agents_attest_with_their_pod_token_and_come_back_after_eviction() {
         let agent_log = refused_at_start(agent);
         assert!(agent_log.contains(NOT_ACCEPTED), "{agent_log}");
     }
-    let mut checks = setup.failed_checks("k8s_psat");
+    // The audit writer runs on its own thread: the lines follow the refusals shortly.
+    let mut checks = setup.wait_failed_checks("k8s_psat", 3);
     checks.sort();
     assert_eq!(checks, ["audience", "expired", "service_account"], "{:#?}", setup.refusals());
     let server_log = setup.server.log();
@@ -338,7 +349,13 @@ fn k8s_psat_agents_attest_with_their_pod_token_and_come_back_after_eviction() {
     // Banned: its next re-attestation is refused, whatever the token.
     setup.server_ok(&["agent", "ban", "--spiffe-id", &agent_id]);
     wait_for(|| agent.log().contains("agent is banned"), "the ban to reach the agent", log);
-    assert!(setup.failed_checks("k8s_psat").contains(&"banned".to_owned()), "{:#?}", setup.refusals());
+    // The agent first meets the ban on its sync stream; the refused re-attestation (and its
+    // audit line) follows.
+    wait_for(
+        || setup.failed_checks("k8s_psat").contains(&"banned".to_owned()),
+        "the audit line of the refused re-attestation",
+        || format!("{:#?}\n{}", setup.refusals(), log()),
+    );
 }
 
 fn vm_claims(setup: &Setup, jti: &str) -> Value {
@@ -382,7 +399,7 @@ fn oidc_agents_attest_through_a_policy_and_a_spent_token_is_refused() {
     // The same token again, from another agent: a replay.
     let mut replayed = setup.agent("replayed", "oidc", &first);
     assert!(refused_at_start(&mut replayed).contains(NOT_ACCEPTED));
-    assert_eq!(setup.failed_checks("oidc"), ["replay"], "{:#?}", setup.refusals());
+    assert_eq!(setup.wait_failed_checks("oidc", 1), ["replay"], "{:#?}", setup.refusals());
 
     // Evicted while its file still holds the spent token: refused as a replay, until a fresh
     // token is written; then the agent recovers by itself.
@@ -398,9 +415,11 @@ fn oidc_agents_attest_through_a_policy_and_a_spent_token_is_refused() {
     // A token meant for another policy's project is refused by the condition.
     let mut other_project = vm_claims(&setup, &format!("vm-{}-3", now()));
     other_project["project_id"] = json!("p-2");
+    let before = setup.failed_checks("oidc").len();
     let mut stranger = setup.agent("stranger", "oidc", &setup.cloud_key.mint(&other_project).unwrap());
     assert!(refused_at_start(&mut stranger).contains(NOT_ACCEPTED));
-    assert_eq!(setup.failed_checks("oidc").last().map(String::as_str), Some("condition"));
+    let checks = setup.wait_failed_checks("oidc", before + 1);
+    assert_eq!(checks.last().map(String::as_str), Some("condition"), "{checks:?}");
 }
 
 #[test]
