@@ -8,6 +8,8 @@
 //! - [`probe`]: the raw limits each figure is held to, measured in the same run (rates on all
 //!   cores, the tonic-over-UDS + `/proc` attestation floor);
 //! - [`stats`]: percentiles of latency samples;
+//! - [`scale`]: entries in sled at 10k-1M: write rate, the real server binary's start-up
+//!   time and memory per entry, one agent's full sync;
 //! - [`mint_scale`]: minting time and CPU per entry for entries created one by one while a
 //!   real agent syncs (how the cost grows with the number of entries);
 //! - [`modes`]: the measurements themselves (one per `tessera-loadgen` subcommand), each
@@ -26,5 +28,6 @@ pub mod oidc_issuer;
 pub mod probe;
 pub mod report;
 pub mod rotation;
+pub mod scale;
 pub mod sim;
 pub mod stats;

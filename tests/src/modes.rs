@@ -33,7 +33,7 @@ use crate::stats::{Samples, micros, millis};
 /// The audience of every JWT-SVID the load generator asks for.
 pub const AUDIENCE: &str = "spiffe://loadgen.example/db";
 
-fn uid() -> u32 {
+pub(crate) fn uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
 
@@ -684,36 +684,6 @@ pub async fn workload(options: &WorkloadOptions) -> anyhow::Result<Vec<Figure>> 
     Ok(figures)
 }
 
-/// Options of the `scale` mode.
-#[derive(Debug, Clone)]
-pub struct ScaleOptions {
-    /// Entry counts, each measured on a fresh server.
-    pub sizes: Vec<usize>,
-    /// Threads creating entries at once.
-    pub writers: usize,
-}
-
-/// Creates `count` entries under `parent` from `writers` threads; returns the wall time.
-async fn populate(server: &SimServer, parent: &SpiffeId, count: usize, writers: usize) -> anyhow::Result<Duration> {
-    let selectors = SelectorSet::parse_all(&[format!("unix:uid:{}", uid()).as_str()])?;
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let writers = writers.clamp(1, count.max(1));
-    for w in 0..writers {
-        let (store, parent, selectors) = (server.store(), parent.clone(), selectors.clone());
-        tasks.spawn_blocking(move || -> anyhow::Result<()> {
-            for n in (w..count).step_by(writers) {
-                store.create_entry(&workload_entry(&format!("s{n}"), &parent, selectors.clone())?)?;
-            }
-            Ok(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.context("writer task")??;
-    }
-    Ok(start.elapsed())
-}
-
 /// A full `SyncEntries` from revision 0: entries received, wall time, and the error that
 /// ended it early (a message-size failure would show here).
 pub async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
@@ -736,59 +706,4 @@ pub async fn full_sync(agent: &SimAgent) -> (usize, Duration, Option<String>) {
             },
         }
     }
-}
-
-/// `scale`: for each size, entries written through the server's store (against the fsync
-/// limit), server start-up time and resident memory per entry on that store, and one agent
-/// authorized for every entry syncing them all.
-pub async fn scale(options: &ScaleOptions) -> anyhow::Result<Vec<Figure>> {
-    let mut figures = Vec::new();
-    for &size in &options.sizes {
-        let server = SimServer::start().await?;
-        let mut agent = SimAgent::attest(&server, "lg-scale").await?;
-        print_progress(&format!("scale: writing {size} entries"));
-        let written = populate(&server, &agent.id, size, options.writers).await?;
-        let dir = server.dir().to_owned();
-        let fsync = tokio::task::spawn_blocking(move || probe::fsync_rate(&dir, Duration::from_secs(1))).await??;
-        let data = server.stop_keeping_data().await?;
-        print_progress(&format!("scale: restarting on {size} entries"));
-        let rss_before = probe::rss_bytes()?;
-        let started = Instant::now();
-        let server = SimServer::start_in(data).await?;
-        let startup = started.elapsed();
-        let rss_after = probe::rss_bytes()?;
-        agent.reconnect(&server).await?;
-        print_progress(&format!("scale: full sync of {size} entries"));
-        let (received, sync_time, error) = full_sync(&agent).await;
-        if let Some(error) = &error {
-            print_progress(&format!("scale: sync of {size} entries failed: {error}"));
-        }
-        server.shutdown().await?;
-        let tag = format!("scale.n{size}");
-        figures.push(
-            Figure::new(format!("{tag}.entry_writes_per_sec"), size as f64 / written.as_secs_f64(), "/s", Target::None)
-                .against(fsync, "fsync_4k_single_writer_per_sec"),
-        );
-        figures.push(Figure::new(format!("{tag}.startup_ms"), millis(startup), "ms", Target::None));
-        figures.push(Figure::new(
-            format!("{tag}.startup_rss_bytes_per_entry"),
-            rss_after.saturating_sub(rss_before) as f64 / size.max(1) as f64,
-            "B",
-            Target::None,
-        ));
-        figures.push(Figure::new(format!("{tag}.sync_ms"), millis(sync_time), "ms", Target::None));
-        figures.push(Figure::new(
-            format!("{tag}.sync_missing_entries"),
-            size.saturating_sub(received) as f64,
-            "count",
-            Target::Zero,
-        ));
-        figures.push(Figure::new(
-            format!("{tag}.sync_failures"),
-            f64::from(u8::from(error.is_some())),
-            "count",
-            Target::Zero,
-        ));
-    }
-    Ok(figures)
 }

@@ -112,6 +112,12 @@ async fn scale_mode_syncs_every_entry_after_a_restart() {
     let writes = figure(&out, "scale.n40.entry_writes_per_sec");
     assert!(number(&writes, "value") > 0.0 && number(&writes, "limit") > 0.0, "{writes:?}");
     assert!(number(&figure(&out, "scale.n40.startup_ms"), "value") > 0.0, "{out}");
+    // The restart is the real server binary on the written data: a process with its own RSS.
+    assert!(number(&figure(&out, "scale.n0.rss_bytes"), "value") > 1_000_000.0, "{out}");
+    assert!(number(&figure(&out, "scale.n40.disk_bytes_per_entry"), "value") > 0.0, "{out}");
+    for name in ["startup_rss_bytes_per_entry", "synced_rss_bytes_per_entry"] {
+        assert!(number(&figure(&out, &format!("scale.n40.{name}")), "value") >= 0.0, "{out}");
+    }
 }
 
 #[tokio::test]

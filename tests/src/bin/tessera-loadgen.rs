@@ -16,6 +16,7 @@ use tessera_tests::mint_scale::{self, MintScaleOptions};
 use tessera_tests::modes::{self, OpenLoop, ThroughputOptions, WorkloadOptions};
 use tessera_tests::probe;
 use tessera_tests::rotation::{self, RotationOptions};
+use tessera_tests::scale;
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera-loadgen", about = "Tessera's whole-system benchmarks, each beside its measured limit")]
@@ -106,6 +107,9 @@ enum Command {
         /// Threads writing entries at once.
         #[arg(long, default_value_t = 16)]
         writers: usize,
+        /// The `tessera-server` binary restarted on the entries (default: next to this one).
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
     },
     /// Resident memory of a real agent process per cached X.509-SVID vs 2 x (leaf + key DER).
     AgentMemory {
@@ -248,7 +252,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 };
                 modes::workload(&options).await
             }
-            Command::Scale { sizes, million, writers } => {
+            Command::Scale { sizes, million, writers, server_bin } => {
                 let mut sizes = sizes.clone();
                 if *million {
                     sizes.push(1_000_000);
@@ -256,7 +260,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 if sizes.is_empty() || sizes.contains(&0) || *writers == 0 {
                     anyhow::bail!("--sizes must list counts of at least 1; --writers at least 1");
                 }
-                modes::scale(&modes::ScaleOptions { sizes, writers: *writers }).await
+                let server_bin = server_bin.clone().unwrap_or_else(scale::default_server_bin);
+                scale::scale(&scale::ScaleOptions { sizes, writers: *writers, server_bin }).await
             }
             Command::AgentMemory { sizes, agent_bin, writers, timeout, rate_limit } => {
                 if sizes.is_empty() || sizes.contains(&0) || *writers == 0 || !(timeout.is_finite() && *timeout > 0.0) {
