@@ -3,7 +3,7 @@
 //!
 //! Nothing here does I/O, so every rule is unit-tested with plain values.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,27 +13,19 @@ use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 use tessera_wire::tessera::agent::v1::sync_entries_response::Event;
 use tessera_wire::tessera::common::v1 as common;
 
-use crate::cache::{AgentSnapshot, CachedEntry, Identity, X509Svid};
+pub use crate::cache::Minted;
+use crate::cache::{AgentSnapshot, CachedEntry, EntryId, Intermediates, Slot};
 
-/// An X.509-SVID minted for an entry, with when to renew it.
-#[derive(Debug, Clone)]
-pub struct Minted {
-    /// The entry revision the SVID was requested for.
-    pub entry_revision: u64,
-    /// The SPIFFE ID in the SVID.
-    pub spiffe_id: SpiffeId,
-    /// The SVID and its key.
-    pub svid: Arc<X509Svid>,
-    /// When to replace it (half-life ± jitter).
-    pub renew_at: SystemTime,
-}
+/// How many distinct intermediate chains [`State::share_intermediates`] remembers (one per
+/// signing authority in use: a rotation has two at once).
+const RECENT_INTERMEDIATES: usize = 4;
 
 /// A snapshot being received page by page.
 #[derive(Debug, Default)]
 struct PendingSnapshot {
     revision: u64,
     next_page: u32,
-    entries: BTreeMap<String, Arc<CachedEntry>>,
+    entries: BTreeMap<EntryId, CachedEntry>,
 }
 
 /// What a sync event changed.
@@ -61,8 +53,9 @@ pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 /// Every rule here costs O(log N) per changed entry, whatever the number N of entries held
 /// (issue 7: entries created one by one used to cost a scan and a copy of all N each):
 ///
-/// - the published view (entries, identities, selector index) is an [`AgentSnapshot`] kept up
-///   to date change by change in persistent maps; [`State::snapshot`] clones it in O(1);
+/// - the published view (one slot per entry with its SVID, and the selector index) is an
+///   [`AgentSnapshot`] kept up to date change by change in persistent sets;
+///   [`State::snapshot`] clones it in O(1);
 /// - the entries that need an SVID now are a set (`pending`), kept by [`State::touch`] each
 ///   time something about an entry changes, so [`State::mint_work`] returns them without a
 ///   scan;
@@ -73,6 +66,15 @@ pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 /// [`State::work`] counts the entries these operations visit, so a test can hold the cost of
 /// one change flat as N grows. A whole snapshot from the server and a newly tainted authority
 /// visit every entry once, as they must.
+///
+/// # Memory per entry
+///
+/// Issue 7 (bench A7): the agent's memory per cached SVID must stay within twice the leaf and
+/// key themselves. So each entry is held once: its slot in the view carries the entry, the
+/// minted SVID (leaf and key in one buffer, intermediates shared) and the schedule (renewal
+/// point, retry, timer key); `pending` and `timers` name the entry by its interned ID, the
+/// same allocation as `entry.id` (a changed entry keeps the ID allocation of the one it
+/// replaces). No map copies an ID, a SPIFFE ID or a selector.
 #[derive(Debug)]
 pub struct State {
     trust_domain: TrustDomain,
@@ -80,18 +82,16 @@ pub struct State {
     pub revision: u64,
     /// True after the first `synced`.
     pub ready: bool,
-    /// What is published: entries, identities and the selector index.
+    /// What is published: one slot per entry (entry, SVID, schedule) and the selector index.
     view: AgentSnapshot,
-    /// Minted SVIDs, by entry ID.
-    svids: HashMap<String, Minted>,
-    /// Entries whose last mint failed, and when to try again.
-    retry_at: HashMap<String, SystemTime>,
     /// Entries that need an SVID now.
-    pending: BTreeSet<String>,
-    /// (when, entry ID): each entry's next renewal point, retry or SVID expiry.
-    timers: BTreeSet<(SystemTime, String)>,
-    /// The key of each entry in `timers`.
-    timer_of: HashMap<String, SystemTime>,
+    pending: BTreeSet<EntryId>,
+    /// (when, entry ID): each entry's next renewal point, retry or SVID expiry. An entry's key
+    /// is also in its slot (`Slot::timer`), so that it can be removed.
+    timers: BTreeSet<(SystemTime, EntryId)>,
+    /// The intermediates of recent SVIDs, most recent first: SVIDs minted under the same
+    /// intermediates share one copy.
+    recent_intermediates: Vec<Intermediates>,
     /// Own and federated bundles.
     pub bundles: BundleSet,
     /// DER certificates of the server's tainted X.509 authorities (forced rotation).
@@ -112,11 +112,9 @@ impl State {
             revision: 0,
             ready: false,
             view: AgentSnapshot::empty(bundles.clone()),
-            svids: HashMap::new(),
-            retry_at: HashMap::new(),
             pending: BTreeSet::new(),
             timers: BTreeSet::new(),
-            timer_of: HashMap::new(),
+            recent_intermediates: Vec::new(),
             bundles,
             tainted_x509: Vec::new(),
             tainted_jwt_key_ids: Vec::new(),
@@ -143,32 +141,38 @@ impl State {
 
     /// The IDs of the entries held, in order.
     pub fn entry_ids(&self) -> Vec<&str> {
-        self.view.entries().map(|entry| entry.id.as_str()).collect()
+        self.view.entries().map(|entry| &*entry.id).collect()
     }
 
     /// The SVID minted for an entry.
     pub fn minted(&self, entry_id: &str) -> Option<&Minted> {
-        self.svids.get(entry_id)
+        self.view.slot(entry_id).and_then(|slot| slot.minted.as_ref())
     }
 
-    /// How many SVIDs are held.
+    /// How many SVIDs are held. O(N).
     pub fn minted_count(&self) -> usize {
-        self.svids.len()
+        self.view.slots().filter(|slot| slot.minted.is_some()).count()
     }
 
-    /// Records an SVID minted for `entry_id` (clearing a retry mark).
+    /// The intermediates `ders` (the chain after the leaf) as the SVID will keep them: the
+    /// copy an earlier SVID holds when it has the same ones, so that thousands of SVIDs under
+    /// one intermediate CA hold one copy of it.
+    pub fn share_intermediates(&mut self, ders: &[Vec<u8>]) -> Intermediates {
+        Intermediates::share(ders, &mut self.recent_intermediates, RECENT_INTERMEDIATES)
+    }
+
+    /// Records an SVID minted for `entry_id` (clearing a retry mark). Ignored when the entry
+    /// is no longer held.
     pub fn set_minted(&mut self, entry_id: &str, minted: Minted, now: SystemTime) {
-        self.retry_at.remove(entry_id);
-        self.svids.insert(entry_id.to_owned(), minted);
-        self.touch(entry_id, now);
+        self.touch_with(entry_id, now, |slot| {
+            slot.retry_at = None;
+            slot.minted = Some(minted);
+        });
     }
 
     /// Marks `entry_id` to be minted again no earlier than `at` (its last mint failed).
     pub fn set_retry(&mut self, entry_id: &str, at: SystemTime, now: SystemTime) {
-        if self.view.entry(entry_id).is_some() {
-            self.retry_at.insert(entry_id.to_owned(), at);
-            self.touch(entry_id, now);
-        }
+        self.touch_with(entry_id, now, |slot| slot.retry_at = Some(at));
     }
 
     /// Forgets a half-received snapshot (the stream broke).
@@ -177,75 +181,80 @@ impl State {
     }
 
     /// Brings the indexes of one entry up to date with its entry, SVID and retry mark at
-    /// `now`: drops an expired SVID, publishes or hides its identity, adds it to or removes it
-    /// from the mint work, and sets its next timer. Returns whether an SVID was dropped.
-    /// O(log N).
+    /// `now`: drops an expired SVID, adds the entry to or removes it from the mint work, and
+    /// sets its next timer. Returns whether an SVID was dropped. O(log N).
     fn touch(&mut self, id: &str, now: SystemTime) -> bool {
+        self.touch_with(id, now, |_| {})
+    }
+
+    /// [`State::touch`] after `change` to the entry's slot (nothing when the entry is not held).
+    fn touch_with(&mut self, id: &str, now: SystemTime, change: impl FnOnce(&mut Slot)) -> bool {
         self.work += 1;
-        if let Some(at) = self.timer_of.remove(id) {
-            self.timers.remove(&(at, id.to_owned()));
-        }
-        let Some(entry) = self.view.entry(id).cloned() else {
-            self.pending.remove(id);
-            self.svids.remove(id);
-            self.retry_at.remove(id);
+        let Some(old) = self.view.slot(id) else {
             return false;
         };
+        let mut slot = old.clone();
+        change(&mut slot);
+        let key = Arc::clone(&slot.entry.id);
+        if let Some(at) = slot.timer.take() {
+            self.timers.remove(&(at, Arc::clone(&key)));
+        }
         let mut dropped = false;
-        if self.svids.get(id).is_some_and(|minted| minted.svid.expires_at <= now) {
-            self.svids.remove(id);
+        if slot.minted.as_ref().is_some_and(|minted| minted.svid.expires_at() <= now) {
+            slot.minted = None;
             dropped = true;
         }
-        let minted = self.svids.get(id);
-        match minted {
-            // An SVID minted for an older revision is still served while it is re-minted,
-            // unless the SPIFFE ID changed.
-            Some(minted) if minted.spiffe_id == entry.spiffe_id => {
-                let current = self.view.identity(id).is_some_and(|identity| {
-                    Arc::ptr_eq(&identity.svid, &minted.svid) && Arc::ptr_eq(&identity.entry, &entry)
-                });
-                if !current {
-                    self.view.insert_identity(Identity { entry: Arc::clone(&entry), svid: Arc::clone(&minted.svid) });
-                }
-            }
-            _ => {
-                self.view.remove_identity(id);
-            }
-        }
-        let retry = self.retry_at.get(id).copied().filter(|at| *at > now);
-        let needs_svid = retry.is_none()
-            && minted.is_none_or(|minted| minted.entry_revision != entry.revision || minted.renew_at <= now);
-        let next = [retry, minted.map(|m| m.renew_at), minted.map(|m| m.svid.expires_at)]
+        // Only a retry still to come counts; a past one is forgotten.
+        slot.retry_at = slot.retry_at.filter(|at| *at > now);
+        let minted = slot.minted.as_ref();
+        let needs_svid = slot.retry_at.is_none()
+            && minted.is_none_or(|minted| minted.entry.revision != slot.entry.revision || minted.renew_at <= now);
+        slot.timer = [slot.retry_at, minted.map(|m| m.renew_at), minted.map(|m| m.svid.expires_at())]
             .into_iter()
             .flatten()
             .filter(|at| *at > now)
             .min();
-        if retry.is_none() {
-            self.retry_at.remove(id);
-        }
         if needs_svid {
-            self.pending.insert(id.to_owned());
+            self.pending.insert(Arc::clone(&key));
         } else {
-            self.pending.remove(id);
+            self.pending.remove(&key);
         }
-        if let Some(at) = next {
-            self.timers.insert((at, id.to_owned()));
-            self.timer_of.insert(id.to_owned(), at);
+        if let Some(at) = slot.timer {
+            self.timers.insert((at, key));
+        }
+        // Unchanged slots are not written: a write copies the path the published snapshot
+        // shares.
+        if self.view.slot(id).is_none_or(|old| !old.same_as(&slot)) {
+            self.view.put_slot(slot);
         }
         dropped
     }
 
-    /// Adds or replaces an entry.
-    fn put_entry(&mut self, entry: CachedEntry, now: SystemTime) {
-        let id = entry.id.clone();
-        self.view.insert_entry(Arc::new(entry));
+    /// Adds or replaces an entry (the replacement keeps the allocation of the ID it replaces,
+    /// so every set naming the entry keeps sharing it).
+    fn put_entry(&mut self, mut entry: CachedEntry, clear_retry: bool, now: SystemTime) {
+        let slot = match self.view.slot(&entry.id) {
+            Some(old) => {
+                entry.id = Arc::clone(&old.entry.id);
+                let retry_at = if clear_retry { None } else { old.retry_at };
+                Slot { entry: Arc::new(entry), retry_at, ..old.clone() }
+            }
+            None => Slot::new(Arc::new(entry)),
+        };
+        let id = Arc::clone(&slot.entry.id);
+        self.view.put_slot(slot);
         self.touch(&id, now);
     }
 
-    /// Forgets an entry, its SVID, retry mark and timer.
-    fn remove_entry(&mut self, id: &str, now: SystemTime) {
-        self.view.remove_entry(id);
-        self.touch(id, now);
+    /// Forgets an entry, its SVID, retry mark and timer. O(log N).
+    fn remove_entry(&mut self, id: &str) {
+        self.work += 1;
+        if let Some(old) = self.view.remove_slot(id) {
+            if let Some(at) = old.timer {
+                self.timers.remove(&(at, Arc::clone(&old.entry.id)));
+            }
+            self.pending.remove(id);
+        }
     }
 
     /// Looks again at every entry whose timer is due at `now`; returns whether an SVID was
@@ -255,6 +264,12 @@ impl State {
         while let Some((at, id)) = self.timers.first().cloned() {
             if at > now {
                 break;
+            }
+            if self.view.slot(&id).is_none_or(|slot| slot.timer != Some(at)) {
+                // Not the entry's current timer (cannot happen: the slot and the set change
+                // together); drop it rather than look at it forever.
+                self.timers.remove(&(at, id));
+                continue;
             }
             dropped |= self.touch(&id, now);
         }
@@ -286,27 +301,28 @@ impl State {
                 pending.next_page = pending.next_page.saturating_add(1);
                 for wire in page.entries {
                     if let Some(entry) = convert_entry(&self.trust_domain, wire, now) {
-                        pending.entries.insert(entry.id.clone(), Arc::new(entry));
+                        pending.entries.insert(Arc::clone(&entry.id), entry);
                     }
                 }
                 if page.last_page
                     && let Some(done) = self.pending_snapshot.take()
                 {
                     // The whole set is replaced: every entry is visited once.
-                    let removed: Vec<String> = self
+                    let removed: Vec<EntryId> = self
                         .view
                         .entries()
                         .filter(|entry| !done.entries.contains_key(&entry.id))
-                        .map(|entry| entry.id.clone())
+                        .map(|entry| Arc::clone(&entry.id))
                         .collect();
                     for id in removed {
-                        self.remove_entry(&id, now);
+                        self.remove_entry(&id);
                     }
                     for (id, entry) in done.entries {
-                        if self.view.entry(&id) != Some(&entry) {
-                            self.view.insert_entry(entry);
+                        if self.view.entry(&id).is_some_and(|held| **held == entry) {
+                            self.touch(&id, now);
+                        } else {
+                            self.put_entry(entry, false, now);
                         }
-                        self.touch(&id, now);
                     }
                     self.revision = done.revision;
                     applied.entries_changed = true;
@@ -318,18 +334,15 @@ impl State {
                 };
                 let id = wire.id.clone();
                 match convert_entry(&self.trust_domain, wire, now) {
-                    Some(entry) => {
-                        self.retry_at.remove(&id);
-                        self.put_entry(entry, now);
-                    }
+                    Some(entry) => self.put_entry(entry, true, now),
                     // An entry this agent cannot use is as good as absent.
-                    None => self.remove_entry(&id, now),
+                    None => self.remove_entry(&id),
                 }
                 self.revision = self.revision.max(upsert.revision);
                 applied.entries_changed = true;
             }
             Event::EntryDeleted(deleted) => {
-                self.remove_entry(&deleted.entry_id, now);
+                self.remove_entry(&deleted.entry_id);
                 self.revision = self.revision.max(deleted.revision);
                 applied.entries_changed = true;
             }
@@ -383,19 +396,25 @@ impl State {
     /// in the next [`TAINT_SPREAD`] (spread by entry ID). Returns whether any moved.
     pub fn reschedule_tainted(&mut self, now: SystemTime) -> bool {
         let mut moved = Vec::new();
-        for (entry_id, minted) in &mut self.svids {
+        for slot in self.view.slots() {
             self.work += 1;
-            if !signed_by_any(&minted.svid.cert_chain, &self.tainted_x509, &self.trust_domain, now) {
+            let Some(minted) = &slot.minted else {
+                continue;
+            };
+            if !signed_by_any(&minted.svid.chain_refs(), &self.tainted_x509, &self.trust_domain, now) {
                 continue;
             }
-            let at = now + spread(entry_id, TAINT_SPREAD);
+            let at = now + spread(&slot.entry.id, TAINT_SPREAD);
             if minted.renew_at > at {
-                minted.renew_at = at;
-                moved.push(entry_id.clone());
+                moved.push((Arc::clone(&slot.entry.id), at));
             }
         }
-        for entry_id in &moved {
-            self.touch(entry_id, now);
+        for (entry_id, at) in &moved {
+            self.touch_with(entry_id, now, |slot| {
+                if let Some(minted) = &mut slot.minted {
+                    minted.renew_at = *at;
+                }
+            });
         }
         if !moved.is_empty() {
             tracing::warn!("the server tainted an X.509 authority; re-minting the SVIDs it signed");
@@ -440,15 +459,14 @@ impl State {
 
 /// Whether `chain` (leaf first) was signed by one of the `authorities` (DER): one of them is
 /// in the chain (an intermediate), or the chain verifies against it as the only root.
-pub fn signed_by_any(chain: &[Vec<u8>], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
-    let refs: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
+pub fn signed_by_any(chain: &[&[u8]], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
     authorities.iter().any(|authority| {
-        if chain.iter().skip(1).any(|cert| cert == authority) {
+        if chain.iter().skip(1).any(|cert| *cert == authority.as_slice()) {
             return true;
         }
         let mut single = Bundle::new(trust_domain.clone());
         single.add_x509_authority(authority).is_ok()
-            && tessera_spiffe::x509::verify_x509_svid(&refs, &single, now).is_ok()
+            && tessera_spiffe::x509::verify_x509_svid(chain, &single, now).is_ok()
     })
 }
 
@@ -488,11 +506,15 @@ fn try_convert_entry(
     if wire.selectors.is_empty() {
         return Err("the entry has no selectors (it would match every caller)".to_owned());
     }
-    let mut selectors = SelectorSet::new();
+    let mut selectors = Vec::with_capacity(wire.selectors.len());
     for selector in &wire.selectors {
-        selectors
-            .insert(Selector::new(&selector.r#type, &selector.value).map_err(|error| format!("selector: {error}"))?);
+        selectors.push(Selector::new(&selector.r#type, &selector.value).map_err(|error| format!("selector: {error}"))?);
     }
+    // Held for the entry's life: no spare capacity (duplicates removed first).
+    selectors.sort();
+    selectors.dedup();
+    selectors.shrink_to_fit();
+    let selectors = SelectorSet::from(selectors);
     let mut federates_with = BTreeSet::new();
     for name in &wire.federates_with {
         if name.contains(':') {
@@ -507,12 +529,14 @@ fn try_convert_entry(
             return Ok(None);
         }
     }
+    let mut hint = wire.hint;
+    hint.shrink_to_fit();
     Ok(Some(CachedEntry {
-        id: wire.id,
+        id: EntryId::from(wire.id.as_str()),
         spiffe_id,
         selectors,
         federates_with,
-        hint: wire.hint,
+        hint,
         x509_svid_ttl: wire.x509_svid_ttl,
         jwt_svid_ttl: wire.jwt_svid_ttl,
         revision: wire.revision,
@@ -543,8 +567,8 @@ pub fn convert_bundle(wire: common::Bundle) -> Result<Bundle, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::X509Svid;
     use tessera_wire::tessera::agent::v1::{BundlesUpdate, EntryDeleted, EntrySnapshotPage, EntryUpserted, Synced};
-    use zeroize::Zeroizing;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
@@ -566,17 +590,18 @@ mod tests {
     }
 
     fn minted(spiffe_id: &str, revision: u64, renew_at: SystemTime, expires_at: SystemTime) -> Minted {
-        Minted {
-            entry_revision: revision,
+        let entry = CachedEntry {
+            id: "minted-for".into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
-            svid: Arc::new(X509Svid {
-                cert_chain: vec![vec![1]],
-                private_key_pkcs8: Zeroizing::new(vec![2]),
-                issued_at: SystemTime::UNIX_EPOCH,
-                expires_at,
-            }),
-            renew_at,
-        }
+            selectors: SelectorSet::new(),
+            federates_with: BTreeSet::new(),
+            hint: String::new(),
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            revision,
+        };
+        let svid = X509Svid::from_chain(&[vec![1]], &[2], SystemTime::UNIX_EPOCH, expires_at);
+        Minted { entry: Arc::new(entry), svid: Arc::new(svid), renew_at }
     }
 
     #[test]
@@ -618,7 +643,7 @@ mod tests {
 
         // A changed entry is re-minted; with the same SPIFFE ID the old SVID is served meanwhile.
         state.apply(upsert(wire_entry("a", "a", 5), 5), now).unwrap();
-        assert_eq!(state.mint_work(now).iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(state.mint_work(now).iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a"]);
         assert_eq!(state.snapshot(now).identity_count(), 2);
         // A changed SPIFFE ID hides the old SVID at once.
         state.apply(upsert(wire_entry("a", "renamed", 6), 6), now).unwrap();
@@ -682,7 +707,7 @@ mod tests {
             let published = state.snapshot(now);
             assert_eq!(published.entry_count(), held + 1);
             let work = state.mint_work(now);
-            assert_eq!(work.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
+            assert_eq!(work.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["new"]);
             let (new_renew, new_expires) = (now + Duration::from_secs(60), now + Duration::from_secs(120));
             state.set_minted("new", minted("spiffe://example.org/new", base, new_renew, new_expires), now);
             assert_eq!(state.snapshot(now).identity_count(), held + 1);
@@ -806,7 +831,7 @@ mod tests {
         )
         .unwrap();
         let leaf = a.sign_x509_svid(&template, leaf_key.public_key().spki_der(), now, &rng).unwrap();
-        let chain = vec![leaf];
+        let chain = [leaf.as_slice()];
         assert!(signed_by_any(&chain, &[a.certificate_der().to_vec()], &td, now));
         assert!(!signed_by_any(&chain, &[b.certificate_der().to_vec()], &td, now));
         assert!(!signed_by_any(&chain, &[], &td, now));

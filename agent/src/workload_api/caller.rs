@@ -161,7 +161,7 @@ mod tests {
 
     fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> Arc<CachedEntry> {
         Arc::new(CachedEntry {
-            id: id.to_owned(),
+            id: id.into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
             federates_with: BTreeSet::new(),

@@ -76,12 +76,8 @@ impl TestCa {
         let template = X509SvidTemplate::new(spiffe_id.clone(), Duration::from_secs(600)).unwrap();
         let now = SystemTime::now();
         let leaf = self.issuer.sign_x509_svid(&template, &key.subject_public_key_info(), now, &rng).unwrap();
-        Arc::new(X509Svid {
-            cert_chain: vec![leaf],
-            private_key_pkcs8: Zeroizing::new(key.serialize_der()),
-            issued_at: now,
-            expires_at: now + Duration::from_secs(600),
-        })
+        let key = Zeroizing::new(key.serialize_der());
+        Arc::new(X509Svid::from_chain(&[leaf], &key, now, now + Duration::from_secs(600)))
     }
 }
 
@@ -159,7 +155,7 @@ impl Trust {
 
 pub fn entry(id: &str, path: &str, selectors: &[&str], federates_with: &[&str]) -> Arc<CachedEntry> {
     Arc::new(CachedEntry {
-        id: id.to_owned(),
+        id: id.into(),
         spiffe_id: td(TRUST_DOMAIN).workload_id(path).unwrap(),
         selectors: SelectorSet::parse_all(selectors).unwrap(),
         federates_with: federates_with.iter().map(|name| td(name)).collect::<BTreeSet<_>>(),
@@ -246,7 +242,7 @@ impl Agent {
     pub fn rotate(&self, id: &str) {
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            if let Some(identity) = snapshot.identity(id).cloned() {
+            if let Some(identity) = snapshot.identity(id) {
                 let svid = self.trust.ca.svid(&identity.entry.spiffe_id);
                 snapshot.insert_identity(Identity { entry: identity.entry, svid });
             }
