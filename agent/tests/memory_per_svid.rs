@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tessera_agent::cache::X509Svid;
+use tessera_agent::cache::{Deadline, X509Svid};
 use tessera_agent::manager::state::{Minted, State};
 use tessera_spiffe::TrustDomain;
 use tessera_wire::tessera::agent::v1::EntryUpserted;
@@ -19,6 +19,9 @@ const LEAF: usize = 553;
 const KEY: usize = 138;
 
 fn id(n: usize) -> String {
+    if std::env::var_os("SHORT").is_some() {
+        return format!("mem-{n}");
+    }
     format!("{:08x}-0000-4000-8000-{:012x}", n.wrapping_mul(2654435761) & 0xffff_ffff, n)
 }
 
@@ -30,7 +33,7 @@ fn stats() -> (u64, u64) {
 #[test]
 fn calibrate() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let n = 4000;
+    let n: usize = std::env::var("N").map_or(4000, |v| v.parse().unwrap());
     let now = SystemTime::now();
     let mut state = State::new(TrustDomain::new("example.org").unwrap(), None);
     let mut published = state.snapshot(now);
@@ -49,16 +52,12 @@ fn calibrate() {
     }
     let m1 = stats();
     for i in 0..n {
-        let svid = X509Svid::from_chain(
-            &[vec![0x30; LEAF]],
-            &Zeroizing::new(vec![1; KEY]),
-            now,
-            now + Duration::from_secs(3600),
-        );
+        let svid =
+            X509Svid::from_chain(&[vec![0x30; LEAF]], &Zeroizing::new(vec![1; KEY]), now + Duration::from_secs(3600));
         let minted = Minted {
             entry: state.entry(&id(i)).unwrap().clone(),
             svid: Arc::new(svid),
-            renew_at: now + Duration::from_secs(1800 + (i as u64 * 7919) % 360),
+            renew_at: Deadline::at(now + Duration::from_secs(1800 + (i as u64 * 7919) % 360)),
         };
         state.set_minted(&id(i), minted, now);
         if i % 100 == 99 {

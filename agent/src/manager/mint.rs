@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::keys::{KeyAndCsr, new_key_and_csr};
 use super::state::Minted;
 use super::{Backoff, Shared, not_before, renew_at, sleep_or_stop, until};
-use crate::cache::{CachedEntry, X509Svid};
+use crate::cache::{CachedEntry, Deadline, X509Svid};
 use crate::client::CALL_TIMEOUT;
 
 /// Most entries per `BatchNewX509Svid` call.
@@ -245,8 +245,8 @@ fn check_svid(
     let renew = renew.max(now + Duration::from_millis(500)).min(expires_at.max(now));
     // The leaf and key are copied into one exact-size buffer; the decoded message and the
     // generated key (zeroed on drop) are freed with the batch.
-    let svid = X509Svid::new(leaf, intermediates, &key.private_key_pkcs8, issued_at, expires_at);
-    Ok(Minted { entry: Arc::clone(entry), svid: Arc::new(svid), renew_at: renew })
+    let svid = X509Svid::new(leaf, intermediates, &key.private_key_pkcs8, expires_at);
+    Ok(Minted { entry: Arc::clone(entry), svid: Arc::new(svid), renew_at: Deadline::at(renew) })
 }
 
 #[cfg(test)]

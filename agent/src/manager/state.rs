@@ -14,7 +14,7 @@ use tessera_wire::tessera::agent::v1::sync_entries_response::Event;
 use tessera_wire::tessera::common::v1 as common;
 
 pub use crate::cache::Minted;
-use crate::cache::{AgentSnapshot, CachedEntry, EntryId, Intermediates, Slot};
+use crate::cache::{AgentSnapshot, CachedEntry, Deadline, EntryId, Intermediates, Slot};
 
 /// How many distinct intermediate chains [`State::share_intermediates`] remembers (one per
 /// signing authority in use: a rotation has two at once).
@@ -26,6 +26,34 @@ struct PendingSnapshot {
     revision: u64,
     next_page: u32,
     entries: BTreeMap<EntryId, CachedEntry>,
+}
+
+/// An entry's next time-based event, in the timer set: ordered by time, then entry ID. It
+/// holds the entry itself (a pointer), not a copy of its ID.
+#[derive(Debug, Clone)]
+struct Timer {
+    at: Deadline,
+    entry: Arc<CachedEntry>,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Timer {}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, &*self.entry.id).cmp(&(other.at, &*other.entry.id))
+    }
 }
 
 /// What a sync event changed.
@@ -86,9 +114,11 @@ pub struct State {
     view: AgentSnapshot,
     /// Entries that need an SVID now.
     pending: BTreeSet<EntryId>,
-    /// (when, entry ID): each entry's next renewal point, retry or SVID expiry. An entry's key
-    /// is also in its slot (`Slot::timer`), so that it can be removed.
-    timers: BTreeSet<(SystemTime, EntryId)>,
+    /// Entries whose last mint failed (few), and when to try again.
+    retries: BTreeMap<EntryId, Deadline>,
+    /// Each entry's next renewal point, retry or SVID expiry, by time. An entry's time is also
+    /// in its slot (`Slot::timer`), so that it can be found and removed.
+    timers: BTreeSet<Timer>,
     /// The intermediates of recent SVIDs, most recent first: SVIDs minted under the same
     /// intermediates share one copy.
     recent_intermediates: Vec<Intermediates>,
@@ -113,6 +143,7 @@ impl State {
             ready: false,
             view: AgentSnapshot::empty(bundles.clone()),
             pending: BTreeSet::new(),
+            retries: BTreeMap::new(),
             timers: BTreeSet::new(),
             recent_intermediates: Vec::new(),
             bundles,
@@ -164,15 +195,15 @@ impl State {
     /// Records an SVID minted for `entry_id` (clearing a retry mark). Ignored when the entry
     /// is no longer held.
     pub fn set_minted(&mut self, entry_id: &str, minted: Minted, now: SystemTime) {
-        self.touch_with(entry_id, now, |slot| {
-            slot.retry_at = None;
+        self.touch_with(entry_id, now, |slot, retry| {
+            *retry = None;
             slot.minted = Some(minted);
         });
     }
 
     /// Marks `entry_id` to be minted again no earlier than `at` (its last mint failed).
     pub fn set_retry(&mut self, entry_id: &str, at: SystemTime, now: SystemTime) {
-        self.touch_with(entry_id, now, |slot| slot.retry_at = Some(at));
+        self.touch_with(entry_id, now, |_, retry| *retry = Some(Deadline::at(at)));
     }
 
     /// Forgets a half-received snapshot (the stream broke).
@@ -184,20 +215,21 @@ impl State {
     /// `now`: drops an expired SVID, adds the entry to or removes it from the mint work, and
     /// sets its next timer. Returns whether an SVID was dropped. O(log N).
     fn touch(&mut self, id: &str, now: SystemTime) -> bool {
-        self.touch_with(id, now, |_| {})
+        self.touch_with(id, now, |_, _| {})
     }
 
-    /// [`State::touch`] after `change` to the entry's slot (nothing when the entry is not held).
-    fn touch_with(&mut self, id: &str, now: SystemTime, change: impl FnOnce(&mut Slot)) -> bool {
+    /// [`State::touch`] after `change` to the entry's slot and retry point (nothing when the
+    /// entry is not held).
+    fn touch_with(&mut self, id: &str, now: SystemTime, change: impl FnOnce(&mut Slot, &mut Option<Deadline>)) -> bool {
         self.work += 1;
         let Some(old) = self.view.slot(id) else {
             return false;
         };
         let mut slot = old.clone();
-        change(&mut slot);
-        let key = Arc::clone(&slot.entry.id);
+        let mut retry = self.retries.remove(id);
+        change(&mut slot, &mut retry);
         if let Some(at) = slot.timer.take() {
-            self.timers.remove(&(at, Arc::clone(&key)));
+            self.timers.remove(&Timer { at, entry: Arc::clone(&slot.entry) });
         }
         let mut dropped = false;
         if slot.minted.as_ref().is_some_and(|minted| minted.svid.expires_at() <= now) {
@@ -205,22 +237,26 @@ impl State {
             dropped = true;
         }
         // Only a retry still to come counts; a past one is forgotten.
-        slot.retry_at = slot.retry_at.filter(|at| *at > now);
+        let retry = retry.filter(|at| at.time() > now);
         let minted = slot.minted.as_ref();
-        let needs_svid = slot.retry_at.is_none()
-            && minted.is_none_or(|minted| minted.entry.revision != slot.entry.revision || minted.renew_at <= now);
-        slot.timer = [slot.retry_at, minted.map(|m| m.renew_at), minted.map(|m| m.svid.expires_at())]
+        let needs_svid = retry.is_none()
+            && minted
+                .is_none_or(|minted| minted.entry.revision != slot.entry.revision || minted.renew_at.time() <= now);
+        slot.timer = [retry, minted.map(|m| m.renew_at), minted.map(|m| Deadline::at(m.svid.expires_at()))]
             .into_iter()
             .flatten()
-            .filter(|at| *at > now)
+            .filter(|at| at.time() > now)
             .min();
+        if let Some(at) = retry {
+            self.retries.insert(Arc::clone(&slot.entry.id), at);
+        }
         if needs_svid {
-            self.pending.insert(Arc::clone(&key));
+            self.pending.insert(Arc::clone(&slot.entry.id));
         } else {
-            self.pending.remove(&key);
+            self.pending.remove(id);
         }
         if let Some(at) = slot.timer {
-            self.timers.insert((at, key));
+            self.timers.insert(Timer { at, entry: Arc::clone(&slot.entry) });
         }
         // Unchanged slots are not written: a write copies the path the published snapshot
         // shares.
@@ -231,17 +267,19 @@ impl State {
     }
 
     /// Adds or replaces an entry (the replacement keeps the allocation of the ID it replaces,
-    /// so every set naming the entry keeps sharing it).
+    /// so every set naming the entry keeps sharing it); an upsert also clears a retry mark.
     fn put_entry(&mut self, mut entry: CachedEntry, clear_retry: bool, now: SystemTime) {
         let slot = match self.view.slot(&entry.id) {
             Some(old) => {
                 entry.id = Arc::clone(&old.entry.id);
-                let retry_at = if clear_retry { None } else { old.retry_at };
-                Slot { entry: Arc::new(entry), retry_at, ..old.clone() }
+                Slot { entry: Arc::new(entry), ..old.clone() }
             }
             None => Slot::new(Arc::new(entry)),
         };
         let id = Arc::clone(&slot.entry.id);
+        if clear_retry {
+            self.retries.remove(&id);
+        }
         self.view.put_slot(slot);
         self.touch(&id, now);
     }
@@ -251,9 +289,10 @@ impl State {
         self.work += 1;
         if let Some(old) = self.view.remove_slot(id) {
             if let Some(at) = old.timer {
-                self.timers.remove(&(at, Arc::clone(&old.entry.id)));
+                self.timers.remove(&Timer { at, entry: old.entry });
             }
             self.pending.remove(id);
+            self.retries.remove(id);
         }
     }
 
@@ -261,17 +300,17 @@ impl State {
     /// dropped because it expired. O(log N) per due entry.
     fn advance(&mut self, now: SystemTime) -> bool {
         let mut dropped = false;
-        while let Some((at, id)) = self.timers.first().cloned() {
-            if at > now {
+        while let Some(first) = self.timers.first().cloned() {
+            if first.at.time() > now {
                 break;
             }
-            if self.view.slot(&id).is_none_or(|slot| slot.timer != Some(at)) {
+            if self.view.slot(&first.entry.id).is_none_or(|slot| slot.timer != Some(first.at)) {
                 // Not the entry's current timer (cannot happen: the slot and the set change
                 // together); drop it rather than look at it forever.
-                self.timers.remove(&(at, id));
+                self.timers.remove(&first);
                 continue;
             }
-            dropped |= self.touch(&id, now);
+            dropped |= self.touch(&first.entry.id, now);
         }
         dropped
     }
@@ -404,13 +443,13 @@ impl State {
             if !signed_by_any(&minted.svid.chain_refs(), &self.tainted_x509, &self.trust_domain, now) {
                 continue;
             }
-            let at = now + spread(&slot.entry.id, TAINT_SPREAD);
+            let at = Deadline::at(now + spread(&slot.entry.id, TAINT_SPREAD));
             if minted.renew_at > at {
                 moved.push((Arc::clone(&slot.entry.id), at));
             }
         }
         for (entry_id, at) in &moved {
-            self.touch_with(entry_id, now, |slot| {
+            self.touch_with(entry_id, now, |slot, _| {
                 if let Some(minted) = &mut slot.minted {
                     minted.renew_at = *at;
                 }
@@ -441,7 +480,7 @@ impl State {
     /// The next moment something time-based happens: a renewal, a retry, or an SVID expiring
     /// (it must leave the published snapshot). A moment already past means "now".
     pub fn next_deadline(&self, _now: SystemTime) -> Option<SystemTime> {
-        self.timers.first().map(|(at, _)| *at)
+        self.timers.first().map(|timer| timer.at.time())
     }
 
     /// The snapshot to publish: every entry, and an identity for each entry with an
@@ -589,6 +628,12 @@ mod tests {
         Event::SnapshotPage(EntrySnapshotPage { revision, page, entries, last_page })
     }
 
+    /// The current time to the millisecond (what the manager's deadlines hold).
+    fn now() -> SystemTime {
+        let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64)
+    }
+
     fn minted(spiffe_id: &str, revision: u64, renew_at: SystemTime, expires_at: SystemTime) -> Minted {
         let entry = CachedEntry {
             id: "minted-for".into(),
@@ -600,13 +645,13 @@ mod tests {
             jwt_svid_ttl: 0,
             revision,
         };
-        let svid = X509Svid::from_chain(&[vec![1]], &[2], SystemTime::UNIX_EPOCH, expires_at);
-        Minted { entry: Arc::new(entry), svid: Arc::new(svid), renew_at }
+        let svid = X509Svid::from_chain(&[vec![1]], &[2], expires_at);
+        Minted { entry: Arc::new(entry), svid: Arc::new(svid), renew_at: Deadline::at(renew_at) }
     }
 
     #[test]
     fn paged_snapshot_replaces_the_entry_set_on_the_last_page() {
-        let now = SystemTime::now();
+        let now = now();
         let mut state = State::new(td(), None);
         state.apply(page(5, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
         assert_eq!(state.entry_count(), 1);
@@ -627,7 +672,7 @@ mod tests {
 
     #[test]
     fn upserts_and_deletes_track_revisions_and_drop_svids() {
-        let now = SystemTime::now();
+        let now = now();
         let later = now + Duration::from_secs(60);
         let mut state = State::new(td(), None);
         let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
@@ -659,7 +704,7 @@ mod tests {
 
     #[test]
     fn renewal_and_expiry_drive_work_and_deadlines() {
-        let now = SystemTime::now();
+        let now = now();
         let mut state = State::new(td(), None);
         state.apply(page(1, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
         let renew = now + Duration::from_secs(5);
@@ -688,7 +733,7 @@ mod tests {
     #[test]
     fn the_work_of_one_change_does_not_grow_with_the_entries_held() {
         fn one_entry_life(held: usize) -> (u64, usize) {
-            let now = SystemTime::now();
+            let now = now();
             let renew = now + Duration::from_secs(1800);
             let expires = now + Duration::from_secs(3600);
             let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
@@ -732,7 +777,7 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_skipped() {
-        let now = SystemTime::now();
+        let now = now();
         let mut bad_id = wire_entry("x", "x", 1);
         bad_id.spiffe_id = "not a spiffe id".to_owned();
         let mut foreign = wire_entry("y", "y", 1);
@@ -765,7 +810,7 @@ mod tests {
 
     #[test]
     fn bundles_must_be_for_the_own_trust_domain() {
-        let now = SystemTime::now();
+        let now = now();
         let issuer = crate::manager::keys::test_issuer("example.org");
         let wire = |td: &str, authorities: Vec<Vec<u8>>| common::Bundle {
             trust_domain: td.to_owned(),
@@ -822,7 +867,7 @@ mod tests {
             let der = template.self_signed(&pair, now, &rng).unwrap();
             tessera_spiffe::x509::X509Issuer::from_pkcs8_der(der, key.pkcs8_der()).unwrap()
         };
-        let now = SystemTime::now();
+        let now = now();
         let (a, b) = (issuer(now), issuer(now));
         let leaf_key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
         let template = tessera_spiffe::x509::X509SvidTemplate::new(

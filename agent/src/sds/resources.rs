@@ -400,12 +400,7 @@ mod tests {
         for e in entries {
             snapshot.insert_identity(Identity {
                 entry: e.clone(),
-                svid: Arc::new(X509Svid::from_chain(
-                    &[vec![1, 2, 3]],
-                    &[4, 5],
-                    SystemTime::UNIX_EPOCH,
-                    SystemTime::UNIX_EPOCH,
-                )),
+                svid: Arc::new(X509Svid::from_chain(&[vec![1, 2, 3]], &[4, 5], SystemTime::UNIX_EPOCH)),
             });
         }
         snapshot

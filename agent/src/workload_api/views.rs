@@ -281,12 +281,7 @@ mod tests {
     }
 
     fn svid(byte: u8) -> Arc<X509Svid> {
-        Arc::new(X509Svid::from_chain(
-            &[vec![byte, 1], vec![byte, 2]],
-            &[byte, 9],
-            SystemTime::UNIX_EPOCH,
-            SystemTime::UNIX_EPOCH,
-        ))
+        Arc::new(X509Svid::from_chain(&[vec![byte, 1], vec![byte, 2]], &[byte, 9], SystemTime::UNIX_EPOCH))
     }
 
     fn snapshot(entries: &[Arc<CachedEntry>]) -> AgentSnapshot {

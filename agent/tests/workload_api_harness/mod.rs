@@ -77,7 +77,7 @@ impl TestCa {
         let now = SystemTime::now();
         let leaf = self.issuer.sign_x509_svid(&template, &key.subject_public_key_info(), now, &rng).unwrap();
         let key = Zeroizing::new(key.serialize_der());
-        Arc::new(X509Svid::from_chain(&[leaf], &key, now, now + Duration::from_secs(600)))
+        Arc::new(X509Svid::from_chain(&[leaf], &key, now + Duration::from_secs(600)))
     }
 }
 
