@@ -266,7 +266,6 @@ impl AgentAdminService for AgentAdmin {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
 
     use tessera_spiffe::SpiffeId;
     use tessera_spiffe::bundle::{Bundle, BundleSet};
@@ -291,10 +290,8 @@ mod tests {
                 id: id.into(),
                 spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/{id}")).unwrap(),
                 selectors: SelectorSet::parse_all(selectors).unwrap(),
-                federates_with: BTreeSet::new(),
+                federates_with: Box::default(),
                 hint: String::new(),
-                x509_svid_ttl: 0,
-                jwt_svid_ttl: 0,
                 revision: 1,
             })
         };

@@ -52,14 +52,10 @@ pub struct CachedEntry {
     pub spiffe_id: SpiffeId,
     /// The workload selectors; a caller matches when these are a subset of its own.
     pub selectors: SelectorSet,
-    /// Trust domains whose bundles are delivered with this identity.
-    pub federates_with: BTreeSet<TrustDomain>,
+    /// Trust domains whose bundles are delivered with this identity (sorted, no duplicates).
+    pub federates_with: Box<[TrustDomain]>,
     /// Operator-chosen hint passed through to workloads (`hint` in the Workload API).
     pub hint: String,
-    /// X.509-SVID TTL in seconds (0 = server default).
-    pub x509_svid_ttl: u32,
-    /// JWT-SVID TTL in seconds (0 = server default).
-    pub jwt_svid_ttl: u32,
     /// Datastore revision of the entry's last change.
     pub revision: u64,
 }
@@ -677,10 +673,8 @@ mod tests {
             id: id.into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
-            federates_with: BTreeSet::new(),
+            federates_with: Box::default(),
             hint: String::new(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }

@@ -554,13 +554,15 @@ fn try_convert_entry(
     selectors.dedup();
     selectors.shrink_to_fit();
     let selectors = SelectorSet::from(selectors);
-    let mut federates_with = BTreeSet::new();
+    let mut federates_with = Vec::with_capacity(wire.federates_with.len());
     for name in &wire.federates_with {
         if name.contains(':') {
             return Err(format!("federates_with {name:?}: expected a bare trust domain name"));
         }
-        federates_with.insert(TrustDomain::new(name).map_err(|error| format!("federates_with {name:?}: {error}"))?);
+        federates_with.push(TrustDomain::new(name).map_err(|error| format!("federates_with {name:?}: {error}"))?);
     }
+    federates_with.sort();
+    federates_with.dedup();
     if wire.expires_at > 0 {
         let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(wire.expires_at.unsigned_abs());
         if expires <= now {
@@ -574,10 +576,8 @@ fn try_convert_entry(
         id: EntryId::from(wire.id.as_str()),
         spiffe_id,
         selectors,
-        federates_with,
+        federates_with: federates_with.into_boxed_slice(),
         hint,
-        x509_svid_ttl: wire.x509_svid_ttl,
-        jwt_svid_ttl: wire.jwt_svid_ttl,
         revision: wire.revision,
     }))
 }
@@ -639,10 +639,8 @@ mod tests {
             id: "minted-for".into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: SelectorSet::new(),
-            federates_with: BTreeSet::new(),
+            federates_with: Box::default(),
             hint: String::new(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision,
         };
         let svid = X509Svid::from_chain(&[vec![1]], &[2], expires_at);

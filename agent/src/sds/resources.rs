@@ -355,7 +355,6 @@ fn validation_secret(name: String, bundles: &[&Bundle], mode: ValidationMode) ->
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::time::SystemTime;
 
@@ -383,10 +382,8 @@ mod tests {
             id: id.into(),
             spiffe_id: td("example.org").workload_id(path).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
-            federates_with: federates_with.iter().map(|n| td(n)).collect::<BTreeSet<_>>(),
+            federates_with: federates_with.iter().map(|n| td(n)).collect(),
             hint: String::new(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }

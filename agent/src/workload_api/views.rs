@@ -274,8 +274,6 @@ mod tests {
             selectors: SelectorSet::parse_all(selectors).unwrap(),
             federates_with: federates_with.iter().map(|name| td(name)).collect(),
             hint: hint.to_owned(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }

@@ -4,7 +4,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -158,10 +157,8 @@ pub fn entry(id: &str, path: &str, selectors: &[&str], federates_with: &[&str]) 
         id: id.into(),
         spiffe_id: td(TRUST_DOMAIN).workload_id(path).unwrap(),
         selectors: SelectorSet::parse_all(selectors).unwrap(),
-        federates_with: federates_with.iter().map(|name| td(name)).collect::<BTreeSet<_>>(),
+        federates_with: federates_with.iter().map(|name| td(name)).collect(),
         hint: String::new(),
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
         revision: 1,
     })
 }
