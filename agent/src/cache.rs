@@ -21,18 +21,18 @@
 //! The Workload API asks a [`JwtSvidSource`] (the manager, which caches tokens until half
 //! their life) for them.
 
-use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use equivalent::{Comparable, Equivalent};
-use imbl::OrdSet;
+use imbl::{OrdMap, OrdSet};
 use tessera_spiffe::bundle::BundleSet;
 use tessera_spiffe::selector::{Selector, SelectorSet};
 use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
@@ -289,86 +289,25 @@ impl Slot {
     }
 }
 
-// Slots are ordered, compared and looked up by entry ID alone.
-impl PartialEq for Slot {
-    fn eq(&self, other: &Self) -> bool {
-        self.entry.id == other.entry.id
-    }
-}
+/// Where a range of the selector index starts: the first key with this selector key.
+struct IndexStart(u64);
 
-impl Eq for Slot {}
-
-impl PartialOrd for Slot {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Slot {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.entry.id.cmp(&other.entry.id)
-    }
-}
-
-impl Borrow<str> for Slot {
-    fn borrow(&self) -> &str {
-        &self.entry.id
-    }
-}
-
-/// An entry in the selector index, ordered by (first selector, entry ID). An entry without
-/// selectors (which matches every caller) sorts first.
-#[derive(Debug, Clone)]
-struct ByFirstSelector(Arc<CachedEntry>);
-
-impl ByFirstSelector {
-    fn key(&self) -> (Option<&Selector>, &str) {
-        (self.0.selectors.iter().next(), &self.0.id)
-    }
-}
-
-impl PartialEq for ByFirstSelector {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for ByFirstSelector {}
-
-impl PartialOrd for ByFirstSelector {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ByFirstSelector {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.key().cmp(&other.key())
-    }
-}
-
-/// Where a range of the selector index starts: the first entry whose first selector is
-/// `first` (`None`: the entries without selectors).
-struct IndexStart<'a> {
-    first: Option<&'a Selector>,
-}
-
-impl Equivalent<ByFirstSelector> for IndexStart<'_> {
-    fn equivalent(&self, key: &ByFirstSelector) -> bool {
+impl Equivalent<(u64, EntryId)> for IndexStart {
+    fn equivalent(&self, key: &(u64, EntryId)) -> bool {
         self.compare(key) == Ordering::Equal
     }
 }
 
-impl Comparable<ByFirstSelector> for IndexStart<'_> {
-    fn compare(&self, key: &ByFirstSelector) -> Ordering {
-        // Before every entry ID of its selector: the empty ID sorts before all others.
-        (self.first, "").cmp(&key.key())
+impl Comparable<(u64, EntryId)> for IndexStart {
+    fn compare(&self, key: &(u64, EntryId)) -> Ordering {
+        // Before every entry ID with that selector key: the empty ID sorts first.
+        (self.0, "").cmp(&(key.0, &*key.1))
     }
 }
 
 /// Everything the agent can serve at one point in time.
 ///
-/// Entries live in a persistent set (`imbl`): a snapshot shares its structure with the one
+/// Entries live in persistent maps (`imbl`): a snapshot shares its structure with the one
 /// before it, so publishing one is O(1) and changing one entry or SVID is O(log N), whatever
 /// the number of entries N. A caller's identities are found through an index on each entry's
 /// first selector, so a reader's view costs O(log N) plus the entries that could match it, not
@@ -376,8 +315,10 @@ impl Comparable<ByFirstSelector> for IndexStart<'_> {
 /// each before).
 ///
 /// Memory (issue 7, bench A7): one [`Slot`] per entry holds the entry, its SVID and the
-/// manager's schedule, keyed by the entry's own ID; the selector index holds a pointer to the
-/// entry. Nothing is copied per entry beyond those.
+/// manager's schedule, keyed by the entry's interned ID. The selector index holds a hash of
+/// the first selector and the interned ID, nothing that owns entry data: an imbl B-tree keeps
+/// copies of keys in its branch nodes after the entries they came from are replaced, so no key
+/// may own more than the (shared) ID.
 #[derive(Clone)]
 pub struct AgentSnapshot {
     /// Datastore revision of the entry set (0 before the first sync).
@@ -389,9 +330,13 @@ pub struct AgentSnapshot {
     /// The own trust domain's bundle and every federated bundle the agent received.
     pub bundles: Arc<BundleSet>,
     /// Every entry the agent is authorized for, whether or not it has an SVID yet, by ID.
-    slots: OrdSet<Slot>,
-    /// Every entry, by (first selector, entry ID).
-    by_first_selector: OrdSet<ByFirstSelector>,
+    slots: OrdMap<EntryId, Slot>,
+    /// (selector key of the first selector, entry ID) of every entry: see
+    /// [`AgentSnapshot::selector_key`].
+    by_first_selector: OrdSet<(u64, EntryId)>,
+    /// The hash behind the selector keys, keyed at random once per process start (a chosen
+    /// selector cannot be made to collide with another caller's on purpose).
+    selector_hash: RandomState,
     /// How many slots serve an SVID.
     identity_count: usize,
 }
@@ -414,15 +359,16 @@ impl AgentSnapshot {
             revision: 0,
             ready: false,
             bundles: Arc::new(bundles),
-            slots: OrdSet::new(),
+            slots: OrdMap::new(),
             by_first_selector: OrdSet::new(),
+            selector_hash: RandomState::new(),
             identity_count: 0,
         }
     }
 
     /// Every entry, by entry ID.
     pub fn entries(&self) -> impl Iterator<Item = &Arc<CachedEntry>> + '_ {
-        self.slots.iter().map(|slot| &slot.entry)
+        self.slots.values().map(|slot| &slot.entry)
     }
 
     /// How many entries the agent holds.
@@ -437,7 +383,7 @@ impl AgentSnapshot {
 
     /// Every identity (entry with a current SVID), by entry ID.
     pub fn identities(&self) -> impl Iterator<Item = Identity> + '_ {
-        self.slots.iter().filter_map(Slot::identity)
+        self.slots.values().filter_map(Slot::identity)
     }
 
     /// How many entries have a current SVID.
@@ -457,24 +403,37 @@ impl AgentSnapshot {
 
     /// Every slot, by entry ID.
     pub(crate) fn slots(&self) -> impl Iterator<Item = &Slot> + '_ {
-        self.slots.iter()
+        self.slots.values()
+    }
+
+    /// The index key of an entry's first selector: a hash of it, never 0, or 0 for an entry
+    /// without selectors (which matches every caller). Entries whose first selectors collide
+    /// are only extra candidates: every candidate's selectors are compared in full.
+    fn selector_key(&self, first: Option<&Selector>) -> u64 {
+        first.map_or(0, |selector| self.selector_hash.hash_one(selector).max(1))
+    }
+
+    fn index_key(&self, entry: &CachedEntry) -> u64 {
+        self.selector_key(entry.selectors.iter().next())
     }
 
     /// Adds or replaces the slot of an entry, keeping the index and the identity count.
     /// O(log N).
     pub(crate) fn put_slot(&mut self, slot: Slot) {
-        let index = ByFirstSelector(Arc::clone(&slot.entry));
+        let id = Arc::clone(&slot.entry.id);
+        let key = self.index_key(&slot.entry);
         let serves = slot.served().is_some();
-        match self.slots.insert(slot) {
+        match self.slots.insert(Arc::clone(&id), slot) {
             Some(old) => {
-                if !Arc::ptr_eq(&old.entry, &index.0) {
-                    self.by_first_selector.remove(&ByFirstSelector(old.entry.clone()));
-                    self.by_first_selector.insert(index);
+                let old_key = self.index_key(&old.entry);
+                if old_key != key {
+                    self.by_first_selector.remove(&(old_key, Arc::clone(&id)));
+                    self.by_first_selector.insert((key, id));
                 }
                 self.identity_count -= usize::from(old.served().is_some());
             }
             None => {
-                self.by_first_selector.insert(index);
+                self.by_first_selector.insert((key, id));
             }
         }
         self.identity_count += usize::from(serves);
@@ -482,10 +441,16 @@ impl AgentSnapshot {
 
     /// Removes the slot of an entry. O(log N).
     pub(crate) fn remove_slot(&mut self, id: &str) -> Option<Slot> {
-        let old = self.slots.remove(id)?;
-        self.by_first_selector.remove(&ByFirstSelector(Arc::clone(&old.entry)));
+        let (id, old) = self.slots.remove_with_key(id)?;
+        self.by_first_selector.remove(&(self.index_key(&old.entry), id));
         self.identity_count -= usize::from(old.served().is_some());
         Some(old)
+    }
+
+    /// The entries of the selector index, in its order (for tests of what it holds).
+    #[cfg(test)]
+    pub(crate) fn indexed_ids(&self) -> impl Iterator<Item = &EntryId> + '_ {
+        self.by_first_selector.iter().map(|(_, id)| id)
     }
 
     /// Adds or replaces an entry. An identity already held for its ID keeps its SVID and
@@ -528,7 +493,7 @@ impl AgentSnapshot {
     /// Removes every identity (the entries stay). O(N).
     pub fn clear_identities(&mut self) {
         let ids: Vec<EntryId> =
-            self.slots.iter().filter(|slot| slot.minted.is_some()).map(|s| s.entry.id.clone()).collect();
+            self.slots.values().filter(|slot| slot.minted.is_some()).map(|slot| Arc::clone(&slot.entry.id)).collect();
         for id in ids {
             self.remove_identity(&id);
         }
@@ -536,17 +501,19 @@ impl AgentSnapshot {
 
     /// The entries that can match a caller with `selectors`: those whose first selector is one
     /// of the caller's (an entry matches only when all of its selectors are the caller's), and
-    /// those without selectors. O(|selectors| log N + candidates).
+    /// those without selectors; and a few whose first selector's key collides with one of
+    /// those. O(|selectors| log N + candidates).
     fn candidates<'s, 'q>(
         &'s self,
         selectors: &'q SelectorSet,
     ) -> impl Iterator<Item = &'s Arc<CachedEntry>> + use<'s, 'q> {
         let starts = std::iter::once(None).chain(selectors.iter().map(Some));
         starts.flat_map(move |first| {
+            let key = self.selector_key(first);
             self.by_first_selector
-                .range(IndexStart { first }..)
-                .take_while(move |indexed| indexed.key().0 == first)
-                .map(|indexed| &indexed.0)
+                .range(IndexStart(key)..)
+                .take_while(move |(indexed, _)| *indexed == key)
+                .filter_map(|(_, id)| self.slots.get(id).map(|slot| &slot.entry))
         })
     }
 
