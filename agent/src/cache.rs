@@ -447,10 +447,16 @@ impl AgentSnapshot {
         Some(old)
     }
 
-    /// The entries of the selector index, in its order (for tests of what it holds).
+    /// The IDs in the selector index, in its order (for tests of what it holds).
     #[cfg(test)]
     pub(crate) fn indexed_ids(&self) -> impl Iterator<Item = &EntryId> + '_ {
         self.by_first_selector.iter().map(|(_, id)| id)
+    }
+
+    /// The slots with their keys (for tests of what the map holds).
+    #[cfg(test)]
+    pub(crate) fn keyed_slots(&self) -> impl Iterator<Item = (&EntryId, &Slot)> + '_ {
+        self.slots.iter()
     }
 
     /// Adds or replaces an entry. An identity already held for its ID keeps its SVID and
@@ -709,6 +715,55 @@ mod tests {
         snapshot.remove_identity("e1");
         assert!(snapshot.identities_for(&caller).is_empty());
         assert_eq!(ids(&snapshot, &caller), ["e1", "e5"], "the entry stays without its SVID");
+    }
+
+    #[test]
+    fn svids_with_the_same_intermediates_share_one_copy() {
+        let mut recent = Vec::new();
+        let (a, b) = (vec![vec![1u8, 2], vec![3]], vec![vec![9u8]]);
+        let first = Intermediates::share(&a, &mut recent, 2);
+        let again = Intermediates::share(&a.clone(), &mut recent, 2);
+        assert!(first.ptr_eq(&again), "equal intermediates must be one copy");
+        assert_eq!(first.iter().collect::<Vec<_>>(), [&[1u8, 2][..], &[3][..]]);
+        let other = Intermediates::share(&b, &mut recent, 2);
+        assert!(!other.ptr_eq(&first));
+        // None: nothing allocated, nothing remembered.
+        let none = Intermediates::share(&[], &mut recent, 2);
+        assert!(none.is_empty() && none.ptr_eq(&Intermediates::none()));
+        assert_eq!(recent.len(), 2);
+        // Only the `keep` most recent are remembered: a third chain pushes out the oldest.
+        let seven = Intermediates::share(&[vec![7u8]], &mut recent, 2);
+        assert_eq!(recent.len(), 2);
+        assert!(!Intermediates::share(&a, &mut recent, 2).ptr_eq(&first));
+        assert!(Intermediates::share(&[vec![7u8]], &mut recent, 2).ptr_eq(&seven));
+    }
+
+    #[test]
+    fn an_svid_holds_its_leaf_and_key_in_one_buffer() {
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let svid = X509Svid::from_chain(&[vec![1, 2, 3], vec![4, 5]], &[6, 7], expires);
+        assert_eq!(svid.leaf(), [1, 2, 3]);
+        assert_eq!(svid.private_key_pkcs8(), [6, 7]);
+        assert_eq!(svid.intermediates().len(), 1);
+        assert_eq!(svid.chain_refs(), [&[1u8, 2, 3][..], &[4, 5][..]]);
+        assert_eq!(svid.chain_der(), [1, 2, 3, 4, 5]);
+        assert_eq!(svid.expires_at(), expires);
+        let empty = X509Svid::from_chain(&[], &[6], expires);
+        assert!(empty.leaf().is_empty() && empty.intermediates().is_empty());
+        assert_eq!(empty.private_key_pkcs8(), [6]);
+    }
+
+    #[test]
+    fn deadlines_round_up_to_the_millisecond_and_stay_in_range() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let whole = epoch + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(Deadline::at(whole).time(), whole);
+        let partial = whole + Duration::from_nanos(1);
+        assert_eq!(Deadline::at(partial).time(), whole + Duration::from_millis(1), "never earlier than asked");
+        assert!(Deadline::at(whole) < Deadline::at(partial));
+        assert_eq!(Deadline::at(epoch - Duration::from_secs(5)).time(), epoch + Duration::from_millis(1));
+        let far = epoch + Duration::from_secs(400_000_000_000);
+        assert_eq!(Deadline::at(far).time(), epoch + Duration::from_millis(Deadline::LAST_MILLIS));
     }
 
     #[test]

@@ -773,6 +773,67 @@ mod tests {
         assert_eq!(large, small, "one entry's life visited {large} entries with {held} held, {small} with 10");
     }
 
+    /// Issue 7 (A7): one allocation per entry ID, shared by the entry, the map, the selector
+    /// index, the mint work and the retries, and the timers and minted records point at the
+    /// entry itself; a changed entry keeps its ID's allocation, and a deleted one's is freed.
+    #[test]
+    fn every_set_shares_the_entry_and_its_id() {
+        let now = now();
+        let later = now + Duration::from_secs(60);
+        let mut state = State::new(td(), None);
+        let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
+        for (revision, id) in (1..).zip(["a", "b", "c"]) {
+            state.apply(upsert(wire_entry(id, id, revision), revision), now).unwrap();
+        }
+        // a has an SVID, b waits for a retry, c waits to be minted.
+        let a = Arc::clone(state.entry("a").unwrap());
+        let svid = Arc::new(X509Svid::from_chain(&[vec![1]], &[2], later + Duration::from_secs(60)));
+        state.set_minted("a", Minted { entry: Arc::clone(&a), svid, renew_at: Deadline::at(later) }, now);
+        state.set_retry("b", later, now);
+        // a changes: re-minted, its SVID served meanwhile, and its ID allocation kept.
+        state.apply(upsert(wire_entry("a", "a", 9), 9), now).unwrap();
+        assert!(!Arc::ptr_eq(state.entry("a").unwrap(), &a));
+        assert!(Arc::ptr_eq(&state.entry("a").unwrap().id, &a.id));
+
+        let shares = |state: &State| {
+            for (key, slot) in state.view.keyed_slots() {
+                let id = &slot.entry.id;
+                assert!(Arc::ptr_eq(key, id), "{id}: the map's key is a copy");
+                assert_eq!(
+                    state.view.indexed_ids().filter(|indexed| Arc::ptr_eq(indexed, id)).count(),
+                    1,
+                    "{id}: index"
+                );
+                if let Some(minted) = &slot.minted {
+                    assert!(Arc::ptr_eq(&minted.entry.id, id), "{id}: the minted record's entry has a copy");
+                }
+                if let Some(at) = slot.timer {
+                    let timer = state.timers.iter().find(|timer| *timer.entry.id == **id).unwrap();
+                    assert!(Arc::ptr_eq(&timer.entry, &slot.entry) && timer.at == at, "{id}: timer");
+                }
+            }
+            for id in state.pending.iter().chain(state.retries.keys()) {
+                let held = &state.view.slot(id).unwrap().entry.id;
+                assert!(Arc::ptr_eq(id, held), "{id}: mint work or retries hold a copy");
+            }
+        };
+        shares(&state);
+        assert_eq!(state.pending.iter().map(|id| &**id).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(state.retries.keys().map(|id| &**id).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(state.timers.len(), 2, "a's renewal, b's retry");
+
+        // Deleting an entry frees its ID: nothing else still holds it.
+        let c = Arc::clone(&state.entry("c").unwrap().id);
+        state.apply(Event::EntryDeleted(EntryDeleted { entry_id: "c".to_owned(), revision: 10 }), now).unwrap();
+        assert_eq!(Arc::strong_count(&c), 1, "a set still holds the deleted entry's ID");
+        shares(&state);
+        // A whole snapshot with unchanged entries keeps them (and their IDs) as they are.
+        let held_b = Arc::clone(state.entry("b").unwrap());
+        state.apply(page(11, 0, vec![wire_entry("a", "a", 9), wire_entry("b", "b", 2)], true), now).unwrap();
+        assert!(Arc::ptr_eq(state.entry("b").unwrap(), &held_b));
+        shares(&state);
+    }
+
     #[test]
     fn malformed_entries_are_skipped() {
         let now = now();
