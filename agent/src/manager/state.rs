@@ -99,10 +99,11 @@ pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 ///
 /// Issue 7 (bench A7): the agent's memory per cached SVID must stay within twice the leaf and
 /// key themselves. So each entry is held once: its slot in the view carries the entry, the
-/// minted SVID (leaf and key in one buffer, intermediates shared) and the schedule (renewal
-/// point, retry, timer key); `pending` and `timers` name the entry by its interned ID, the
-/// same allocation as `entry.id` (a changed entry keeps the ID allocation of the one it
-/// replaces). No map copies an ID, a SPIFFE ID or a selector.
+/// minted SVID (leaf and key in one buffer, intermediates shared) and its timer; `pending`
+/// and `retries` name the entry by its interned ID, the same allocation as `entry.id` (a
+/// changed entry keeps the ID allocation of the one it replaces), and `timers` point at the
+/// entry itself. No set copies an ID, a SPIFFE ID or a selector
+/// (`tests::every_set_shares_the_entry_and_its_id`, `agent/tests/memory_per_svid.rs`).
 #[derive(Debug)]
 pub struct State {
     trust_domain: TrustDomain,
