@@ -238,7 +238,7 @@ impl Deadline {
     /// The deadline for `time`, rounded up to the millisecond.
     pub fn at(time: SystemTime) -> Self {
         let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let partial = u64::from(since.subsec_nanos() % 1_000_000 != 0);
+        let partial = u64::from(!since.subsec_nanos().is_multiple_of(1_000_000));
         let millis = u64::try_from(since.as_millis()).unwrap_or(u64::MAX).saturating_add(partial);
         let millis = millis.clamp(1, Self::LAST_MILLIS);
         Self(NonZeroU64::new(millis).unwrap_or(NonZeroU64::MIN))
