@@ -161,13 +161,13 @@ pub fn diagnose_entries(snapshot: &AgentSnapshot, selectors: &SelectorSet) -> Ve
             let missing: Vec<String> = entry.selectors.missing_from(selectors).map(ToString::to_string).collect();
             let svid = snapshot.identity(&entry.id);
             pb::EntryDiagnosis {
-                entry_id: entry.id.clone(),
+                entry_id: entry.id.to_string(),
                 spiffe_id: entry.spiffe_id.to_string(),
                 selectors: entry.selectors.iter().map(ToString::to_string).collect(),
                 matches: missing.is_empty(),
                 missing_selectors: missing,
                 svid_issued: svid.is_some(),
-                svid_expires_at: svid.map_or(0, |identity| unix_seconds(identity.svid.expires_at)),
+                svid_expires_at: svid.map_or(0, |identity| unix_seconds(identity.svid.expires_at())),
             }
         })
         .collect();
@@ -247,7 +247,7 @@ impl AgentAdminService for AgentAdmin {
     async fn show(&self, _: Request<pb::ShowRequest>) -> Result<Response<pb::ShowResponse>, Status> {
         let status = self.status.borrow().clone();
         let snapshot = self.cache.current();
-        let soonest = snapshot.identities().map(|identity| identity.svid.expires_at).min();
+        let soonest = snapshot.identities().map(|identity| identity.svid.expires_at()).min();
         Ok(Response::new(pb::ShowResponse {
             trust_domain: self.trust_domain.clone(),
             agent_id: status.agent_id.as_ref().map(ToString::to_string).unwrap_or_default(),
@@ -266,7 +266,6 @@ impl AgentAdminService for AgentAdmin {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
 
     use tessera_spiffe::SpiffeId;
     use tessera_spiffe::bundle::{Bundle, BundleSet};
@@ -288,13 +287,11 @@ mod tests {
         let mut snapshot = AgentSnapshot::empty(BundleSet::new(Bundle::new(td)));
         let entry = |id: &str, selectors: &[&str]| {
             Arc::new(CachedEntry {
-                id: id.to_owned(),
+                id: id.into(),
                 spiffe_id: SpiffeId::parse(&format!("spiffe://example.org/{id}")).unwrap(),
                 selectors: SelectorSet::parse_all(selectors).unwrap(),
-                federates_with: BTreeSet::new(),
+                federates_with: Box::default(),
                 hint: String::new(),
-                x509_svid_ttl: 0,
-                jwt_svid_ttl: 0,
                 revision: 1,
             })
         };

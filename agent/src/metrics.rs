@@ -116,7 +116,7 @@ impl Collector for StateCollector {
             "X.509-SVIDs the agent holds for its entries",
             snapshot.identity_count() as i64,
         )?;
-        if let Some(soonest) = snapshot.identities().map(|identity| identity.svid.expires_at).min() {
+        if let Some(soonest) = snapshot.identities().map(|identity| identity.svid.expires_at()).min() {
             gauge(
                 &mut encoder,
                 "svid_expiry_horizon_seconds",

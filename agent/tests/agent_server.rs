@@ -101,7 +101,7 @@ async fn wait_for<T>(cache: &Cache, limit: Duration, what: &str, check: impl Fn(
 }
 
 fn identity_of(snapshot: &AgentSnapshot, entry_id: &str) -> Option<Identity> {
-    snapshot.identity(entry_id).cloned()
+    snapshot.identity(entry_id)
 }
 
 async fn with_deadline<T>(what: &str, future: impl Future<Output = T>) -> T {
@@ -220,7 +220,7 @@ async fn entries_reach_the_cache_quickly_with_valid_svids_and_leave_on_delete() 
     assert!(elapsed < Duration::from_secs(1), "the entry took {elapsed:?} to become an identity");
 
     assert_eq!(identity.entry.spiffe_id, entry.spiffe_id);
-    let chain: Vec<&[u8]> = identity.svid.cert_chain.iter().map(Vec::as_slice).collect();
+    let chain: Vec<&[u8]> = identity.svid.chain_refs();
     let bundle = server.state().ca().bundle();
     let verified = verify_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
     assert_eq!(verified.spiffe_id(), &entry.spiffe_id);
@@ -246,15 +246,15 @@ async fn short_lived_svids_rotate_before_they_expire() {
     let entry = create_entry(&server, &agent_id("tok-rotate"), "short", Some(Duration::from_secs(4)));
 
     let first = wait_for(&cache, WAIT, "the first SVID", |snapshot| identity_of(snapshot, &entry.id)).await;
-    let lifetime = first.svid.expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+    let lifetime = first.svid.expires_at().duration_since(SystemTime::now()).unwrap_or_default();
     assert!(lifetime <= Duration::from_secs(5), "TTL not applied: {lifetime:?}");
     let second = wait_for(&cache, WAIT, "a rotated SVID", |snapshot| {
-        identity_of(snapshot, &entry.id).filter(|identity| identity.svid.cert_chain[0] != first.svid.cert_chain[0])
+        identity_of(snapshot, &entry.id).filter(|identity| identity.svid.leaf() != first.svid.leaf())
     })
     .await;
     let rotated_at = SystemTime::now();
-    assert!(rotated_at < first.svid.expires_at, "the new SVID arrived only after the old one expired");
-    assert!(second.svid.expires_at > first.svid.expires_at);
+    assert!(rotated_at < first.svid.expires_at(), "the new SVID arrived only after the old one expired");
+    assert!(second.svid.expires_at() > first.svid.expires_at());
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
 }
@@ -305,7 +305,7 @@ async fn jwt_svids_are_fetched_once_and_then_served_from_the_cache() {
 
     // An entry the agent does not hold is refused locally.
     let mut stranger = CachedEntry::clone(&entry);
-    stranger.id = "not-an-entry".to_owned();
+    stranger.id = "not-an-entry".into();
     assert!(source.fetch_jwt_svid(&stranger, &audiences).await.is_err());
     with_deadline("agent shutdown", agent.shutdown()).await;
     server.shutdown().await.unwrap();
@@ -329,7 +329,7 @@ async fn the_cache_survives_a_server_outage_and_the_agent_catches_up() {
     with_deadline("the agent noticing the outage", status.wait_for(|status| !status.connected)).await.unwrap();
     // Still served while the server is away.
     let during = identity_of(&cache.current(), &entry.id).expect("the identity is still served");
-    assert_eq!(during.svid.cert_chain, identity.svid.cert_chain);
+    assert_eq!(during.svid.chain_refs(), identity.svid.chain_refs());
 
     let mut restarted_config = server_config(dir.path());
     restarted_config.bind_address = address;
@@ -453,7 +453,7 @@ async fn entry_changes_and_federated_bundles_reach_the_cache() {
         identity_of(snapshot, &entry.id).filter(|identity| identity.entry.spiffe_id == changed.spiffe_id)
     })
     .await;
-    let chain: Vec<&[u8]> = renamed.svid.cert_chain.iter().map(Vec::as_slice).collect();
+    let chain: Vec<&[u8]> = renamed.svid.chain_refs();
     let verified = verify_x509_svid(&chain, &server.state().ca().bundle(), SystemTime::now()).unwrap();
     assert_eq!(verified.spiffe_id(), &changed.spiffe_id, "the SVID carries the new SPIFFE ID");
     assert!(renamed.entry.federates_with.contains(&partner));
@@ -480,7 +480,7 @@ async fn during_an_outage_svids_are_served_until_they_expire_and_no_longer() {
         identity_of(snapshot, &entry.id).is_none().then_some(())
     })
     .await;
-    assert!(SystemTime::now() >= last.svid.expires_at, "an unexpired SVID was dropped");
+    assert!(SystemTime::now() >= last.svid.expires_at(), "an unexpired SVID was dropped");
     assert!(cache.current().entry(&entry.id).is_some(), "the entry itself is still known");
     with_deadline("agent shutdown", agent.shutdown()).await;
 }

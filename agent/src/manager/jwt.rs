@@ -38,7 +38,7 @@ const MAX_TOKEN_LEN: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    entry_id: String,
+    entry_id: crate::cache::EntryId,
     revision: u64,
     audiences: Vec<String>,
 }
@@ -153,7 +153,7 @@ impl JwtSvids {
             .entry(&entry.id)
             .is_some_and(|current| current.revision == entry.revision && current.spiffe_id == entry.spiffe_id);
         if !known {
-            return Err(JwtSvidError::UnknownEntry(entry.id.clone()));
+            return Err(JwtSvidError::UnknownEntry(entry.id.to_string()));
         }
         let key = Key { entry_id: entry.id.clone(), revision: entry.revision, audiences: sorted };
         let now = SystemTime::now();
@@ -167,7 +167,7 @@ impl JwtSvids {
             }
         }
         let response =
-            self.sign(NewJwtSvidRequest { entry_id: entry.id.clone(), audiences: key.audiences.clone() }).await?;
+            self.sign(NewJwtSvidRequest { entry_id: entry.id.to_string(), audiences: key.audiences.clone() }).await?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
         let fetched_at = SystemTime::now();
         if response.token.is_empty() || response.token.len() > MAX_TOKEN_LEN {
@@ -327,7 +327,7 @@ mod tests {
     use tessera_spiffe::SpiffeId;
 
     fn key(id: &str) -> Key {
-        Key { entry_id: id.to_owned(), revision: 1, audiences: vec!["a".to_owned()] }
+        Key { entry_id: id.into(), revision: 1, audiences: vec!["a".to_owned()] }
     }
 
     fn cached(refresh_at: SystemTime) -> Cached {

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::keys::{KeyAndCsr, new_key_and_csr};
 use super::state::Minted;
 use super::{Backoff, Shared, not_before, renew_at, sleep_or_stop, until};
-use crate::cache::{CachedEntry, X509Svid};
+use crate::cache::{CachedEntry, Deadline, X509Svid};
 use crate::client::CALL_TIMEOUT;
 
 /// Most entries per `BatchNewX509Svid` call.
@@ -160,7 +160,7 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), F
         .map_err(Failure::from)?;
         let params = keyed
             .iter()
-            .map(|(entry, key)| NewX509SvidParams { entry_id: entry.id.clone(), csr: key.csr_der.clone() })
+            .map(|(entry, key)| NewX509SvidParams { entry_id: entry.id.to_string(), csr: key.csr_der.clone() })
             .collect();
         let mut request = tonic::Request::new(BatchNewX509SvidRequest { params });
         request.set_timeout(CALL_TIMEOUT);
@@ -178,7 +178,7 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), F
         let mut accepted = Vec::with_capacity(count);
         let mut failed = Vec::new();
         for ((entry, key), result) in keyed.into_iter().zip(response.results) {
-            if result.entry_id != entry.id {
+            if *result.entry_id != *entry.id {
                 failed.push((entry, format!("result for entry {:?} in its place", result.entry_id)));
                 continue;
             }
@@ -217,7 +217,7 @@ async fn mint(shared: &Arc<Shared>, work: Vec<Arc<CachedEntry>>) -> Result<(), F
 /// Checks a returned chain for the generated key and the entry, against the current bundle.
 fn check_svid(
     shared: &Shared,
-    entry: &CachedEntry,
+    entry: &Arc<CachedEntry>,
     chain: Vec<Vec<u8>>,
     key: KeyAndCsr,
     now: SystemTime,
@@ -227,23 +227,26 @@ fn check_svid(
     if parsed.spiffe_id() != &entry.spiffe_id {
         return Err(format!("the SVID is for {}, the entry for {}", parsed.spiffe_id(), entry.spiffe_id));
     }
-    {
-        let state = shared.state();
+    let Some((leaf, rest)) = chain.split_first() else {
+        return Err("an empty certificate chain".to_owned());
+    };
+    let intermediates = {
+        let mut state = shared.state();
         let ders: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
         verify_x509_svid(&ders, &state.bundles, now)
             .map_err(|error| format!("the SVID does not verify against the bundle: {error}"))?;
-    }
+        // One copy of an intermediate CA for all the SVIDs it signed.
+        state.share_intermediates(rest)
+    };
     let expires_at = parsed.not_after();
-    let issued_at = chain.first().and_then(|leaf| not_before(leaf)).unwrap_or(now);
+    let issued_at = not_before(leaf).unwrap_or(now);
     let renew = renew_at(issued_at, expires_at, shared.jitter());
     // Never schedule a renewal in the past (a clock far off, a tiny lifetime): that would spin.
     let renew = renew.max(now + Duration::from_millis(500)).min(expires_at.max(now));
-    Ok(Minted {
-        entry_revision: entry.revision,
-        spiffe_id: entry.spiffe_id.clone(),
-        svid: Arc::new(X509Svid { cert_chain: chain, private_key_pkcs8: key.private_key_pkcs8, issued_at, expires_at }),
-        renew_at: renew,
-    })
+    // The leaf and key are copied into one exact-size buffer; the decoded message and the
+    // generated key (zeroed on drop) are freed with the batch.
+    let svid = X509Svid::new(leaf, intermediates, &key.private_key_pkcs8, expires_at);
+    Ok(Minted { entry: Arc::clone(entry), svid: Arc::new(svid), renew_at: Deadline::at(renew) })
 }
 
 #[cfg(test)]

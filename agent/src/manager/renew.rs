@@ -29,8 +29,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let mut at = renew_at(issued, credential.expires_at, shared.jitter());
         let now = SystemTime::now();
         let tainted = {
+            let chain: Vec<&[u8]> = credential.cert_chain.iter().map(Vec::as_slice).collect();
             let state = shared.state();
-            super::state::signed_by_any(&credential.cert_chain, &state.tainted_x509, &shared.trust_domain, now)
+            super::state::signed_by_any(&chain, &state.tainted_x509, &shared.trust_domain, now)
         };
         if tainted {
             // Signed by an authority the server tainted: renew soon, spread across agents.

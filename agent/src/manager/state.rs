@@ -3,7 +3,7 @@
 //!
 //! Nothing here does I/O, so every rule is unit-tested with plain values.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,27 +13,47 @@ use tessera_spiffe::spiffe_id::{SpiffeId, TrustDomain};
 use tessera_wire::tessera::agent::v1::sync_entries_response::Event;
 use tessera_wire::tessera::common::v1 as common;
 
-use crate::cache::{AgentSnapshot, CachedEntry, Identity, X509Svid};
+pub use crate::cache::Minted;
+use crate::cache::{AgentSnapshot, CachedEntry, Deadline, EntryId, Intermediates, Slot};
 
-/// An X.509-SVID minted for an entry, with when to renew it.
-#[derive(Debug, Clone)]
-pub struct Minted {
-    /// The entry revision the SVID was requested for.
-    pub entry_revision: u64,
-    /// The SPIFFE ID in the SVID.
-    pub spiffe_id: SpiffeId,
-    /// The SVID and its key.
-    pub svid: Arc<X509Svid>,
-    /// When to replace it (half-life ± jitter).
-    pub renew_at: SystemTime,
-}
+/// How many distinct intermediate chains [`State::share_intermediates`] remembers (one per
+/// signing authority in use: a rotation has two at once).
+const RECENT_INTERMEDIATES: usize = 4;
 
 /// A snapshot being received page by page.
 #[derive(Debug, Default)]
 struct PendingSnapshot {
     revision: u64,
     next_page: u32,
-    entries: BTreeMap<String, Arc<CachedEntry>>,
+    entries: BTreeMap<EntryId, CachedEntry>,
+}
+
+/// An entry's next time-based event, in the timer set: ordered by time, then entry ID. It
+/// holds the entry itself (a pointer), not a copy of its ID.
+#[derive(Debug, Clone)]
+struct Timer {
+    at: Deadline,
+    entry: Arc<CachedEntry>,
+}
+
+impl PartialEq for Timer {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Timer {}
+
+impl PartialOrd for Timer {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Timer {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, &*self.entry.id).cmp(&(other.at, &*other.entry.id))
+    }
 }
 
 /// What a sync event changed.
@@ -61,8 +81,9 @@ pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 /// Every rule here costs O(log N) per changed entry, whatever the number N of entries held
 /// (issue 7: entries created one by one used to cost a scan and a copy of all N each):
 ///
-/// - the published view (entries, identities, selector index) is an [`AgentSnapshot`] kept up
-///   to date change by change in persistent maps; [`State::snapshot`] clones it in O(1);
+/// - the published view (one slot per entry with its SVID, and the selector index) is an
+///   [`AgentSnapshot`] kept up to date change by change in persistent sets;
+///   [`State::snapshot`] clones it in O(1);
 /// - the entries that need an SVID now are a set (`pending`), kept by [`State::touch`] each
 ///   time something about an entry changes, so [`State::mint_work`] returns them without a
 ///   scan;
@@ -73,6 +94,16 @@ pub const TAINT_SPREAD: Duration = Duration::from_secs(10);
 /// [`State::work`] counts the entries these operations visit, so a test can hold the cost of
 /// one change flat as N grows. A whole snapshot from the server and a newly tainted authority
 /// visit every entry once, as they must.
+///
+/// # Memory per entry
+///
+/// Issue 7 (bench A7): the agent's memory per cached SVID must stay within twice the leaf and
+/// key themselves. So each entry is held once: its slot in the view carries the entry, the
+/// minted SVID (leaf and key in one buffer, intermediates shared) and its timer; `pending`
+/// and `retries` name the entry by its interned ID, the same allocation as `entry.id` (a
+/// changed entry keeps the ID allocation of the one it replaces), and `timers` point at the
+/// entry itself. No set copies an ID, a SPIFFE ID or a selector
+/// (`tests::every_set_shares_the_entry_and_its_id`, `agent/tests/memory_per_svid.rs`).
 #[derive(Debug)]
 pub struct State {
     trust_domain: TrustDomain,
@@ -80,18 +111,18 @@ pub struct State {
     pub revision: u64,
     /// True after the first `synced`.
     pub ready: bool,
-    /// What is published: entries, identities and the selector index.
+    /// What is published: one slot per entry (entry, SVID, schedule) and the selector index.
     view: AgentSnapshot,
-    /// Minted SVIDs, by entry ID.
-    svids: HashMap<String, Minted>,
-    /// Entries whose last mint failed, and when to try again.
-    retry_at: HashMap<String, SystemTime>,
     /// Entries that need an SVID now.
-    pending: BTreeSet<String>,
-    /// (when, entry ID): each entry's next renewal point, retry or SVID expiry.
-    timers: BTreeSet<(SystemTime, String)>,
-    /// The key of each entry in `timers`.
-    timer_of: HashMap<String, SystemTime>,
+    pending: BTreeSet<EntryId>,
+    /// Entries whose last mint failed (few), and when to try again.
+    retries: BTreeMap<EntryId, Deadline>,
+    /// Each entry's next renewal point, retry or SVID expiry, by time. An entry's time is also
+    /// in its slot (`Slot::timer`), so that it can be found and removed.
+    timers: BTreeSet<Timer>,
+    /// The intermediates of recent SVIDs, most recent first: SVIDs minted under the same
+    /// intermediates share one copy.
+    recent_intermediates: Vec<Intermediates>,
     /// Own and federated bundles.
     pub bundles: BundleSet,
     /// DER certificates of the server's tainted X.509 authorities (forced rotation).
@@ -112,11 +143,10 @@ impl State {
             revision: 0,
             ready: false,
             view: AgentSnapshot::empty(bundles.clone()),
-            svids: HashMap::new(),
-            retry_at: HashMap::new(),
             pending: BTreeSet::new(),
+            retries: BTreeMap::new(),
             timers: BTreeSet::new(),
-            timer_of: HashMap::new(),
+            recent_intermediates: Vec::new(),
             bundles,
             tainted_x509: Vec::new(),
             tainted_jwt_key_ids: Vec::new(),
@@ -143,32 +173,38 @@ impl State {
 
     /// The IDs of the entries held, in order.
     pub fn entry_ids(&self) -> Vec<&str> {
-        self.view.entries().map(|entry| entry.id.as_str()).collect()
+        self.view.entries().map(|entry| &*entry.id).collect()
     }
 
     /// The SVID minted for an entry.
     pub fn minted(&self, entry_id: &str) -> Option<&Minted> {
-        self.svids.get(entry_id)
+        self.view.slot(entry_id).and_then(|slot| slot.minted.as_ref())
     }
 
-    /// How many SVIDs are held.
+    /// How many SVIDs are held. O(N).
     pub fn minted_count(&self) -> usize {
-        self.svids.len()
+        self.view.slots().filter(|slot| slot.minted.is_some()).count()
     }
 
-    /// Records an SVID minted for `entry_id` (clearing a retry mark).
+    /// The intermediates `ders` (the chain after the leaf) as the SVID will keep them: the
+    /// copy an earlier SVID holds when it has the same ones, so that thousands of SVIDs under
+    /// one intermediate CA hold one copy of it.
+    pub fn share_intermediates(&mut self, ders: &[Vec<u8>]) -> Intermediates {
+        Intermediates::share(ders, &mut self.recent_intermediates, RECENT_INTERMEDIATES)
+    }
+
+    /// Records an SVID minted for `entry_id` (clearing a retry mark). Ignored when the entry
+    /// is no longer held.
     pub fn set_minted(&mut self, entry_id: &str, minted: Minted, now: SystemTime) {
-        self.retry_at.remove(entry_id);
-        self.svids.insert(entry_id.to_owned(), minted);
-        self.touch(entry_id, now);
+        self.touch_with(entry_id, now, |slot, retry| {
+            *retry = None;
+            slot.minted = Some(minted);
+        });
     }
 
     /// Marks `entry_id` to be minted again no earlier than `at` (its last mint failed).
     pub fn set_retry(&mut self, entry_id: &str, at: SystemTime, now: SystemTime) {
-        if self.view.entry(entry_id).is_some() {
-            self.retry_at.insert(entry_id.to_owned(), at);
-            self.touch(entry_id, now);
-        }
+        self.touch_with(entry_id, now, |_, retry| *retry = Some(Deadline::at(at)));
     }
 
     /// Forgets a half-received snapshot (the stream broke).
@@ -177,86 +213,105 @@ impl State {
     }
 
     /// Brings the indexes of one entry up to date with its entry, SVID and retry mark at
-    /// `now`: drops an expired SVID, publishes or hides its identity, adds it to or removes it
-    /// from the mint work, and sets its next timer. Returns whether an SVID was dropped.
-    /// O(log N).
+    /// `now`: drops an expired SVID, adds the entry to or removes it from the mint work, and
+    /// sets its next timer. Returns whether an SVID was dropped. O(log N).
     fn touch(&mut self, id: &str, now: SystemTime) -> bool {
+        self.touch_with(id, now, |_, _| {})
+    }
+
+    /// [`State::touch`] after `change` to the entry's slot and retry point (nothing when the
+    /// entry is not held).
+    fn touch_with(&mut self, id: &str, now: SystemTime, change: impl FnOnce(&mut Slot, &mut Option<Deadline>)) -> bool {
         self.work += 1;
-        if let Some(at) = self.timer_of.remove(id) {
-            self.timers.remove(&(at, id.to_owned()));
-        }
-        let Some(entry) = self.view.entry(id).cloned() else {
-            self.pending.remove(id);
-            self.svids.remove(id);
-            self.retry_at.remove(id);
+        let Some(old) = self.view.slot(id) else {
             return false;
         };
+        let mut slot = old.clone();
+        let mut retry = self.retries.remove(id);
+        change(&mut slot, &mut retry);
+        if let Some(at) = slot.timer.take() {
+            self.timers.remove(&Timer { at, entry: Arc::clone(&slot.entry) });
+        }
         let mut dropped = false;
-        if self.svids.get(id).is_some_and(|minted| minted.svid.expires_at <= now) {
-            self.svids.remove(id);
+        if slot.minted.as_ref().is_some_and(|minted| minted.svid.expires_at() <= now) {
+            slot.minted = None;
             dropped = true;
         }
-        let minted = self.svids.get(id);
-        match minted {
-            // An SVID minted for an older revision is still served while it is re-minted,
-            // unless the SPIFFE ID changed.
-            Some(minted) if minted.spiffe_id == entry.spiffe_id => {
-                let current = self.view.identity(id).is_some_and(|identity| {
-                    Arc::ptr_eq(&identity.svid, &minted.svid) && Arc::ptr_eq(&identity.entry, &entry)
-                });
-                if !current {
-                    self.view.insert_identity(Identity { entry: Arc::clone(&entry), svid: Arc::clone(&minted.svid) });
-                }
-            }
-            _ => {
-                self.view.remove_identity(id);
-            }
-        }
-        let retry = self.retry_at.get(id).copied().filter(|at| *at > now);
+        // Only a retry still to come counts; a past one is forgotten.
+        let retry = retry.filter(|at| at.time() > now);
+        let minted = slot.minted.as_ref();
         let needs_svid = retry.is_none()
-            && minted.is_none_or(|minted| minted.entry_revision != entry.revision || minted.renew_at <= now);
-        let next = [retry, minted.map(|m| m.renew_at), minted.map(|m| m.svid.expires_at)]
+            && minted
+                .is_none_or(|minted| minted.entry.revision != slot.entry.revision || minted.renew_at.time() <= now);
+        slot.timer = [retry, minted.map(|m| m.renew_at), minted.map(|m| Deadline::at(m.svid.expires_at()))]
             .into_iter()
             .flatten()
-            .filter(|at| *at > now)
+            .filter(|at| at.time() > now)
             .min();
-        if retry.is_none() {
-            self.retry_at.remove(id);
+        if let Some(at) = retry {
+            self.retries.insert(Arc::clone(&slot.entry.id), at);
         }
         if needs_svid {
-            self.pending.insert(id.to_owned());
+            self.pending.insert(Arc::clone(&slot.entry.id));
         } else {
             self.pending.remove(id);
         }
-        if let Some(at) = next {
-            self.timers.insert((at, id.to_owned()));
-            self.timer_of.insert(id.to_owned(), at);
+        if let Some(at) = slot.timer {
+            self.timers.insert(Timer { at, entry: Arc::clone(&slot.entry) });
+        }
+        // Unchanged slots are not written: a write copies the path the published snapshot
+        // shares.
+        if self.view.slot(id).is_none_or(|old| !old.same_as(&slot)) {
+            self.view.put_slot(slot);
         }
         dropped
     }
 
-    /// Adds or replaces an entry.
-    fn put_entry(&mut self, entry: CachedEntry, now: SystemTime) {
-        let id = entry.id.clone();
-        self.view.insert_entry(Arc::new(entry));
+    /// Adds or replaces an entry (the replacement keeps the allocation of the ID it replaces,
+    /// so every set naming the entry keeps sharing it); an upsert also clears a retry mark.
+    fn put_entry(&mut self, mut entry: CachedEntry, clear_retry: bool, now: SystemTime) {
+        let slot = match self.view.slot(&entry.id) {
+            Some(old) => {
+                entry.id = Arc::clone(&old.entry.id);
+                Slot { entry: Arc::new(entry), ..old.clone() }
+            }
+            None => Slot::new(Arc::new(entry)),
+        };
+        let id = Arc::clone(&slot.entry.id);
+        if clear_retry {
+            self.retries.remove(&id);
+        }
+        self.view.put_slot(slot);
         self.touch(&id, now);
     }
 
-    /// Forgets an entry, its SVID, retry mark and timer.
-    fn remove_entry(&mut self, id: &str, now: SystemTime) {
-        self.view.remove_entry(id);
-        self.touch(id, now);
+    /// Forgets an entry, its SVID, retry mark and timer. O(log N).
+    fn remove_entry(&mut self, id: &str) {
+        self.work += 1;
+        if let Some(old) = self.view.remove_slot(id) {
+            if let Some(at) = old.timer {
+                self.timers.remove(&Timer { at, entry: old.entry });
+            }
+            self.pending.remove(id);
+            self.retries.remove(id);
+        }
     }
 
     /// Looks again at every entry whose timer is due at `now`; returns whether an SVID was
     /// dropped because it expired. O(log N) per due entry.
     fn advance(&mut self, now: SystemTime) -> bool {
         let mut dropped = false;
-        while let Some((at, id)) = self.timers.first().cloned() {
-            if at > now {
+        while let Some(first) = self.timers.first().cloned() {
+            if first.at.time() > now {
                 break;
             }
-            dropped |= self.touch(&id, now);
+            if self.view.slot(&first.entry.id).is_none_or(|slot| slot.timer != Some(first.at)) {
+                // Not the entry's current timer (cannot happen: the slot and the set change
+                // together); drop it rather than look at it forever.
+                self.timers.remove(&first);
+                continue;
+            }
+            dropped |= self.touch(&first.entry.id, now);
         }
         dropped
     }
@@ -286,27 +341,28 @@ impl State {
                 pending.next_page = pending.next_page.saturating_add(1);
                 for wire in page.entries {
                     if let Some(entry) = convert_entry(&self.trust_domain, wire, now) {
-                        pending.entries.insert(entry.id.clone(), Arc::new(entry));
+                        pending.entries.insert(Arc::clone(&entry.id), entry);
                     }
                 }
                 if page.last_page
                     && let Some(done) = self.pending_snapshot.take()
                 {
                     // The whole set is replaced: every entry is visited once.
-                    let removed: Vec<String> = self
+                    let removed: Vec<EntryId> = self
                         .view
                         .entries()
                         .filter(|entry| !done.entries.contains_key(&entry.id))
-                        .map(|entry| entry.id.clone())
+                        .map(|entry| Arc::clone(&entry.id))
                         .collect();
                     for id in removed {
-                        self.remove_entry(&id, now);
+                        self.remove_entry(&id);
                     }
                     for (id, entry) in done.entries {
-                        if self.view.entry(&id) != Some(&entry) {
-                            self.view.insert_entry(entry);
+                        if self.view.entry(&id).is_some_and(|held| **held == entry) {
+                            self.touch(&id, now);
+                        } else {
+                            self.put_entry(entry, false, now);
                         }
-                        self.touch(&id, now);
                     }
                     self.revision = done.revision;
                     applied.entries_changed = true;
@@ -318,18 +374,15 @@ impl State {
                 };
                 let id = wire.id.clone();
                 match convert_entry(&self.trust_domain, wire, now) {
-                    Some(entry) => {
-                        self.retry_at.remove(&id);
-                        self.put_entry(entry, now);
-                    }
+                    Some(entry) => self.put_entry(entry, true, now),
                     // An entry this agent cannot use is as good as absent.
-                    None => self.remove_entry(&id, now),
+                    None => self.remove_entry(&id),
                 }
                 self.revision = self.revision.max(upsert.revision);
                 applied.entries_changed = true;
             }
             Event::EntryDeleted(deleted) => {
-                self.remove_entry(&deleted.entry_id, now);
+                self.remove_entry(&deleted.entry_id);
                 self.revision = self.revision.max(deleted.revision);
                 applied.entries_changed = true;
             }
@@ -383,19 +436,25 @@ impl State {
     /// in the next [`TAINT_SPREAD`] (spread by entry ID). Returns whether any moved.
     pub fn reschedule_tainted(&mut self, now: SystemTime) -> bool {
         let mut moved = Vec::new();
-        for (entry_id, minted) in &mut self.svids {
+        for slot in self.view.slots() {
             self.work += 1;
-            if !signed_by_any(&minted.svid.cert_chain, &self.tainted_x509, &self.trust_domain, now) {
+            let Some(minted) = &slot.minted else {
+                continue;
+            };
+            if !signed_by_any(&minted.svid.chain_refs(), &self.tainted_x509, &self.trust_domain, now) {
                 continue;
             }
-            let at = now + spread(entry_id, TAINT_SPREAD);
+            let at = Deadline::at(now + spread(&slot.entry.id, TAINT_SPREAD));
             if minted.renew_at > at {
-                minted.renew_at = at;
-                moved.push(entry_id.clone());
+                moved.push((Arc::clone(&slot.entry.id), at));
             }
         }
-        for entry_id in &moved {
-            self.touch(entry_id, now);
+        for (entry_id, at) in &moved {
+            self.touch_with(entry_id, now, |slot, _| {
+                if let Some(minted) = &mut slot.minted {
+                    minted.renew_at = *at;
+                }
+            });
         }
         if !moved.is_empty() {
             tracing::warn!("the server tainted an X.509 authority; re-minting the SVIDs it signed");
@@ -422,7 +481,7 @@ impl State {
     /// The next moment something time-based happens: a renewal, a retry, or an SVID expiring
     /// (it must leave the published snapshot). A moment already past means "now".
     pub fn next_deadline(&self, _now: SystemTime) -> Option<SystemTime> {
-        self.timers.first().map(|(at, _)| *at)
+        self.timers.first().map(|timer| timer.at.time())
     }
 
     /// The snapshot to publish: every entry, and an identity for each entry with an
@@ -440,15 +499,14 @@ impl State {
 
 /// Whether `chain` (leaf first) was signed by one of the `authorities` (DER): one of them is
 /// in the chain (an intermediate), or the chain verifies against it as the only root.
-pub fn signed_by_any(chain: &[Vec<u8>], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
-    let refs: Vec<&[u8]> = chain.iter().map(Vec::as_slice).collect();
+pub fn signed_by_any(chain: &[&[u8]], authorities: &[Vec<u8>], trust_domain: &TrustDomain, now: SystemTime) -> bool {
     authorities.iter().any(|authority| {
-        if chain.iter().skip(1).any(|cert| cert == authority) {
+        if chain.iter().skip(1).any(|cert| *cert == authority.as_slice()) {
             return true;
         }
         let mut single = Bundle::new(trust_domain.clone());
         single.add_x509_authority(authority).is_ok()
-            && tessera_spiffe::x509::verify_x509_svid(&refs, &single, now).is_ok()
+            && tessera_spiffe::x509::verify_x509_svid(chain, &single, now).is_ok()
     })
 }
 
@@ -488,18 +546,24 @@ fn try_convert_entry(
     if wire.selectors.is_empty() {
         return Err("the entry has no selectors (it would match every caller)".to_owned());
     }
-    let mut selectors = SelectorSet::new();
+    let mut selectors = Vec::with_capacity(wire.selectors.len());
     for selector in &wire.selectors {
-        selectors
-            .insert(Selector::new(&selector.r#type, &selector.value).map_err(|error| format!("selector: {error}"))?);
+        selectors.push(Selector::new(&selector.r#type, &selector.value).map_err(|error| format!("selector: {error}"))?);
     }
-    let mut federates_with = BTreeSet::new();
+    // Held for the entry's life: no spare capacity (duplicates removed first).
+    selectors.sort();
+    selectors.dedup();
+    selectors.shrink_to_fit();
+    let selectors = SelectorSet::from(selectors);
+    let mut federates_with = Vec::with_capacity(wire.federates_with.len());
     for name in &wire.federates_with {
         if name.contains(':') {
             return Err(format!("federates_with {name:?}: expected a bare trust domain name"));
         }
-        federates_with.insert(TrustDomain::new(name).map_err(|error| format!("federates_with {name:?}: {error}"))?);
+        federates_with.push(TrustDomain::new(name).map_err(|error| format!("federates_with {name:?}: {error}"))?);
     }
+    federates_with.sort();
+    federates_with.dedup();
     if wire.expires_at > 0 {
         let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(wire.expires_at.unsigned_abs());
         if expires <= now {
@@ -507,14 +571,14 @@ fn try_convert_entry(
             return Ok(None);
         }
     }
+    let mut hint = wire.hint;
+    hint.shrink_to_fit();
     Ok(Some(CachedEntry {
-        id: wire.id,
+        id: EntryId::from(wire.id.as_str()),
         spiffe_id,
         selectors,
-        federates_with,
-        hint: wire.hint,
-        x509_svid_ttl: wire.x509_svid_ttl,
-        jwt_svid_ttl: wire.jwt_svid_ttl,
+        federates_with: federates_with.into_boxed_slice(),
+        hint,
         revision: wire.revision,
     }))
 }
@@ -543,8 +607,8 @@ pub fn convert_bundle(wire: common::Bundle) -> Result<Bundle, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::X509Svid;
     use tessera_wire::tessera::agent::v1::{BundlesUpdate, EntryDeleted, EntrySnapshotPage, EntryUpserted, Synced};
-    use zeroize::Zeroizing;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
@@ -565,23 +629,28 @@ mod tests {
         Event::SnapshotPage(EntrySnapshotPage { revision, page, entries, last_page })
     }
 
+    /// The current time to the millisecond (what the manager's deadlines hold).
+    fn now() -> SystemTime {
+        let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64)
+    }
+
     fn minted(spiffe_id: &str, revision: u64, renew_at: SystemTime, expires_at: SystemTime) -> Minted {
-        Minted {
-            entry_revision: revision,
+        let entry = CachedEntry {
+            id: "minted-for".into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
-            svid: Arc::new(X509Svid {
-                cert_chain: vec![vec![1]],
-                private_key_pkcs8: Zeroizing::new(vec![2]),
-                issued_at: SystemTime::UNIX_EPOCH,
-                expires_at,
-            }),
-            renew_at,
-        }
+            selectors: SelectorSet::new(),
+            federates_with: Box::default(),
+            hint: String::new(),
+            revision,
+        };
+        let svid = X509Svid::from_chain(&[vec![1]], &[2], expires_at);
+        Minted { entry: Arc::new(entry), svid: Arc::new(svid), renew_at: Deadline::at(renew_at) }
     }
 
     #[test]
     fn paged_snapshot_replaces_the_entry_set_on_the_last_page() {
-        let now = SystemTime::now();
+        let now = now();
         let mut state = State::new(td(), None);
         state.apply(page(5, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
         assert_eq!(state.entry_count(), 1);
@@ -602,7 +671,7 @@ mod tests {
 
     #[test]
     fn upserts_and_deletes_track_revisions_and_drop_svids() {
-        let now = SystemTime::now();
+        let now = now();
         let later = now + Duration::from_secs(60);
         let mut state = State::new(td(), None);
         let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
@@ -618,7 +687,7 @@ mod tests {
 
         // A changed entry is re-minted; with the same SPIFFE ID the old SVID is served meanwhile.
         state.apply(upsert(wire_entry("a", "a", 5), 5), now).unwrap();
-        assert_eq!(state.mint_work(now).iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(state.mint_work(now).iter().map(|e| &*e.id).collect::<Vec<_>>(), ["a"]);
         assert_eq!(state.snapshot(now).identity_count(), 2);
         // A changed SPIFFE ID hides the old SVID at once.
         state.apply(upsert(wire_entry("a", "renamed", 6), 6), now).unwrap();
@@ -634,7 +703,7 @@ mod tests {
 
     #[test]
     fn renewal_and_expiry_drive_work_and_deadlines() {
-        let now = SystemTime::now();
+        let now = now();
         let mut state = State::new(td(), None);
         state.apply(page(1, 0, vec![wire_entry("a", "a", 1)], true), now).unwrap();
         let renew = now + Duration::from_secs(5);
@@ -663,7 +732,7 @@ mod tests {
     #[test]
     fn the_work_of_one_change_does_not_grow_with_the_entries_held() {
         fn one_entry_life(held: usize) -> (u64, usize) {
-            let now = SystemTime::now();
+            let now = now();
             let renew = now + Duration::from_secs(1800);
             let expires = now + Duration::from_secs(3600);
             let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
@@ -682,7 +751,7 @@ mod tests {
             let published = state.snapshot(now);
             assert_eq!(published.entry_count(), held + 1);
             let work = state.mint_work(now);
-            assert_eq!(work.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["new"]);
+            assert_eq!(work.iter().map(|e| &*e.id).collect::<Vec<_>>(), ["new"]);
             let (new_renew, new_expires) = (now + Duration::from_secs(60), now + Duration::from_secs(120));
             state.set_minted("new", minted("spiffe://example.org/new", base, new_renew, new_expires), now);
             assert_eq!(state.snapshot(now).identity_count(), held + 1);
@@ -705,9 +774,70 @@ mod tests {
         assert_eq!(large, small, "one entry's life visited {large} entries with {held} held, {small} with 10");
     }
 
+    /// Issue 7 (A7): one allocation per entry ID, shared by the entry, the map, the selector
+    /// index, the mint work and the retries, and the timers and minted records point at the
+    /// entry itself; a changed entry keeps its ID's allocation, and a deleted one's is freed.
+    #[test]
+    fn every_set_shares_the_entry_and_its_id() {
+        let now = now();
+        let later = now + Duration::from_secs(60);
+        let mut state = State::new(td(), None);
+        let upsert = |entry, revision| Event::EntryUpserted(EntryUpserted { entry: Some(entry), revision });
+        for (revision, id) in (1..).zip(["a", "b", "c"]) {
+            state.apply(upsert(wire_entry(id, id, revision), revision), now).unwrap();
+        }
+        // a has an SVID, b waits for a retry, c waits to be minted.
+        let a = Arc::clone(state.entry("a").unwrap());
+        let svid = Arc::new(X509Svid::from_chain(&[vec![1]], &[2], later + Duration::from_secs(60)));
+        state.set_minted("a", Minted { entry: Arc::clone(&a), svid, renew_at: Deadline::at(later) }, now);
+        state.set_retry("b", later, now);
+        // a changes: re-minted, its SVID served meanwhile, and its ID allocation kept.
+        state.apply(upsert(wire_entry("a", "a", 9), 9), now).unwrap();
+        assert!(!Arc::ptr_eq(state.entry("a").unwrap(), &a));
+        assert!(Arc::ptr_eq(&state.entry("a").unwrap().id, &a.id));
+
+        let shares = |state: &State| {
+            for (key, slot) in state.view.keyed_slots() {
+                let id = &slot.entry.id;
+                assert!(Arc::ptr_eq(key, id), "{id}: the map's key is a copy");
+                assert_eq!(
+                    state.view.indexed_ids().filter(|indexed| Arc::ptr_eq(indexed, id)).count(),
+                    1,
+                    "{id}: index"
+                );
+                if let Some(minted) = &slot.minted {
+                    assert!(Arc::ptr_eq(&minted.entry.id, id), "{id}: the minted record's entry has a copy");
+                }
+                if let Some(at) = slot.timer {
+                    let timer = state.timers.iter().find(|timer| *timer.entry.id == **id).unwrap();
+                    assert!(Arc::ptr_eq(&timer.entry, &slot.entry) && timer.at == at, "{id}: timer");
+                }
+            }
+            for id in state.pending.iter().chain(state.retries.keys()) {
+                let held = &state.view.slot(id).unwrap().entry.id;
+                assert!(Arc::ptr_eq(id, held), "{id}: mint work or retries hold a copy");
+            }
+        };
+        shares(&state);
+        assert_eq!(state.pending.iter().map(|id| &**id).collect::<Vec<_>>(), ["a", "c"]);
+        assert_eq!(state.retries.keys().map(|id| &**id).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(state.timers.len(), 2, "a's renewal, b's retry");
+
+        // Deleting an entry frees its ID: nothing else still holds it.
+        let c = Arc::clone(&state.entry("c").unwrap().id);
+        state.apply(Event::EntryDeleted(EntryDeleted { entry_id: "c".to_owned(), revision: 10 }), now).unwrap();
+        assert_eq!(Arc::strong_count(&c), 1, "a set still holds the deleted entry's ID");
+        shares(&state);
+        // A whole snapshot with unchanged entries keeps them (and their IDs) as they are.
+        let held_b = Arc::clone(state.entry("b").unwrap());
+        state.apply(page(11, 0, vec![wire_entry("a", "a", 9), wire_entry("b", "b", 2)], true), now).unwrap();
+        assert!(Arc::ptr_eq(state.entry("b").unwrap(), &held_b));
+        shares(&state);
+    }
+
     #[test]
     fn malformed_entries_are_skipped() {
-        let now = SystemTime::now();
+        let now = now();
         let mut bad_id = wire_entry("x", "x", 1);
         bad_id.spiffe_id = "not a spiffe id".to_owned();
         let mut foreign = wire_entry("y", "y", 1);
@@ -740,7 +870,7 @@ mod tests {
 
     #[test]
     fn bundles_must_be_for_the_own_trust_domain() {
-        let now = SystemTime::now();
+        let now = now();
         let issuer = crate::manager::keys::test_issuer("example.org");
         let wire = |td: &str, authorities: Vec<Vec<u8>>| common::Bundle {
             trust_domain: td.to_owned(),
@@ -797,7 +927,7 @@ mod tests {
             let der = template.self_signed(&pair, now, &rng).unwrap();
             tessera_spiffe::x509::X509Issuer::from_pkcs8_der(der, key.pkcs8_der()).unwrap()
         };
-        let now = SystemTime::now();
+        let now = now();
         let (a, b) = (issuer(now), issuer(now));
         let leaf_key = tessera_spiffe::keys::SigningKey::generate(tessera_spiffe::keys::KeyType::EcP256, &rng).unwrap();
         let template = tessera_spiffe::x509::X509SvidTemplate::new(
@@ -806,7 +936,7 @@ mod tests {
         )
         .unwrap();
         let leaf = a.sign_x509_svid(&template, leaf_key.public_key().spki_der(), now, &rng).unwrap();
-        let chain = vec![leaf];
+        let chain = [leaf.as_slice()];
         assert!(signed_by_any(&chain, &[a.certificate_der().to_vec()], &td, now));
         assert!(!signed_by_any(&chain, &[b.certificate_der().to_vec()], &td, now));
         assert!(!signed_by_any(&chain, &[], &td, now));

@@ -264,7 +264,7 @@ pub(crate) fn build(
             }
         }
         let mut seen = HashSet::new();
-        for identity in identities {
+        for identity in &identities {
             if seen.insert(identity.entry.spiffe_id.as_str()) {
                 secrets.push(tls_secret(identity.entry.spiffe_id.as_str().to_owned(), identity));
             }
@@ -306,9 +306,9 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
 
 /// A `tls_certificate` secret: PEM chain (leaf first) and PEM PKCS#8 key.
 fn tls_secret(name: String, identity: &Identity) -> Secret {
-    let chain = encode_pem_certificates(identity.svid.cert_chain.iter().map(Vec::as_slice));
+    let chain = encode_pem_certificates(identity.svid.chain());
     let key = pem::encode_config(
-        &pem::Pem::new("PRIVATE KEY", identity.svid.private_key_pkcs8.to_vec()),
+        &pem::Pem::new("PRIVATE KEY", identity.svid.private_key_pkcs8().to_vec()),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     );
     Secret {
@@ -355,14 +355,12 @@ fn validation_secret(name: String, bundles: &[&Bundle], mode: ValidationMode) ->
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::time::SystemTime;
 
     use tessera_spiffe::bundle::BundleSet;
     use tessera_wire::envoy::config::core::v3::BuildVersion;
     use tessera_wire::envoy::r#type::v3::SemanticVersion;
-    use zeroize::Zeroizing;
 
     use super::*;
     use crate::cache::{CachedEntry, X509Svid};
@@ -381,13 +379,11 @@ mod tests {
 
     fn entry(id: &str, path: &str, selectors: &[&str], federates_with: &[&str]) -> Arc<CachedEntry> {
         Arc::new(CachedEntry {
-            id: id.to_owned(),
+            id: id.into(),
             spiffe_id: td("example.org").workload_id(path).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
-            federates_with: federates_with.iter().map(|n| td(n)).collect::<BTreeSet<_>>(),
+            federates_with: federates_with.iter().map(|n| td(n)).collect(),
             hint: String::new(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }
@@ -401,12 +397,7 @@ mod tests {
         for e in entries {
             snapshot.insert_identity(Identity {
                 entry: e.clone(),
-                svid: Arc::new(X509Svid {
-                    cert_chain: vec![vec![1, 2, 3]],
-                    private_key_pkcs8: Zeroizing::new(vec![4, 5]),
-                    issued_at: SystemTime::UNIX_EPOCH,
-                    expires_at: SystemTime::UNIX_EPOCH,
-                }),
+                svid: Arc::new(X509Svid::from_chain(&[vec![1, 2, 3]], &[4, 5], SystemTime::UNIX_EPOCH)),
             });
         }
         snapshot

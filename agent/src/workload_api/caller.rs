@@ -136,7 +136,6 @@ pub(crate) fn explain_no_identity(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::sync::Arc;
 
     use tessera_spiffe::SpiffeId;
@@ -161,13 +160,11 @@ mod tests {
 
     fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> Arc<CachedEntry> {
         Arc::new(CachedEntry {
-            id: id.to_owned(),
+            id: id.into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
-            federates_with: BTreeSet::new(),
+            federates_with: Box::default(),
             hint: String::new(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }

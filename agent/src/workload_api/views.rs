@@ -71,7 +71,7 @@ impl X509View {
             .into_iter()
             .filter_map(|td| snapshot.bundles.get(&td).map(|bundle| (bundle_key(&td), bundle.x509_authorities_der())))
             .collect();
-        Some(Self { identities: identities.into_iter().cloned().collect(), own_bundles, federated })
+        Some(Self { identities, own_bundles, federated })
     }
 
     /// The SPIFFE IDs in response order, for logs.
@@ -87,9 +87,9 @@ impl X509View {
             .map(|identity| pb::X509svid {
                 spiffe_id: identity.entry.spiffe_id.as_str().to_owned(),
                 // spec: leaf first, then intermediates, DER back to back.
-                x509_svid: identity.svid.cert_chain.concat(),
+                x509_svid: identity.svid.chain_der(),
                 // spec: unencrypted PKCS#8 DER.
-                x509_svid_key: identity.svid.private_key_pkcs8.to_vec(),
+                x509_svid_key: identity.svid.private_key_pkcs8().to_vec(),
                 // spec: the CA certificates of the SVID's own trust domain.
                 bundle: self.own_bundles.get(&identity.entry.spiffe_id.trust_domain()).cloned().unwrap_or_default(),
                 hint: identity.entry.hint.clone(),
@@ -105,7 +105,7 @@ impl X509View {
 
 /// The identities (with an SVID) a caller with `selectors` gets, in response order: the first
 /// is its default identity. Identities whose hint an earlier one has are left out.
-pub(crate) fn caller_identities<'a>(snapshot: &'a AgentSnapshot, selectors: &SelectorSet) -> Vec<&'a Identity> {
+pub(crate) fn caller_identities(snapshot: &AgentSnapshot, selectors: &SelectorSet) -> Vec<Identity> {
     unique_hints(snapshot.identities_for(selectors), |identity| &identity.entry.hint)
 }
 
@@ -228,7 +228,7 @@ pub(crate) fn jwt_entries(
         .into_iter()
         .filter(|entry| requested.is_none_or(|id| entry.spiffe_id == *id))
         .collect();
-    entries.sort_by(|a, b| (a.spiffe_id.as_str(), a.id.as_str()).cmp(&(b.spiffe_id.as_str(), b.id.as_str())));
+    entries.sort_by(|a, b| (a.spiffe_id.as_str(), &*a.id).cmp(&(b.spiffe_id.as_str(), &*b.id)));
     entries.dedup_by(|a, b| a.spiffe_id == b.spiffe_id);
     unique_hints(entries, |entry| &entry.hint).into_iter().cloned().collect()
 }
@@ -259,7 +259,6 @@ mod tests {
 
     use tessera_spiffe::SpiffeId;
     use tessera_spiffe::bundle::Bundle;
-    use zeroize::Zeroizing;
 
     use super::*;
     use crate::cache::X509Svid;
@@ -270,24 +269,17 @@ mod tests {
 
     fn entry(id: &str, spiffe_id: &str, selectors: &[&str], federates_with: &[&str], hint: &str) -> Arc<CachedEntry> {
         Arc::new(CachedEntry {
-            id: id.to_owned(),
+            id: id.into(),
             spiffe_id: SpiffeId::parse(spiffe_id).unwrap(),
             selectors: SelectorSet::parse_all(selectors).unwrap(),
             federates_with: federates_with.iter().map(|name| td(name)).collect(),
             hint: hint.to_owned(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
             revision: 1,
         })
     }
 
     fn svid(byte: u8) -> Arc<X509Svid> {
-        Arc::new(X509Svid {
-            cert_chain: vec![vec![byte, 1], vec![byte, 2]],
-            private_key_pkcs8: Zeroizing::new(vec![byte, 9]),
-            issued_at: SystemTime::UNIX_EPOCH,
-            expires_at: SystemTime::UNIX_EPOCH,
-        })
+        Arc::new(X509Svid::from_chain(&[vec![byte, 1], vec![byte, 2]], &[byte, 9], SystemTime::UNIX_EPOCH))
     }
 
     fn snapshot(entries: &[Arc<CachedEntry>]) -> AgentSnapshot {
@@ -390,10 +382,10 @@ mod tests {
         let a2 = entry("e2", "spiffe://example.org/a", &["unix:gid:1000"], &[], "");
         let b = entry("e3", "spiffe://example.org/b", &["unix:uid:1000"], &[], "");
         let snap = snapshot(&[b, a2, a]);
-        let ids: Vec<String> = jwt_entries(&snap, &caller(), None).iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<String> = jwt_entries(&snap, &caller(), None).iter().map(|e| e.id.to_string()).collect();
         assert_eq!(ids, ["e1", "e3"]);
         let wanted = SpiffeId::parse("spiffe://example.org/b").unwrap();
-        let ids: Vec<String> = jwt_entries(&snap, &caller(), Some(&wanted)).iter().map(|e| e.id.clone()).collect();
+        let ids: Vec<String> = jwt_entries(&snap, &caller(), Some(&wanted)).iter().map(|e| e.id.to_string()).collect();
         assert_eq!(ids, ["e3"]);
         let unknown = SpiffeId::parse("spiffe://example.org/zzz").unwrap();
         assert!(jwt_entries(&snap, &caller(), Some(&unknown)).is_empty());

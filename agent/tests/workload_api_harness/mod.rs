@@ -4,7 +4,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -76,12 +75,8 @@ impl TestCa {
         let template = X509SvidTemplate::new(spiffe_id.clone(), Duration::from_secs(600)).unwrap();
         let now = SystemTime::now();
         let leaf = self.issuer.sign_x509_svid(&template, &key.subject_public_key_info(), now, &rng).unwrap();
-        Arc::new(X509Svid {
-            cert_chain: vec![leaf],
-            private_key_pkcs8: Zeroizing::new(key.serialize_der()),
-            issued_at: now,
-            expires_at: now + Duration::from_secs(600),
-        })
+        let key = Zeroizing::new(key.serialize_der());
+        Arc::new(X509Svid::from_chain(&[leaf], &key, now + Duration::from_secs(600)))
     }
 }
 
@@ -159,13 +154,11 @@ impl Trust {
 
 pub fn entry(id: &str, path: &str, selectors: &[&str], federates_with: &[&str]) -> Arc<CachedEntry> {
     Arc::new(CachedEntry {
-        id: id.to_owned(),
+        id: id.into(),
         spiffe_id: td(TRUST_DOMAIN).workload_id(path).unwrap(),
         selectors: SelectorSet::parse_all(selectors).unwrap(),
-        federates_with: federates_with.iter().map(|name| td(name)).collect::<BTreeSet<_>>(),
+        federates_with: federates_with.iter().map(|name| td(name)).collect(),
         hint: String::new(),
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
         revision: 1,
     })
 }
@@ -246,7 +239,7 @@ impl Agent {
     pub fn rotate(&self, id: &str) {
         self.cache.update(|snapshot| {
             snapshot.revision += 1;
-            if let Some(identity) = snapshot.identity(id).cloned() {
+            if let Some(identity) = snapshot.identity(id) {
                 let svid = self.trust.ca.svid(&identity.entry.spiffe_id);
                 snapshot.insert_identity(Identity { entry: identity.entry, svid });
             }

@@ -36,10 +36,15 @@ pub enum SelectorError {
 }
 
 /// One selector: a type such as `unix` and a value such as `uid:1000`.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+///
+/// Held as its `type:value` text in one allocation (an agent holds one per entry it caches,
+/// issue 7), ordered as the pair (type, value).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Selector {
-    kind: String,
-    value: String,
+    /// `type:value`.
+    text: Box<str>,
+    /// The length of the type: where the first `:` is.
+    colon: u8,
 }
 
 impl Selector {
@@ -52,15 +57,17 @@ impl Selector {
         if value.is_empty() {
             return Err(SelectorError::EmptyValue(shown()));
         }
-        if kind.len() > MAX_SELECTOR_TYPE_LEN
-            || !kind.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
-        {
+        let colon = match u8::try_from(kind.len()) {
+            Ok(len) if kind.len() <= MAX_SELECTOR_TYPE_LEN => len,
+            _ => return Err(SelectorError::BadType(kind.to_owned())),
+        };
+        if !kind.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-')) {
             return Err(SelectorError::BadType(kind.to_owned()));
         }
         if value.len() > MAX_SELECTOR_VALUE_LEN || value.chars().any(char::is_control) {
             return Err(SelectorError::BadValue(shown()));
         }
-        Ok(Self { kind: kind.to_owned(), value: value.to_owned() })
+        Ok(Self { text: shown().into_boxed_str(), colon })
     }
 
     /// Parses `type:value`; the value may itself contain colons (`unix:uid:1000` is type
@@ -74,18 +81,32 @@ impl Selector {
 
     /// The selector type, e.g. `unix`.
     pub fn kind(&self) -> &str {
-        &self.kind
+        self.text.get(..usize::from(self.colon)).unwrap_or_default()
     }
 
     /// The selector value, e.g. `uid:1000`.
     pub fn value(&self) -> &str {
-        &self.value
+        self.text.get(usize::from(self.colon) + 1..).unwrap_or_default()
+    }
+}
+
+// By type, then value: a type that is a prefix of another sorts first (`unix` before
+// `unix2`), which comparing the `type:value` texts would not give (':' sorts after digits).
+impl Ord for Selector {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.kind(), self.value()).cmp(&(other.kind(), other.value()))
+    }
+}
+
+impl PartialOrd for Selector {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
 impl fmt::Display for Selector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
+        f.write_str(&self.text)
     }
 }
 
@@ -263,6 +284,19 @@ mod tests {
             assert!(check(&err), "{input:?} gave {err:?}");
         }
         assert!(Selector::parse(&format!("unix:{}", "x".repeat(MAX_SELECTOR_VALUE_LEN + 1))).is_err());
+        for long in [MAX_SELECTOR_TYPE_LEN + 1, 300] {
+            let err = Selector::parse(&format!("{}:v", "a".repeat(long))).unwrap_err();
+            assert!(matches!(err, SelectorError::BadType(_)), "type of {long} bytes gave {err:?}");
+        }
+        let longest = Selector::parse(&format!("{}:v", "a".repeat(MAX_SELECTOR_TYPE_LEN))).unwrap();
+        assert_eq!((longest.kind().len(), longest.value()), (MAX_SELECTOR_TYPE_LEN, "v"));
+    }
+
+    #[test]
+    fn selectors_are_ordered_by_type_then_value() {
+        let sorted = set(&["unix2:a", "unix:uid:1", "unix:gid:9", "k8s:ns:x"]);
+        let order: Vec<String> = sorted.iter().map(ToString::to_string).collect();
+        assert_eq!(order, ["k8s:ns:x", "unix:gid:9", "unix:uid:1", "unix2:a"]);
     }
 
     #[test]
@@ -288,7 +322,7 @@ mod tests {
     }
 
     fn selector_strategy() -> impl Strategy<Value = Selector> {
-        ("[a-c]{1,2}", "[a-c:0-2]{1,4}").prop_map(|(k, v)| Selector::new(&k, &v).unwrap())
+        ("[a-c0-2]{1,2}", "[a-c:0-2]{1,4}").prop_map(|(k, v)| Selector::new(&k, &v).unwrap())
     }
 
     proptest! {
@@ -300,6 +334,12 @@ mod tests {
             let (sa, sb) = (SelectorSet::from(a.clone()), SelectorSet::from(b.clone()));
             let naive = a.iter().all(|s| b.contains(s));
             prop_assert_eq!(sa.is_subset_of(&sb), naive);
+        }
+
+        #[test]
+        fn order_is_the_order_of_the_pair(a in selector_strategy(), b in selector_strategy()) {
+            prop_assert_eq!(a.cmp(&b), (a.kind(), a.value()).cmp(&(b.kind(), b.value())));
+            prop_assert_eq!(a == b, (a.kind(), a.value()) == (b.kind(), b.value()));
         }
 
         #[test]
