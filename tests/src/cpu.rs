@@ -14,7 +14,9 @@ use anyhow::Context;
 /// A multi-thread tokio runtime whose threads' CPU time can be read.
 #[derive(Debug)]
 pub struct TrackedRuntime {
-    runtime: tokio::runtime::Runtime,
+    /// `None` once dropped (taken to shut it down in the background).
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     threads: Arc<Mutex<Vec<i32>>>,
 }
 
@@ -36,12 +38,12 @@ impl TrackedRuntime {
             .enable_all()
             .build()
             .context("building the server runtime")?;
-        Ok(Self { runtime, threads })
+        Ok(Self { handle: runtime.handle().clone(), runtime: Some(runtime), threads })
     }
 
     /// A handle to spawn on the runtime.
     pub fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime.handle()
+        &self.handle
     }
 
     /// Runs `future` on this runtime and waits for it from another runtime.
@@ -50,7 +52,7 @@ impl TrackedRuntime {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.spawn(future).await.context("task on the server runtime")
+        self.handle.spawn(future).await.context("task on the server runtime")
     }
 
     /// CPU time of every thread this runtime started that is still alive (the pool keeps them).
@@ -61,7 +63,17 @@ impl TrackedRuntime {
 
     /// Shuts the runtime down without blocking the calling runtime.
     pub fn shutdown(self) {
-        self.runtime.shutdown_background();
+        drop(self);
+    }
+}
+
+impl Drop for TrackedRuntime {
+    /// Shuts down in the background: dropping a runtime from inside another (an error path of
+    /// a mode, say) must not panic.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

@@ -8,6 +8,10 @@
 //! - [`probe`]: the raw limits each figure is held to, measured in the same run (rates on all
 //!   cores, the tonic-over-UDS + `/proc` attestation floor);
 //! - [`stats`]: percentiles of latency samples;
+//! - [`handshake`]: TLS handshakes in memory with the server's side timed alone (S7);
+//! - [`agent_load`]: the Workload API under many one-shot clients (A6) and many cancelled
+//!   streams on one connection (A9);
+//! - [`storm`]: ten thousand X.509-SVIDs due at once at a real agent (A8);
 //! - [`mint_scale`]: minting time and CPU per entry for entries created one by one while a
 //!   real agent syncs (how the cost grows with the number of entries);
 //! - [`modes`]: the measurements themselves (one per `tessera-loadgen` subcommand), each
@@ -16,9 +20,11 @@
 //! The loadgen process is its own workload: Workload API calls are attested as this process
 //! (`unix:uid:<our uid>`).
 
+pub mod agent_load;
 pub mod agent_memory;
 pub mod cpu;
 pub mod fleet;
+pub mod handshake;
 pub mod harness;
 pub mod mint_scale;
 pub mod modes;
@@ -28,3 +34,4 @@ pub mod report;
 pub mod rotation;
 pub mod sim;
 pub mod stats;
+pub mod storm;
