@@ -77,6 +77,13 @@ impl Drop for TrackedRuntime {
     }
 }
 
+/// CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds).
+pub fn current_thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
+}
+
 /// The calling thread's ID (`/proc/thread-self` links to `<pid>/task/<tid>`).
 fn current_tid() -> Option<i32> {
     let link = std::fs::read_link("/proc/thread-self").ok()?;
@@ -127,6 +134,28 @@ mod tests {
         });
         assert!(tracked.cpu_time() >= before + Duration::from_millis(10), "{:?}", tracked.cpu_time());
         tracked.shutdown();
+    }
+
+    #[test]
+    fn current_thread_cpu_counts_this_threads_work_only() {
+        let before = current_thread_cpu().unwrap();
+        // Another thread's work is not this thread's.
+        std::thread::spawn(|| {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(100) {
+                std::hint::black_box(0u64);
+            }
+        })
+        .join()
+        .unwrap();
+        let idle = current_thread_cpu().unwrap() - before;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(100) {
+            std::hint::black_box(0u64);
+        }
+        let busy = current_thread_cpu().unwrap() - before - idle;
+        assert!(idle < Duration::from_millis(50), "{idle:?}");
+        assert!(busy > idle, "{busy:?} {idle:?}");
     }
 
     #[test]

@@ -355,6 +355,26 @@ pub fn x509_parse_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
     })
 }
 
+/// CPU time per operation of `make()`'s operation, run on the calling thread for `duration`
+/// (at least 10 operations). Unlike wall time this does not grow when other processes take
+/// the CPU, so it is the limit for figures that are themselves CPU time (CPU per SVID, per
+/// fetch).
+pub fn cpu_per_op<F>(duration: Duration, make: impl Fn() -> anyhow::Result<F>) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> anyhow::Result<()>,
+{
+    let mut op = make()?;
+    op()?; // warm-up
+    let cpu = || crate::cpu::current_thread_cpu().ok_or_else(|| anyhow!("no per-thread CPU accounting"));
+    let (start, cpu_start) = (Instant::now(), cpu()?);
+    let mut count = 0u32;
+    while start.elapsed() < duration || count < 10 {
+        op()?;
+        count += 1;
+    }
+    Ok(cpu()?.saturating_sub(cpu_start) / count)
+}
+
 /// Time per operation of `make()`'s operation on one thread, run for `duration`.
 pub fn time_per_op<F>(duration: Duration, make: impl Fn() -> anyhow::Result<F> + Sync) -> anyhow::Result<Duration>
 where

@@ -179,7 +179,10 @@ async fn wl_throughput_mode_fetches_on_new_connections_beside_the_limit() {
     for level in ["c2", "c4"] {
         let tag = format!("wl_throughput.{level}");
         assert_throughput(&out, &format!("{tag}.fetches_per_agent_cpu_sec"));
-        assert_eq!(figure(&out, &format!("{tag}.fetches_per_agent_cpu_sec"))["limit_name"], "1/(L_attest+L_newconn/2)");
+        assert_eq!(
+            figure(&out, &format!("{tag}.fetches_per_agent_cpu_sec"))["limit_name"],
+            "1/(L_attest+L_newconn/2)_cpu"
+        );
         assert!(number(&figure(&out, &format!("{tag}.fetches_per_sec")), "value") > 0.0, "{out}");
         assert_eq!(number(&figure(&out, &format!("{tag}.failures")), "value"), 0.0, "{out}");
     }
