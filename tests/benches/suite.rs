@@ -425,6 +425,16 @@ fn median_ns(dir: &Path, id: &str) -> Option<f64> {
     json["median"]["point_estimate"].as_f64()
 }
 
+/// One line of the ratio table: the figure's and the limit's time per operation.
+struct Row {
+    item: &'static str,
+    figure: String,
+    ns: Option<f64>,
+    limit_name: String,
+    limit_ns: Option<f64>,
+    goal: Goal,
+}
+
 /// How a row is judged: the limit's time per operation, and the goal on limit/figure.
 enum Goal {
     /// figure rate ≥ goal × limit rate.
@@ -457,10 +467,9 @@ fn print_ratios() {
     };
     let threads = probe::cores() as f64;
     let plus = |a: Option<f64>, b: f64| a.map(|a| a + b);
-    // (item, figure, its time per op, limit name, limit time per op, goal)
-    let mut rows: Vec<(&str, String, Option<f64>, String, Option<f64>, Goal)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut row = |item: &'static str, id: &str, limit_name: &str, limit_ns: Option<f64>, goal: Goal| {
-        rows.push((item, id.to_owned(), get(id), limit_name.to_owned(), limit_ns, goal));
+        rows.push(Row { item, figure: id.to_owned(), ns: get(id), limit_name: limit_name.to_owned(), limit_ns, goal });
     };
     row("S1", "server/mint_x509_keygiven", "1/sign", Some(sign), Goal::AtLeast(0.70));
     row("S2", "server/mint_x509_csr", "1/(sign+verify)", Some(sign + verify), Goal::AtLeast(0.70));
@@ -488,29 +497,29 @@ fn print_ratios() {
     if let Some(stats) = RPC_STATS.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
         let cpu_per_svid = stats.server_cpu.as_secs_f64() * 1e9 / stats.svids.max(1) as f64;
         let p99 = stats.latency.percentile(99.0).as_secs_f64() * 1e9;
-        rows.push((
-            "S5",
-            "  server CPU per SVID".to_owned(),
-            Some(cpu_per_svid),
-            "1/(sign+verify) CPU".to_owned(),
-            sign_verify_cpu.map(|(s, v)| (s + v).as_secs_f64() * 1e9),
-            Goal::AtLeast(0.50),
-        ));
-        rows.push((
-            "S5",
-            format!("  p99 of {} calls", stats.latency.len()),
-            Some(p99),
-            "50 x (sign+verify)".to_owned(),
-            Some(50.0 * (sign + verify)),
-            Goal::AtMost(2.0),
-        ));
+        rows.push(Row {
+            item: "S5",
+            figure: "  server CPU per SVID".to_owned(),
+            ns: Some(cpu_per_svid),
+            limit_name: "1/(sign+verify) CPU".to_owned(),
+            limit_ns: sign_verify_cpu.map(|(s, v)| (s + v).as_secs_f64() * 1e9),
+            goal: Goal::AtLeast(0.50),
+        });
+        rows.push(Row {
+            item: "S5",
+            figure: format!("  p99 of {} calls", stats.latency.len()),
+            ns: Some(p99),
+            limit_name: "50 x (sign+verify)".to_owned(),
+            limit_ns: Some(50.0 * (sign + verify)),
+            goal: Goal::AtMost(2.0),
+        });
     }
     println!();
     println!(
         "{:<3} {:<36} {:>12} {:>12} {:>20} {:>12} {:>8} {:>10} {:>4}",
         "#", "figure", "us/op", "ops/s", "limit", "limit us/op", "ratio", "goal", "met"
     );
-    for (item, id, ns, limit_name, limit_ns, goal) in rows {
+    for Row { item, figure: id, ns, limit_name, limit_ns, goal } in rows {
         let (Some(ns), Some(limit_ns)) = (ns, limit_ns) else { continue };
         // Throughput goals compare rates (limit time / figure time); latency goals compare times.
         let (ratio, goal_text, met) = match goal {
