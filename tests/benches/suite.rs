@@ -494,9 +494,17 @@ fn print_ratios() {
     row("E2", "e2e/svid_verify", "parse+verify", plus(parse, verify), Goal::AtMost(1.3));
     // S5's side figures, from the calls criterion timed.
     let sign_verify_cpu = *SIGN_VERIFY_CPU.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut s5_calls = String::new();
     if let Some(stats) = RPC_STATS.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
         let cpu_per_svid = stats.server_cpu.as_secs_f64() * 1e9 / stats.svids.max(1) as f64;
         let p99 = stats.latency.percentile(99.0).as_secs_f64() * 1e9;
+        s5_calls = format!(
+            "; S5 calls p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            stats.latency.percentile(50.0).as_secs_f64() * 1e3,
+            stats.latency.percentile(90.0).as_secs_f64() * 1e3,
+            p99 / 1e6,
+            stats.latency.max().as_secs_f64() * 1e3
+        );
         rows.push(Row {
             item: "S5",
             figure: "  server CPU per SVID".to_owned(),
@@ -538,7 +546,7 @@ fn print_ratios() {
         |name: &str, ns: Option<f64>| ns.map(|ns| format!(", {name} {:.1} us", ns / 1e3)).unwrap_or_default();
     println!(
         "(limits, same run: P-256 sign {:.1} us, verify {:.1} us, /proc reads {:.1} us, unary+attest over UDS {:.1} us, \
-         4 KiB fdatasync {:.1} us{}{}{}{}{}; S7 negotiated {}; {} cores; load average {})",
+         4 KiB fdatasync {:.1} us{}{}{}{}{}; S7 negotiated {}{s5_calls}; {} cores; load average {})",
         sign / 1e3,
         verify / 1e3,
         attest / 1e3,
