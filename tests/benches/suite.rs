@@ -50,7 +50,7 @@ use criterion::{Criterion, criterion_group};
 use tessera_agent::attestor::{PeerCredentials, UnixAttestor, UnixAttestorConfig};
 use tessera_spiffe::bundle::Bundle;
 use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
-use tessera_tests::cpu::TrackedRuntime;
+use tessera_tests::cpu::{TrackedRuntime, current_thread_cpu};
 use tessera_tests::handshake;
 use tessera_tests::modes::{self, Deployment};
 use tessera_tests::probe::{self, FloorServer};
@@ -187,16 +187,22 @@ fn server(c: &mut Criterion) {
                     .map(|_| {
                         scope.spawn(|| {
                             ready.wait();
+                            let cpu_start = current_thread_cpu().unwrap();
                             for _ in 0..per_thread {
                                 ca.sign_x509_svid(&spiffe_id, &[], ttl, &spki, SystemTime::now()).unwrap();
                             }
+                            current_thread_cpu().unwrap() - cpu_start
                         })
                     })
                     .collect();
                 ready.wait();
                 let start = Instant::now();
-                workers.into_iter().for_each(|w| w.join().unwrap());
-                start.elapsed()
+                let cpu: Duration = workers.into_iter().map(|w| w.join().unwrap()).sum();
+                let elapsed = start.elapsed();
+                let mut total = S3_CPU.lock().unwrap_or_else(PoisonError::into_inner);
+                total.0 += cpu;
+                total.1 += elapsed;
+                elapsed
             });
             elapsed.mul_f64(iters as f64 / (per_thread * threads as u64) as f64)
         })
@@ -269,6 +275,10 @@ static RPC_STATS: Mutex<Option<RpcStats>> = Mutex::new(None);
 static SIGN_VERIFY_CPU: Mutex<Option<(Duration, Duration)>> = Mutex::new(None);
 /// S7's negotiated key exchange group, to pick the matching ECDH probe.
 static KEY_EXCHANGE: Mutex<Option<String>> = Mutex::new(None);
+
+/// S3's threads: CPU time they got and wall time, summed over all samples. On a shared
+/// machine the threads may not get a core each; this shows how many they had.
+static S3_CPU: Mutex<(Duration, Duration)> = Mutex::new((Duration::ZERO, Duration::ZERO));
 
 /// CSRs per `BatchNewX509Svid` call in S5.
 const S5_BATCH: usize = 50;
@@ -494,6 +504,18 @@ fn print_ratios() {
     row("E2", "e2e/svid_verify", "parse+verify", plus(parse, verify), Goal::AtMost(1.3));
     // S5's side figures, from the calls criterion timed.
     let sign_verify_cpu = *SIGN_VERIFY_CPU.lock().unwrap_or_else(PoisonError::into_inner);
+    let (s3_cpu, s3_wall) = *S3_CPU.lock().unwrap_or_else(PoisonError::into_inner);
+    // How many cores S3's threads really had, and their rate per core had against S1's.
+    let s3_cores = match (s3_wall > Duration::ZERO, get("server/mint_x509_scaling"), s1) {
+        (true, Some(s3), Some(s1)) => {
+            let had = s3_cpu.as_secs_f64() / s3_wall.as_secs_f64();
+            format!(
+                "; S3 threads had {had:.2} of {threads} cores (CPU time / wall time), {:.2} x S1's rate per core had",
+                (s1 / s3) / had.max(1e-9)
+            )
+        }
+        _ => String::new(),
+    };
     let mut s5_calls = String::new();
     if let Some(stats) = RPC_STATS.lock().unwrap_or_else(PoisonError::into_inner).as_mut() {
         let cpu_per_svid = stats.server_cpu.as_secs_f64() * 1e9 / stats.svids.max(1) as f64;
@@ -546,7 +568,7 @@ fn print_ratios() {
         |name: &str, ns: Option<f64>| ns.map(|ns| format!(", {name} {:.1} us", ns / 1e3)).unwrap_or_default();
     println!(
         "(limits, same run: P-256 sign {:.1} us, verify {:.1} us, /proc reads {:.1} us, unary+attest over UDS {:.1} us, \
-         4 KiB fdatasync {:.1} us{}{}{}{}{}; S7 negotiated {}{s5_calls}; {} cores; load average {})",
+         4 KiB fdatasync {:.1} us{}{}{}{}{}; S7 negotiated {}{s3_cores}{s5_calls}; {} cores; load average {})",
         sign / 1e3,
         verify / 1e3,
         attest / 1e3,

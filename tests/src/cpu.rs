@@ -78,7 +78,12 @@ impl Drop for TrackedRuntime {
 }
 
 /// CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds).
+///
+/// The kernel brings a thread's total up to date at scheduler events (ticks, switches), so a
+/// running thread reading its own would miss up to a tick of its current slice; yielding first
+/// is such an event (it costs about a microsecond).
 pub fn current_thread_cpu() -> Option<Duration> {
+    std::thread::yield_now();
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_nanos(nanos))
