@@ -275,6 +275,7 @@ pub struct RunningServer {
     oidc_addr: Option<SocketAddr>,
     bundle_endpoint_addr: Option<SocketAddr>,
     token_exchange_addr: Option<SocketAddr>,
+    agent_tls: Arc<rustls::ServerConfig>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
 }
@@ -318,6 +319,12 @@ impl RunningServer {
     /// Where the token exchange endpoint listens, when configured (bound address).
     pub fn token_exchange_addr(&self) -> Option<SocketAddr> {
         self.token_exchange_addr
+    }
+
+    /// The TLS configuration the agent API accepts connections with (its certificate follows
+    /// renewals), for benchmarks of the handshake.
+    pub fn agent_api_tls_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.agent_tls)
     }
 
     /// The running federation relationships.
@@ -453,8 +460,10 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         let ca = Arc::clone(state.ca());
         let bundle = BundleSource::from_fn(move || Arc::new(ca.bundle()));
         let clients = Arc::new(SpiffeClientVerifier::new(bundle).allow_anonymous());
-        tessera_spiffe::tls::server_config(clients, server_svid.resolver())
-            .map_err(|err| ServerError::AgentTls(err.to_string()))?
+        Arc::new(
+            tessera_spiffe::tls::server_config(clients, server_svid.resolver())
+                .map_err(|err| ServerError::AgentTls(err.to_string()))?,
+        )
     };
 
     // Bind everything before spawning anything, so a bind failure leaves nothing running.
@@ -490,7 +499,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
 
     let server_svid_resolver = server_svid.resolver();
     tasks.spawn(serve_admin(Arc::clone(&state), admin_listener, stopped.clone()));
-    tasks.spawn(serve_agent_api(Arc::clone(&state), agent_listener, tls_config, stopped.clone()));
+    tasks.spawn(serve_agent_api(Arc::clone(&state), agent_listener, Arc::clone(&tls_config), stopped.clone()));
     {
         let (state, stopped) = (Arc::clone(&state), stopped.clone());
         tasks.spawn(async move {
@@ -540,6 +549,7 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         oidc_addr,
         bundle_endpoint_addr,
         token_exchange_addr,
+        agent_tls: tls_config,
         stop,
         tasks,
     })
@@ -736,10 +746,10 @@ async fn serve_admin(
 async fn serve_agent_api(
     state: Arc<ServerState>,
     listener: TcpListener,
-    tls_config: rustls::ServerConfig,
+    tls_config: Arc<rustls::ServerConfig>,
     stopped: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
     let incoming = crate::agent_api::tls::incoming(listener, acceptor, stopped.clone());
     tonic::transport::Server::builder()
         .layer(tessera_common::metrics::GrpcMetricsLayer::new(state.metrics().agent_api()))

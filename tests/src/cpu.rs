@@ -14,7 +14,9 @@ use anyhow::Context;
 /// A multi-thread tokio runtime whose threads' CPU time can be read.
 #[derive(Debug)]
 pub struct TrackedRuntime {
-    runtime: tokio::runtime::Runtime,
+    /// `None` once dropped (taken to shut it down in the background).
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     threads: Arc<Mutex<Vec<i32>>>,
 }
 
@@ -36,12 +38,12 @@ impl TrackedRuntime {
             .enable_all()
             .build()
             .context("building the server runtime")?;
-        Ok(Self { runtime, threads })
+        Ok(Self { handle: runtime.handle().clone(), runtime: Some(runtime), threads })
     }
 
     /// A handle to spawn on the runtime.
     pub fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime.handle()
+        &self.handle
     }
 
     /// Runs `future` on this runtime and waits for it from another runtime.
@@ -50,7 +52,7 @@ impl TrackedRuntime {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime.spawn(future).await.context("task on the server runtime")
+        self.handle.spawn(future).await.context("task on the server runtime")
     }
 
     /// CPU time of every thread this runtime started that is still alive (the pool keeps them).
@@ -61,8 +63,30 @@ impl TrackedRuntime {
 
     /// Shuts the runtime down without blocking the calling runtime.
     pub fn shutdown(self) {
-        self.runtime.shutdown_background();
+        drop(self);
     }
+}
+
+impl Drop for TrackedRuntime {
+    /// Shuts down in the background: dropping a runtime from inside another (an error path of
+    /// a mode, say) must not panic.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds).
+///
+/// The kernel brings a thread's total up to date at scheduler events (ticks, switches), so a
+/// running thread reading its own would miss up to a tick of its current slice; yielding first
+/// is such an event (it costs about a microsecond).
+pub fn current_thread_cpu() -> Option<Duration> {
+    std::thread::yield_now();
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let nanos: u64 = stat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
 }
 
 /// The calling thread's ID (`/proc/thread-self` links to `<pid>/task/<tid>`).
@@ -115,6 +139,28 @@ mod tests {
         });
         assert!(tracked.cpu_time() >= before + Duration::from_millis(10), "{:?}", tracked.cpu_time());
         tracked.shutdown();
+    }
+
+    #[test]
+    fn current_thread_cpu_counts_this_threads_work_only() {
+        let before = current_thread_cpu().unwrap();
+        // Another thread's work is not this thread's.
+        std::thread::spawn(|| {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(100) {
+                std::hint::black_box(0u64);
+            }
+        })
+        .join()
+        .unwrap();
+        let idle = current_thread_cpu().unwrap() - before;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(100) {
+            std::hint::black_box(0u64);
+        }
+        let busy = current_thread_cpu().unwrap() - before - idle;
+        assert!(idle < Duration::from_millis(50), "{idle:?}");
+        assert!(busy > idle, "{busy:?} {idle:?}");
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! - [`stats`]: percentiles of latency samples;
 //! - [`scale`]: entries in sled at 10k-1M: write rate, the real server binary's start-up
 //!   time and memory per entry, one agent's full sync;
+//! - [`handshake`]: TLS handshakes in memory with the server's side timed alone (S7);
+//! - [`agent_load`]: the Workload API under many one-shot clients (A6) and many cancelled
+//!   streams on one connection (A9);
+//! - [`storm`]: ten thousand X.509-SVIDs due at once at a real agent (A8);
 //! - [`mint_scale`]: minting time and CPU per entry for entries created one by one while a
 //!   real agent syncs (how the cost grows with the number of entries);
 //! - [`modes`]: the measurements themselves (one per `tessera-loadgen` subcommand), each
@@ -18,9 +22,11 @@
 //! The loadgen process is its own workload: Workload API calls are attested as this process
 //! (`unix:uid:<our uid>`).
 
+pub mod agent_load;
 pub mod agent_memory;
 pub mod cpu;
 pub mod fleet;
+pub mod handshake;
 pub mod harness;
 pub mod mint_scale;
 pub mod modes;
@@ -31,3 +37,4 @@ pub mod rotation;
 pub mod scale;
 pub mod sim;
 pub mod stats;
+pub mod storm;

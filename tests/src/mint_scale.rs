@@ -60,15 +60,30 @@ fn progress(line: &str) {
 }
 
 /// An agent (manager + Workload API) running on its own runtime.
-struct Agent {
-    manager: RunningManager,
-    cache: Arc<Cache>,
-    socket: PathBuf,
+pub(crate) struct Agent {
+    pub(crate) manager: RunningManager,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) socket: PathBuf,
     stop_api: oneshot::Sender<()>,
     api_task: tokio::task::JoinHandle<Result<(), tessera_agent::workload_api::ServeError>>,
 }
 
-async fn start_agent(server_addr: String, dir: PathBuf, token: String) -> anyhow::Result<Agent> {
+/// Starts an agent with join token `token` against the server at `server_addr`; its data
+/// directory and Workload API socket are in `dir`, which holds the bootstrap bundle
+/// (`bootstrap.pem`). Run it on the runtime that should carry the agent's work.
+pub(crate) async fn start_agent(server_addr: String, dir: PathBuf, token: String) -> anyhow::Result<Agent> {
+    let trust_domain = TrustDomain::new(TRUST_DOMAIN)?;
+    let cache = Arc::new(Cache::new(AgentSnapshot::empty(BundleSet::new(Bundle::new(trust_domain)))));
+    start_agent_with(server_addr, dir, token, cache).await
+}
+
+/// [`start_agent`] publishing to `cache` (subscribe to it first to see every snapshot).
+pub(crate) async fn start_agent_with(
+    server_addr: String,
+    dir: PathBuf,
+    token: String,
+    cache: Arc<Cache>,
+) -> anyhow::Result<Agent> {
     let trust_domain = TrustDomain::new(TRUST_DOMAIN)?;
     let config = AgentConfig {
         trust_domain: trust_domain.clone(),
@@ -77,7 +92,6 @@ async fn start_agent(server_addr: String, dir: PathBuf, token: String) -> anyhow
         trust_bundle_path: Some(dir.join("bootstrap.pem")),
         ..AgentConfig::default()
     };
-    let cache = Arc::new(Cache::new(AgentSnapshot::empty(BundleSet::new(Bundle::new(trust_domain.clone())))));
     let manager =
         tokio::time::timeout(Duration::from_secs(60), manager::start(&config, Some(token), Arc::clone(&cache)))
             .await
@@ -94,7 +108,8 @@ async fn start_agent(server_addr: String, dir: PathBuf, token: String) -> anyhow
     Ok(Agent { manager, cache, socket, stop_api, api_task })
 }
 
-async fn stop_agent(agent: Agent) {
+/// Stops the Workload API and the manager of `agent`.
+pub(crate) async fn stop_agent(agent: Agent) {
     let _ = agent.stop_api.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.api_task).await;
     agent.manager.shutdown().await;

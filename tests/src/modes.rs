@@ -345,7 +345,8 @@ impl Deployment {
     }
 }
 
-fn with_header<T>(message: T) -> tonic::Request<T> {
+/// `message` as a Workload API request, with the security header every SPIFFE client sends.
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
     request

@@ -8,11 +8,19 @@
 //! - [`es256_mint_op`]: a compact JWS over a typical JWT-SVID header and claims: JSON
 //!   formatting, base64url and a ring P-256 (fixed-size) signature;
 //! - [`p256_sign_op`], [`p256_verify_op`]: ring ECDSA P-256, the crypto floor;
+//! - [`ecdh_op`]: one side of an ephemeral key agreement (ring X25519 or P-256: key
+//!   generation, public key, agreement), the key exchange of a TLS 1.3 handshake;
+//! - [`keygen_csr_op`]: a fresh P-256 key and a DER CSR for it (rcgen on ring), the agent's
+//!   work per X.509-SVID before it asks the server;
+//! - [`x509_parse_op`]: x509-parser over an X.509-SVID-shaped leaf (the parse half of
+//!   workload-side SVID validation);
 //! - [`proc_attest`]: the `/proc` reads of unix attestation;
 //! - [`fsync_rate`]: durable single-writer commits per second;
 //! - [`FloorServer`]: the floor of a Workload API call: a tonic unary call over a Unix socket
 //!   whose handler reads `/proc/<peer pid>/exe` and `/proc/<peer pid>/status` (the unix
-//!   attestation's syscalls) and answers a cached, SVID-sized response.
+//!   attestation's syscalls) and answers a cached, SVID-sized response;
+//!   [`FloorServer::start_without_attestation`] answers without the `/proc` reads (the floor
+//!   of the call alone: on a new connection each time it is `L_newconn`).
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -132,8 +140,19 @@ pub struct FloorServer {
 impl FloorServer {
     /// Serves the floor on a new socket at `socket`.
     pub fn start(socket: &Path) -> anyhow::Result<Self> {
+        Self::serve(socket, true)
+    }
+
+    /// Serves the floor without the `/proc` reads: a tonic unary call answering a cached
+    /// response, nothing else.
+    pub fn start_without_attestation(socket: &Path) -> anyhow::Result<Self> {
+        Self::serve(socket, false)
+    }
+
+    fn serve(socket: &Path, attest: bool) -> anyhow::Result<Self> {
         let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
         let service = Floor {
+            attest,
             response: wl::JwtsvidResponse {
                 svids: vec![wl::Jwtsvid {
                     spiffe_id: "spiffe://loadgen.example/workload/floor".into(),
@@ -170,6 +189,7 @@ impl FloorServer {
 }
 
 struct Floor {
+    attest: bool,
     response: wl::JwtsvidResponse,
 }
 
@@ -201,6 +221,9 @@ impl SpiffeWorkloadApi for Floor {
         &self,
         request: Request<wl::JwtsvidRequest>,
     ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        if !self.attest {
+            return Ok(Response::new(self.response.clone()));
+        }
         let pid = request
             .extensions()
             .get::<UdsConnectInfo>()
@@ -279,6 +302,86 @@ pub fn p256_verify_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
         key.public_key().as_ref().to_vec(),
     );
     Ok(move || public.verify(PROBE_MESSAGE, signature.as_ref()).map_err(|_| anyhow!("verify failed")))
+}
+
+/// One side of an ephemeral key agreement with `algorithm` (`ring::agreement::X25519` or
+/// `ECDH_P256`): a new private key, its public key, and the agreement with a peer's public key
+/// (what a TLS 1.3 server does per full handshake).
+pub fn ecdh_op(algorithm: &'static ring::agreement::Algorithm) -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    use ring::agreement::{EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral};
+    let rng = SystemRandom::new();
+    let peer = EphemeralPrivateKey::generate(algorithm, &rng).map_err(|e| anyhow!("{e}"))?;
+    let peer_public = peer.compute_public_key().map_err(|e| anyhow!("{e}"))?.as_ref().to_vec();
+    Ok(move || {
+        let private = EphemeralPrivateKey::generate(algorithm, &rng).map_err(|e| anyhow!("{e}"))?;
+        let public = private.compute_public_key().map_err(|e| anyhow!("{e}"))?;
+        std::hint::black_box(public.as_ref());
+        let secret = agree_ephemeral(private, &UnparsedPublicKey::new(algorithm, &peer_public), |secret| {
+            secret.first().copied()
+        })
+        .map_err(|_| anyhow!("key agreement failed"))?;
+        std::hint::black_box(secret);
+        Ok(())
+    })
+}
+
+/// A fresh EC P-256 key and a DER PKCS#10 request for it with rcgen (on ring), as the agent
+/// makes one per X.509-SVID it mints or renews.
+pub fn keygen_csr_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    Ok(|| {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let csr = CertificateParams::default().serialize_request(&key)?;
+        std::hint::black_box((key.serialize_der(), csr.der().len()));
+        Ok(())
+    })
+}
+
+/// x509-parser over a leaf shaped like an X.509-SVID (P-256, a SPIFFE URI SAN), signed by a
+/// fresh CA: the parse the workload's validator cannot avoid.
+pub fn x509_parse_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names =
+        vec![SanType::URI(rcgen::string::Ia5String::try_from("spiffe://loadgen.example/workload/probe")?)];
+    let der = params.signed_by(&key, &issuer)?.der().to_vec();
+    Ok(move || {
+        let (_, certificate) = x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow!("parse: {e}"))?;
+        std::hint::black_box(certificate.subject_alternative_name().ok().flatten().is_some());
+        Ok(())
+    })
+}
+
+/// CPU time per operation of `make()`'s operation, run on the calling thread for `duration`
+/// (at least 10 operations). Unlike wall time this does not grow when other processes take
+/// the CPU, so it is the limit for figures that are themselves CPU time (CPU per SVID, per
+/// fetch).
+pub fn cpu_per_op<F>(duration: Duration, make: impl Fn() -> anyhow::Result<F>) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> anyhow::Result<()>,
+{
+    let mut op = make()?;
+    op()?; // warm-up
+    let cpu = || crate::cpu::current_thread_cpu().ok_or_else(|| anyhow!("no per-thread CPU accounting"));
+    let (start, cpu_start) = (Instant::now(), cpu()?);
+    let mut count = 0u32;
+    while start.elapsed() < duration || count < 10 {
+        op()?;
+        count += 1;
+    }
+    Ok(cpu()?.saturating_sub(cpu_start) / count)
+}
+
+/// Time per operation of `make()`'s operation on one thread, run for `duration`.
+pub fn time_per_op<F>(duration: Duration, make: impl Fn() -> anyhow::Result<F> + Sync) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> anyhow::Result<()>,
+{
+    let rate = rate_on_all_cores(1, duration, make)?;
+    Ok(Duration::from_secs_f64(1.0 / rate.max(1e-9)))
 }
 
 const PROBE_MESSAGE: &[u8] = b"tessera limit probe message of typical to-be-signed size .............";

@@ -178,3 +178,55 @@ async fn mint_scale_mode_mints_every_entry_and_measures_both_sides() {
     let last = figure(&out, "mint_scale.n20.cpu_per_entry_last_tenth_us");
     assert_eq!(last["limit_name"], "cpu_per_entry_first_tenth_us", "{out}");
 }
+
+#[tokio::test]
+async fn wl_throughput_mode_fetches_on_new_connections_beside_the_limit() {
+    let out = loadgen(&["wl-throughput", "--clients", "2,4", "--seconds", "0.3", "--probe-seconds", "0.1"]).await;
+    for level in ["c2", "c4"] {
+        let tag = format!("wl_throughput.{level}");
+        assert_throughput(&out, &format!("{tag}.fetches_per_agent_cpu_sec"));
+        assert_eq!(
+            figure(&out, &format!("{tag}.fetches_per_agent_cpu_sec"))["limit_name"],
+            "1/(L_attest+L_newconn/2)_cpu"
+        );
+        assert!(number(&figure(&out, &format!("{tag}.fetches_per_sec")), "value") > 0.0, "{out}");
+        assert_eq!(number(&figure(&out, &format!("{tag}.failures")), "value"), 0.0, "{out}");
+    }
+    assert!(number(&figure(&out, "wl_throughput.limit_newconn_us"), "value") > 0.0, "{out}");
+}
+
+#[tokio::test]
+async fn stream_hygiene_mode_cancels_every_stream_on_one_connection() {
+    let out = loadgen(&["stream-hygiene", "--streams", "50"]).await;
+    assert_eq!(number(&figure(&out, "stream_hygiene.streams"), "value"), 50.0, "{out}");
+    assert_eq!(number(&figure(&out, "stream_hygiene.failures"), "value"), 0.0, "{out}");
+    assert_eq!(number(&figure(&out, "stream_hygiene.reconnects"), "value"), 0.0, "{out}");
+    for name in ["stream_hygiene.p50_us", "stream_hygiene.p99_us"] {
+        let latency = figure(&out, name);
+        assert!(number(&latency, "value") > 0.0 && number(&latency, "limit") > 0.0, "{latency:?}");
+    }
+}
+
+#[tokio::test]
+async fn rotation_storm_mode_mints_every_svid_due_at_once() {
+    let out = loadgen(&[
+        "rotation-storm",
+        "--svids",
+        "20",
+        "--subscribers",
+        "3",
+        "--writers",
+        "2",
+        "--probe-seconds",
+        "0.1",
+        "--timeout",
+        "120",
+    ])
+    .await;
+    let wall = figure(&out, "rotation_storm.n20.wall_ms");
+    assert!(number(&wall, "value") > 0.0 && number(&wall, "limit") > 0.0, "{wall:?}");
+    assert_eq!(wall["target"], "ratio<=1.50", "{wall:?}");
+    // Every subscriber got its SVID, minted in the storm.
+    assert_eq!(number(&figure(&out, "rotation_storm.n20.subscribers"), "value"), 3.0, "{out}");
+    assert!(number(&figure(&out, "rotation_storm.n20.server_cpu_us_per_svid"), "value") > 0.0, "{out}");
+}

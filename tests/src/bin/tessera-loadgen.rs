@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tessera_tests::agent_load::{self, WlThroughputOptions};
 use tessera_tests::agent_memory::{self, AgentMemoryOptions};
 use tessera_tests::fleet::{self, FleetOptions, WorkerJob};
 use tessera_tests::mint_scale::{self, MintScaleOptions};
@@ -17,6 +18,7 @@ use tessera_tests::modes::{self, OpenLoop, ThroughputOptions, WorkloadOptions};
 use tessera_tests::probe;
 use tessera_tests::rotation::{self, RotationOptions};
 use tessera_tests::scale;
+use tessera_tests::storm::{self, StormOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera-loadgen", about = "Tessera's whole-system benchmarks, each beside its measured limit")]
@@ -179,6 +181,42 @@ enum Command {
         #[arg(long, default_value_t = 1800.0)]
         timeout: f64,
     },
+    /// Many workloads at once, a new connection per FetchX509SVID: fetches per agent CPU second vs 1/(L_attest + L_newconn/2).
+    WlThroughput {
+        /// Concurrent one-shot clients, comma-separated (one measurement each).
+        #[arg(long, value_delimiter = ',', default_value = "64,512")]
+        clients: Vec<usize>,
+        /// Measured seconds per level.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Seconds of each limit probe.
+        #[arg(long, default_value_t = 2.0)]
+        probe_seconds: f64,
+    },
+    /// Many FetchX509SVID streams cancelled after their first message on one connection: failures, reconnects, latency vs the floor.
+    StreamHygiene {
+        /// Streams, one after the other.
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+    },
+    /// N X.509-SVIDs due at once at a real agent (a start with N entries): time to mint all vs the keygen and signing limits.
+    RotationStorm {
+        /// SVIDs due at once.
+        #[arg(long, default_value_t = 10_000)]
+        svids: usize,
+        /// Workload API streams open through the storm.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        /// Threads creating the entries beforehand.
+        #[arg(long, default_value_t = 16)]
+        writers: usize,
+        /// Seconds of each limit probe.
+        #[arg(long, default_value_t = 1.0)]
+        probe_seconds: f64,
+        /// Longest wait, in seconds, for the storm.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
     /// (internal) One worker process of `fleet`.
     #[command(hide = true)]
     FleetWorker {
@@ -319,6 +357,42 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     timeout: Duration::from_secs_f64(*timeout),
                 };
                 fleet::fleet(&options).await
+            }
+            Command::WlThroughput { clients, seconds, probe_seconds } => {
+                if clients.is_empty()
+                    || clients.contains(&0)
+                    || !(seconds.is_finite() && *seconds > 0.0 && probe_seconds.is_finite() && *probe_seconds > 0.0)
+                {
+                    anyhow::bail!("--clients must list levels of at least 1; --seconds and --probe-seconds positive");
+                }
+                let options = WlThroughputOptions {
+                    levels: clients.clone(),
+                    duration: Duration::from_secs_f64(*seconds),
+                    probe_duration: Duration::from_secs_f64(*probe_seconds),
+                };
+                agent_load::wl_throughput(&options).await
+            }
+            Command::StreamHygiene { streams } => {
+                if *streams == 0 {
+                    anyhow::bail!("--streams must be at least 1");
+                }
+                agent_load::stream_hygiene(*streams).await
+            }
+            Command::RotationStorm { svids, subscribers, writers, probe_seconds, timeout } => {
+                if *svids == 0
+                    || *writers == 0
+                    || !(probe_seconds.is_finite() && *probe_seconds > 0.0 && timeout.is_finite() && *timeout > 0.0)
+                {
+                    anyhow::bail!("--svids and --writers must be at least 1; --probe-seconds and --timeout positive");
+                }
+                let options = StormOptions {
+                    svids: *svids,
+                    subscribers: *subscribers,
+                    writers: *writers,
+                    probe_duration: Duration::from_secs_f64(*probe_seconds),
+                    timeout: Duration::from_secs_f64(*timeout),
+                };
+                storm::rotation_storm(&options).await
             }
             Command::FleetWorker { addr, bundle, prefix, from, to, entries, concurrency } => {
                 let job = WorkerJob {
