@@ -30,7 +30,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::probe;
 use crate::report::{Figure, Target};
-use crate::sim::{SimServer, TRUST_DOMAIN, workload_entry};
+use crate::sim::{SimServer, TRUST_DOMAIN, join_entry_writers, uid_selectors, workload_entry};
 use crate::stats::millis;
 
 /// Options of the `agent-memory` mode.
@@ -51,10 +51,7 @@ pub struct AgentMemoryOptions {
 
 /// The `tessera-agent` next to the running load generator (same build profile).
 pub fn default_agent_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("tessera-agent")))
-        .unwrap_or_else(|| PathBuf::from("tessera-agent"))
+    crate::harness::sibling_binary("tessera-agent")
 }
 
 fn progress(line: &str) {
@@ -185,26 +182,6 @@ fn leaf_len(der: &[u8]) -> Option<usize> {
     }
 }
 
-/// `count` entries under `parent`, each for its own workload uid, from `writers` threads.
-async fn create_entries(server: &SimServer, parent: &SpiffeId, count: usize, writers: usize) -> anyhow::Result<()> {
-    let writers = writers.clamp(1, count.max(1));
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..writers {
-        let (store, parent) = (server.store(), parent.clone());
-        tasks.spawn_blocking(move || -> anyhow::Result<()> {
-            for n in (w..count).step_by(writers) {
-                let selectors = SelectorSet::parse_all(&[format!("unix:uid:{}", 2_000_000 + n).as_str()])?;
-                store.create_entry(&workload_entry(&format!("mem-{n}"), &parent, selectors)?)?;
-            }
-            Ok(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.context("writer task")??;
-    }
-    Ok(())
-}
-
 /// `agent-memory`: see the [module docs](self).
 pub async fn agent_memory(options: &AgentMemoryOptions) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
@@ -231,7 +208,14 @@ pub async fn agent_memory(options: &AgentMemoryOptions) -> anyhow::Result<Vec<Fi
         let baseline = rss_of(agent.pid)?;
         progress(&format!("{size} SVIDs: agent RSS {baseline} B before; creating the entries"));
         let started = Instant::now();
-        create_entries(&server, &agent_id, size, options.writers).await?;
+        join_entry_writers(&mut server.spawn_entry_writers(
+            &agent_id,
+            "mem",
+            size,
+            options.writers,
+            uid_selectors(2_000_000),
+        ))
+        .await?;
         let want = size as u64 + 1;
         let deadline = started + options.timeout;
         while agent.minted.load(Ordering::Relaxed) < want {

@@ -21,6 +21,16 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The path `name` would have next to the running executable (the load generator finds the
+/// server and agent binaries of its own build profile there); whether it exists is checked
+/// where it is started, with an error that says how to build it.
+pub fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// A TCP port free on 127.0.0.1 when asked (another process may take it before it is used).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use crate::cpu::TrackedRuntime;
 use crate::probe;
 use crate::report::{Figure, Target};
-use crate::sim::{SimServer, TRUST_DOMAIN, workload_entry};
+use crate::sim::{SimServer, TRUST_DOMAIN, uid_selectors, workload_entry};
 
 /// Options of the `mint-scale` mode.
 #[derive(Debug, Clone)]
@@ -175,18 +175,7 @@ async fn run_size(options: &MintScaleOptions, size: usize) -> anyhow::Result<Run
     let (server_before, agent_before) = (server_rt.cpu_time(), agent_rt.cpu_time());
     progress(&format!("{size} entries: creating them one at a time ({} writers)", options.writers));
     let started = Instant::now();
-    let writers = options.writers.clamp(1, size.max(1));
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..writers {
-        let (store, parent) = (server.store(), agent_id.clone());
-        tasks.spawn_blocking(move || -> anyhow::Result<()> {
-            for n in (w..size).step_by(writers) {
-                let selectors = SelectorSet::parse_all(&[format!("unix:uid:{}", 3_000_000 + n).as_str()])?;
-                store.create_entry(&workload_entry(&format!("ms-{n}"), &parent, selectors)?)?;
-            }
-            Ok(())
-        });
-    }
+    let mut tasks = server.spawn_entry_writers(&agent_id, "ms", size, options.writers, uid_selectors(3_000_000));
     let mut write = None;
     let mut tenth_cpu = Vec::with_capacity(10);
     let mut tenth_wall = Vec::with_capacity(10);

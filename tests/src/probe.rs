@@ -87,12 +87,17 @@ where
     Ok(rate)
 }
 
-/// One "parse CSR + verify + sign leaf" operation with rcgen/ring, over a fresh CA and CSR.
-pub fn csr_sign_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+/// A fresh P-256 CA for the probes that sign a leaf.
+fn fresh_ca() -> anyhow::Result<Issuer<'static, KeyPair>> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer = Issuer::new(ca_params, ca_key);
+    Ok(Issuer::new(ca_params, ca_key))
+}
+
+/// One "parse CSR + verify + sign leaf" operation with rcgen/ring, over a fresh CA and CSR.
+pub fn csr_sign_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
+    let issuer = fresh_ca()?;
     let workload_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let csr = CertificateParams::new(Vec::<String>::new())?.serialize_request(&workload_key)?;
     let der = csr.der().clone();
@@ -339,10 +344,7 @@ pub fn keygen_csr_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
 /// x509-parser over a leaf shaped like an X.509-SVID (P-256, a SPIFFE URI SAN), signed by a
 /// fresh CA: the parse the workload's validator cannot avoid.
 pub fn x509_parse_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer = Issuer::new(ca_params, ca_key);
+    let issuer = fresh_ca()?;
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.subject_alt_names =

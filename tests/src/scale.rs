@@ -30,7 +30,7 @@ use crate::harness::free_port;
 use crate::modes::{full_sync, uid};
 use crate::probe;
 use crate::report::{Figure, Target};
-use crate::sim::{SimAgent, SimServer, TRUST_DOMAIN, connect, workload_entry};
+use crate::sim::{SimAgent, SimServer, TRUST_DOMAIN, connect, join_entry_writers};
 use crate::stats::millis;
 
 /// Longest wait for the restarted server to accept an agent connection.
@@ -49,34 +49,20 @@ pub struct ScaleOptions {
 
 /// The `tessera-server` next to the running load generator (same build profile).
 pub fn default_server_bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("tessera-server")))
-        .unwrap_or_else(|| PathBuf::from("tessera-server"))
+    crate::harness::sibling_binary("tessera-server")
 }
 
 fn progress(line: &str) {
     eprintln!("tessera-loadgen: scale: {line}");
 }
 
-/// Creates `count` entries under `parent` from `writers` threads; returns the wall time.
+/// Creates `count` entries under `parent` from `writers` threads, all for this process's
+/// uid; returns the wall time.
 pub async fn populate(server: &SimServer, parent: &SpiffeId, count: usize, writers: usize) -> anyhow::Result<Duration> {
     let selectors = SelectorSet::parse_all(&[format!("unix:uid:{}", uid()).as_str()])?;
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let writers = writers.clamp(1, count.max(1));
-    for w in 0..writers {
-        let (store, parent, selectors) = (server.store(), parent.clone(), selectors.clone());
-        tasks.spawn_blocking(move || -> anyhow::Result<()> {
-            for n in (w..count).step_by(writers) {
-                store.create_entry(&workload_entry(&format!("s{n}"), &parent, selectors.clone())?)?;
-            }
-            Ok(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.context("writer task")??;
-    }
+    join_entry_writers(&mut server.spawn_entry_writers(parent, "s", count, writers, move |_| Ok(selectors.clone())))
+        .await?;
     Ok(start.elapsed())
 }
 

@@ -132,6 +132,34 @@ impl SimServer {
         Ok(ids)
     }
 
+    /// Starts `writers` blocking tasks that create `count` workload entries under `parent`
+    /// together, entry `n` being `<prefix>-<n>` with the selectors
+    /// `selectors(n)` gives; join them with [`join_entry_writers`], or poll the set while they
+    /// write.
+    pub fn spawn_entry_writers(
+        &self,
+        parent: &SpiffeId,
+        prefix: &str,
+        count: usize,
+        writers: usize,
+        selectors: impl Fn(usize) -> anyhow::Result<SelectorSet> + Send + Sync + 'static,
+    ) -> tokio::task::JoinSet<anyhow::Result<()>> {
+        let writers = writers.clamp(1, count.max(1));
+        let selectors = Arc::new(selectors);
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..writers {
+            let (store, parent, prefix, selectors) =
+                (self.store(), parent.clone(), prefix.to_owned(), Arc::clone(&selectors));
+            tasks.spawn_blocking(move || -> anyhow::Result<()> {
+                for n in (w..count).step_by(writers) {
+                    store.create_entry(&workload_entry(&format!("{prefix}-{n}"), &parent, selectors(n)?)?)?;
+                }
+                Ok(())
+            });
+        }
+        tasks
+    }
+
     /// Stops the server.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.server.shutdown().await.context("server shutdown")?;
@@ -143,6 +171,19 @@ impl SimServer {
         self.server.shutdown().await.context("server shutdown")?;
         Ok(self.dir)
     }
+}
+
+/// Waits for every writer of [`SimServer::spawn_entry_writers`]; the first failure is the error.
+pub async fn join_entry_writers(tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    while let Some(result) = tasks.join_next().await {
+        result.context("entry writer task")??;
+    }
+    Ok(())
+}
+
+/// Selectors `unix:uid:<base + n>`: entry `n` of a run for a workload of its own.
+pub fn uid_selectors(base: usize) -> impl Fn(usize) -> anyhow::Result<SelectorSet> + Send + Sync + 'static {
+    move |n| Ok(SelectorSet::parse_all(&[format!("unix:uid:{}", base + n).as_str()])?)
 }
 
 /// A workload entry `spiffe://<td>/workload/<entry_id>` under `parent`.

@@ -38,13 +38,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tessera_spiffe::SelectorSet;
 use tessera_wire::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
 use crate::agent_load::{Stage, empty_cache};
 use crate::probe;
 use crate::report::{Figure, Target};
-use crate::sim::workload_entry;
+use crate::sim::{join_entry_writers, uid_selectors};
 use crate::stats::{micros, millis};
 
 /// Options of `rotation-storm`.
@@ -97,21 +96,14 @@ pub async fn rotation_storm(options: &StormOptions) -> anyhow::Result<Vec<Figure
 
     let stage = Arc::new(Stage::server("storm", true).await?);
     progress(&format!("creating {n} entries under the agent ({} writers)", options.writers));
-    let writers = options.writers.clamp(1, n.max(1));
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..writers {
-        let (store, parent) = (stage.server.store(), stage.agent_id.clone());
-        tasks.spawn_blocking(move || -> anyhow::Result<()> {
-            for i in (w..n).step_by(writers) {
-                let selectors = SelectorSet::parse_all(&[format!("unix:uid:{}", 3_000_000 + i).as_str()])?;
-                store.create_entry(&workload_entry(&format!("storm-{i:07}"), &parent, selectors)?)?;
-            }
-            Ok(())
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined.context("writer task")??;
-    }
+    join_entry_writers(&mut stage.server.spawn_entry_writers(
+        &stage.agent_id,
+        "storm",
+        n,
+        options.writers,
+        uid_selectors(3_000_000),
+    ))
+    .await?;
     stage.own_entry("zz-subscriber")?;
     let want = n + 1;
 
