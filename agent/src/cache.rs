@@ -182,7 +182,11 @@ impl X509Svid {
 
     /// The chain's DER certificates back to back (the Workload API's `x509_svid`).
     pub fn chain_der(&self) -> Vec<u8> {
-        self.chain().flatten().copied().collect()
+        let mut der = Vec::with_capacity(self.chain().map(<[u8]>::len).sum());
+        for certificate in self.chain() {
+            der.extend_from_slice(certificate);
+        }
+        der
     }
 
     /// The PKCS#8 DER of the private key.
