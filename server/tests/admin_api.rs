@@ -250,10 +250,15 @@ async fn restart_keeps_entries_and_replaces_the_stale_socket() {
     let got = client.get_entry(pb::GetEntryRequest { id: created.id.clone() }).await.unwrap().into_inner();
     assert_eq!(got.entry.unwrap(), created);
 
-    // A second server on the same socket is refused while the first runs.
+    // A second server on the same socket is refused while the first runs. (Its agent API
+    // port is ephemeral: the default 8081 may be taken by a deployment on this machine.)
     let other = tempfile::tempdir().unwrap();
-    let config =
-        ServerConfig { data_dir: other.path().join("data"), admin_socket: socket.clone(), ..ServerConfig::default() };
+    let config = ServerConfig {
+        data_dir: other.path().join("data"),
+        bind_address: "127.0.0.1:0".parse().unwrap(),
+        admin_socket: socket.clone(),
+        ..ServerConfig::default()
+    };
     let err = server::start(config).await.unwrap_err();
     assert!(err.to_string().contains("another server is listening"), "{err}");
     drop(client);
