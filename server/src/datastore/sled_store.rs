@@ -29,7 +29,9 @@
 //! serialisable; reads outside a transaction see each transaction entirely or not at all
 //! per key, and listings tolerate an index key whose record was deleted meanwhile.
 //!
-//! Every write flushes (fsyncs) before it returns, then notifies subscribers.
+//! Every write is flushed (fsynced) before it returns, then subscribers are notified.
+//! Concurrent writes share their flush (group commit, see `group_commit`): each writer
+//! completes its transaction, then waits until a flush that started after it succeeded.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -47,6 +49,7 @@ use super::codec::{
     decode_u64, encode, u64_bytes,
 };
 use super::error::{DataStoreError, ResourceKind};
+use super::group_commit::{GroupCommit, Write};
 use super::types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
     FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
@@ -304,6 +307,8 @@ pub struct SledDataStore {
     node_generation: AtomicU64,
     /// Serialises compactions, so the floor only moves forward.
     compaction: Mutex<()>,
+    /// Shares flushes between concurrent writes.
+    commit: GroupCommit,
 }
 
 impl fmt::Debug for SledDataStore {
@@ -376,6 +381,7 @@ impl SledDataStore {
             revisions: watch::Sender::new(0),
             node_generation: AtomicU64::new(0),
             compaction: Mutex::new(()),
+            commit: GroupCommit::default(),
         };
         store.revisions.send_replace(store.read_meta_u64(KEY_REVISION)?);
         Ok(store)
@@ -393,7 +399,6 @@ impl SledDataStore {
         }
     }
 
-    /// Makes every write so far durable.
     /// Writes `data` under `trust_domain` in a tree of [`BundleRecordV1`] values, bumping the
     /// record's counter in one transaction: when `expected` is given and differs from the
     /// stored counter (0 when absent), nothing is written and the conflict is reported. Flushed
@@ -406,6 +411,7 @@ impl SledDataStore {
         expected: Option<u64>,
     ) -> Result<u64> {
         let key = trust_domain.name().as_bytes();
+        let write = self.commit.begin();
         let counter = target
             .tree
             .transaction(|tx| {
@@ -426,18 +432,36 @@ impl SledDataStore {
                 Ok(next)
             })
             .map_err(tx_error(target.operation))?;
-        self.flush()?;
+        self.make_durable(write)?;
         Ok(counter)
     }
 
+    /// Makes every write completed so far durable (one flush, not shared).
     fn flush(&self) -> Result<()> {
         self.db.flush().map(drop).map_err(storage("flush"))
     }
 
-    /// Runs an entry write transaction over every entry tree.
-    fn entry_transaction<T>(&self, operation: &'static str, write: impl Fn(&EntryTx<'_>) -> TxResult<T>) -> Result<T> {
+    /// Returns once the completed `write` is durable: a flush that started after it completed
+    /// succeeded, shared with the concurrent writes (see `group_commit`).
+    fn make_durable(&self, write: Write<'_>) -> Result<()> {
+        self.commit.wait_durable(write.completed(), || self.flush())
+    }
+
+    /// How many flushes this store ran (tests count work with it).
+    pub fn flushes(&self) -> u64 {
+        self.commit.flushes()
+    }
+
+    /// Runs an entry write transaction over every entry tree. The write is not yet durable:
+    /// pass it to [`Self::entry_written`].
+    fn entry_transaction<T>(
+        &self,
+        operation: &'static str,
+        write: impl Fn(&EntryTx<'_>) -> TxResult<T>,
+    ) -> Result<(T, Write<'_>)> {
         let t = &self.trees;
-        (
+        let pending = self.commit.begin();
+        let value = (
             &t.entries,
             &t.entry_unique,
             &t.entry_by_parent,
@@ -449,24 +473,26 @@ impl SledDataStore {
             .transaction(|(entries, unique, by_parent, by_spiffe_id, by_selector, changes, meta)| {
                 write(&EntryTx { entries, unique, by_parent, by_spiffe_id, by_selector, changes, meta })
             })
-            .map_err(tx_error(operation))
+            .map_err(tx_error(operation))?;
+        Ok((value, pending))
     }
 
-    /// Runs a node write transaction, then flushes.
+    /// Runs a node write transaction, then makes it durable.
     fn node_transaction<T>(&self, operation: &'static str, write: impl Fn(&NodeTx<'_>) -> TxResult<T>) -> Result<T> {
+        let pending = self.commit.begin();
         let value = (&self.trees.nodes, &self.trees.node_by_selector)
             .transaction(|(nodes, by_selector)| write(&NodeTx { nodes, by_selector }));
         // Moved after any attempt, committed or not: a spurious move only costs a re-read.
         self.node_generation.fetch_add(1, Ordering::AcqRel);
         let value = value.map_err(tx_error(operation))?;
-        self.flush()?;
+        self.make_durable(pending)?;
         Ok(value)
     }
 
     /// After a committed entry write at `revision`: make it durable, tell subscribers,
     /// compact the change log if due.
-    fn entry_written(&self, revision: u64) -> Result<()> {
-        self.flush()?;
+    fn entry_written(&self, pending: Write<'_>, revision: u64) -> Result<()> {
+        self.make_durable(pending)?;
         publish_revision(&self.revisions, revision);
         if let Some(floor) =
             compaction_target(revision, self.read_meta_u64(KEY_CHANGE_FLOOR)?, self.options.change_log_retention)
@@ -595,7 +621,7 @@ impl DataStore for SledDataStore {
     fn create_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
         validate_entry(entry)?;
         let unique = entry.unique_key();
-        let stored = self.entry_transaction("entry create", |tx| {
+        let (stored, pending) = self.entry_transaction("entry create", |tx| {
             if tx.entries.get(entry.id.as_bytes())?.is_some() {
                 return Err(abort(entry_id_taken(&entry.id)));
             }
@@ -607,7 +633,7 @@ impl DataStore for SledDataStore {
             tx.put(&stored)?;
             Ok(stored)
         })?;
-        self.entry_written(stored.revision)?;
+        self.entry_written(pending, stored.revision)?;
         Ok(stored)
     }
 
@@ -618,7 +644,7 @@ impl DataStore for SledDataStore {
     fn update_entry(&self, entry: &RegistrationEntry, expected_revision: Option<u64>) -> Result<RegistrationEntry> {
         validate_entry(entry)?;
         let unique = entry.unique_key();
-        let stored = self.entry_transaction("entry update", |tx| {
+        let (stored, pending) = self.entry_transaction("entry update", |tx| {
             let Some(old) = tx.get(&entry.id)? else {
                 return Err(abort(DataStoreError::NotFound { kind: ResourceKind::Entry, id: entry.id.clone() }));
             };
@@ -634,16 +660,16 @@ impl DataStore for SledDataStore {
             tx.put(&stored)?;
             Ok(stored)
         })?;
-        self.entry_written(stored.revision)?;
+        self.entry_written(pending, stored.revision)?;
         Ok(stored)
     }
 
     fn delete_entry(&self, id: &str) -> Result<RegistrationEntry> {
-        let (old, revision) = self.entry_transaction("entry delete", |tx| {
+        let ((old, revision), pending) = self.entry_transaction("entry delete", |tx| {
             tx.delete(id)?
                 .ok_or_else(|| abort(DataStoreError::NotFound { kind: ResourceKind::Entry, id: id.to_owned() }))
         })?;
-        self.entry_written(revision)?;
+        self.entry_written(pending, revision)?;
         Ok(old)
     }
 
@@ -703,7 +729,7 @@ impl DataStore for SledDataStore {
         if expired.is_empty() {
             return Ok(0);
         }
-        let (pruned, revision) = self.entry_transaction("entry prune", |tx| {
+        let ((pruned, revision), pending) = self.entry_transaction("entry prune", |tx| {
             let (mut pruned, mut revision) = (0, 0);
             for id in &expired {
                 // Re-checked inside the transaction: the entry may have been updated since.
@@ -717,7 +743,7 @@ impl DataStore for SledDataStore {
             Ok((pruned, revision))
         })?;
         if pruned > 0 {
-            self.entry_written(revision)?;
+            self.entry_written(pending, revision)?;
         }
         Ok(pruned)
     }
@@ -870,6 +896,7 @@ impl DataStore for SledDataStore {
     fn create_join_token(&self, token: &JoinToken) -> Result<()> {
         validate_token(token)?;
         let record = encode(&TokenRecordV1::from_token(token))?;
+        let pending = self.commit.begin();
         let swapped = self
             .trees
             .join_tokens
@@ -882,11 +909,12 @@ impl DataStore for SledDataStore {
                 reason: "the token exists".to_owned(),
             });
         }
-        self.flush()
+        self.make_durable(pending)
     }
 
     fn consume_join_token(&self, token: &str, now: u64) -> Result<JoinToken> {
         let key = token.as_bytes();
+        let pending = self.commit.begin();
         // The value is removed, decoded and checked in one transaction; an expired token is
         // removed all the same (the inner result), so it commits.
         let outcome = self
@@ -905,16 +933,18 @@ impl DataStore for SledDataStore {
             .map_err(tx_error("join token consume"))?;
         // Durable before anyone is told the token was theirs: after a crash it must not be
         // usable again.
-        self.flush()?;
+        self.make_durable(pending)?;
         outcome
     }
 
     fn prune_join_tokens(&self, now: u64) -> Result<u64> {
         let mut pruned = 0;
+        let mut pending = None;
         for item in self.trees.join_tokens.iter() {
             let (key, bytes) = item.map_err(storage("read"))?;
             let record: TokenRecordV1 = decode(JOIN_TOKENS, &key, &bytes)?;
             if now >= record.expires_at() {
+                pending.get_or_insert_with(|| self.commit.begin());
                 let removed = self
                     .trees
                     .join_tokens
@@ -923,8 +953,8 @@ impl DataStore for SledDataStore {
                 pruned += u64::from(removed.is_ok());
             }
         }
-        if pruned > 0 {
-            self.flush()?;
+        if let Some(pending) = pending.filter(|_| pruned > 0) {
+            self.make_durable(pending)?;
         }
         Ok(pruned)
     }
@@ -966,11 +996,12 @@ impl DataStore for SledDataStore {
 
     fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<Bundle> {
         let key = trust_domain.name().as_bytes();
+        let pending = self.commit.begin();
         let removed = self.trees.bundles.remove(key).map_err(storage("bundle delete"))?;
         let Some(bytes) = removed else {
             return Err(DataStoreError::NotFound { kind: ResourceKind::Bundle, id: trust_domain.to_string() });
         };
-        self.flush()?;
+        self.make_durable(pending)?;
         decode_bundle(key, &bytes)
     }
 
@@ -1016,6 +1047,7 @@ impl DataStore for SledDataStore {
 
     fn delete_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<FederationRelationshipRecord> {
         let key = trust_domain.name().as_bytes();
+        let pending = self.commit.begin();
         let removed = self.trees.federation.remove(key).map_err(storage("federation relationship delete"))?;
         let Some(bytes) = removed else {
             return Err(DataStoreError::NotFound {
@@ -1023,7 +1055,7 @@ impl DataStore for SledDataStore {
                 id: trust_domain.to_string(),
             });
         };
-        self.flush()?;
+        self.make_durable(pending)?;
         decode_relationship(key, &bytes)
     }
 
@@ -1035,6 +1067,7 @@ impl DataStore for SledDataStore {
     }
 
     fn put_ca_journal(&self, data: &[u8], expected_version: u64) -> Result<CaJournal> {
+        let pending = self.commit.begin();
         let version = self
             .trees
             .ca_journal
@@ -1061,12 +1094,13 @@ impl DataStore for SledDataStore {
                 Ok(version)
             })
             .map_err(tx_error("CA journal put"))?;
-        self.flush()?;
+        self.make_durable(pending)?;
         Ok(CaJournal { data: data.to_vec(), version })
     }
 
     fn insert_jti_if_absent(&self, issuer: &str, jti: &str, expires_at: u64) -> Result<bool> {
         let record = encode(&JtiRecordV1 { expires_at })?;
+        let pending = self.commit.begin();
         let swapped = self
             .trees
             .jtis
@@ -1076,16 +1110,18 @@ impl DataStore for SledDataStore {
             return Ok(false);
         }
         // Durable like every write: a replay must stay detectable across a restart.
-        self.flush()?;
+        self.make_durable(pending)?;
         Ok(true)
     }
 
     fn prune_jtis(&self, now: u64) -> Result<u64> {
         let mut pruned = 0;
+        let mut pending = None;
         for item in self.trees.jtis.iter() {
             let (key, bytes) = item.map_err(storage("read"))?;
             let record: JtiRecordV1 = decode(JTIS, &key, &bytes)?;
             if record.expires_at <= now {
+                pending.get_or_insert_with(|| self.commit.begin());
                 let removed = self
                     .trees
                     .jtis
@@ -1094,8 +1130,8 @@ impl DataStore for SledDataStore {
                 pruned += u64::from(removed.is_ok());
             }
         }
-        if pruned > 0 {
-            self.flush()?;
+        if let Some(pending) = pending.filter(|_| pruned > 0) {
+            self.make_durable(pending)?;
         }
         Ok(pruned)
     }
@@ -1200,6 +1236,89 @@ mod tests {
         for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_spiffe_id, &t.entry_by_selector] {
             assert!(tree.is_empty());
         }
+    }
+
+    /// Group commit: writers that complete while a flush runs share the next one, and every
+    /// acknowledged write is on disk (found after the store is closed and opened again).
+    #[test]
+    fn concurrent_writes_share_flushes_and_every_acknowledged_write_is_durable() {
+        const WRITERS: usize = 24;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let node = |n: usize| AttestedNode {
+            spiffe_id: id(&format!("spiffe://example.org/tessera/agent/join_token/n{n}")),
+            attestation_type: "join_token".into(),
+            serial: format!("{n:02x}"),
+            new_serial: None,
+            expires_at: 1,
+            banned: false,
+            selectors: SelectorSet::default(),
+            can_reattest: false,
+        };
+        let mut other = entry("e");
+        other.spiffe_id = id("spiffe://example.org/e");
+        let before = store.flushes();
+        std::thread::scope(|scope| {
+            // Every writer completes its write while the held flush runs, then waits.
+            let held = store.commit.hold_flush();
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|n| {
+                    let store = &store;
+                    scope.spawn(move || match n % 3 {
+                        0 => {
+                            let mut e = entry(&format!("e{n}"));
+                            e.spiffe_id = id(&format!("spiffe://example.org/w{n}"));
+                            store.create_entry(&e).map(drop)
+                        }
+                        1 => store.create_attested_node(&node(n)),
+                        _ => store.create_join_token(&JoinToken {
+                            token: format!("t{n}"),
+                            expires_at: 10,
+                            alias_spiffe_id: None,
+                        }),
+                    })
+                })
+                .collect();
+            while store.commit.completed_writes() < WRITERS as u64 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // Nothing is acknowledged before its flush: entry subscribers have not been told.
+            assert_eq!(*store.subscribe().borrow(), 0);
+            drop(held);
+            for writer in writers {
+                writer.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(store.flushes() - before, 1, "{WRITERS} writes behind one flush needed one more");
+        let entry_writes = WRITERS.div_ceil(3) as u64;
+        assert_eq!(*store.subscribe().borrow(), entry_writes);
+        drop(store);
+
+        let store = open(dir.path());
+        for n in 0..WRITERS {
+            match n % 3 {
+                0 => assert!(store.get_entry(&format!("e{n}")).unwrap().is_some(), "entry e{n} lost"),
+                1 => assert!(store.get_attested_node(&node(n).spiffe_id).unwrap().is_some(), "node {n} lost"),
+                _ => assert!(store.consume_join_token(&format!("t{n}"), 0).is_ok(), "token t{n} lost"),
+            }
+        }
+        assert_eq!(store.current_revision().unwrap(), entry_writes);
+    }
+
+    /// One writer at a time: one flush per write, and a write that writes nothing none.
+    #[test]
+    fn a_lone_writer_flushes_once_per_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let before = store.flushes();
+        store.create_entry(&entry("e1")).unwrap();
+        assert_eq!(store.flushes() - before, 1);
+        assert!(store.create_entry(&entry("e1")).is_err());
+        assert!(store.consume_join_token("missing", 0).is_err());
+        assert_eq!(store.prune_jtis(u64::MAX).unwrap(), 0);
+        assert_eq!(store.flushes() - before, 1, "refused writes and empty prunes flushed");
+        store.delete_entry("e1").unwrap();
+        assert_eq!(store.flushes() - before, 2);
     }
 
     #[test]
