@@ -147,7 +147,7 @@ impl GroupCommit {
             if let Some((up_to, why)) = &state.failed
                 && *up_to >= ticket
             {
-                return Err(DataStoreError::backend("flush", FlushFailed(why.clone())));
+                return Err(DataStoreError::backend("flush", SharedFailure(why.clone())));
             }
             if !state.leading {
                 break;
@@ -217,7 +217,7 @@ impl Drop for HeldFlush<'_> {
 }
 
 /// `err` and its sources, one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -228,10 +228,11 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// A shared flush failed; the leader got the original error, the followers this.
+/// A failure shared by the writes of one flush (or one shared transaction): the writer that
+/// met it gets the original error, the others this, with its text.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct FlushFailed(String);
+pub(super) struct SharedFailure(pub(super) String);
 
 #[cfg(test)]
 mod tests {
@@ -333,8 +334,9 @@ mod tests {
                 std::thread::spawn(move || {
                     let ticket = commit.begin().completed();
                     start.wait();
-                    commit
-                        .wait_durable(ticket, || Err(DataStoreError::backend("flush", FlushFailed("disk full".into()))))
+                    commit.wait_durable(ticket, || {
+                        Err(DataStoreError::backend("flush", SharedFailure("disk full".into())))
+                    })
                 })
             })
             .collect();
