@@ -23,6 +23,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use sled::Transactional;
 use sled::transaction::TransactionalTree;
@@ -33,6 +34,13 @@ use super::{DataStoreError, EntryTx, NodeTx, Result, SledDataStore, Trees, TxRes
 
 /// Most jobs in one shared transaction (bounds the transaction's memory).
 pub(super) const MAX_JOBS: usize = 256;
+
+/// The longest a leader waits for the queue to hold as many jobs as the last round took.
+/// Writers whose jobs a round finished come back with their next write while the leader of
+/// the next round would already run a transaction of one: without this wait, a steady load
+/// of many writers alternates one full round with rounds of one or two (measured: about 9
+/// jobs a round for 64 writers). A lone writer never waits (its last round took one job).
+const GATHER_LIMIT: Duration = Duration::from_millis(2);
 
 /// Every tree of the store, inside one transaction.
 pub(super) struct Txn<'a> {
@@ -200,6 +208,8 @@ pub(super) struct Batcher {
     state: Mutex<BatchState>,
     /// Signalled when a shared transaction's jobs are finished.
     finished: Condvar,
+    /// Signalled when a job is queued while a leader gathers.
+    queued: Condvar,
     /// Shared transactions run so far.
     transactions: AtomicU64,
 }
@@ -214,6 +224,10 @@ impl std::fmt::Debug for Batcher {
 struct BatchState {
     queue: Vec<Arc<dyn Job>>,
     leading: bool,
+    /// A leader waits for more jobs (see [`GATHER_LIMIT`]).
+    gathering: bool,
+    /// How many jobs the last round took.
+    last_round: usize,
 }
 
 impl Batcher {
@@ -294,13 +308,27 @@ impl SledDataStore {
         let batcher = &self.batcher;
         let mut state = batcher.lock();
         state.queue.push(Arc::clone(&job) as Arc<dyn Job>);
+        if state.gathering {
+            batcher.queued.notify_one();
+        }
         while !job.finished.load(Ordering::Acquire) {
             if state.leading {
                 state = batcher.finished.wait(state).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
             state.leading = true;
+            let target = state.last_round.min(MAX_JOBS);
+            if state.queue.len() < target {
+                state.gathering = true;
+                let deadline = Instant::now() + GATHER_LIMIT;
+                while state.queue.len() < target {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+                    state = batcher.queued.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+                }
+                state.gathering = false;
+            }
             let take = state.queue.len().min(MAX_JOBS);
+            state.last_round = take;
             let round = Round { batcher, jobs: state.queue.drain(..take).collect() };
             drop(state);
             self.run_round(&round.jobs);
