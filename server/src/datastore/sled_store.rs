@@ -312,6 +312,9 @@ pub struct SledDataStore {
     node_generation: AtomicU64,
     /// Serialises compactions, so the floor only moves forward.
     compaction: Mutex<()>,
+    /// The change-log floor as last written (read after every entry write to see whether a
+    /// compaction is due, without a read of `meta`).
+    change_floor: AtomicU64,
     /// Shares flushes between concurrent writes.
     commit: GroupCommit,
     /// Shares transactions between concurrent transactional writes.
@@ -390,10 +393,12 @@ impl SledDataStore {
             revisions: watch::Sender::new(0),
             node_generation: AtomicU64::new(0),
             compaction: Mutex::new(()),
+            change_floor: AtomicU64::new(0),
             commit: GroupCommit::default(),
             batcher: batch::Batcher::default(),
         };
         store.revisions.send_replace(store.read_meta_u64(KEY_REVISION)?);
+        store.change_floor.store(store.read_meta_u64(KEY_CHANGE_FLOOR)?, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -481,10 +486,8 @@ impl SledDataStore {
     /// due.
     fn entry_written(&self, revision: u64) {
         publish_revision(&self.revisions, revision);
-        if let Ok(Some(floor)) = self
-            .read_meta_u64(KEY_CHANGE_FLOOR)
-            .map(|floor| compaction_target(revision, floor, self.options.change_log_retention))
-        {
+        let floor = self.change_floor.load(Ordering::Relaxed);
+        if let Some(floor) = compaction_target(revision, floor, self.options.change_log_retention) {
             // The write itself is durable and must not be reported as failed; a compaction
             // that fails leaves a longer log and is retried after the next write.
             let _ = self.compact_to(floor);
@@ -499,6 +502,7 @@ impl SledDataStore {
             return Ok(0);
         }
         self.trees.meta.insert(KEY_CHANGE_FLOOR, &u64_bytes(new_floor)).map_err(storage("compaction"))?;
+        self.change_floor.fetch_max(new_floor, Ordering::Relaxed);
         let mut batch = sled::Batch::default();
         let mut dropped = 0;
         for key in self.trees.entry_changes.range(..=u64_bytes(new_floor)).keys() {
