@@ -181,8 +181,9 @@ impl DataStore for MemoryDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
+        let parents: std::collections::HashSet<&SpiffeId> = parent_ids.iter().collect();
         let state = self.state();
-        Ok(state.entries.values().filter(|e| parent_ids.contains(&e.parent_id)).cloned().collect())
+        Ok(state.entries.values().filter(|e| parents.contains(&e.parent_id)).cloned().collect())
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {

@@ -581,6 +581,40 @@ impl SledDataStore {
         }
     }
 
+    /// The IDs (as key bytes) of the entries whose parent is one of `parents` (sorted, no
+    /// duplicates), in index order.
+    ///
+    /// One walk of `entry_by_parent` for all of them, a sorted merge: the walk starts at the
+    /// first parent's keys and reads on while the keys belong to a listed parent; at a key of
+    /// an unlisted parent it skips ahead to the next listed parent at or after that key's,
+    /// starting a new range only when one lies between. An authorized-set computation asks
+    /// for the children of every SPIFFE ID it holds, almost none of which is a parent: one
+    /// range read for all of them instead of one per ID (issue 7, S6).
+    fn children_of(&self, parents: &[&str]) -> Result<Vec<sled::IVec>> {
+        let mut ids = Vec::new();
+        let mut next = 0;
+        'seek: while let Some(first) = parents.get(next) {
+            for item in self.trees.entry_by_parent.range(index_prefix(first)..) {
+                let (key, _) = item.map_err(storage("read"))?;
+                let Some(split) = key.iter().position(|&b| b == 0) else {
+                    return Err(DataStoreError::corrupt(ENTRY_BY_PARENT, &key, "index key without a separator"));
+                };
+                let parent = &key[..split];
+                while parents.get(next).is_some_and(|p| p.as_bytes() < parent) {
+                    next += 1;
+                }
+                match parents.get(next) {
+                    None => break 'seek,
+                    Some(p) if p.as_bytes() == parent => ids.push(sled::IVec::from(&key[split + 1..])),
+                    // Keys of unlisted parents lie ahead: seek to the next listed one.
+                    Some(_) => continue 'seek,
+                }
+            }
+            break;
+        }
+        Ok(ids)
+    }
+
     /// Loads entries by ID, skipping any deleted since its index key was read.
     fn load_entries(&self, ids: impl IntoIterator<Item = String>) -> Result<Vec<RegistrationEntry>> {
         let mut entries = Vec::new();
@@ -703,11 +737,21 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
-        let mut ids = BTreeSet::new();
-        for parent_id in parent_ids {
-            ids.extend(self.index_lookup(&self.trees.entry_by_parent, ENTRY_BY_PARENT, parent_id.as_str())?);
+        let mut parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
+        parents.sort_unstable();
+        parents.dedup();
+        let mut ids = self.children_of(&parents)?;
+        // One parent's IDs come sorted; several parents' are merged.
+        if parents.len() > 1 {
+            ids.sort_unstable();
         }
-        self.load_entries(ids)
+        let mut entries = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(bytes) = self.trees.entries.get(id).map_err(storage("read"))? {
+                entries.push(decode_entry(id, &bytes)?);
+            }
+        }
+        Ok(entries)
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
