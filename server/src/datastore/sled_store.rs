@@ -58,7 +58,7 @@ use super::types::{
     SelectorIndexPlan, check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict,
     paginate, plan_selector_index, validate_entry, validate_node, validate_serials, validate_token,
 };
-use super::{DataStore, Result, publish_revision};
+use super::{DataStore, Generations, Result, publish_revision};
 
 mod batch;
 
@@ -308,8 +308,8 @@ pub struct SledDataStore {
     path: PathBuf,
     options: DataStoreOptions,
     revisions: watch::Sender<u64>,
-    /// [`DataStore::node_generation`].
-    node_generation: AtomicU64,
+    /// [`DataStore::node_generation`], [`DataStore::bundle_generation`].
+    generations: Generations,
     /// Serialises compactions, so the floor only moves forward.
     compaction: Mutex<()>,
     /// The change-log floor as last written (read after every entry write to see whether a
@@ -391,7 +391,7 @@ impl SledDataStore {
             path,
             options,
             revisions: watch::Sender::new(0),
-            node_generation: AtomicU64::new(0),
+            generations: Generations::default(),
             compaction: Mutex::new(()),
             change_floor: AtomicU64::new(0),
             commit: GroupCommit::default(),
@@ -478,8 +478,8 @@ impl SledDataStore {
     }
 
     /// After a write of the node `spiffe_id` (committed or not).
-    fn node_written(&self, _spiffe_id: &SpiffeId) {
-        self.node_generation.fetch_add(1, Ordering::AcqRel);
+    fn node_written(&self, spiffe_id: &SpiffeId) {
+        self.generations.node_written(spiffe_id);
     }
 
     /// After a durable entry write at `revision`: tell subscribers, compact the change log if
@@ -950,8 +950,8 @@ impl DataStore for SledDataStore {
         })
     }
 
-    fn node_generation(&self) -> u64 {
-        self.node_generation.load(Ordering::Acquire)
+    fn node_generation(&self, spiffe_id: &SpiffeId) -> u64 {
+        self.generations.node(spiffe_id)
     }
 
     fn create_join_token(&self, token: &JoinToken) -> Result<()> {
@@ -1034,7 +1034,7 @@ impl DataStore for SledDataStore {
     }
 
     fn set_bundle(&self, trust_domain: &TrustDomain, data: &[u8], expected_sequence: Option<u64>) -> Result<Bundle> {
-        let sequence = self.put_versioned_blob(
+        let written = self.put_versioned_blob(
             VersionedTree {
                 tree: |tx| tx.bundles,
                 name: BUNDLES,
@@ -1045,19 +1045,27 @@ impl DataStore for SledDataStore {
             trust_domain,
             data,
             expected_sequence,
-        )?;
-        Ok(Bundle { trust_domain: trust_domain.clone(), data: data.to_vec(), sequence })
+        );
+        // After the write (attempted or done): a reader never keeps an old bundle under the
+        // new generation.
+        self.generations.bundle_written();
+        Ok(Bundle { trust_domain: trust_domain.clone(), data: data.to_vec(), sequence: written? })
     }
 
     fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<Bundle> {
         let key = trust_domain.name().as_bytes();
         let pending = self.commit.begin();
-        let removed = self.trees.bundles.remove(key).map_err(storage("bundle delete"))?;
-        let Some(bytes) = removed else {
+        let removed = self.trees.bundles.remove(key).map_err(storage("bundle delete"));
+        self.generations.bundle_written();
+        let Some(bytes) = removed? else {
             return Err(DataStoreError::NotFound { kind: ResourceKind::Bundle, id: trust_domain.to_string() });
         };
         self.make_durable(pending)?;
         decode_bundle(key, &bytes)
+    }
+
+    fn bundle_generation(&self) -> u64 {
+        self.generations.bundles()
     }
 
     fn get_federation_relationship(&self, trust_domain: &TrustDomain) -> Result<Option<FederationRelationshipRecord>> {
