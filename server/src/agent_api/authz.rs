@@ -299,6 +299,29 @@ impl AuthorizedSet {
         self.alias_expiry.is_some_and(|at| at <= now) || self.expiries.first().is_some_and(|(at, _)| *at <= now)
     }
 
+    /// Whether the change of entry `entry_id` to `entry` (`None`: deleted) can alter the set:
+    /// `false` means [`Self::advance`] over it would change nothing (it names no entry of the
+    /// set, no matching node alias, and its parent is expanded nowhere in the set). In-memory
+    /// lookups only, so a stream can pass over changes of other agents' entries without a
+    /// datastore read (see [`super::feed`]). Judged on the set as it stands: a batch of changes
+    /// none of which concerns the set leaves it as it is.
+    pub(crate) fn concerns(&self, server_id: &SpiffeId, entry_id: &str, entry: Option<&RegistrationEntry>) -> bool {
+        if self.entries.contains_key(entry_id) || self.alias_ids.contains(entry_id) {
+            return true;
+        }
+        match entry {
+            None => false,
+            Some(entry) if entry.parent_id == *server_id => entry.selectors.is_subset_of(&self.identity.node_selectors),
+            Some(entry) => self.depth(&entry.parent_id).is_some(),
+        }
+    }
+
+    /// Moves the set's revision to `revision` over changes none of which
+    /// [`concerns`](Self::concerns) it.
+    pub(crate) fn pass_to(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
     /// The least depth of a SPIFFE ID: 0 for a root, else that of the entries carrying it.
     fn depth(&self, id: &SpiffeId) -> Option<usize> {
         if self.roots.contains(id) {
@@ -843,6 +866,21 @@ mod tests {
                 }
                 let expected = reference(&store, &server, &identity, now);
                 let computed = AuthorizedSet::compute(&store, &server, &identity, now).unwrap();
+                // Changes that do not concern the set leave it as it is.
+                let pending = store.changes_since(set.revision(), 100).unwrap();
+                let concerned = pending.iter().any(|c| {
+                    let entry = store.get_entry(&c.entry_id).unwrap();
+                    set.concerns(&server, &c.entry_id, entry.as_ref())
+                });
+                if !concerned && !set.expires_by(now) {
+                    let mut passed = set.clone();
+                    let changes = passed.advance(&store, &server, now).unwrap();
+                    assert!(
+                        changes.is_empty(),
+                        "changes that concern no one changed the set, step {step}: {changes:?}"
+                    );
+                    assert_eq!(passed.entries(), set.entries());
+                }
                 assert_eq!(computed.entries(), &expected, "computed set, step {step}");
                 replay(&mut held, set.advance(&store, &server, now).unwrap());
                 assert_eq!(set.entries(), &expected, "advanced set, step {step}");

@@ -40,6 +40,7 @@ use tonic::Status;
 use super::auth::{AuthenticatedAgent, HeldNode, recheck};
 use super::authz::{AgentIdentity, AuthorizedSet, SetChange, diff};
 use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
+use super::feed::ChangeFeed;
 use crate::ca::TaintedAuthorities;
 use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
 use crate::server::ServerState;
@@ -187,6 +188,7 @@ fn bundles_key(state: &ServerState, own: &Bundle, federated: &[Bundle]) -> Bundl
 /// server stops.
 pub(crate) async fn run(
     state: Arc<ServerState>,
+    feed: Arc<ChangeFeed>,
     agent: AuthenticatedAgent,
     from_revision: u64,
     tx: Sender,
@@ -194,7 +196,7 @@ pub(crate) async fn run(
 ) {
     let agent_id = agent.id().clone();
     let _open = state.metrics().sync_stream_opened();
-    match run_inner(&state, agent, from_revision, &tx, stopped).await {
+    match run_inner(&state, &feed, agent, from_revision, &tx, stopped).await {
         Ok(()) | Err(Stop::Gone) => {}
         Err(Stop::Status(status)) => {
             tracing::info!(agent = %agent_id, code = ?status.code(), reason = %status.message(), "entry sync stream ended");
@@ -205,6 +207,7 @@ pub(crate) async fn run(
 
 async fn run_inner(
     state: &Arc<ServerState>,
+    feed: &ChangeFeed,
     mut agent: AuthenticatedAgent,
     from_revision: u64,
     tx: &Sender,
@@ -241,7 +244,18 @@ async fn run_inner(
                 if changed.is_err() {
                     return Err(Status::unavailable("datastore subscription closed").into());
                 }
-                if *revisions.borrow_and_update() <= revision {
+                let target = *revisions.borrow_and_update();
+                if target <= revision {
+                    continue;
+                }
+                // Changes of other agents' entries: passed over without a datastore read.
+                if let Some(changes) = feed.since(state.datastore(), held.revision(), target).await
+                    && changes.last().is_some_and(|last| last.revision >= target)
+                    && !held.expires_by(now_secs())
+                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_ref()))
+                {
+                    held.pass_to(target);
+                    revision = held.revision();
                     continue;
                 }
                 let changed_at = std::time::Instant::now();
