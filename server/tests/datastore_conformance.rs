@@ -253,6 +253,42 @@ mod conformance {
         assert_eq!(ids(&store.list_entries_by_parents(&[id(AGENT)]).unwrap()), ["a", "b", "c", "e"]);
     }
 
+    /// Children of many parents at once, listed or not, including parents that are prefixes
+    /// of one another and parents with no children: exactly the entries of the listed ones,
+    /// ordered by entry ID, each once.
+    pub(crate) fn list_by_many_parents(store: &dyn DataStore) {
+        let parents =
+            ["spiffe://example.org/a", "spiffe://example.org/a/b", "spiffe://example.org/ab", "spiffe://example.org/b"];
+        let mut n = 0;
+        for (p, parent) in parents.iter().enumerate() {
+            for c in 0..3 {
+                // IDs interleave across parents, so the result must be merged, not concatenated.
+                store
+                    .create_entry(&entry(&format!("e{c}-{p}"), &format!("spiffe://example.org/w{n}"), parent, &["t:1"]))
+                    .unwrap();
+                n += 1;
+            }
+        }
+        let listed = |wanted: &[&str]| {
+            let ids: Vec<SpiffeId> = wanted.iter().map(|p| id(p)).collect();
+            store.list_entries_by_parents(&ids).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>()
+        };
+        assert_eq!(listed(&[parents[1]]), ["e0-1", "e1-1", "e2-1"]);
+        assert_eq!(
+            listed(&[parents[3], parents[0], "spiffe://example.org/none", parents[0], parents[2]]),
+            ["e0-0", "e0-2", "e0-3", "e1-0", "e1-2", "e1-3", "e2-0", "e2-2", "e2-3"]
+        );
+        assert_eq!(listed(&[parents[1], "spiffe://example.org/zzz"]), ["e0-1", "e1-1", "e2-1"]);
+        assert!(listed(&["spiffe://example.org/a/a", "spiffe://example.org/aa", "spiffe://example.org/c"]).is_empty());
+        // Many parents, almost none with children (an authorized set's second level).
+        let mut many: Vec<String> = (0..500).map(|i| format!("spiffe://example.org/w{i}")).collect();
+        many.push(parents[2].to_owned());
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(listed(&many), ["e0-2", "e1-2", "e2-2"]);
+        store.delete_entry("e1-2").unwrap();
+        assert_eq!(listed(&many), ["e0-2", "e2-2"]);
+    }
+
     pub(crate) fn pagination(store: &dyn DataStore) {
         for i in 0..25 {
             let parent = if i % 2 == 0 { AGENT } else { "spiffe://example.org/other" };
@@ -720,6 +756,7 @@ conformance_suite!(
     update_compare_and_set,
     list_filters,
     list_by_parents_and_selector,
+    list_by_many_parents,
     pagination,
     revisions_and_change_feed,
     change_log_compaction,

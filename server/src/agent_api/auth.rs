@@ -25,11 +25,14 @@
 //! period of intermediates is re-checked within [`REVERIFY_AFTER`].
 //!
 //! Steps 3-5 read the node record. The connection also keeps the record it last accepted,
-//! tagged with the datastore's node generation ([`crate::datastore::DataStore::node_generation`])
-//! read *before* the record was; the copy is reused only while the generation has not moved.
-//! Every node write (attestation, renewal, handover, ban, eviction) moves it, so a ban or an
-//! eviction refuses the very next call, exactly as a fresh read would, without a datastore
-//! read (and a hop to the blocking pool) on every call of an unchanged node.
+//! tagged with the node's generation ([`crate::datastore::DataStore::node_generation`]) read
+//! *before* the record was; the copy is reused only while the generation has not moved.
+//! Every write of the node (attestation, renewal, handover, ban, eviction) moves it, so a ban
+//! or an eviction refuses the very next call, exactly as a fresh read would, without a
+//! datastore read (and a hop to the blocking pool) on every call of an unchanged node. The
+//! generation is per node (counters shared only by IDs that hash alike), so other agents
+//! attesting or renewing do not void the copy. Open streams re-check the same way
+//! ([`recheck`], [`HeldNode`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -183,7 +186,7 @@ pub(crate) async fn authenticate<T>(
         }
     };
     // Read before the node is: a write after this point moves it and voids what is kept.
-    let generation = state.datastore().node_generation();
+    let generation = state.datastore().node_generation(&peer.spiffe_id);
     if let Some(node) = info.and_then(|i| i.verified.accepted_node(generation, &peer.serial_hex)) {
         return accept_known_node(state, &peer, node, now)
             .map_err(|status| refuse(status, call, info, Some(&peer.spiffe_id)));
@@ -280,16 +283,52 @@ pub(crate) async fn check_node(
     })
 }
 
+/// The node record an open stream last read, tagged with the node's generation read before
+/// it (see [`crate::datastore::DataStore::node_generation`]): [`recheck`] reads the node again
+/// only once a write of that node (or of one sharing its counter) moved the generation.
+#[derive(Debug, Default)]
+pub(crate) struct HeldNode {
+    held: Option<(u64, Option<AttestedNode>)>,
+    /// Datastore reads of the node so far (tests count work with it).
+    reads: u64,
+}
+
+impl HeldNode {
+    /// Datastore reads of the node so far.
+    #[cfg(test)]
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads
+    }
+}
+
 /// Re-checks an agent that holds a stream open: still attested, not banned, its serial still
-/// current or pending, its SVID unexpired.
-pub(crate) async fn recheck(state: &Arc<ServerState>, agent: &AuthenticatedAgent) -> Result<AttestedNode, Status> {
+/// current or pending, its SVID unexpired. The node is read from the datastore only when its
+/// generation moved since `held` was read, so a ban or eviction refuses at the first check
+/// after it, and an unchanged node costs no read (issue 7: with N agents connected, each
+/// checking once a second, a read per check made the server's idle work grow with N, and
+/// its work per attested agent with the fleet).
+pub(crate) async fn recheck(
+    state: &Arc<ServerState>,
+    agent: &AuthenticatedAgent,
+    held: &mut HeldNode,
+) -> Result<AttestedNode, Status> {
     if agent.svid_expires_at <= SystemTime::now() {
         return Err(Status::unauthenticated("agent SVID has expired"));
     }
-    let id = agent.id().clone();
-    let node = blocking(state.datastore(), move |store| store.get_attested_node(&id))
-        .await
-        .map_err(|err| Status::unavailable(format!("datastore: {err}")))?;
+    // Read before the node is: a write after this point moves it and voids what is kept.
+    let generation = state.datastore().node_generation(agent.id());
+    let node = match &held.held {
+        Some((at, node)) if *at == generation => node.clone(),
+        _ => {
+            let id = agent.id().clone();
+            let node = blocking(state.datastore(), move |store| store.get_attested_node(&id))
+                .await
+                .map_err(|err| Status::unavailable(format!("datastore: {err}")))?;
+            held.reads += 1;
+            held.held = Some((generation, node.clone()));
+            node
+        }
+    };
     let Some(node) = node else {
         return Err(Status::unauthenticated("agent is not attested (evicted); attest again"));
     };
@@ -300,6 +339,58 @@ pub(crate) async fn recheck(state: &Arc<ServerState>, agent: &AuthenticatedAgent
         return Err(Status::unauthenticated("agent SVID is no longer current (superseded by a renewal)"));
     }
     Ok(node)
+}
+
+#[cfg(test)]
+/// A server state over a memory store holding one attested agent, and that agent as
+/// authenticated.
+pub(crate) fn test_state_with_agent() -> (tempfile::TempDir, Arc<ServerState>, AuthenticatedAgent) {
+    use crate::config::ServerConfig;
+    use crate::datastore::{DataStore, MemoryDataStore};
+    use tessera_spiffe::TrustDomain;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        ..ServerConfig::default()
+    };
+    let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
+    let ca = crate::ca::CertificateAuthority::load_or_create(
+        dir.path(),
+        &config,
+        store.as_ref(),
+        SystemTime::now(),
+        &ring::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    store.create_attested_node(&test_node()).unwrap();
+    let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
+    let agent = AuthenticatedAgent {
+        identity: AgentIdentity {
+            agent_id: test_node().spiffe_id,
+            node_selectors: tessera_spiffe::SelectorSet::default(),
+        },
+        serial: "01".into(),
+        svid_expires_at: SystemTime::now() + Duration::from_secs(600),
+        node: test_node(),
+    };
+    (dir, state, agent)
+}
+
+/// The attested node of [`test_state_with_agent`].
+#[cfg(test)]
+pub(crate) fn test_node() -> AttestedNode {
+    AttestedNode {
+        spiffe_id: SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t")
+            .unwrap_or_else(|_| unreachable!()),
+        attestation_type: "join_token".into(),
+        serial: "01".into(),
+        new_serial: None,
+        expires_at: 0,
+        banned: false,
+        selectors: tessera_spiffe::SelectorSet::default(),
+        can_reattest: false,
+    }
 }
 
 #[cfg(test)]
@@ -366,11 +457,21 @@ mod tests {
             Arc::new(MemoryDataStore::new(DataStoreOptions::default())),
             Arc::new(SledDataStore::open(dir.path(), DataStoreOptions::default()).unwrap()),
         ];
+        // Other agents whose writes must leave the node's generation alone (they do not share
+        // its counter).
+        let others: Vec<AttestedNode> = (0..50)
+            .map(|n| {
+                let mut other = node("0a");
+                other.spiffe_id =
+                    SpiffeId::parse(&format!("spiffe://example.org/tessera/agent/join_token/o{n}")).unwrap();
+                other
+            })
+            .collect();
         for store in stores {
             let id = node("01").spiffe_id;
-            let mut seen = store.node_generation();
+            let mut seen = store.node_generation(&id);
             let mut moved = |store: &Arc<dyn DataStore>, what: &str| {
-                let now = store.node_generation();
+                let now = store.node_generation(&id);
                 assert!(now > seen, "{what} did not move the node generation");
                 seen = now;
             };
@@ -379,15 +480,61 @@ mod tests {
             let serials = NodeSerials { serial: "01".into(), new_serial: Some("02".into()), expires_at: 1 };
             store.update_attested_node_serials(&id, "01", &serials).unwrap();
             moved(&store, "renewal");
+            assert!(store.update_attested_node_serials(&id, "99", &serials).is_err());
+            moved(&store, "a refused serial update");
             store.set_attested_node_selectors(&id, &SelectorSet::default()).unwrap();
             moved(&store, "selector update");
             store.ban_attested_node(&id).unwrap();
             moved(&store, "ban");
             store.delete_attested_node(&id).unwrap();
             moved(&store, "eviction");
-            let unchanged = store.node_generation();
+            let unchanged = store.node_generation(&id);
             store.get_attested_node(&id).unwrap();
-            assert_eq!(store.node_generation(), unchanged, "a read moved the node generation");
+            assert_eq!(store.node_generation(&id), unchanged, "a read moved the node generation");
+            let quiet = others.iter().filter(|o| {
+                let before = store.node_generation(&id);
+                store.create_attested_node(o).unwrap();
+                store.ban_attested_node(&o.spiffe_id).unwrap();
+                store.node_generation(&id) == before
+            });
+            assert!(quiet.count() >= 45, "writes of other nodes moved this node's generation");
         }
+    }
+
+    /// Issue 7: an open stream's periodic re-check reads its node only after a write of that
+    /// node, however many other nodes are written (agents attesting while N are connected),
+    /// and still refuses at the first check after a ban.
+    #[tokio::test]
+    async fn a_streams_recheck_reads_its_node_only_after_a_write_of_it() {
+        use crate::datastore::DataStore;
+        let (_dir, state, agent) = super::test_state_with_agent();
+        let store: &Arc<dyn DataStore> = state.datastore();
+        let mut held = HeldNode::default();
+        recheck(&state, &agent, &mut held).await.unwrap();
+        assert_eq!(held.reads(), 1, "the first check reads the node");
+        let reads_after_writes_of = |count: usize| {
+            let state = Arc::clone(&state);
+            let agent = agent.clone();
+            async move {
+                let mut held = HeldNode::default();
+                recheck(&state, &agent, &mut held).await.unwrap();
+                for n in 0..count {
+                    let mut other = node("0b");
+                    other.spiffe_id =
+                        SpiffeId::parse(&format!("spiffe://example.org/tessera/agent/join_token/x{count}-{n}"))
+                            .unwrap();
+                    state.datastore().create_attested_node(&other).unwrap();
+                    recheck(&state, &agent, &mut held).await.unwrap();
+                }
+                held.reads()
+            }
+        };
+        let few = reads_after_writes_of(10).await;
+        let many = reads_after_writes_of(1000).await;
+        // One read to start; other nodes share this node's counter about once in 4,096 writes.
+        assert!(few <= 2 && many <= 4, "re-checks read the node {few} times for 10 other writes, {many} for 1,000");
+        store.ban_attested_node(agent.id()).unwrap();
+        let err = recheck(&state, &agent, &mut held).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     }
 }

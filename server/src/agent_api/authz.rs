@@ -109,6 +109,63 @@ impl SetChange {
 #[derive(Debug)]
 struct Recompute;
 
+/// How many authorized entries carry one SPIFFE ID at each depth: nearly always a single
+/// depth, kept without an allocation of its own.
+#[derive(Debug, Clone)]
+enum Depths {
+    One { depth: usize, count: usize },
+    Many(BTreeMap<usize, usize>),
+}
+
+impl Depths {
+    fn add(&mut self, at: usize) {
+        match self {
+            Self::One { depth, count } if *depth == at => *count += 1,
+            Self::One { depth, count } => *self = Self::Many(BTreeMap::from([(*depth, *count), (at, 1)])),
+            Self::Many(depths) => *depths.entry(at).or_default() += 1,
+        }
+    }
+
+    /// Takes one away at `at`; whether none is left.
+    fn remove(&mut self, at: usize) -> bool {
+        match self {
+            Self::One { depth, count } => {
+                if *depth == at {
+                    *count -= 1;
+                }
+                *count == 0
+            }
+            Self::Many(depths) => {
+                if let Some(count) = depths.get_mut(&at) {
+                    *count -= 1;
+                    if *count == 0 {
+                        depths.remove(&at);
+                    }
+                }
+                depths.is_empty()
+            }
+        }
+    }
+
+    /// The least depth.
+    fn least(&self) -> Option<usize> {
+        match self {
+            Self::One { depth, .. } => Some(*depth),
+            Self::Many(depths) => depths.keys().next().copied(),
+        }
+    }
+
+    /// The least depth once one carrier at `without` is taken away.
+    fn least_without(&self, without: usize) -> Option<usize> {
+        match self {
+            Self::One { depth, count } => (*depth != without || *count > 1).then_some(*depth),
+            Self::Many(depths) => {
+                depths.iter().find(|(depth, count)| **depth != without || **count > 1).map(|(depth, _)| *depth)
+            }
+        }
+    }
+}
+
 /// An agent's authorized set with what it takes to move it forward change by change; see
 /// the [module docs](self).
 #[derive(Debug, Clone)]
@@ -125,7 +182,7 @@ pub(crate) struct AuthorizedSet {
     alias_expiry: Option<u64>,
     /// For each SPIFFE ID carried by authorized entries: how many carry it at each depth
     /// (the depth of an entry is its parent's plus one). The ID's depth is the least.
-    depths: HashMap<SpiffeId, BTreeMap<usize, usize>>,
+    depths: HashMap<SpiffeId, Depths>,
     /// Authorized entries per parent ID.
     children: HashMap<SpiffeId, usize>,
     /// (expiry, entry ID) of the authorized entries that expire.
@@ -159,7 +216,6 @@ impl AuthorizedSet {
             federated: BTreeMap::new(),
             reads: 0,
         };
-        let mut expanded: HashSet<SpiffeId> = HashSet::new();
         let mut frontier = vec![agent.agent_id.clone()];
         for alias in matching_aliases(store, server_id, &agent.node_selectors, now)? {
             set.reads += 1;
@@ -171,11 +227,13 @@ impl AuthorizedSet {
         }
         // The server ID is never a parent to expand here: its children are node aliases, which
         // only count through the selector match above.
-        expanded.insert(server_id.clone());
-        frontier.retain(|id| expanded.insert(id.clone()));
+        frontier.retain(|id| id != server_id);
         set.roots = frontier.iter().cloned().collect();
+        frontier = set.roots.iter().cloned().collect();
 
-        let mut depth_of: HashMap<SpiffeId, usize> = frontier.iter().map(|id| (id.clone(), 0)).collect();
+        // Breadth first, so the first time a SPIFFE ID is met is at its least depth: it is
+        // expanded then (an ID is expanded when it has no depth yet: not a root, carried by no
+        // entry of the set so far).
         for _ in 0..=MAX_DEPTH {
             if frontier.is_empty() {
                 break;
@@ -183,13 +241,21 @@ impl AuthorizedSet {
             let children = store.list_entries_by_parents(&frontier)?;
             set.reads += children.len() as u64;
             frontier = Vec::new();
+            // Siblings come together: the depth of their parent is looked up once per run.
+            let mut parent_depth: Option<(SpiffeId, usize)> = None;
             for child in children {
-                if child.is_expired(now) || set.entries.contains_key(&child.id) {
+                if child.is_expired(now) {
                     continue;
                 }
-                let depth = depth_of.get(&child.parent_id).copied().unwrap_or(0) + 1;
-                if expanded.insert(child.spiffe_id.clone()) {
-                    depth_of.insert(child.spiffe_id.clone(), depth);
+                let depth = match &parent_depth {
+                    Some((parent, depth)) if *parent == child.parent_id => *depth,
+                    _ => {
+                        let depth = set.depth(&child.parent_id).map_or(1, |d| d + 1);
+                        parent_depth = Some((child.parent_id.clone(), depth));
+                        depth
+                    }
+                };
+                if set.depth(&child.spiffe_id).is_none() && child.spiffe_id != *server_id {
                     frontier.push(child.spiffe_id.clone());
                 }
                 set.insert(child, depth);
@@ -233,39 +299,70 @@ impl AuthorizedSet {
         self.alias_expiry.is_some_and(|at| at <= now) || self.expiries.first().is_some_and(|(at, _)| *at <= now)
     }
 
+    /// Whether the change of entry `entry_id` to `entry` (`None`: deleted) can alter the set:
+    /// `false` means [`Self::advance`] over it would change nothing (it names no entry of the
+    /// set, no matching node alias, and its parent is expanded nowhere in the set). In-memory
+    /// lookups only, so a stream can pass over changes of other agents' entries without a
+    /// datastore read (see [`super::feed`]). Judged on the set as it stands: a batch of changes
+    /// none of which concerns the set leaves it as it is.
+    pub(crate) fn concerns(&self, server_id: &SpiffeId, entry_id: &str, entry: Option<&RegistrationEntry>) -> bool {
+        if self.entries.contains_key(entry_id) || self.alias_ids.contains(entry_id) {
+            return true;
+        }
+        match entry {
+            None => false,
+            Some(entry) if entry.parent_id == *server_id => entry.selectors.is_subset_of(&self.identity.node_selectors),
+            Some(entry) => self.depth(&entry.parent_id).is_some(),
+        }
+    }
+
+    /// Moves the set's revision to `revision` over changes none of which
+    /// [`concerns`](Self::concerns) it.
+    pub(crate) fn pass_to(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
     /// The least depth of a SPIFFE ID: 0 for a root, else that of the entries carrying it.
     fn depth(&self, id: &SpiffeId) -> Option<usize> {
         if self.roots.contains(id) {
             return Some(0);
         }
-        self.depths.get(id).and_then(|depths| depths.keys().next().copied())
+        self.depths.get(id).and_then(Depths::least)
     }
 
+    /// Adds an authorized entry at `depth` (nothing if its ID is in the set already).
     fn insert(&mut self, entry: RegistrationEntry, depth: usize) {
-        *self.depths.entry(entry.spiffe_id.clone()).or_default().entry(depth).or_default() += 1;
-        *self.children.entry(entry.parent_id.clone()).or_default() += 1;
+        let std::collections::btree_map::Entry::Vacant(slot) = self.entries.entry(entry.id.clone()) else {
+            return;
+        };
+        match self.depths.get_mut(&entry.spiffe_id) {
+            Some(depths) => depths.add(depth),
+            None => {
+                self.depths.insert(entry.spiffe_id.clone(), Depths::One { depth, count: 1 });
+            }
+        }
+        match self.children.get_mut(&entry.parent_id) {
+            Some(count) => *count += 1,
+            None => {
+                self.children.insert(entry.parent_id.clone(), 1);
+            }
+        }
         if let Some(at) = entry.expires_at {
             self.expiries.insert((at, entry.id.clone()));
         }
         for td in &entry.federates_with {
             *self.federated.entry(td.clone()).or_default() += 1;
         }
-        self.entries.insert(entry.id.clone(), entry);
+        slot.insert(entry);
     }
 
     fn remove(&mut self, id: &str) -> Option<RegistrationEntry> {
         let entry = self.entries.remove(id)?;
         let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
-        if let Some(depths) = self.depths.get_mut(&entry.spiffe_id) {
-            if let Some(count) = depths.get_mut(&depth) {
-                *count -= 1;
-                if *count == 0 {
-                    depths.remove(&depth);
-                }
-            }
-            if depths.is_empty() {
-                self.depths.remove(&entry.spiffe_id);
-            }
+        if let Some(depths) = self.depths.get_mut(&entry.spiffe_id)
+            && depths.remove(depth)
+        {
+            self.depths.remove(&entry.spiffe_id);
         }
         if let Some(count) = self.children.get_mut(&entry.parent_id) {
             *count -= 1;
@@ -310,23 +407,33 @@ impl AuthorizedSet {
             && entry.parent_id == *server_id
         {
             let concerns_agent = !entry.is_expired(now) && entry.selectors.is_subset_of(&self.identity.node_selectors);
-            return Ok(if concerns_agent { Err(Recompute) } else { Ok(None) });
+            if concerns_agent {
+                return Ok(Err(Recompute));
+            }
+            // A node alias of other agents is not in the set; if the entry was (it became that
+            // alias), it leaves below like any entry that is no longer authorized.
         }
-        let authorized = new.filter(|entry| {
-            !entry.is_expired(now) && self.depth(&entry.parent_id).is_some_and(|depth| depth <= MAX_DEPTH)
-        });
-        let old = self.entries.get(id);
-        match (old, authorized) {
+        // Whether `entry` belongs in the set as the set stands (its parent expanded).
+        let belongs = |set: &Self, entry: &RegistrationEntry| {
+            entry.parent_id != *server_id
+                && !entry.is_expired(now)
+                && set.depth(&entry.parent_id).is_some_and(|depth| depth <= MAX_DEPTH)
+        };
+        match (self.entries.get(id), new) {
             (None, None) => Ok(Ok(None)),
-            (Some(old), Some(entry)) if old == &entry => Ok(Ok(None)),
-            // Same place in the graph: only the entry's own fields change.
-            (Some(old), Some(entry)) if old.spiffe_id == entry.spiffe_id && old.parent_id == entry.parent_id => {
+            (Some(old), Some(entry)) if *old == entry && belongs(self, &entry) => Ok(Ok(None)),
+            // Same place in the graph: only the entry's own fields change. (Its parent's depth
+            // cannot rest on the entry itself: that depth is less than the entry's.)
+            (Some(old), Some(entry))
+                if old.spiffe_id == entry.spiffe_id && old.parent_id == entry.parent_id && belongs(self, &entry) =>
+            {
                 let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
                 self.remove(id);
                 self.insert(entry.clone(), depth);
                 Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
             }
-            (old, authorized) => {
+            (old, new) => {
+                let held = old.is_some();
                 if let Some(old) = old {
                     // Losing the entry must not move the graph under it.
                     let spiffe_id = old.spiffe_id.clone();
@@ -335,8 +442,10 @@ impl AuthorizedSet {
                     }
                     self.remove(id);
                 }
-                let Some(entry) = authorized else {
-                    return Ok(Ok(Some(SetChange::Delete { entry_id: id.to_owned(), revision })));
+                // Judged without its old version: that may have been what expanded its new
+                // parent (an entry moved under its own former SPIFFE ID).
+                let Some(entry) = new.filter(|entry| belongs(self, entry)) else {
+                    return Ok(Ok(held.then(|| SetChange::Delete { entry_id: id.to_owned(), revision })));
                 };
                 let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
                 match self.depth(&entry.spiffe_id) {
@@ -367,8 +476,7 @@ impl AuthorizedSet {
             return Some(0);
         }
         let own = self.depth(&old.parent_id).map_or(0, |d| d + 1);
-        let depths = self.depths.get(&old.spiffe_id)?;
-        depths.iter().find(|(depth, count)| **depth != own || **count > 1).map(|(depth, _)| *depth)
+        self.depths.get(&old.spiffe_id)?.least_without(own)
     }
 
     /// Moves the set to the store's current revision and returns what changed, in revision
@@ -660,5 +768,124 @@ mod tests {
             ids(&authorized_entries(&store, &server, &identity, 99).unwrap()),
             vec!["a", "b", "c", "d", "e", "f"]
         );
+    }
+
+    /// The rule of the module docs, written as plainly as possible (no incremental state),
+    /// to hold the optimised computation and the change-by-change advance to.
+    fn reference(
+        store: &MemoryDataStore,
+        server: &SpiffeId,
+        agent: &AgentIdentity,
+        now: u64,
+    ) -> BTreeMap<String, RegistrationEntry> {
+        let all = store.list_entries(&crate::datastore::EntryFilter::default(), &crate::datastore::PageRequest::all());
+        let all = all.unwrap().items;
+        let mut expanded: HashSet<SpiffeId> = HashSet::from([server.clone(), agent.agent_id.clone()]);
+        let mut frontier = vec![agent.agent_id.clone()];
+        for alias in &all {
+            if alias.parent_id == *server
+                && !alias.is_expired(now)
+                && alias.selectors.iter().all(|s| agent.node_selectors.contains(s))
+                && expanded.insert(alias.spiffe_id.clone())
+            {
+                frontier.push(alias.spiffe_id.clone());
+            }
+        }
+        let mut out = BTreeMap::new();
+        for _ in 0..=MAX_DEPTH {
+            let mut next = Vec::new();
+            for entry in &all {
+                if frontier.contains(&entry.parent_id) && !entry.is_expired(now) {
+                    out.insert(entry.id.clone(), entry.clone());
+                    if expanded.insert(entry.spiffe_id.clone()) {
+                        next.push(entry.spiffe_id.clone());
+                    }
+                }
+            }
+            frontier = next;
+        }
+        out
+    }
+
+    /// Random graphs (parents drawn from a small pool of IDs, so chains, shared IDs at several
+    /// depths, cycles and node aliases all occur), changed one write at a time: after each,
+    /// the computed set, the advanced set and what an agent replaying the changes holds are
+    /// all exactly the reference.
+    #[test]
+    fn random_graphs_match_the_rule_after_every_write() {
+        let server = id("/tessera/server");
+        let agent = id("/tessera/agent/join_token/a");
+        let identity = AgentIdentity {
+            agent_id: agent.clone(),
+            node_selectors: [
+                Selector::new("spiffe_id", agent.as_str()).unwrap(),
+                Selector::new("k8s", "ns:x").unwrap(),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let pool = ["/a", "/b", "/c", "/d", "/tessera/agent/join_token/a", "/tessera/server"];
+        let alias_selectors = [
+            &["spiffe_id:spiffe://example.org/tessera/agent/join_token/a"][..],
+            &["k8s:ns:x", "k8s:ns:y"][..],
+            &["k8s:ns:x"][..],
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |bound: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % bound as u64).unwrap()
+        };
+        for _round in 0..200 {
+            let store = MemoryDataStore::default();
+            let mut set = AuthorizedSet::compute(&store, &server, &identity, 10).unwrap();
+            let mut held = set.entries().clone();
+            for step in 0..60 {
+                let entry_id = format!("e{}", next(12));
+                let now = 10 + (step as u64) / 10;
+                match (next(10), store.get_entry(&entry_id).unwrap()) {
+                    (0..=1, Some(_)) => {
+                        store.delete_entry(&entry_id).unwrap();
+                    }
+                    (_, existing) => {
+                        let parent = id(pool[next(pool.len())]);
+                        let sel: &[&str] = if parent == server { alias_selectors[next(3)] } else { &["unix:uid:1"] };
+                        let mut e = RegistrationEntry::new(&entry_id, id(pool[next(4)]), parent, selectors(sel));
+                        e.selectors.insert(Selector::new("n", &entry_id).unwrap());
+                        if next(5) == 0 {
+                            e.expires_at = Some(now + 1 + next(3) as u64);
+                        }
+                        let written = match existing {
+                            Some(_) => store.update_entry(&e, None),
+                            None => store.create_entry(&e),
+                        };
+                        // A duplicate (same SPIFFE ID, parent and selectors) is refused: fine.
+                        let _ = written;
+                    }
+                }
+                let expected = reference(&store, &server, &identity, now);
+                let computed = AuthorizedSet::compute(&store, &server, &identity, now).unwrap();
+                // Changes that do not concern the set leave it as it is.
+                let pending = store.changes_since(set.revision(), 100).unwrap();
+                let concerned = pending.iter().any(|c| {
+                    let entry = store.get_entry(&c.entry_id).unwrap();
+                    set.concerns(&server, &c.entry_id, entry.as_ref())
+                });
+                if !concerned && !set.expires_by(now) {
+                    let mut passed = set.clone();
+                    let changes = passed.advance(&store, &server, now).unwrap();
+                    assert!(
+                        changes.is_empty(),
+                        "changes that concern no one changed the set, step {step}: {changes:?}"
+                    );
+                    assert_eq!(passed.entries(), set.entries());
+                }
+                assert_eq!(computed.entries(), &expected, "computed set, step {step}");
+                replay(&mut held, set.advance(&store, &server, now).unwrap());
+                assert_eq!(set.entries(), &expected, "advanced set, step {step}");
+                assert_eq!(held, expected, "the agent's copy, step {step}");
+            }
+        }
     }
 }

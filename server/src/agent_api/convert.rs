@@ -22,8 +22,8 @@ fn ttl_to_proto(ttl: Option<std::time::Duration>) -> u32 {
 pub(crate) fn entry_to_proto(entry: &RegistrationEntry) -> common::Entry {
     common::Entry {
         id: entry.id.clone(),
-        spiffe_id: entry.spiffe_id.to_string(),
-        parent_id: entry.parent_id.to_string(),
+        spiffe_id: entry.spiffe_id.as_str().to_owned(),
+        parent_id: entry.parent_id.as_str().to_owned(),
         selectors: entry.selectors.iter().map(selector_to_proto).collect(),
         x509_svid_ttl: ttl_to_proto(entry.x509_svid_ttl),
         jwt_svid_ttl: ttl_to_proto(entry.jwt_svid_ttl),

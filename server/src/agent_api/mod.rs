@@ -49,6 +49,7 @@ mod audit;
 pub(crate) mod auth;
 pub(crate) mod authz;
 mod convert;
+pub(crate) mod feed;
 pub(crate) mod node_token;
 pub(crate) mod overload;
 mod rate;
@@ -138,6 +139,8 @@ impl AuthorizedCache {
 pub struct AgentApi {
     state: Arc<ServerState>,
     authorized_cache: Arc<AuthorizedCache>,
+    /// The entry change log as read once for every sync stream.
+    feed: Arc<feed::ChangeFeed>,
     limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
@@ -161,6 +164,7 @@ impl AgentApi {
             limits: Arc::new(overload::Limits::from_config(state.config())),
             state,
             authorized_cache: Arc::default(),
+            feed: Arc::default(),
             stopped,
         }
     }
@@ -314,7 +318,14 @@ impl AgentService for AgentApi {
         let agent = authenticate(&self.state, &request, "SyncEntries").await?;
         let from_revision = request.into_inner().revision;
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(sync::run(Arc::clone(&self.state), agent, from_revision, tx, self.stopped.clone()));
+        tokio::spawn(sync::run(
+            Arc::clone(&self.state),
+            Arc::clone(&self.feed),
+            agent,
+            from_revision,
+            tx,
+            self.stopped.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -37,9 +37,10 @@ use tessera_wire::tessera::agent::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::auth::{AuthenticatedAgent, recheck};
+use super::auth::{AuthenticatedAgent, HeldNode, recheck};
 use super::authz::{AgentIdentity, AuthorizedSet, SetChange, diff};
 use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
+use super::feed::ChangeFeed;
 use crate::ca::TaintedAuthorities;
 use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
 use crate::server::ServerState;
@@ -103,12 +104,52 @@ async fn advance_set(
 /// each federated bundle + the tainted authorities of the own CA.
 type BundlesKey = (u64, Vec<(String, u64)>, Arc<TaintedAuthorities>);
 
+/// The federated bundles a stream last read: for which trust domains, at which bundle
+/// generation ([`crate::datastore::DataStore::bundle_generation`], read before them). They
+/// are read again only when either changed, so the periodic check of an idle stream costs no
+/// datastore read (issue 7).
+#[derive(Debug, Default)]
+struct HeldBundles {
+    domains: Vec<TrustDomain>,
+    generation: u64,
+    federated: Vec<Bundle>,
+    /// Loads of the federated bundles so far.
+    reads: u64,
+}
+
+impl HeldBundles {
+    /// The own bundle (shared, not copied) and the federated bundles of `domains`.
+    async fn current(
+        &mut self,
+        state: &Arc<ServerState>,
+        domains: Vec<TrustDomain>,
+    ) -> Result<(Arc<Bundle>, &[Bundle]), Status> {
+        let own = state.ca().shared_bundle();
+        let generation = state.datastore().bundle_generation();
+        if self.reads == 0 || domains != self.domains || generation != self.generation {
+            self.federated = load_federated(state, domains.clone()).await?;
+            self.domains = domains;
+            self.generation = generation;
+            self.reads += 1;
+        }
+        Ok((own, &self.federated))
+    }
+}
+
 /// The own bundle and the federated bundles of `domains` that exist and parse.
 pub(crate) async fn load_bundles(
     state: &Arc<ServerState>,
     domains: Vec<TrustDomain>,
 ) -> Result<(Bundle, Vec<Bundle>), Status> {
     let own = state.ca().bundle();
+    Ok((own, load_federated(state, domains).await?))
+}
+
+/// The federated bundles of `domains` that exist and parse (no datastore call for none).
+async fn load_federated(state: &Arc<ServerState>, domains: Vec<TrustDomain>) -> Result<Vec<Bundle>, Status> {
+    if domains.is_empty() {
+        return Ok(Vec::new());
+    }
     let stored = blocking(state.datastore(), move |store| {
         let mut out = Vec::new();
         for td in domains {
@@ -120,7 +161,7 @@ pub(crate) async fn load_bundles(
     })
     .await
     .map_err(datastore_status)?;
-    let federated = stored
+    Ok(stored
         .into_iter()
         .filter_map(|b| match Bundle::from_json(b.trust_domain.clone(), &b.data) {
             Ok(mut bundle) => {
@@ -132,8 +173,7 @@ pub(crate) async fn load_bundles(
                 None
             }
         })
-        .collect();
-    Ok((own, federated))
+        .collect())
 }
 
 fn bundles_key(state: &ServerState, own: &Bundle, federated: &[Bundle]) -> BundlesKey {
@@ -148,6 +188,7 @@ fn bundles_key(state: &ServerState, own: &Bundle, federated: &[Bundle]) -> Bundl
 /// server stops.
 pub(crate) async fn run(
     state: Arc<ServerState>,
+    feed: Arc<ChangeFeed>,
     agent: AuthenticatedAgent,
     from_revision: u64,
     tx: Sender,
@@ -155,7 +196,7 @@ pub(crate) async fn run(
 ) {
     let agent_id = agent.id().clone();
     let _open = state.metrics().sync_stream_opened();
-    match run_inner(&state, agent, from_revision, &tx, stopped).await {
+    match run_inner(&state, &feed, agent, from_revision, &tx, stopped).await {
         Ok(()) | Err(Stop::Gone) => {}
         Err(Stop::Status(status)) => {
             tracing::info!(agent = %agent_id, code = ?status.code(), reason = %status.message(), "entry sync stream ended");
@@ -166,6 +207,7 @@ pub(crate) async fn run(
 
 async fn run_inner(
     state: &Arc<ServerState>,
+    feed: &ChangeFeed,
     mut agent: AuthenticatedAgent,
     from_revision: u64,
     tx: &Sender,
@@ -179,9 +221,11 @@ async fn run_inner(
 
     let mut held = read_set(state, &agent.identity).await?;
     let mut revision = held.revision();
-    let (own, federated) = load_bundles(state, held.federated_domains(&own_td)).await?;
-    let mut bundles = bundles_key(state, &own, &federated);
-    send(tx, bundles_event(&own, &federated, &bundles.2)).await?;
+    let mut held_bundles = HeldBundles::default();
+    let (own, federated) = held_bundles.current(state, held.federated_domains(&own_td)).await?;
+    let mut bundles = bundles_key(state, &own, federated);
+    send(tx, bundles_event(&own, federated, &bundles.2)).await?;
+    let mut held_node = HeldNode::default();
 
     if from_revision == 0 || from_revision != revision {
         send_snapshot(tx, revision, held.entries()).await?;
@@ -200,7 +244,18 @@ async fn run_inner(
                 if changed.is_err() {
                     return Err(Status::unavailable("datastore subscription closed").into());
                 }
-                if *revisions.borrow_and_update() <= revision {
+                let target = *revisions.borrow_and_update();
+                if target <= revision {
+                    continue;
+                }
+                // Changes of other agents' entries: passed over without a datastore read.
+                if let Some(changes) = feed.since(state.datastore(), held.revision(), target).await
+                    && changes.last().is_some_and(|last| last.revision >= target)
+                    && !held.expires_by(now_secs())
+                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_ref()))
+                {
+                    held.pass_to(target);
+                    revision = held.revision();
                     continue;
                 }
                 let changed_at = std::time::Instant::now();
@@ -210,10 +265,10 @@ async fn run_inner(
                 state.metrics().sync_delivered(changed_at);
                 revision = held.revision();
                 // The federated bundles needed may have changed with the entries.
-                bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles).await?;
+                bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles, &mut held_bundles).await?;
             }
             _ = ticker.tick() => {
-                let node = recheck(state, &agent).await?;
+                let node = recheck(state, &agent, &mut held_node).await?;
                 if node.selectors != agent.identity.node_selectors {
                     // Re-attestation changed the node selectors: node aliases may differ.
                     agent.identity.node_selectors = node.selectors.clone();
@@ -229,7 +284,7 @@ async fn run_inner(
                     send_changes(tx, changes).await?;
                     revision = held.revision().max(revision);
                 }
-                bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles).await?;
+                bundles = resend_bundles_if_changed(state, tx, &held, &own_td, &bundles, &mut held_bundles).await?;
             }
         }
     }
@@ -250,11 +305,12 @@ async fn resend_bundles_if_changed(
     held: &AuthorizedSet,
     own_td: &TrustDomain,
     previous: &BundlesKey,
+    held_bundles: &mut HeldBundles,
 ) -> Result<BundlesKey, Stop> {
-    let (own, federated) = load_bundles(state, held.federated_domains(own_td)).await?;
-    let key = bundles_key(state, &own, &federated);
+    let (own, federated) = held_bundles.current(state, held.federated_domains(own_td)).await?;
+    let key = bundles_key(state, &own, federated);
     if &key != previous {
-        send(tx, bundles_event(&own, &federated, &key.2)).await?;
+        send(tx, bundles_event(&own, federated, &key.2)).await?;
     }
     Ok(key)
 }
@@ -309,7 +365,7 @@ async fn send_changes(tx: &Sender, changes: Vec<SetChange>) -> Result<(), Stop> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_spiffe::{SelectorSet, SpiffeId};
+    use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
     fn entry(id: &str, revision: u64) -> RegistrationEntry {
         let mut e = RegistrationEntry::new(
@@ -320,6 +376,25 @@ mod tests {
         );
         e.revision = revision;
         e
+    }
+
+    /// Issue 7: an idle stream's periodic look at the bundles reads the datastore only after a
+    /// bundle write or when the trust domains it needs change.
+    #[tokio::test]
+    async fn held_bundles_are_read_again_only_after_a_bundle_write() {
+        let (_dir, state, _agent) = crate::agent_api::auth::test_state_with_agent();
+        let partner = TrustDomain::new("partner.test").unwrap();
+        let mut held = HeldBundles::default();
+        for _ in 0..5 {
+            held.current(&state, vec![partner.clone()]).await.unwrap();
+        }
+        assert_eq!(held.reads, 1, "unchanged bundles were read again");
+        state.datastore().set_bundle(&partner, b"{}", None).unwrap();
+        held.current(&state, vec![partner.clone()]).await.unwrap();
+        held.current(&state, vec![partner.clone()]).await.unwrap();
+        assert_eq!(held.reads, 2, "a bundle write is read once");
+        held.current(&state, Vec::new()).await.unwrap();
+        assert_eq!(held.reads, 3, "other trust domains are read");
     }
 
     #[test]

@@ -17,19 +17,18 @@ use super::types::{
     check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict, paginate,
     validate_entry, validate_node, validate_serials, validate_token,
 };
-use super::{DataStore, Result, publish_revision};
+use super::{DataStore, Generations, Result, publish_revision};
 
 /// The in-memory fake [`DataStore`] for tests.
 pub struct MemoryDataStore {
     state: Mutex<State>,
+    generations: Generations,
     revisions: watch::Sender<u64>,
     options: DataStoreOptions,
 }
 
 #[derive(Default)]
 struct State {
-    /// [`DataStore::node_generation`].
-    node_generation: u64,
     entries: BTreeMap<String, RegistrationEntry>,
     /// Unique key (SPIFFE ID, parent, selectors) -> entry ID.
     unique: HashMap<String, String>,
@@ -82,7 +81,12 @@ impl State {
 impl MemoryDataStore {
     /// An empty store.
     pub fn new(options: DataStoreOptions) -> Self {
-        Self { state: Mutex::new(State::default()), revisions: watch::Sender::new(0), options }
+        Self {
+            state: Mutex::new(State::default()),
+            generations: Generations::default(),
+            revisions: watch::Sender::new(0),
+            options,
+        }
     }
 
     /// The state, recovered even if a previous holder panicked: every mutation below is
@@ -181,8 +185,9 @@ impl DataStore for MemoryDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
+        let parents: std::collections::HashSet<&SpiffeId> = parent_ids.iter().collect();
         let state = self.state();
-        Ok(state.entries.values().filter(|e| parent_ids.contains(&e.parent_id)).cloned().collect())
+        Ok(state.entries.values().filter(|e| parents.contains(&e.parent_id)).cloned().collect())
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
@@ -245,7 +250,7 @@ impl DataStore for MemoryDataStore {
             });
         }
         state.nodes.insert(key.to_owned(), node.clone());
-        state.node_generation += 1;
+        self.generations.node_written(&node.spiffe_id);
         Ok(())
     }
 
@@ -267,7 +272,7 @@ impl DataStore for MemoryDataStore {
     ) -> Result<AttestedNode> {
         validate_serials(serials)?;
         let mut state = self.state();
-        state.node_generation += 1;
+        self.generations.node_written(spiffe_id);
         let node = state.node_mut(spiffe_id)?;
         if node.banned {
             return Err(DataStoreError::NodeBanned { spiffe_id: spiffe_id.clone() });
@@ -288,7 +293,7 @@ impl DataStore for MemoryDataStore {
 
     fn set_attested_node_selectors(&self, spiffe_id: &SpiffeId, selectors: &SelectorSet) -> Result<AttestedNode> {
         let mut state = self.state();
-        state.node_generation += 1;
+        self.generations.node_written(spiffe_id);
         let node = state.node_mut(spiffe_id)?;
         node.selectors = selectors.clone();
         Ok(node.clone())
@@ -296,7 +301,7 @@ impl DataStore for MemoryDataStore {
 
     fn ban_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
         let mut state = self.state();
-        state.node_generation += 1;
+        self.generations.node_written(spiffe_id);
         let node = state.node_mut(spiffe_id)?;
         node.banned = true;
         node.serial.clear();
@@ -306,15 +311,15 @@ impl DataStore for MemoryDataStore {
 
     fn delete_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode> {
         let mut state = self.state();
-        state.node_generation += 1;
+        self.generations.node_written(spiffe_id);
         state
             .nodes
             .remove(spiffe_id.as_str())
             .ok_or_else(|| DataStoreError::NotFound { kind: ResourceKind::AttestedNode, id: spiffe_id.to_string() })
     }
 
-    fn node_generation(&self) -> u64 {
-        self.state().node_generation
+    fn node_generation(&self, spiffe_id: &SpiffeId) -> u64 {
+        self.generations.node(spiffe_id)
     }
 
     fn create_join_token(&self, token: &JoinToken) -> Result<()> {
@@ -356,6 +361,7 @@ impl DataStore for MemoryDataStore {
 
     fn set_bundle(&self, trust_domain: &TrustDomain, data: &[u8], expected_sequence: Option<u64>) -> Result<Bundle> {
         let mut state = self.state();
+        self.generations.bundle_written();
         let current = state.bundles.get(trust_domain.name()).map_or(0, |b| b.sequence);
         if let Some(expected) = expected_sequence.filter(|&expected| expected != current) {
             return Err(DataStoreError::Conflict {
@@ -371,10 +377,16 @@ impl DataStore for MemoryDataStore {
     }
 
     fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<Bundle> {
-        self.state()
+        let mut state = self.state();
+        self.generations.bundle_written();
+        state
             .bundles
             .remove(trust_domain.name())
             .ok_or_else(|| DataStoreError::NotFound { kind: ResourceKind::Bundle, id: trust_domain.to_string() })
+    }
+
+    fn bundle_generation(&self) -> u64 {
+        self.generations.bundles()
     }
 
     fn get_ca_journal(&self) -> Result<Option<CaJournal>> {

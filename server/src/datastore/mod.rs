@@ -24,10 +24,13 @@
 //! ## Durability
 //!
 //! An acknowledged write is durable: every write method returns `Ok` only after the change
-//! is on disk (sled: `flush`, an fsync). A `kill -9` right after it loses nothing. Writers
-//! each flush on their own (no group commit yet): concurrent writes each pay an fsync, which
-//! is fine for registration traffic; batching concurrent flushes is a later optimisation
-//! that does not change the trait.
+//! is on disk (sled: `flush`, an fsync). A `kill -9` right after it loses nothing.
+//! Concurrent writes share their flush (group commit, `group_commit.rs`): each writer
+//! completes its transaction and then waits until a flush that *started after* its write
+//! completed has succeeded; one flush covers every writer that completed before it began, so
+//! N concurrent writes cost far fewer than N flushes, and a failed flush fails every write it
+//! was to cover. The trait does not change: each call still returns once its own write is
+//! durable.
 //!
 //! ## Revisions and the change feed
 //!
@@ -87,6 +90,7 @@
 
 mod codec;
 mod error;
+mod group_commit;
 mod memory;
 mod sled_store;
 mod types;
@@ -99,6 +103,7 @@ use tokio::sync::watch;
 pub use error::{BackendError, DataStoreError, ResourceKind};
 pub use memory::MemoryDataStore;
 pub use sled_store::SledDataStore;
+pub(crate) use types::Generations;
 pub use types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DEFAULT_CHANGE_LOG_RETENTION, DataStoreOptions, EntryChange,
     EntryFilter, FederationRelationshipRecord, JoinToken, MAX_KEY_LEN, NodeFilter, NodeSerials, Page, PageRequest,
@@ -205,12 +210,16 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Evicts the node: deletes it, so the agent must attest again. Returns it as it was.
     fn delete_attested_node(&self, spiffe_id: &SpiffeId) -> Result<AttestedNode>;
 
-    /// A counter that moves forward after every attested-node write (create, serial update,
-    /// selector update, ban, delete) and never otherwise. A caller that keeps a copy of a node
-    /// reads this *before* reading the node and reuses the copy only while the counter has not
-    /// moved, so a ban or eviction is seen by the very next call. A store shared between
-    /// server replicas must move it for the other replicas' writes as well.
-    fn node_generation(&self) -> u64;
+    /// A counter that moves forward after every write of the attested node `spiffe_id`
+    /// (create, serial update, selector update, ban, delete; attempted or done) and never on a
+    /// read. Writes of other nodes may move it too (the counters are shared between the IDs
+    /// hashing alike), never the reverse. A caller that keeps a copy of a node reads this
+    /// *before* reading the node and reuses the copy only while the counter has not moved, so
+    /// a ban or eviction is seen by the very next check, while the attestation of other agents
+    /// leaves the copy in place: the cost of holding N agents' node records does not grow
+    /// with the rate at which other nodes are written (issue 7). A store shared between server
+    /// replicas must move it for the other replicas' writes as well.
+    fn node_generation(&self, spiffe_id: &SpiffeId) -> u64;
 
     // ---- Join tokens -------------------------------------------------------------------------
 
@@ -242,6 +251,12 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
 
     /// Deletes a bundle and returns it as it was.
     fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<Bundle>;
+
+    /// A counter that moves forward after every bundle write ([`Self::set_bundle`],
+    /// [`Self::delete_bundle`]; attempted or done) and never on a read: a caller that keeps
+    /// bundles it read reads this first and reads them again only once it moved. The same
+    /// rule for shared stores as [`Self::node_generation`].
+    fn bundle_generation(&self) -> u64;
 
     // ---- CA journal ---------------------------------------------------------------------------
 

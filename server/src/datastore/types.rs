@@ -4,6 +4,8 @@
 //! Times are unix seconds (`u64`) passed in by the caller: the store never reads a clock, so
 //! tests drive expiry with a fake clock.
 
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
@@ -501,6 +503,60 @@ pub(crate) fn plan_selector_index(filter: &SelectorFilter, records_never_empty: 
     }
 }
 
+/// Counters of writes per attested node, shared between the IDs that hash to the same slot
+/// (see [`super::DataStore::node_generation`]), and of bundle writes.
+pub(crate) struct Generations {
+    nodes: Box<[AtomicU64]>,
+    bundles: AtomicU64,
+}
+
+/// Node counters: a write moves one of 4,096, so the nodes written while an agent stays
+/// connected leave its copy in place unless they hash alike (about 1 in 4,096).
+const NODE_SLOTS: usize = 4096;
+
+impl Default for Generations {
+    fn default() -> Self {
+        Self { nodes: (0..NODE_SLOTS).map(|_| AtomicU64::new(0)).collect(), bundles: AtomicU64::new(0) }
+    }
+}
+
+impl fmt::Debug for Generations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Generations").field("bundles", &self.bundles).finish_non_exhaustive()
+    }
+}
+
+impl Generations {
+    fn slot(&self, spiffe_id: &SpiffeId) -> &AtomicU64 {
+        // FNV-1a: stable, and collisions cost only a re-read.
+        let hash = spiffe_id
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
+        let index = usize::try_from(hash % NODE_SLOTS as u64).unwrap_or(0);
+        &self.nodes[index]
+    }
+
+    /// After a write of the node `spiffe_id` (attempted or done).
+    pub(crate) fn node_written(&self, spiffe_id: &SpiffeId) {
+        self.slot(spiffe_id).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`super::DataStore::node_generation`].
+    pub(crate) fn node(&self, spiffe_id: &SpiffeId) -> u64 {
+        self.slot(spiffe_id).load(Ordering::Acquire)
+    }
+
+    /// After a bundle write (attempted or done).
+    pub(crate) fn bundle_written(&self) {
+        self.bundles.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`super::DataStore::bundle_generation`].
+    pub(crate) fn bundles(&self) -> u64 {
+        self.bundles.load(Ordering::Acquire)
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
