@@ -15,11 +15,14 @@
 //!
 //! Figures: wall time and agents per second (beside the durable single-writer commit rate:
 //! each attestation consumes a token and records a node, both durable), server CPU per agent,
-//! server RSS per connected agent, failures and missing entries.
+//! server RSS per connected agent, failures and missing entries, and how many times the
+//! workers retried a step the server refused as overloaded (`UNAVAILABLE`, its attestation
+//! bounds), with backoff, as agents do.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -78,20 +81,82 @@ fn token(prefix: &str, n: usize) -> String {
     format!("{prefix}{n}")
 }
 
+/// Attempts per agent step when the server answers `UNAVAILABLE` (its overload bounds): about
+/// two minutes of backoff at most, as agents keep retrying.
+const OVERLOAD_ATTEMPTS: u32 = 64;
+/// First backoff after an overload refusal; it doubles per attempt up to [`OVERLOAD_BACKOFF_MAX`].
+const OVERLOAD_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest backoff after an overload refusal.
+const OVERLOAD_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Whether `error` is the server refusing a call because it is overloaded (`UNAVAILABLE`):
+/// retryable, as the real agent treats it.
+fn is_overload(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<tonic::Status>())
+        .any(|status| status.code() == tonic::Code::Unavailable)
+}
+
+/// The backoff before attempt `attempt + 1`: exponential with full jitter, so the refused
+/// agents of one burst do not all come back together.
+fn overload_backoff(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let ceiling = OVERLOAD_BACKOFF.saturating_mul(1 << attempt.min(16)).min(OVERLOAD_BACKOFF_MAX);
+    let random = RandomState::new().hash_one(attempt);
+    ceiling.mul_f64((random % 1_000 + 1) as f64 / 1_000.0)
+}
+
+/// Runs `step` until it succeeds, fails with anything but an overload refusal, or has been
+/// refused `attempts` times; counts the retries in `retries`.
+async fn with_overload_retry<T, F, Fut>(attempts: u32, retries: &AtomicU64, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        match step().await {
+            Err(error) if is_overload(&error) && attempt + 1 < attempts => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(overload_backoff(attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Attests agent `n` and syncs it; returns the open sync stream (to keep the agent connected)
-/// and how many entries it received.
+/// and how many entries it received. A step the server refuses as overloaded is retried with
+/// backoff, as agents do: the attestation (a refused one consumed no token) and the sync.
 async fn attest_and_sync(
     job: &WorkerJob,
     bundle: Bundle,
     server_id: SpiffeId,
     n: usize,
+    retries: &AtomicU64,
 ) -> anyhow::Result<(SimAgent, tonic::Streaming<pb::SyncEntriesResponse>, usize)> {
     use pb::sync_entries_response::Event;
-    let agent = SimAgent::attest_to(job.addr, bundle, server_id, &token(&job.prefix, n)).await?;
-    let mut stream = agent.client.clone().sync_entries(pb::SyncEntriesRequest { revision: 0 }).await?.into_inner();
+    let token = token(&job.prefix, n);
+    let agent = with_overload_retry(OVERLOAD_ATTEMPTS, retries, || {
+        SimAgent::attest_to(job.addr, bundle.clone(), server_id.clone(), &token)
+    })
+    .await?;
+    let (mut stream, mut pending) = with_overload_retry(OVERLOAD_ATTEMPTS, retries, || async {
+        let mut stream = agent.client.clone().sync_entries(pb::SyncEntriesRequest { revision: 0 }).await?.into_inner();
+        // An overloaded server may refuse on the stream's first message rather than the call.
+        let first = stream.message().await?;
+        Ok((stream, Some(first)))
+    })
+    .await?;
     let mut received = 0;
     loop {
-        match tokio::time::timeout(Duration::from_secs(120), stream.message()).await {
+        let next = match pending.take() {
+            Some(first) => Ok(Ok(first)),
+            None => tokio::time::timeout(Duration::from_secs(120), stream.message()).await,
+        };
+        match next {
             Err(_) => bail!("no sync message within 120 s"),
             Ok(Err(status)) => bail!("sync failed: {status}"),
             Ok(Ok(None)) => bail!("the sync stream ended before synced"),
@@ -104,8 +169,8 @@ async fn attest_and_sync(
     }
 }
 
-/// `fleet-worker`: attests and syncs `job`'s agents, prints `READY <ok> <failed> <missing>`
-/// on stdout, then keeps every agent connected until stdin closes.
+/// `fleet-worker`: attests and syncs `job`'s agents, prints
+/// `READY <ok> <failed> <missing> <overload retries>` on stdout, then keeps every agent connected until stdin closes.
 pub async fn worker(job: WorkerJob) -> anyhow::Result<()> {
     let pem = std::fs::read(&job.bundle).with_context(|| format!("reading {}", job.bundle.display()))?;
     let trust_domain = TrustDomain::new(TRUST_DOMAIN)?;
@@ -113,13 +178,14 @@ pub async fn worker(job: WorkerJob) -> anyhow::Result<()> {
     let server_id = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/tessera/server"))?;
     let permits = Arc::new(Semaphore::new(job.concurrency.max(1)));
     let job = Arc::new(job);
+    let retries = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for n in job.from..job.to {
-        let (job, bundle, server_id, permits) =
-            (Arc::clone(&job), bundle.clone(), server_id.clone(), Arc::clone(&permits));
+        let (job, bundle, server_id, permits, retries) =
+            (Arc::clone(&job), bundle.clone(), server_id.clone(), Arc::clone(&permits), Arc::clone(&retries));
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            attest_and_sync(&job, bundle, server_id, n).await
+            attest_and_sync(&job, bundle, server_id, n, &retries).await
         });
     }
     let (mut ok, mut failed, mut missing) = (0usize, 0usize, 0usize);
@@ -141,7 +207,7 @@ pub async fn worker(job: WorkerJob) -> anyhow::Result<()> {
     if let Some(error) = first_error {
         eprintln!("tessera-loadgen: fleet-worker: {failed} agents failed; the first: {error}");
     }
-    println!("READY {ok} {failed} {missing}");
+    println!("READY {ok} {failed} {missing} {}", retries.load(Ordering::Relaxed));
     // Hold the connections until the parent closes stdin.
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(_)) = stdin.next_line().await {}
@@ -218,7 +284,7 @@ pub async fn fleet(options: &FleetOptions) -> anyhow::Result<Vec<Figure>> {
             let stdout = child.stdout.take().ok_or_else(|| anyhow!("no worker stdout"))?;
             children.push((child, tokio::io::BufReader::new(stdout).lines()));
         }
-        let (mut ok, mut failed, mut missing) = (0u64, 0u64, 0u64);
+        let (mut ok, mut failed, mut missing, mut retries) = (0u64, 0u64, 0u64, 0u64);
         for (_, lines) in &mut children {
             let line = tokio::time::timeout(options.timeout, lines.next_line())
                 .await
@@ -226,13 +292,15 @@ pub async fn fleet(options: &FleetOptions) -> anyhow::Result<Vec<Figure>> {
                 .context("reading a fleet worker")?
                 .ok_or_else(|| anyhow!("a fleet worker exited before reporting"))?;
             let counts: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-            let [a, b, c] = counts[..] else { bail!("a fleet worker reported {line:?}") };
-            (ok, failed, missing) = (ok + a, failed + b, missing + c);
+            let [a, b, c, d] = counts[..] else { bail!("a fleet worker reported {line:?}") };
+            (ok, failed, missing, retries) = (ok + a, failed + b, missing + c, retries + d);
         }
         let elapsed = started.elapsed();
         let cpu = process_cpu(std::process::id())?.saturating_sub(cpu_before);
         let rss_after = probe::rss_bytes()?;
-        progress(&format!("{size} agents: {ok} connected and synced in {elapsed:?}, {failed} failed"));
+        progress(&format!(
+            "{size} agents: {ok} connected and synced in {elapsed:?}, {failed} failed, {retries} overload retries"
+        ));
         for (mut child, _) in children {
             drop(child.stdin.take());
             if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
@@ -260,7 +328,61 @@ pub async fn fleet(options: &FleetOptions) -> anyhow::Result<Vec<Figure>> {
             Target::None,
         ));
         figures.push(Figure::new(format!("{tag}.failures"), failed as f64, "count", Target::Zero));
+        figures.push(Figure::new(format!("{tag}.overload_retries"), retries as f64, "count", Target::None));
         figures.push(Figure::new(format!("{tag}.missing_entries"), missing as f64, "count", Target::Zero));
     }
     Ok(figures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: tonic::Code) -> anyhow::Error {
+        anyhow::Error::new(tonic::Status::new(code, "server overloaded")).context("attesting")
+    }
+
+    #[tokio::test]
+    async fn overload_refusals_are_retried_and_counted_until_the_step_succeeds() {
+        let (retries, calls) = (AtomicU64::new(0), AtomicU64::new(0));
+        let result = with_overload_retry(OVERLOAD_ATTEMPTS, &retries, || async {
+            match calls.fetch_add(1, Ordering::Relaxed) {
+                0 | 1 => Err(refusal(tonic::Code::Unavailable)),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 2);
+        assert_eq!(retries.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn other_errors_are_not_retried_and_refusals_stop_after_the_attempts() {
+        let (retries, calls) = (AtomicU64::new(0), AtomicU64::new(0));
+        let denied = with_overload_retry(OVERLOAD_ATTEMPTS, &retries, || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>(refusal(tonic::Code::PermissionDenied))
+        })
+        .await;
+        assert!(!is_overload(&denied.unwrap_err()));
+        assert_eq!((calls.load(Ordering::Relaxed), retries.load(Ordering::Relaxed)), (1, 0));
+
+        calls.store(0, Ordering::Relaxed);
+        let refused = with_overload_retry(3, &retries, || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>(refusal(tonic::Code::Unavailable))
+        })
+        .await;
+        assert!(is_overload(&refused.unwrap_err()));
+        assert_eq!((calls.load(Ordering::Relaxed), retries.load(Ordering::Relaxed)), (3, 2));
+    }
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_and_never_exceeds_it() {
+        for attempt in 0..40 {
+            let ceiling = OVERLOAD_BACKOFF.saturating_mul(1 << attempt.min(16)).min(OVERLOAD_BACKOFF_MAX);
+            let wait = overload_backoff(attempt);
+            assert!(wait > Duration::ZERO && wait <= ceiling, "attempt {attempt}: {wait:?} > {ceiling:?}");
+        }
+    }
 }

@@ -163,6 +163,7 @@ async fn fleet_mode_attests_and_syncs_every_agent_from_worker_processes() {
     let out = loadgen(&["fleet", "--agents", "4", "--entries", "2", "--workers", "2", "--concurrency", "2"]).await;
     assert_eq!(number(&figure(&out, "fleet.n4.failures"), "value"), 0.0, "{out}");
     assert_eq!(number(&figure(&out, "fleet.n4.missing_entries"), "value"), 0.0, "{out}");
+    assert!(number(&figure(&out, "fleet.n4.overload_retries"), "value") >= 0.0, "{out}");
     assert_throughput(&out, "fleet.n4.agents_per_sec");
     assert!(number(&figure(&out, "fleet.n4.server_cpu_ms_per_agent"), "value") >= 0.0, "{out}");
 }

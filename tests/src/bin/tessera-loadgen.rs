@@ -174,8 +174,8 @@ enum Command {
         /// Worker processes running the simulated agents.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Attestations in flight per worker.
-        #[arg(long, default_value_t = 32)]
+        /// Attestations in flight per worker (the workers retry overload refusals with backoff).
+        #[arg(long, default_value_t = 16)]
         concurrency: usize,
         /// Longest wait, in seconds, for one fleet.
         #[arg(long, default_value_t = 1800.0)]
