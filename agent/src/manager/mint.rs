@@ -388,7 +388,8 @@ pub(crate) fn apply(
     for (entry, outcome) in outcomes {
         match outcome {
             Ok(checked) => {
-                if !state.entry(&entry.id).is_some_and(|current| current.revision == entry.revision) {
+                // Deleted or changed while the call was in flight: dropped.
+                if state.entry(&entry.id).is_none_or(|current| current.revision != entry.revision) {
                     continue;
                 }
                 tracing::debug!(entry_id = %entry.id, spiffe_id = %entry.spiffe_id, "X.509-SVID minted");
