@@ -13,6 +13,8 @@ pub struct KeyAndCsr {
     pub private_key_pkcs8: Zeroizing<Vec<u8>>,
     /// DER PKCS#10 request signed with the key.
     pub csr_der: Vec<u8>,
+    /// The public key as a certificate's subjectPublicKey holds it (the uncompressed point).
+    pub public_key: Vec<u8>,
 }
 
 impl std::fmt::Debug for KeyAndCsr {
@@ -27,7 +29,11 @@ pub fn new_key_and_csr() -> Result<KeyAndCsr, String> {
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .map_err(|error| format!("certificate signing request: {error}"))?;
-    Ok(KeyAndCsr { private_key_pkcs8: Zeroizing::new(key.serialize_der()), csr_der: csr.der().to_vec() })
+    Ok(KeyAndCsr {
+        private_key_pkcs8: Zeroizing::new(key.serialize_der()),
+        csr_der: csr.der().to_vec(),
+        public_key: key.public_key_raw().to_vec(),
+    })
 }
 
 /// Test helper: a fresh key and an X.509-SVID for `spiffe_id` signed by `issuer`.

@@ -161,6 +161,12 @@ impl State {
         self.work
     }
 
+    /// The bundles as published (the same set as [`State::bundles`], shared): what a check
+    /// done outside the lock verifies against.
+    pub fn shared_bundles(&self) -> Arc<BundleSet> {
+        Arc::clone(&self.view.bundles)
+    }
+
     /// The authorized entry with this ID.
     pub fn entry(&self, id: &str) -> Option<&Arc<CachedEntry>> {
         self.view.entry(id)

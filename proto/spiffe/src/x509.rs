@@ -41,7 +41,9 @@ use x509_parser::time::ASN1Time;
 use crate::spiffe_id::{SpiffeIdError, TrustDomain};
 
 pub use template::{CaTemplate, X509Issuer, X509SvidTemplate, verify_csr};
-pub use validate::{VerifiedX509Svid, X509Authorities, X509Svid, verify_x509_svid};
+pub use validate::{
+    SignatureMemo, VerifiedX509Svid, X509Authorities, X509Svid, verify_issued_x509_svid, verify_x509_svid,
+};
 
 /// Most certificates accepted in a presented chain (leaf plus intermediates).
 ///

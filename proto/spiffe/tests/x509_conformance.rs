@@ -19,8 +19,8 @@ use rcgen::{
 };
 use ring::rand::SystemRandom;
 use tessera_spiffe::x509::{
-    CaTemplate, ChainPosition, X509Issuer, X509Svid, X509SvidError, X509SvidTemplate, concat_der_certificates,
-    split_der_certificates, verify_csr, verify_x509_svid,
+    CaTemplate, ChainPosition, SignatureMemo, X509Issuer, X509Svid, X509SvidError, X509SvidTemplate,
+    concat_der_certificates, split_der_certificates, verify_csr, verify_issued_x509_svid, verify_x509_svid,
 };
 use tessera_spiffe::{SpiffeId, TrustDomain};
 use x509_parser::extensions::GeneralName;
@@ -945,6 +945,60 @@ fn upstream_signed_intermediate_ca_validates() {
     // The upstream's own trust domain does not matter: only example.org's bundle is consulted.
     let wrong_td = bundles(&[("upstream.test", vec![upstream.certificate_der().to_vec()])]);
     assert!(matches!(verify(&chain, &wrong_td), Err(X509SvidError::NoBundle { .. })));
+}
+
+/// The check of an SVID issued for a key the caller generated: one parse, the key compared
+/// with the leaf's, every presented signer a CA, and the intermediate's signature remembered
+/// across SVIDs by exact bytes only, while the leaf's signature, the bundle and the validity
+/// are checked every time.
+#[test]
+fn issued_svid_check_matches_the_key_and_remembers_only_intermediate_signatures() {
+    let upstream = tessera_root("example.org", Alg::P256, hours(48));
+    let intermediate = tessera_intermediate(&upstream, "example.org", Alg::P256, hours(12));
+    let template = X509SvidTemplate::new(id("spiffe://example.org/w"), hours(1)).unwrap();
+    let trust = bundles(&[("example.org", vec![upstream.certificate_der().to_vec()])]);
+    let inter = intermediate.certificate_der().to_vec();
+    let check = |chain: &[&[u8]], key: &KeyPair, trust: &Bundles, memo: &mut SignatureMemo| {
+        verify_issued_x509_svid(chain, trust, now(), key.public_key_raw(), memo)
+    };
+    let mut memo = SignatureMemo::new();
+
+    let (leaf1, key1) = tessera_leaf(&intermediate, &template, Alg::P256, KeyPath::Csr);
+    let verified = check(&[&leaf1, &inter], &key1, &trust, &mut memo).unwrap();
+    assert_eq!(verified.spiffe_id(), &id("spiffe://example.org/w"));
+    assert_eq!(verified, verify_x509_svid(&[&leaf1, &inter], &trust, now()).unwrap());
+    assert!(verified.not_before() <= now() && verified.not_after() > now());
+    assert_eq!(memo.len(), 1, "the intermediate's signature is remembered, never the leaf's");
+    let (leaf2, key2) = tessera_leaf(&intermediate, &template, Alg::P256, KeyPath::Csr);
+    check(&[&leaf2, &inter], &key2, &trust, &mut memo).unwrap();
+    assert_eq!(memo.len(), 1);
+
+    // The key the SVID was requested for, and no other.
+    assert!(matches!(check(&[&leaf2, &inter], &key1, &trust, &mut memo), Err(X509SvidError::KeyMismatch)));
+    // A leaf whose signature is broken fails though its issuer's signature is remembered.
+    let mut forged = leaf2.clone();
+    *forged.last_mut().unwrap() ^= 1;
+    assert!(check(&[&forged, &inter], &key2, &trust, &mut memo).is_err());
+    // So does a changed intermediate: the memo matches exact bytes.
+    let mut changed = inter.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    assert!(check(&[&leaf2, &changed], &key2, &trust, &mut memo).is_err());
+    // The anchor is looked up in the bundle given each time.
+    let other_root = tessera_root("example.org", Alg::P256, hours(48));
+    let other = bundles(&[("example.org", vec![other_root.certificate_der().to_vec()])]);
+    assert!(matches!(check(&[&leaf2, &inter], &key2, &other, &mut memo), Err(X509SvidError::UnknownAuthority)));
+    let elsewhere = bundles(&[("other.org", vec![upstream.certificate_der().to_vec()])]);
+    assert!(matches!(check(&[&leaf2, &inter], &key2, &elsewhere, &mut memo), Err(X509SvidError::NoBundle { .. })));
+    // Validity is checked at the time given, remembered signature or not.
+    let late = verify_issued_x509_svid(&[&leaf2, &inter], &trust, now() + hours(2), key2.public_key_raw(), &mut memo);
+    assert!(matches!(late, Err(X509SvidError::Expired { position: ChainPosition::Leaf })), "{late:?}");
+    // Every certificate after the leaf must be a CA, as `X509Svid::parse` requires, even one
+    // the path does not use.
+    assert!(matches!(
+        check(&[&leaf2, &inter, &leaf1], &key2, &trust, &mut memo),
+        Err(X509SvidError::SigningCertNotCa { position: ChainPosition::Intermediate(2) })
+    ));
+    assert!(memo.len() <= SignatureMemo::CAPACITY);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ impl<T: X509Authorities + ?Sized> X509Authorities for &T {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedX509Svid {
     spiffe_id: SpiffeId,
+    not_before: SystemTime,
     not_after: SystemTime,
     verified_chain: Vec<Vec<u8>>,
 }
@@ -76,6 +77,11 @@ impl VerifiedX509Svid {
     /// The authenticated SPIFFE ID (the leaf's URI SAN).
     pub fn spiffe_id(&self) -> &SpiffeId {
         &self.spiffe_id
+    }
+
+    /// Start of the leaf's validity.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
     }
 
     /// End of the leaf's validity.
@@ -105,6 +111,85 @@ pub fn verify_x509_svid<A: X509Authorities + ?Sized>(
     authorities: &A,
     now: SystemTime,
 ) -> Result<VerifiedX509Svid, X509SvidError> {
+    verify_chain(chain, authorities, now, None, None)
+}
+
+/// Signature checks already passed by certificates above the leaf, to be skipped when the
+/// same certificate is checked against the same issuer again: see
+/// [`verify_issued_x509_svid`].
+///
+/// A signature check is a function of the bytes of the two certificates only, so a pair is
+/// recorded with both certificates' full DER and matches only those exact bytes. Leaf
+/// signatures are never recorded (each SVID's leaf is checked), and everything that depends
+/// on the time, the bundle or the leaf (validity, CA flags, pathLen, name constraints, the
+/// anchor being in the bundle) is checked again each time. At most
+/// [`SignatureMemo::CAPACITY`] pairs are kept; the oldest is forgotten first.
+#[derive(Debug, Default, Clone)]
+pub struct SignatureMemo {
+    verified: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl SignatureMemo {
+    /// Most pairs kept.
+    pub const CAPACITY: usize = 8;
+
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many verified pairs are recorded.
+    pub fn len(&self) -> usize {
+        self.verified.len()
+    }
+
+    /// True when nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.verified.is_empty()
+    }
+
+    fn holds(&self, child: &[u8], issuer: &[u8]) -> bool {
+        self.verified.iter().any(|(c, i)| c.as_slice() == child && i.as_slice() == issuer)
+    }
+
+    fn record(&mut self, child: &[u8], issuer: &[u8]) {
+        if self.holds(child, issuer) {
+            return;
+        }
+        if self.verified.len() >= Self::CAPACITY {
+            self.verified.remove(0);
+        }
+        self.verified.push((child.to_vec(), issuer.to_vec()));
+    }
+}
+
+/// [`verify_x509_svid`] for an X.509-SVID issued for a key pair the caller generated itself
+/// (an agent checking what the server signed for its CSR), in one parse: besides the path
+/// validation, every certificate after the leaf must be a CA with keyCertSign (the check of
+/// [`X509Svid::parse`]) and the leaf's public key (the subjectPublicKey bits: for EC keys the
+/// uncompressed point) must be `public_key`.
+///
+/// Comparing the public key stands in for [`X509Svid::parse`]'s loading of the private key
+/// only because the caller generated the pair: the pair is consistent by construction.
+/// Signatures of certificates above the leaf already checked against the same issuer are
+/// taken from `memo` (see [`SignatureMemo`]); the leaf's signature is always checked.
+pub fn verify_issued_x509_svid<A: X509Authorities + ?Sized>(
+    chain: &[&[u8]],
+    authorities: &A,
+    now: SystemTime,
+    public_key: &[u8],
+    memo: &mut SignatureMemo,
+) -> Result<VerifiedX509Svid, X509SvidError> {
+    verify_chain(chain, authorities, now, Some(public_key), Some(memo))
+}
+
+fn verify_chain<A: X509Authorities + ?Sized>(
+    chain: &[&[u8]],
+    authorities: &A,
+    now: SystemTime,
+    public_key: Option<&[u8]>,
+    memo: Option<&mut SignatureMemo>,
+) -> Result<VerifiedX509Svid, X509SvidError> {
     // spec: the peer chain is the leaf first, then optional intermediates.
     let (leaf_der, intermediate_ders) = chain.split_first().ok_or(X509SvidError::EmptyChain)?;
     if chain.len() > MAX_CHAIN_CERTIFICATES {
@@ -126,6 +211,17 @@ pub fn verify_x509_svid<A: X509Authorities + ?Sized>(
         .enumerate()
         .map(|(i, der)| Cert::parse(der, ChainPosition::Intermediate(i + 1)))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(public_key) = public_key {
+        // The client checks of `X509Svid::parse`: every certificate after the leaf may sign
+        // certificates, and the key is the one the SVID was requested for.
+        for signer in &intermediates {
+            check_signing_usage(signer)?;
+        }
+        // spec: the private key MUST correspond to the leaf public key.
+        if leaf.x509.public_key().subject_public_key.data.as_ref() != public_key {
+            return Err(X509SvidError::KeyMismatch);
+        }
+    }
     // An authority that does not parse cannot anchor a path; it is skipped, which fails closed.
     let roots: Vec<Cert<'_>> = authority_ders
         .iter()
@@ -134,9 +230,7 @@ pub fn verify_x509_svid<A: X509Authorities + ?Sized>(
         .collect();
 
     // spec: the validity window of every certificate is checked at "now".
-    check_validity(&leaf, now)?;
-    let not_after = from_asn1_time(leaf.x509.validity().not_after)
-        .ok_or(X509SvidError::Malformed { position: ChainPosition::Leaf, reason: "validity out of range" })?;
+    let (not_before, not_after) = check_validity(&leaf, now)?;
 
     let mut search = PathSearch {
         intermediates: &intermediates,
@@ -146,6 +240,7 @@ pub fn verify_x509_svid<A: X509Authorities + ?Sized>(
         signature_budget: MAX_SIGNATURE_CHECKS,
         used: vec![false; intermediates.len()],
         first_error: None,
+        memo,
     };
     let mut path = Vec::new();
     let Some(root) = search.extend(&leaf, &mut path) else {
@@ -156,7 +251,7 @@ pub fn verify_x509_svid<A: X509Authorities + ?Sized>(
     verified_chain.push(leaf.der.to_vec());
     verified_chain.extend(path.iter().map(|&i| intermediates[i].der.to_vec()));
     verified_chain.push(roots[root].der.to_vec());
-    Ok(VerifiedX509Svid { spiffe_id, not_after, verified_chain })
+    Ok(VerifiedX509Svid { spiffe_id, not_before, not_after, verified_chain })
 }
 
 /// An X.509-SVID with its private key, as a Workload API client receives it.
@@ -387,7 +482,8 @@ fn check_signing_usage(signer: &Cert<'_>) -> Result<(), X509SvidError> {
     Ok(())
 }
 
-fn check_validity(cert: &Cert<'_>, now: SystemTime) -> Result<(), X509SvidError> {
+/// Checks `cert`'s validity window at `now`; returns its bounds.
+fn check_validity(cert: &Cert<'_>, now: SystemTime) -> Result<(SystemTime, SystemTime), X509SvidError> {
     let validity = cert.x509.validity();
     let out_of_range = || X509SvidError::Malformed { position: cert.position, reason: "validity out of range" };
     let not_before = from_asn1_time(validity.not_before).ok_or_else(out_of_range)?;
@@ -398,7 +494,7 @@ fn check_validity(cert: &Cert<'_>, now: SystemTime) -> Result<(), X509SvidError>
     if now > not_after {
         return Err(X509SvidError::Expired { position: cert.position });
     }
-    Ok(())
+    Ok((not_before, not_after))
 }
 
 /// Depth-first search for a path from the leaf through unused presented intermediates to a
@@ -413,6 +509,8 @@ struct PathSearch<'s, 'a> {
     /// The first reason a certificate that did sign its child could not be used; reported
     /// when no path is found, since it says more than "unknown authority".
     first_error: Option<X509SvidError>,
+    /// Signatures above the leaf already checked (see [`SignatureMemo`]).
+    memo: Option<&'s mut SignatureMemo>,
 }
 
 impl<'a> PathSearch<'_, 'a> {
@@ -463,8 +561,20 @@ impl<'a> PathSearch<'_, 'a> {
             return false;
         }
         self.signature_budget -= 1;
+        // Only signatures above the leaf are remembered: they are the same for every SVID
+        // issued under the same intermediates, and the memo matches the exact bytes of both.
+        let memo = self.memo.as_deref_mut().filter(|_| child.position != ChainPosition::Leaf);
+        if let Some(memo) = &memo
+            && memo.holds(child.der, issuer.der)
+        {
+            return true;
+        }
         // spec: path validation checks every signature.
-        child.x509.verify_signature(Some(issuer.x509.public_key())).is_ok()
+        let verified = child.x509.verify_signature(Some(issuer.x509.public_key())).is_ok();
+        if verified && let Some(memo) = memo {
+            memo.record(child.der, issuer.der);
+        }
+        verified
     }
 
     /// The checks on a certificate that signed the one below it; `below` intermediates
