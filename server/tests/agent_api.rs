@@ -454,7 +454,7 @@ async fn x509_svids_take_identity_and_ttl_from_the_entry() {
 
 /// A batch large enough to be signed on several threads (one per core, see
 /// `signing_threads`) answers every item in request order, with each refusal at its own
-/// position: the valid items carry their own entry's SPIFFE ID, so a swapped chunk shows.
+/// position: the valid items carry their own entry's SPIFFE ID, so an item answered in another's place shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_signed_on_several_threads_answers_every_item_in_request_order() {
     let dir = tempdir();

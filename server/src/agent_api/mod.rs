@@ -48,9 +48,10 @@
 //!
 //! A `BatchNewX509Svid` holds up to [`MAX_BATCH`] CSRs, each a signature check and a
 //! signature. Signed one after the other, a call lasted at least that many times one
-//! signature, however idle the server. The items are cut into contiguous chunks signed on up
-//! to one blocking thread per core ([`signing_threads`]; batches of up to three items stay on
-//! one thread) and answered in request order ([`sign_in_chunks`]). Every check of the call
+//! signature, however idle the server. The items are signed on up to one blocking thread per
+//! core ([`signing_threads`]; batches of up to three items stay on one thread), each thread
+//! taking the next item until none is left, and answered in request order
+//! ([`sign_on_threads`]). Every check of the call
 //! (authentication, batch size, the agent's rate for the whole batch, the authorized set, the
 //! call's signing permit) comes first, once per call, as before; each item is then refused or
 //! signed and audited on its own, as before, with the same `now`. Each thread holds a signing
@@ -265,13 +266,14 @@ fn signing_threads(items: usize, cores: usize) -> usize {
     (items / MIN_ITEMS_PER_THREAD).clamp(1, cores.max(1))
 }
 
-/// `work` applied to every item, on `permits.len()` blocking threads (at least one): the items
-/// are cut into that many contiguous chunks of near-equal size, each chunk runs on a thread of
-/// its own holding one of the permits until its last item is done, and the results come back in
-/// the order of `items`. Every chunk is awaited, also when one fails, so no result is dropped
-/// while another thread still works; a chunk that panicked fails the whole call (`INTERNAL`),
-/// as a single thread's panic did.
-async fn sign_in_chunks<I, O, P, F>(items: Vec<I>, permits: Vec<P>, work: F) -> Result<Vec<O>, Status>
+/// `work` applied to every item, on `permits.len()` blocking threads (at least one, at most
+/// one per item), each holding one of the permits until it is done, with the results in the
+/// order of `items`. The threads take the next item from a shared counter, so a thread that
+/// keeps its core takes over the items of one that was preempted (fixed chunks would make the
+/// call wait for its slowest thread's whole share). Every thread is awaited, also when one
+/// fails, so no result is dropped while another thread still works; a thread that panicked
+/// fails the whole call (`INTERNAL`), as a single thread's panic did.
+async fn sign_on_threads<I, O, P, F>(items: Vec<I>, permits: Vec<P>, work: F) -> Result<Vec<O>, Status>
 where
     I: Send + 'static,
     O: Send + 'static,
@@ -280,34 +282,47 @@ where
 {
     let total = items.len();
     let threads = permits.len().clamp(1, total.max(1));
-    let (base, longer) = (total / threads, total % threads);
-    let work = Arc::new(work);
-    let mut items = items.into_iter();
+    let queue: Vec<Mutex<Option<I>>> = items.into_iter().map(|item| Mutex::new(Some(item))).collect();
+    let shared = Arc::new((queue, std::sync::atomic::AtomicUsize::new(0), work));
     let mut permits = permits.into_iter();
     let mut handles = Vec::with_capacity(threads);
-    for chunk in 0..threads {
-        let chunk: Vec<I> = items.by_ref().take(base + usize::from(chunk < longer)).collect();
+    for _ in 0..threads {
         let permit = permits.next();
-        let work = Arc::clone(&work);
+        let shared = Arc::clone(&shared);
         handles.push(tokio::task::spawn_blocking(move || {
-            let results = chunk.into_iter().map(|item| work(item)).collect::<Vec<_>>();
+            let (queue, next, work) = &*shared;
+            let mut done = Vec::new();
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(slot) = queue.get(index) else { break };
+                if let Some(item) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    done.push((index, work(item)));
+                }
+            }
             drop(permit);
-            results
+            done
         }));
     }
     // Permits beyond the threads used (more permits than items) are given back at once.
     drop(permits);
-    let mut results = Vec::with_capacity(total);
+    let mut results: Vec<Option<O>> = std::iter::repeat_with(|| None).take(total).collect();
     let mut failed = None;
     for handle in handles {
         match handle.await {
-            Ok(chunk) => results.extend(chunk),
+            Ok(done) => {
+                for (index, result) in done {
+                    results[index] = Some(result);
+                }
+            }
             Err(err) => failed = Some(Status::internal(format!("signing task: {err}"))),
         }
     }
     match failed {
         Some(status) => Err(status),
-        None => Ok(results),
+        None => results
+            .into_iter()
+            .collect::<Option<Vec<O>>>()
+            .ok_or_else(|| Status::internal("signing task: an item was not signed")),
     }
 }
 
@@ -466,7 +481,7 @@ impl AgentService for AgentApi {
                 }),
             }
         };
-        let results = sign_in_chunks(params, permits, sign).await?;
+        let results = sign_on_threads(params, permits, sign).await?;
         Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
     }
 
@@ -602,18 +617,17 @@ mod tests {
         assert_eq!(signing_threads(50, 0), 1, "no core reported: one thread");
     }
 
-    /// Every item comes back once, in request order, whatever the number of chunks (also more
-    /// permits than items, and none); each chunk runs on a thread of its own and holds one
-    /// permit until it is done.
+    /// Every item comes back once, in request order, whatever the number of threads (also more
+    /// permits than items, and none); each thread holds one permit until it is done.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn chunked_signing_keeps_request_order_and_holds_one_permit_per_thread() {
+    async fn signing_on_threads_keeps_request_order_and_holds_one_permit_per_thread() {
         for (items, threads) in [(0, 1), (1, 1), (7, 3), (50, 2), (50, 4), (5, 9), (9, 0)] {
             let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
             let permits: Vec<_> = (0..threads).map(|_| Arc::clone(&semaphore).try_acquire_owned().unwrap()).collect();
             let thread_ids = Arc::new(Mutex::new(Vec::new()));
             let seen = Arc::clone(&thread_ids);
             let held = Arc::clone(&semaphore);
-            let results = sign_in_chunks((0..items).collect(), permits, move |item: usize| {
+            let results = sign_on_threads((0..items).collect(), permits, move |item: usize| {
                 seen.lock().unwrap().push(std::thread::current().id());
                 (item, 16 - held.available_permits())
             })
@@ -633,20 +647,21 @@ mod tests {
         }
     }
 
-    /// A chunk that panics fails the call with `INTERNAL` once every chunk is done.
+    /// A thread that panics fails the call with `INTERNAL` once the other threads are done, and
+    /// they sign every other item.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_panicking_chunk_fails_the_call_after_the_others_finish() {
+    async fn a_panicking_thread_fails_the_call_after_the_others_finish() {
         let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&done);
-        let status = sign_in_chunks((0..10).collect(), vec![(), ()], move |item: usize| {
-            assert!(item != 0, "chunk 0 fails");
+        let status = sign_on_threads((0..10).collect(), vec![(), ()], move |item: usize| {
+            assert!(item != 0, "item 0 fails");
             counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         })
         .await
         .unwrap_err();
         assert_eq!(status.code(), Code::Internal);
         assert!(status.message().starts_with("signing task:"), "{}", status.message());
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 5, "the other chunk ran to its end");
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 9, "every other item was signed");
     }
 
     /// The signing calls' cache follows entry changes and new node selectors.
