@@ -460,10 +460,10 @@ pub async fn start_with(config: ServerConfig, datastore: Arc<dyn DataStore>) -> 
         let ca = Arc::clone(state.ca());
         let bundle = BundleSource::from_fn(move || Arc::new(ca.bundle()));
         let clients = Arc::new(SpiffeClientVerifier::new(bundle).allow_anonymous());
-        Arc::new(
-            tessera_spiffe::tls::server_config(clients, server_svid.resolver())
-                .map_err(|err| ServerError::AgentTls(err.to_string()))?,
-        )
+        let mut config = tessera_spiffe::tls::server_config(clients, server_svid.resolver())
+            .map_err(|err| ServerError::AgentTls(err.to_string()))?;
+        no_session_resumption(&mut config);
+        Arc::new(config)
     };
 
     // Bind everything before spawning anything, so a bind failure leaves nothing running.
@@ -652,6 +652,22 @@ pub(crate) async fn stop_requested(mut stopped: watch::Receiver<bool>) {
 }
 
 // ---- Admin socket ------------------------------------------------------------------------------
+
+/// Turns session resumption off on the agent API's TLS configuration: no TLS 1.3 session
+/// tickets are sent and no TLS 1.2 session is cached.
+///
+/// rustls sends two TLS 1.3 tickets after every full handshake by default, each stored in a
+/// server-side cache of 256 sessions; that is work on every accept (suite item S7) that only
+/// pays when an agent resumes. Agents keep one long-lived connection (HTTP/2 keepalive) and
+/// reconnect when the server restarts (the cache is in memory: nothing to resume), when their
+/// SVID is renewed (a new client configuration with an empty session store) or after a network
+/// failure, when a fleet of more than about a hundred agents reconnecting at once has pushed
+/// most of their sessions out of the cache. A full handshake also re-verifies the agent's
+/// chain at the TLS layer, which a resumed one would not.
+fn no_session_resumption(config: &mut rustls::ServerConfig) {
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
 
 fn create_private_dir(path: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(path)

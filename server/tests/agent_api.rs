@@ -452,6 +452,54 @@ async fn x509_svids_take_identity_and_ttl_from_the_entry() {
     server.shutdown().await.unwrap();
 }
 
+/// A batch large enough to be signed on several threads (one per core, see
+/// `signing_threads`) answers every item in request order, with each refusal at its own
+/// position: the valid items carry their own entry's SPIFFE ID, so an item answered in another's place shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_signed_on_several_threads_answers_every_item_in_request_order() {
+    let dir = tempdir();
+    let server = start_memory(dir.path()).await;
+    let mut agent = attest(&server, "order").await;
+    let store = store(&server);
+    const ITEMS: usize = 64;
+    for i in 0..ITEMS {
+        entry(&store, &format!("e{i}"), &format!("/w{i}"), &agent.id, &["unix:uid:1"]);
+    }
+    let csr = key_and_csr().1;
+    // Every fifth item is unauthorized, every seventh has a bad CSR, one is oversized.
+    let expected = |i: usize| match i {
+        _ if i % 5 == 3 => Err(Code::NotFound),
+        _ if i % 7 == 1 || i == ITEMS - 1 => Err(Code::InvalidArgument),
+        _ => Ok(format!("spiffe://example.org/w{i}")),
+    };
+    let items = (0..ITEMS)
+        .map(|i| match i {
+            _ if i % 5 == 3 => (format!("missing{i}"), csr.clone()),
+            _ if i % 7 == 1 => (format!("e{i}"), format!("garbage {i}").into_bytes()),
+            _ if i == ITEMS - 1 => (format!("e{i}"), vec![0x30; 64 * 1024]),
+            _ => (format!("e{i}"), csr.clone()),
+        })
+        .collect::<Vec<_>>();
+    let ids: Vec<String> = items.iter().map(|(entry_id, _)| entry_id.clone()).collect();
+    for round in 0..3 {
+        let results = batch(&mut agent.client, items.clone()).await.unwrap();
+        assert_eq!(results.len(), ITEMS, "round {round}");
+        for (i, result) in results.iter().enumerate() {
+            assert_eq!(result.entry_id, ids[i], "round {round}: item {i} out of place");
+            match (expected(i), &result.result) {
+                (Ok(uri), Some(pb::new_x509_svid_result::Result::Svid(svid))) => {
+                    assert_eq!(inspect(&svid.cert_chain[0]).0, vec![uri], "round {round}: item {i}");
+                }
+                (Err(code), Some(pb::new_x509_svid_result::Result::Error(error))) => {
+                    assert_eq!(error.code, code as i32, "round {round}: item {i}: {error:?}");
+                }
+                (wanted, got) => panic!("round {round}: item {i}: wanted {wanted:?}, got {got:?}"),
+            }
+        }
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svid_lifetimes_never_outlive_the_ca() {
     let dir = tempdir();

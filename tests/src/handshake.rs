@@ -7,7 +7,9 @@
 //! `read_tls`, `process_new_packets` and `write_tls` calls are timed, which is what one agent
 //! API accept costs the server. [`agent_client_config`] is a client like the agent's (the
 //! agent SVID as client certificate, the server's SPIFFE ID required) with resumption off, so
-//! every handshake is a full one.
+//! every handshake is a full one; [`resuming_agent_client_config`] keeps rustls' default
+//! resumption, as the agent's own client does (the agent API sends no tickets, so it never
+//! resumes there either).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,11 +50,23 @@ pub fn agent_client_config(
     chain: &[Vec<u8>],
     key: &[u8],
 ) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut config = resuming_agent_client_config(bundle, server_id, chain, key)?;
+    Arc::make_mut(&mut config).resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// [`agent_client_config`] with rustls' default resumption (an in-memory session store), as
+/// the agent's own client has: handshakes on one configuration resume when the server lets them.
+pub fn resuming_agent_client_config(
+    bundle: Bundle,
+    server_id: SpiffeId,
+    chain: &[Vec<u8>],
+    key: &[u8],
+) -> anyhow::Result<Arc<ClientConfig>> {
     let resolver = SvidResolver::new(certified_key(chain, key).map_err(|e| anyhow!("agent SVID: {e}"))?);
     let verifier = SpiffeServerVerifier::new(BundleSource::fixed(bundle), server_id);
-    let mut config =
+    let config =
         client_config(Arc::new(verifier), Arc::new(resolver)).map_err(|e| anyhow!("TLS configuration: {e}"))?;
-    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -135,6 +149,35 @@ mod tests {
         let refused = agent_client_config(server.bundle(), server.server_id(), &stranger.chain, &stranger.key).unwrap();
         assert!(handshake(&config, &refused).is_err());
         other.shutdown().await.unwrap();
+        server.shutdown().await.unwrap();
+    }
+
+    /// The agent API does not resume sessions (decision of suite item S7): a client that
+    /// resumes whenever it can, as the agent's does, gets a full handshake on every reconnect,
+    /// because the server sends no TLS 1.3 ticket and caches no session. The same client
+    /// resumes against a configuration that sends tickets, so the check can fail.
+    #[tokio::test]
+    async fn the_agent_api_sends_no_session_tickets_so_reconnects_are_full_handshakes() {
+        let server = SimServer::start().await.unwrap();
+        let agent = SimAgent::attest(&server, "handshake-resume").await.unwrap();
+        let config = server.server().agent_api_tls_config();
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.session_storage.can_cache());
+        let client =
+            resuming_agent_client_config(server.bundle(), server.server_id(), &agent.chain, &agent.key).unwrap();
+        for round in 0..3 {
+            let done = handshake(&config, &client).unwrap();
+            assert_eq!(done.kind, Some(HandshakeKind::Full), "round {round}: {done:?}");
+            assert_eq!(done.client_certificates, agent.chain.len(), "round {round}: {done:?}");
+        }
+        let mut with_tickets = (*config).clone();
+        with_tickets.send_tls13_tickets = 2;
+        with_tickets.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+        let with_tickets = Arc::new(with_tickets);
+        let client =
+            resuming_agent_client_config(server.bundle(), server.server_id(), &agent.chain, &agent.key).unwrap();
+        assert_eq!(handshake(&with_tickets, &client).unwrap().kind, Some(HandshakeKind::Full));
+        assert_eq!(handshake(&with_tickets, &client).unwrap().kind, Some(HandshakeKind::Resumed));
         server.shutdown().await.unwrap();
     }
 }

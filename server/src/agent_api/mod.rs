@@ -43,6 +43,21 @@
 //! signing call for an unchanged agent reads no node record, and a `NewJwtSvid` signature
 //! runs inline (it is shorter than a hop to the blocking pool; the signing permit bounds how
 //! many run at once). `BatchNewJwtSvid` signs many tokens per round trip.
+//!
+//! # X.509-SVID batches on several threads
+//!
+//! A `BatchNewX509Svid` holds up to [`MAX_BATCH`] CSRs, each a signature check and a
+//! signature. Signed one after the other, a call lasted at least that many times one
+//! signature, however idle the server. The items are signed on up to one blocking thread per
+//! core ([`signing_threads`]; batches of up to three items stay on one thread), each thread
+//! taking the next item until none is left, and answered in request order
+//! ([`sign_on_threads`]). Every check of the call
+//! (authentication, batch size, the agent's rate for the whole batch, the authorized set, the
+//! call's signing permit) comes first, once per call, as before; each item is then refused or
+//! signed and audited on its own, as before, with the same `now`. Each thread holds a signing
+//! permit: the call's own, plus extra ones taken only when free at that moment
+//! ([`overload::WorkLimit::try_acquire_free`]), so `max_concurrent_signing` bounds the
+//! signing threads, and under load a batch is signed on its one permit's thread.
 
 pub(crate) mod attest;
 mod audit;
@@ -144,6 +159,9 @@ pub struct AgentApi {
     limits: Arc<overload::Limits>,
     rate: Arc<rate::SigningRateLimit>,
     stopped: watch::Receiver<bool>,
+    /// The CPUs the process may use (`std::thread::available_parallelism`, read once): the
+    /// most threads one X.509-SVID batch is signed on.
+    cores: usize,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -166,6 +184,7 @@ impl AgentApi {
             authorized_cache: Arc::default(),
             feed: Arc::default(),
             stopped,
+            cores: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
         }
     }
 
@@ -234,6 +253,77 @@ fn sign_error_status(err: &CaError) -> rpc::Status {
         other => other.to_string(),
     };
     rpc::Status { code: code as i32, message, details: Vec::new() }
+}
+
+/// Items per thread below which an X.509-SVID batch is not split further: a hop to the
+/// blocking pool costs a fraction of one signature, so even two items per thread pay off, and
+/// batches of up to three items stay on one thread.
+const MIN_ITEMS_PER_THREAD: usize = 2;
+
+/// The threads a batch of `items` X.509-SVIDs is signed on, with `cores` CPUs: one per core,
+/// each with at least [`MIN_ITEMS_PER_THREAD`] items, and at least one.
+fn signing_threads(items: usize, cores: usize) -> usize {
+    (items / MIN_ITEMS_PER_THREAD).clamp(1, cores.max(1))
+}
+
+/// `work` applied to every item, on `permits.len()` blocking threads (at least one, at most
+/// one per item), each holding one of the permits until it is done, with the results in the
+/// order of `items`. The threads take the next item from a shared counter, so a thread that
+/// keeps its core takes over the items of one that was preempted (fixed chunks would make the
+/// call wait for its slowest thread's whole share). Every thread is awaited, also when one
+/// fails, so no result is dropped while another thread still works; a thread that panicked
+/// fails the whole call (`INTERNAL`), as a single thread's panic did.
+async fn sign_on_threads<I, O, P, F>(items: Vec<I>, permits: Vec<P>, work: F) -> Result<Vec<O>, Status>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    P: Send + 'static,
+    F: Fn(I) -> O + Send + Sync + 'static,
+{
+    let total = items.len();
+    let threads = permits.len().clamp(1, total.max(1));
+    let queue: Vec<Mutex<Option<I>>> = items.into_iter().map(|item| Mutex::new(Some(item))).collect();
+    let shared = Arc::new((queue, std::sync::atomic::AtomicUsize::new(0), work));
+    let mut permits = permits.into_iter();
+    let mut handles = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let permit = permits.next();
+        let shared = Arc::clone(&shared);
+        handles.push(tokio::task::spawn_blocking(move || {
+            let (queue, next, work) = &*shared;
+            let mut done = Vec::new();
+            loop {
+                let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(slot) = queue.get(index) else { break };
+                if let Some(item) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    done.push((index, work(item)));
+                }
+            }
+            drop(permit);
+            done
+        }));
+    }
+    // Permits beyond the threads used (more permits than items) are given back at once.
+    drop(permits);
+    let mut results: Vec<Option<O>> = std::iter::repeat_with(|| None).take(total).collect();
+    let mut failed = None;
+    for handle in handles {
+        match handle.await {
+            Ok(done) => {
+                for (index, result) in done {
+                    results[index] = Some(result);
+                }
+            }
+            Err(err) => failed = Some(Status::internal(format!("signing task: {err}"))),
+        }
+    }
+    match failed {
+        Some(status) => Err(status),
+        None => results
+            .into_iter()
+            .collect::<Option<Vec<O>>>()
+            .ok_or_else(|| Status::internal("signing task: an item was not signed")),
+    }
 }
 
 fn item_error(code: Code, message: impl Into<String>) -> rpc::Status {
@@ -349,53 +439,49 @@ impl AgentService for AgentApi {
         let authorized =
             self.authorized_entries_among(&agent, params.iter().map(|item| item.entry_id.clone()).collect()).await?;
         let permit = self.signing_permit(&agent).await?;
+        // More threads only from slots free right now: under load a batch is signed on one.
+        let extra = signing_threads(params.len(), self.cores).saturating_sub(1);
+        let mut permits = vec![permit];
+        permits.extend(self.limits.signing.try_acquire_free(extra));
         let state = Arc::clone(&self.state);
         let default_ttl = self.state.config().default_x509_svid_ttl;
         let agent_id = agent.id().clone();
         let audit_log = self.state.audit().clone();
-        let results = tokio::task::spawn_blocking(move || {
-            let now = SystemTime::now();
-            params
-                .into_iter()
-                .map(|item| {
-                    let result = match authorized.get(&item.entry_id) {
-                        None => {
-                            tracing::warn!(agent = %agent_id, entry = %item.entry_id, "X.509-SVID refused: entry not found or not authorized");
-                            Err(item_error(Code::NotFound, NOT_AUTHORIZED))
-                        }
-                        Some(_) if item.csr.len() > attest::MAX_CSR_LEN => {
-                            Err(item_error(Code::InvalidArgument, format!("csr: larger than {} bytes", attest::MAX_CSR_LEN)))
-                        }
-                        Some(entry) => {
-                            let ttl = entry.x509_svid_ttl.unwrap_or(default_ttl);
-                            state
-                                .ca()
-                                .sign_x509_svid_from_csr(&entry.spiffe_id, &entry.dns_names, ttl, &item.csr, now)
-                                .map_err(|err| {
-                                    tracing::warn!(agent = %agent_id, entry = %item.entry_id, error = %err, "X.509-SVID refused");
-                                    sign_error_status(&err)
-                                })
-                        }
-                    };
-                    if let (Ok(svid), Some(entry)) = (&result, authorized.get(&item.entry_id)) {
-                        audit_log.emit(audit::x509_issued(svid, entry, &agent_id));
-                    }
-                    pb::NewX509SvidResult {
-                        entry_id: item.entry_id,
-                        result: Some(match result {
-                            Ok(svid) => pb::new_x509_svid_result::Result::Svid(pb::X509Svid {
-                                cert_chain: svid.chain,
-                                expires_at: unix_seconds(svid.expires_at),
-                            }),
-                            Err(status) => pb::new_x509_svid_result::Result::Error(status),
-                        }),
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|err| Status::internal(format!("signing task: {err}")))?;
-        drop(permit);
+        let now = SystemTime::now();
+        let sign = move |item: pb::NewX509SvidParams| {
+            let result = match authorized.get(&item.entry_id) {
+                None => {
+                    tracing::warn!(agent = %agent_id, entry = %item.entry_id, "X.509-SVID refused: entry not found or not authorized");
+                    Err(item_error(Code::NotFound, NOT_AUTHORIZED))
+                }
+                Some(_) if item.csr.len() > attest::MAX_CSR_LEN => {
+                    Err(item_error(Code::InvalidArgument, format!("csr: larger than {} bytes", attest::MAX_CSR_LEN)))
+                }
+                Some(entry) => {
+                    let ttl = entry.x509_svid_ttl.unwrap_or(default_ttl);
+                    state.ca().sign_x509_svid_from_csr(&entry.spiffe_id, &entry.dns_names, ttl, &item.csr, now).map_err(
+                        |err| {
+                            tracing::warn!(agent = %agent_id, entry = %item.entry_id, error = %err, "X.509-SVID refused");
+                            sign_error_status(&err)
+                        },
+                    )
+                }
+            };
+            if let (Ok(svid), Some(entry)) = (&result, authorized.get(&item.entry_id)) {
+                audit_log.emit(audit::x509_issued(svid, entry, &agent_id));
+            }
+            pb::NewX509SvidResult {
+                entry_id: item.entry_id,
+                result: Some(match result {
+                    Ok(svid) => pb::new_x509_svid_result::Result::Svid(pb::X509Svid {
+                        cert_chain: svid.chain,
+                        expires_at: unix_seconds(svid.expires_at),
+                    }),
+                    Err(status) => pb::new_x509_svid_result::Result::Error(status),
+                }),
+            }
+        };
+        let results = sign_on_threads(params, permits, sign).await?;
         Ok(Response::new(pb::BatchNewX509SvidResponse { results }))
     }
 
@@ -516,6 +602,67 @@ impl AgentService for AgentApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Batches of up to three items stay on one thread; larger ones get one thread per core,
+    /// each with at least two items.
+    #[test]
+    fn a_batch_is_split_over_the_cores_only_when_large_enough() {
+        for items in 0..=3 {
+            assert_eq!(signing_threads(items, 8), 1, "{items} items");
+        }
+        assert_eq!(signing_threads(4, 8), 2);
+        assert_eq!(signing_threads(50, 2), 2);
+        assert_eq!(signing_threads(50, 8), 8);
+        assert_eq!(signing_threads(500, 1), 1);
+        assert_eq!(signing_threads(50, 0), 1, "no core reported: one thread");
+    }
+
+    /// Every item comes back once, in request order, whatever the number of threads (also more
+    /// permits than items, and none); each thread holds one permit until it is done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signing_on_threads_keeps_request_order_and_holds_one_permit_per_thread() {
+        for (items, threads) in [(0, 1), (1, 1), (7, 3), (50, 2), (50, 4), (5, 9), (9, 0)] {
+            let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
+            let permits: Vec<_> = (0..threads).map(|_| Arc::clone(&semaphore).try_acquire_owned().unwrap()).collect();
+            let thread_ids = Arc::new(Mutex::new(Vec::new()));
+            let seen = Arc::clone(&thread_ids);
+            let held = Arc::clone(&semaphore);
+            let results = sign_on_threads((0..items).collect(), permits, move |item: usize| {
+                seen.lock().unwrap().push(std::thread::current().id());
+                (item, 16 - held.available_permits())
+            })
+            .await
+            .unwrap();
+            assert_eq!(results.iter().map(|r| r.0).collect::<Vec<_>>(), (0..items).collect::<Vec<_>>());
+            let used = threads.clamp(1, items.max(1));
+            if items > 0 && threads > 0 {
+                // Each item runs while its thread holds a permit; never more than were given.
+                assert!(results.iter().all(|r| r.1 >= 1 && r.1 <= threads), "{items}/{threads}: {results:?}");
+            }
+            let mut distinct = thread_ids.lock().unwrap().clone();
+            distinct.sort_by_key(|id| format!("{id:?}"));
+            distinct.dedup();
+            assert!(distinct.len() <= used, "{items} items on {} threads for {threads} permits", distinct.len());
+            assert_eq!(semaphore.available_permits(), 16, "every permit is back after the call");
+        }
+    }
+
+    /// A thread that panics fails the call with `INTERNAL` once the other threads are done, and
+    /// they sign every other item.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_thread_fails_the_call_after_the_others_finish() {
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&done);
+        let status = sign_on_threads((0..10).collect(), vec![(), ()], move |item: usize| {
+            assert!(item != 0, "item 0 fails");
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().starts_with("signing task:"), "{}", status.message());
+        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 9, "every other item was signed");
+    }
 
     /// The signing calls' cache follows entry changes and new node selectors.
     #[test]

@@ -121,6 +121,14 @@ impl WorkLimit {
         }
     }
 
+    /// Up to `wanted` more permits among those free right now, without waiting and without
+    /// counting a refusal: a call that already holds its permit spreads its work over more
+    /// threads with them. None are free while calls wait (the semaphore hands released permits
+    /// to the waiters first), so under load the call works on its one permit.
+    pub(crate) fn try_acquire_free(&self, wanted: usize) -> Vec<WorkPermit> {
+        (0..wanted).map_while(|_| Arc::clone(&self.semaphore).try_acquire_owned().ok()).collect()
+    }
+
     /// Calls refused so far.
     #[cfg(test)]
     pub(crate) fn refused(&self) -> u64 {
@@ -186,6 +194,32 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    /// Extra permits come only from free slots, never from a call that waits.
+    #[tokio::test]
+    async fn free_permits_are_taken_without_waiting_and_never_ahead_of_a_waiting_call() {
+        let limit = Arc::new(WorkLimit::new("signing", "max_concurrent_signing", 3, Duration::from_secs(30)));
+        let first = limit.acquire().await.unwrap();
+        let mut extra = limit.try_acquire_free(5);
+        assert_eq!(extra.len(), 2, "the two free slots, no more");
+        assert!(limit.try_acquire_free(1).is_empty());
+        let waiter = tokio::spawn({
+            let limit = Arc::clone(&limit);
+            async move { limit.acquire().await.map(drop) }
+        });
+        // Wait (generously) until the call is queued, then free one slot: it goes to the waiter.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while limit.waiting.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the call never queued");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(extra.pop());
+        assert!(limit.try_acquire_free(1).is_empty(), "the freed slot belongs to the waiting call");
+        waiter.await.unwrap().unwrap();
+        assert_eq!(limit.try_acquire_free(5).len(), 1, "the waiter's slot is free again once it is done");
+        assert_eq!(limit.refused(), 0, "taking free permits refuses nothing");
+        drop(first);
+    }
 
     #[tokio::test]
     async fn a_full_limit_refuses_after_the_wait_and_serves_once_a_permit_is_free() {
