@@ -89,6 +89,7 @@
 //! [sled]: https://docs.rs/sled/0.34
 
 mod codec;
+mod entry_index;
 mod error;
 mod group_commit;
 mod memory;
@@ -150,6 +151,17 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// The entries whose parent is one of `parent_ids`, ordered by ID (authorization: the
     /// children of an agent, of its node aliases, and of their descendants).
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>>;
+
+    /// [`Self::get_entry`], shared: a store that keeps its entries in memory hands out the
+    /// one copy it holds (the sled store, see `entry_index.rs`) instead of a copy per caller.
+    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<RegistrationEntry>>> {
+        Ok(self.get_entry(id)?.map(Arc::new))
+    }
+
+    /// [`Self::list_entries_by_parents`], shared as [`Self::get_entry_shared`].
+    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<RegistrationEntry>>> {
+        Ok(self.list_entries_by_parents(parent_ids)?.into_iter().map(Arc::new).collect())
+    }
 
     /// The entries that have `selector` among theirs, ordered by ID, through an index
     /// (node-alias entries are found from a node's selectors this way).

@@ -82,7 +82,7 @@ impl Txn<'_> {
 impl Trees {
     /// Runs `f` in one transaction over every tree (but the JWT ID cache, written without
     /// transactions).
-    fn transaction<T>(
+    pub(super) fn transaction<T>(
         &self,
         f: impl Fn(&Txn<'_>) -> TxResult<T>,
     ) -> sled::transaction::TransactionResult<T, DataStoreError> {
@@ -367,7 +367,12 @@ impl SledDataStore {
         if !jobs.iter().any(|job| job.wrote()) {
             return;
         }
-        if let Err(err) = self.commit.wait_durable(pending.completed(), || self.flush()) {
+        // The entry index takes the round's entry writes before any of them is acknowledged.
+        // Should it fail, the index (and the revision readers see) stays where it was, the
+        // writes fail as with a failed flush, and the next round catches up.
+        let indexed = self.catch_up_index();
+        let durable = self.commit.wait_durable(pending.completed(), || self.flush());
+        if let Err(err) = indexed.and(durable) {
             let why = error_chain(&err);
             for job in jobs.iter().filter(|job| job.wrote()) {
                 job.fail(DataStoreError::backend(job.operation(), SharedFailure(why.clone())));
