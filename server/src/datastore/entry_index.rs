@@ -85,9 +85,14 @@ impl EntryIndex {
     pub(crate) fn new(revision: u64, entries: impl IntoIterator<Item = RegistrationEntry>) -> Self {
         let mut index = Self { revision, ..Self::default() };
         for entry in entries {
-            index.put(Arc::new(entry));
+            index.insert(entry);
         }
         index
+    }
+
+    /// Adds (or replaces) an entry while the index is loaded, at its revision.
+    pub(crate) fn insert(&mut self, entry: RegistrationEntry) {
+        self.put(Arc::new(entry));
     }
 
     /// The store revision the index reflects.
@@ -119,7 +124,6 @@ impl EntryIndex {
     }
 
     /// Every entry, in no particular order.
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
         self.by_id.iter().map(|entry| &entry.0)
     }

@@ -417,22 +417,16 @@ impl SledDataStore {
     /// at open, or under the index's write lock from the writer's leader). A record that does
     /// not decode is noted as corrupt, not loaded: the reads that could meet it report it.
     fn hydrate(&self) -> Result<EntryIndex> {
-        let revision = self.read_meta_u64(KEY_REVISION)?;
-        let mut corrupt = Vec::new();
-        let mut entries = Vec::new();
+        let mut index = EntryIndex::new(self.read_meta_u64(KEY_REVISION)?, []);
         for item in self.trees.entries.iter() {
             let (key, bytes) = item.map_err(storage("read"))?;
             match decode_entry(&key, &bytes) {
-                Ok(entry) => entries.push(entry),
+                Ok(entry) => index.insert(entry),
                 Err(err) => {
                     tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
-                    corrupt.push(String::from_utf8_lossy(&key).into_owned());
+                    index.mark_corrupt(String::from_utf8_lossy(&key).into_owned());
                 }
             }
-        }
-        let mut index = EntryIndex::new(revision, entries);
-        for id in corrupt {
-            index.mark_corrupt(id);
         }
         Ok(index)
     }
@@ -881,13 +875,23 @@ impl DataStore for SledDataStore {
 
     fn prune_expired_entries(&self, now: u64) -> Result<u64> {
         let mut expired = Vec::new();
-        for item in self.trees.entries.iter() {
-            let (key, bytes) = item.map_err(storage("read"))?;
-            let entry = decode_entry(&key, &bytes)?;
-            if entry.is_expired(now) {
-                expired.push(entry.id);
+        let index = self.index();
+        if index.has_corrupt() {
+            drop(index);
+            for item in self.trees.entries.iter() {
+                let (key, bytes) = item.map_err(storage("read"))?;
+                let entry = decode_entry(&key, &bytes)?;
+                if entry.is_expired(now) {
+                    expired.push(entry.id);
+                }
             }
+        } else {
+            // From memory; each is checked again inside the transaction.
+            expired.extend(index.iter().filter(|entry| entry.is_expired(now)).map(|entry| entry.id.clone()));
+            drop(index);
         }
+        // In ID order, as a scan of the database gives them.
+        expired.sort_unstable();
         if expired.is_empty() {
             return Ok(0);
         }
