@@ -10,6 +10,10 @@
 //! - [`SledDataStore`], the default: an embedded [sled] database under
 //!   `<data_dir>/datastore`. One sled *tree* per record type plus index trees, see
 //!   `sled_store.rs` for the layout.
+//!   It keeps every entry decoded once in memory (`entry_index.rs`), loaded when it opens
+//!   and moved forward from the change log before each entry write is acknowledged; entry
+//!   reads come from there, and [`DataStore::get_entry_shared`] and
+//!   [`DataStore::list_entries_by_parents_shared`] hand out its `Arc`s.
 //! - [`MemoryDataStore`], a fake for tests: mutex-guarded maps with the same semantics. The
 //!   conformance suite (`server/tests/datastore_conformance.rs`) runs the same tests against
 //!   both, so the fake cannot drift from the real thing.
