@@ -252,7 +252,7 @@ async fn run_inner(
                 if let Some(changes) = feed.since(state.datastore(), held.revision(), target).await
                     && changes.last().is_some_and(|last| last.revision >= target)
                     && !held.expires_by(now_secs())
-                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_ref()))
+                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_deref()))
                 {
                     held.pass_to(target);
                     revision = held.revision();
