@@ -12,8 +12,9 @@
 //! # Kept current with the change log
 //!
 //! The index reflects the store at one revision, [`EntryIndex::revision`]. It is loaded whole
-//! when the store opens (hydration) and then moved forward by the store's writer after each
-//! committed transaction and *before* that write is acknowledged or published to subscribers:
+//! when the store opens (hydration) and then moved forward by the store's writer once each
+//! committed transaction is durable and *before* its writes are acknowledged or published to
+//! subscribers:
 //! the writer replays the change log from the index's revision, reading each changed entry.
 //! Writes are applied in revision order by one writer at a time, so the
 //! index is, at every moment, exactly the store's entries at its revision. A store that serves

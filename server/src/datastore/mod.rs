@@ -11,7 +11,8 @@
 //!   `<data_dir>/datastore`. One sled *tree* per record type plus index trees, see
 //!   `sled_store.rs` for the layout.
 //!   It keeps every entry decoded once in memory (`entry_index.rs`), loaded when it opens
-//!   and moved forward from the change log before each entry write is acknowledged; entry
+//!   and moved forward from the change log once each entry write is durable and before it is
+//!   acknowledged (readers see durable writes only); entry
 //!   reads come from there, and [`DataStore::get_entry_shared`] and
 //!   [`DataStore::list_entries_by_parents_shared`] hand out its `Arc`s.
 //! - [`MemoryDataStore`], a fake for tests: mutex-guarded maps with the same semantics. The

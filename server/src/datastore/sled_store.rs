@@ -324,8 +324,8 @@ pub struct SledDataStore {
     /// Shares transactions between concurrent transactional writes.
     batcher: batch::Batcher,
     /// Every entry, decoded once, at the revision readers see (`entry_index.rs`): loaded at
-    /// open, moved forward by each shared transaction's leader before the writes are
-    /// acknowledged.
+    /// open, moved forward by each shared transaction's leader once the transaction is durable
+    /// and before its writes are acknowledged.
     index: RwLock<EntryIndex>,
 }
 
@@ -441,9 +441,9 @@ impl SledDataStore {
 
     /// Moves the entry index to the latest committed revision: replays the change log from
     /// the index's revision, reading each changed entry (or loads it again when the log was
-    /// compacted past it). Called by the shared transaction's leader after the transaction
-    /// committed and before its writes are acknowledged, so writes reach the index one round
-    /// at a time, in revision order.
+    /// compacted past it). Called by the shared transaction's leader once the transaction is
+    /// durable and before its writes are acknowledged, so writes reach the index one round at
+    /// a time, in revision order, and readers never see a write that is not durable.
     fn catch_up_index(&self) -> Result<()> {
         let mut index = self.index_mut();
         let current = self.read_meta_u64(KEY_REVISION)?;

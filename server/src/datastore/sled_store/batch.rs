@@ -367,12 +367,12 @@ impl SledDataStore {
         if !jobs.iter().any(|job| job.wrote()) {
             return;
         }
-        // The entry index takes the round's entry writes before any of them is acknowledged.
-        // Should it fail, the index (and the revision readers see) stays where it was, the
-        // writes fail as with a failed flush, and the next round catches up.
-        let indexed = self.catch_up_index();
+        // Once durable, and before any write is acknowledged, the entry index takes the round's
+        // entry writes: readers see only durable writes, and every acknowledged one. Should
+        // the flush or the catch-up fail, the index (and the revision readers see) stays where
+        // it was, the writes fail, and the next round's catch-up takes them.
         let durable = self.commit.wait_durable(pending.completed(), || self.flush());
-        if let Err(err) = indexed.and(durable) {
+        if let Err(err) = durable.and_then(|()| self.catch_up_index()) {
             let why = error_chain(&err);
             for job in jobs.iter().filter(|job| job.wrote()) {
                 job.fail(DataStoreError::backend(job.operation(), SharedFailure(why.clone())));
