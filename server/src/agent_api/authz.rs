@@ -35,6 +35,7 @@
 //! Entries that expire leave the set at the first advance after their expiry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
@@ -80,7 +81,7 @@ pub(crate) fn authorized_entries(
     server_id: &SpiffeId,
     agent: &AgentIdentity,
     now: u64,
-) -> Result<BTreeMap<String, RegistrationEntry>> {
+) -> Result<BTreeMap<String, Arc<RegistrationEntry>>> {
     Ok(AuthorizedSet::compute(store, server_id, agent, now)?.entries)
 }
 
@@ -90,8 +91,9 @@ const CHANGES_PAGE: usize = 1_000;
 /// One change to an agent's authorized set.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SetChange {
-    /// An entry joined the set or changed (its revision is the entry's).
-    Upsert(Box<RegistrationEntry>),
+    /// An entry joined the set or changed (its revision is the entry's). Shared with the
+    /// store's entry index and every other set holding it.
+    Upsert(Arc<RegistrationEntry>),
     /// An entry left the set (deleted, expired, or no longer authorized) at `revision`.
     Delete { entry_id: String, revision: u64 },
 }
@@ -173,7 +175,9 @@ pub(crate) struct AuthorizedSet {
     identity: AgentIdentity,
     /// The datastore revision the set reflects.
     revision: u64,
-    entries: BTreeMap<String, RegistrationEntry>,
+    /// The entries as the store hands them out: with the sled store, the `Arc`s of its entry
+    /// index, so N agents' sets hold N pointers to one copy of an entry, not N copies.
+    entries: BTreeMap<String, Arc<RegistrationEntry>>,
     /// The roots: the agent's ID and its matching node aliases' SPIFFE IDs (depth 0).
     roots: HashSet<SpiffeId>,
     /// Entry IDs of the matching node aliases.
@@ -238,7 +242,7 @@ impl AuthorizedSet {
             if frontier.is_empty() {
                 break;
             }
-            let children = store.list_entries_by_parents(&frontier)?;
+            let children = store.list_entries_by_parents_shared(&frontier)?;
             set.reads += children.len() as u64;
             frontier = Vec::new();
             // Siblings come together: the depth of their parent is looked up once per run.
@@ -278,7 +282,7 @@ impl AuthorizedSet {
     }
 
     /// The authorized entries, by entry ID.
-    pub(crate) fn entries(&self) -> &BTreeMap<String, RegistrationEntry> {
+    pub(crate) fn entries(&self) -> &BTreeMap<String, Arc<RegistrationEntry>> {
         &self.entries
     }
 
@@ -331,7 +335,7 @@ impl AuthorizedSet {
     }
 
     /// Adds an authorized entry at `depth` (nothing if its ID is in the set already).
-    fn insert(&mut self, entry: RegistrationEntry, depth: usize) {
+    fn insert(&mut self, entry: Arc<RegistrationEntry>, depth: usize) {
         let std::collections::btree_map::Entry::Vacant(slot) = self.entries.entry(entry.id.clone()) else {
             return;
         };
@@ -356,7 +360,7 @@ impl AuthorizedSet {
         slot.insert(entry);
     }
 
-    fn remove(&mut self, id: &str) -> Option<RegistrationEntry> {
+    fn remove(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
         let entry = self.entries.remove(id)?;
         let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
         if let Some(depths) = self.depths.get_mut(&entry.spiffe_id)
@@ -395,7 +399,7 @@ impl AuthorizedSet {
         store: &dyn DataStore,
         server_id: &SpiffeId,
         id: &str,
-        new: Option<RegistrationEntry>,
+        new: Option<Arc<RegistrationEntry>>,
         revision: u64,
         now: u64,
     ) -> Result<std::result::Result<Option<SetChange>, Recompute>> {
@@ -429,8 +433,8 @@ impl AuthorizedSet {
             {
                 let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
                 self.remove(id);
-                self.insert(entry.clone(), depth);
-                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
+                self.insert(Arc::clone(&entry), depth);
+                Ok(Ok(Some(SetChange::Upsert(entry))))
             }
             (old, new) => {
                 let held = old.is_some();
@@ -464,8 +468,8 @@ impl AuthorizedSet {
                     }
                     Some(_) => {}
                 }
-                self.insert(entry.clone(), depth);
-                Ok(Ok(Some(SetChange::Upsert(Box::new(entry)))))
+                self.insert(Arc::clone(&entry), depth);
+                Ok(Ok(Some(SetChange::Upsert(entry))))
             }
         }
     }
@@ -539,7 +543,7 @@ impl AuthorizedSet {
                     ChangeKind::Delete => None,
                     ChangeKind::Upsert => {
                         self.reads += 1;
-                        store.get_entry(&change.entry_id)?
+                        store.get_entry_shared(&change.entry_id)?
                     }
                 };
                 match self.apply_one(store, server_id, &change.entry_id, new, change.revision, now)? {
@@ -555,13 +559,13 @@ impl AuthorizedSet {
 /// The changes that turn `old` into `new` (at `revision`), in revision order.
 pub(crate) fn diff(
     revision: u64,
-    old: &BTreeMap<String, RegistrationEntry>,
-    new: &BTreeMap<String, RegistrationEntry>,
+    old: &BTreeMap<String, Arc<RegistrationEntry>>,
+    new: &BTreeMap<String, Arc<RegistrationEntry>>,
 ) -> Vec<SetChange> {
     let mut changes: Vec<SetChange> = Vec::new();
     for (id, entry) in new {
         if old.get(id) != Some(entry) {
-            changes.push(SetChange::Upsert(Box::new(entry.clone())));
+            changes.push(SetChange::Upsert(Arc::clone(entry)));
         }
     }
     for id in old.keys() {
@@ -591,7 +595,7 @@ mod tests {
         store.create_entry(&RegistrationEntry::new(entry_id, id(spiffe), parent.clone(), selectors(sel))).unwrap();
     }
 
-    fn ids(map: &BTreeMap<String, RegistrationEntry>) -> Vec<&str> {
+    fn ids(map: &BTreeMap<String, Arc<RegistrationEntry>>) -> Vec<&str> {
         map.keys().map(String::as_str).collect()
     }
 
@@ -638,11 +642,11 @@ mod tests {
     }
 
     /// Applies `changes` to `held` as an agent does.
-    fn replay(held: &mut BTreeMap<String, RegistrationEntry>, changes: Vec<SetChange>) {
+    fn replay(held: &mut BTreeMap<String, Arc<RegistrationEntry>>, changes: Vec<SetChange>) {
         for change in changes {
             match change {
                 SetChange::Upsert(entry) => {
-                    held.insert(entry.id.clone(), *entry);
+                    held.insert(entry.id.clone(), entry);
                 }
                 SetChange::Delete { entry_id, .. } => {
                     held.remove(&entry_id);
@@ -773,11 +777,11 @@ mod tests {
     /// The rule of the module docs, written as plainly as possible (no incremental state),
     /// to hold the optimised computation and the change-by-change advance to.
     fn reference(
-        store: &MemoryDataStore,
+        store: &dyn DataStore,
         server: &SpiffeId,
         agent: &AgentIdentity,
         now: u64,
-    ) -> BTreeMap<String, RegistrationEntry> {
+    ) -> BTreeMap<String, Arc<RegistrationEntry>> {
         let all = store.list_entries(&crate::datastore::EntryFilter::default(), &crate::datastore::PageRequest::all());
         let all = all.unwrap().items;
         let mut expanded: HashSet<SpiffeId> = HashSet::from([server.clone(), agent.agent_id.clone()]);
@@ -796,7 +800,7 @@ mod tests {
             let mut next = Vec::new();
             for entry in &all {
                 if frontier.contains(&entry.parent_id) && !entry.is_expired(now) {
-                    out.insert(entry.id.clone(), entry.clone());
+                    out.insert(entry.id.clone(), Arc::new(entry.clone()));
                     if expanded.insert(entry.spiffe_id.clone()) {
                         next.push(entry.spiffe_id.clone());
                     }
@@ -813,6 +817,23 @@ mod tests {
     /// all exactly the reference.
     #[test]
     fn random_graphs_match_the_rule_after_every_write() {
+        random_graphs(200, MemoryDataStore::default);
+    }
+
+    /// The same against the sled store, whose reads come from its entry index (each write is
+    /// durable, hence fewer rounds).
+    #[test]
+    fn random_graphs_match_the_rule_after_every_write_through_the_entry_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut round = 0;
+        random_graphs(12, || {
+            round += 1;
+            let path = dir.path().join(round.to_string());
+            crate::datastore::SledDataStore::open(path, crate::datastore::DataStoreOptions::default()).unwrap()
+        });
+    }
+
+    fn random_graphs<S: DataStore>(rounds: usize, mut open: impl FnMut() -> S) {
         let server = id("/tessera/server");
         let agent = id("/tessera/agent/join_token/a");
         let identity = AgentIdentity {
@@ -837,8 +858,8 @@ mod tests {
             seed ^= seed << 17;
             usize::try_from(seed % bound as u64).unwrap()
         };
-        for _round in 0..200 {
-            let store = MemoryDataStore::default();
+        for _round in 0..rounds {
+            let store = open();
             let mut set = AuthorizedSet::compute(&store, &server, &identity, 10).unwrap();
             let mut held = set.entries().clone();
             for step in 0..60 {

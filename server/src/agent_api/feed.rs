@@ -33,7 +33,8 @@ const PAGE: usize = 1000;
 pub(crate) struct ResolvedChange {
     pub(crate) revision: u64,
     pub(crate) entry_id: String,
-    pub(crate) entry: Option<RegistrationEntry>,
+    /// Shared with the store's entry index (see `datastore/entry_index.rs`).
+    pub(crate) entry: Option<Arc<RegistrationEntry>>,
 }
 
 /// The shared window of recent changes; see the [module docs](self).
@@ -134,7 +135,7 @@ impl ChangeFeed {
                         ChangeKind::Delete => None,
                         ChangeKind::Upsert => {
                             reads += 1;
-                            store.get_entry(&change.entry_id)?
+                            store.get_entry_shared(&change.entry_id)?
                         }
                     };
                     at = change.revision;

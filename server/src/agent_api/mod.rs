@@ -213,9 +213,9 @@ impl AgentApi {
         &self,
         agent: &AuthenticatedAgent,
         ids: Vec<String>,
-    ) -> Result<HashMap<String, RegistrationEntry>, Status> {
+    ) -> Result<HashMap<String, Arc<RegistrationEntry>>, Status> {
         self.authorized(agent, move |set| {
-            ids.into_iter().filter_map(|id| set.entries().get(&id).map(|entry| (id, entry.clone()))).collect()
+            ids.into_iter().filter_map(|id| set.entries().get(&id).map(|entry| (id, Arc::clone(entry)))).collect()
         })
         .await
     }

@@ -252,7 +252,7 @@ async fn run_inner(
                 if let Some(changes) = feed.since(state.datastore(), held.revision(), target).await
                     && changes.last().is_some_and(|last| last.revision >= target)
                     && !held.expires_by(now_secs())
-                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_ref()))
+                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_deref()))
                 {
                     held.pass_to(target);
                     revision = held.revision();
@@ -315,8 +315,8 @@ async fn resend_bundles_if_changed(
     Ok(key)
 }
 
-async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, RegistrationEntry>) -> Result<(), Stop> {
-    let entries: Vec<&RegistrationEntry> = set.values().collect();
+async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, Arc<RegistrationEntry>>) -> Result<(), Stop> {
+    let entries: Vec<&RegistrationEntry> = set.values().map(|entry| &**entry).collect();
     let pages: Vec<&[&RegistrationEntry]> =
         if entries.is_empty() { vec![&[]] } else { entries.chunks(PAGE_SIZE).collect() };
     let last = pages.len().saturating_sub(1);
@@ -339,8 +339,8 @@ async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, Regist
 #[cfg(test)]
 pub(crate) fn diff_events(
     revision: u64,
-    old: &BTreeMap<String, RegistrationEntry>,
-    new: &BTreeMap<String, RegistrationEntry>,
+    old: &BTreeMap<String, Arc<RegistrationEntry>>,
+    new: &BTreeMap<String, Arc<RegistrationEntry>>,
 ) -> Vec<Event> {
     diff(revision, old, new).into_iter().map(change_event).collect()
 }
@@ -399,8 +399,10 @@ mod tests {
 
     #[test]
     fn diff_sends_changes_in_revision_order() {
-        let old: BTreeMap<_, _> = [("a", 1), ("b", 2), ("c", 3)].map(|(id, r)| (id.to_owned(), entry(id, r))).into();
-        let new: BTreeMap<_, _> = [("a", 1), ("c", 7), ("d", 5)].map(|(id, r)| (id.to_owned(), entry(id, r))).into();
+        let old: BTreeMap<_, _> =
+            [("a", 1), ("b", 2), ("c", 3)].map(|(id, r)| (id.to_owned(), Arc::new(entry(id, r)))).into();
+        let new: BTreeMap<_, _> =
+            [("a", 1), ("c", 7), ("d", 5)].map(|(id, r)| (id.to_owned(), Arc::new(entry(id, r)))).into();
         let events = diff_events(8, &old, &new);
         let summary: Vec<String> = events
             .iter()

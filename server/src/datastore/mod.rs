@@ -10,6 +10,11 @@
 //! - [`SledDataStore`], the default: an embedded [sled] database under
 //!   `<data_dir>/datastore`. One sled *tree* per record type plus index trees, see
 //!   `sled_store.rs` for the layout.
+//!   It keeps every entry decoded once in memory (`entry_index.rs`), loaded when it opens
+//!   and moved forward from the change log once each entry write is durable and before it is
+//!   acknowledged (readers see durable writes only); entry
+//!   reads come from there, and [`DataStore::get_entry_shared`] and
+//!   [`DataStore::list_entries_by_parents_shared`] hand out its `Arc`s.
 //! - [`MemoryDataStore`], a fake for tests: mutex-guarded maps with the same semantics. The
 //!   conformance suite (`server/tests/datastore_conformance.rs`) runs the same tests against
 //!   both, so the fake cannot drift from the real thing.
@@ -89,6 +94,7 @@
 //! [sled]: https://docs.rs/sled/0.34
 
 mod codec;
+mod entry_index;
 mod error;
 mod group_commit;
 mod memory;
@@ -150,6 +156,17 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// The entries whose parent is one of `parent_ids`, ordered by ID (authorization: the
     /// children of an agent, of its node aliases, and of their descendants).
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>>;
+
+    /// [`Self::get_entry`], shared: a store that keeps its entries in memory hands out the
+    /// one copy it holds (the sled store, see `entry_index.rs`) instead of a copy per caller.
+    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<RegistrationEntry>>> {
+        Ok(self.get_entry(id)?.map(Arc::new))
+    }
+
+    /// [`Self::list_entries_by_parents`], shared as [`Self::get_entry_shared`].
+    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<RegistrationEntry>>> {
+        Ok(self.list_entries_by_parents(parent_ids)?.into_iter().map(Arc::new).collect())
+    }
 
     /// The entries that have `selector` among theirs, ordered by ID, through an index
     /// (node-alias entries are found from a node's selectors this way).

@@ -39,7 +39,7 @@ use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
@@ -50,6 +50,7 @@ use super::codec::{
     BundleRecordV1, CaJournalRecordV1, ChangeRecordV1, EntryRecordV1, JtiRecordV1, NodeRecordV1, TokenRecordV1, decode,
     decode_u64, encode, u64_bytes,
 };
+use super::entry_index::EntryIndex;
 use super::error::{DataStoreError, ResourceKind};
 use super::group_commit::{GroupCommit, Write};
 use super::types::{
@@ -84,6 +85,9 @@ const KEY_SCHEMA_VERSION: &[u8] = b"schema_version";
 const KEY_REVISION: &[u8] = b"entry_revision";
 const KEY_CHANGE_FLOOR: &[u8] = b"change_floor";
 const KEY_JOURNAL: &[u8] = b"journal";
+
+/// Changes read per page when the entry index catches up.
+const CATCH_UP_PAGE: usize = 1_000;
 
 /// What a transaction closure returns: a value, or an abort carrying our error.
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<DataStoreError>>;
@@ -319,6 +323,10 @@ pub struct SledDataStore {
     commit: GroupCommit,
     /// Shares transactions between concurrent transactional writes.
     batcher: batch::Batcher,
+    /// Every entry, decoded once, at the revision readers see (`entry_index.rs`): loaded at
+    /// open, moved forward by each shared transaction's leader once the transaction is durable
+    /// and before its writes are acknowledged.
+    index: RwLock<EntryIndex>,
 }
 
 impl fmt::Debug for SledDataStore {
@@ -396,10 +404,90 @@ impl SledDataStore {
             change_floor: AtomicU64::new(0),
             commit: GroupCommit::default(),
             batcher: batch::Batcher::default(),
+            index: RwLock::new(EntryIndex::default()),
         };
-        store.revisions.send_replace(store.read_meta_u64(KEY_REVISION)?);
+        let index = store.hydrate()?;
+        store.revisions.send_replace(index.revision());
+        *store.index_mut() = index;
         store.change_floor.store(store.read_meta_u64(KEY_CHANGE_FLOOR)?, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// Every stored entry, decoded, at the current revision (no write may run meanwhile:
+    /// at open, or under the index's write lock from the writer's leader). A record that does
+    /// not decode is noted as corrupt, not loaded: the reads that could meet it report it.
+    fn hydrate(&self) -> Result<EntryIndex> {
+        let mut index = EntryIndex::new(self.read_meta_u64(KEY_REVISION)?, []);
+        for item in self.trees.entries.iter() {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            match decode_entry(&key, &bytes) {
+                Ok(entry) => index.insert(entry),
+                Err(err) => {
+                    tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
+                    index.mark_corrupt(String::from_utf8_lossy(&key).into_owned());
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    fn index(&self) -> RwLockReadGuard<'_, EntryIndex> {
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index_mut(&self) -> RwLockWriteGuard<'_, EntryIndex> {
+        self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves the entry index to the latest committed revision: replays the change log from
+    /// the index's revision, reading each changed entry (or loads it again when the log was
+    /// compacted past it). Called by the shared transaction's leader once the transaction is
+    /// durable and before its writes are acknowledged, so writes reach the index one round at
+    /// a time, in revision order, and readers never see a write that is not durable.
+    fn catch_up_index(&self) -> Result<()> {
+        let mut index = self.index_mut();
+        let current = self.read_meta_u64(KEY_REVISION)?;
+        while index.revision() < current {
+            let changes = self.logged_changes(index.revision(), current, CATCH_UP_PAGE)?;
+            if changes.first().is_none_or(|first| first.revision != index.revision() + 1) {
+                // Compacted past the index (a `compact_changes` that ran meanwhile).
+                *index = self.hydrate()?;
+                continue;
+            }
+            for change in changes {
+                let entry = match change.kind {
+                    ChangeKind::Delete => None,
+                    ChangeKind::Upsert => match self.load_entry(&change.entry_id) {
+                        Ok(entry) => entry,
+                        Err(err @ DataStoreError::Corrupt { .. }) => {
+                            tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
+                            index.mark_corrupt(change.entry_id);
+                            continue;
+                        }
+                        Err(err) => return Err(err),
+                    },
+                };
+                index.apply(change.revision, &change.entry_id, entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// The logged changes after `after` up to `until` (inclusive), oldest first, at most
+    /// `limit`.
+    fn logged_changes(&self, after: u64, until: u64, limit: usize) -> Result<Vec<EntryChange>> {
+        let mut changes = Vec::new();
+        let range = u64_bytes(after.saturating_add(1))..=u64_bytes(until);
+        if after >= until {
+            return Ok(changes);
+        }
+        for item in self.trees.entry_changes.range(range).take(limit) {
+            let (key, bytes) = item.map_err(storage("read"))?;
+            let at = decode_u64(ENTRY_CHANGES, &key, &key)?;
+            let record: ChangeRecordV1 = decode(ENTRY_CHANGES, &key, &bytes)?;
+            changes.push(record.into_change(at));
+        }
+        Ok(changes)
     }
 
     /// The directory this store was opened at.
@@ -665,7 +753,16 @@ impl DataStore for SledDataStore {
     }
 
     fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
-        self.load_entry(id)
+        Ok(self.get_entry_shared(id)?.map(Arc::unwrap_or_clone))
+    }
+
+    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<RegistrationEntry>>> {
+        let index = self.index();
+        if index.has_corrupt() {
+            drop(index);
+            return Ok(self.load_entry(id)?.map(Arc::new));
+        }
+        Ok(index.get(id).cloned())
     }
 
     fn update_entry(&self, entry: &RegistrationEntry, expected_revision: Option<u64>) -> Result<RegistrationEntry> {
@@ -737,6 +834,16 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
+        Ok(self.list_entries_by_parents_shared(parent_ids)?.into_iter().map(Arc::unwrap_or_clone).collect())
+    }
+
+    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<RegistrationEntry>>> {
+        {
+            let index = self.index();
+            if !index.has_corrupt() {
+                return Ok(index.children_of(parent_ids));
+            }
+        }
         let mut parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
         parents.sort_unstable();
         parents.dedup();
@@ -748,7 +855,7 @@ impl DataStore for SledDataStore {
         let mut entries = Vec::with_capacity(ids.len());
         for id in &ids {
             if let Some(bytes) = self.trees.entries.get(id).map_err(storage("read"))? {
-                entries.push(decode_entry(id, &bytes)?);
+                entries.push(Arc::new(decode_entry(id, &bytes)?));
             }
         }
         Ok(entries)
@@ -756,18 +863,35 @@ impl DataStore for SledDataStore {
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
         let ids = self.index_lookup(&self.trees.entry_by_selector, ENTRY_BY_SELECTOR, &selector.to_string())?;
-        self.load_entries(ids)
+        let index = self.index();
+        if index.has_corrupt() {
+            drop(index);
+            return self.load_entries(ids);
+        }
+        // An entry written since its index key was read is skipped or read at its new version,
+        // as from the database.
+        Ok(ids.iter().filter_map(|id| index.get(id)).map(|entry| RegistrationEntry::clone(entry)).collect())
     }
 
     fn prune_expired_entries(&self, now: u64) -> Result<u64> {
         let mut expired = Vec::new();
-        for item in self.trees.entries.iter() {
-            let (key, bytes) = item.map_err(storage("read"))?;
-            let entry = decode_entry(&key, &bytes)?;
-            if entry.is_expired(now) {
-                expired.push(entry.id);
+        let index = self.index();
+        if index.has_corrupt() {
+            drop(index);
+            for item in self.trees.entries.iter() {
+                let (key, bytes) = item.map_err(storage("read"))?;
+                let entry = decode_entry(&key, &bytes)?;
+                if entry.is_expired(now) {
+                    expired.push(entry.id);
+                }
             }
+        } else {
+            // From memory; each is checked again inside the transaction.
+            expired.extend(index.iter().filter(|entry| entry.is_expired(now)).map(|entry| entry.id.clone()));
+            drop(index);
         }
+        // In ID order, as a scan of the database gives them.
+        expired.sort_unstable();
         if expired.is_empty() {
             return Ok(0);
         }
@@ -791,12 +915,17 @@ impl DataStore for SledDataStore {
         Ok(pruned)
     }
 
+    /// The entry index's revision: a write is visible to readers once the index holds it
+    /// (the stored revision may be ahead while a shared transaction's leader catches up).
     fn current_revision(&self) -> Result<u64> {
-        self.read_meta_u64(KEY_REVISION)
+        // Read so that a corrupt counter is reported; never behind the index.
+        let stored = self.read_meta_u64(KEY_REVISION)?;
+        Ok(self.index().revision().min(stored))
     }
 
     fn changes_since(&self, revision: u64, limit: usize) -> Result<Vec<EntryChange>> {
-        let current = self.read_meta_u64(KEY_REVISION)?;
+        // Up to the index's revision only: the entries of later changes are not readable yet.
+        let current = self.current_revision()?;
         let floor = self.read_meta_u64(KEY_CHANGE_FLOOR)?;
         if limit == 0 {
             if revision > current || revision < floor {
@@ -804,13 +933,7 @@ impl DataStore for SledDataStore {
             }
             return Ok(Vec::new());
         }
-        let mut changes = Vec::new();
-        for item in self.trees.entry_changes.range(u64_bytes(revision.saturating_add(1))..).take(limit) {
-            let (key, bytes) = item.map_err(storage("read"))?;
-            let at = decode_u64(ENTRY_CHANGES, &key, &key)?;
-            let record: ChangeRecordV1 = decode(ENTRY_CHANGES, &key, &bytes)?;
-            changes.push(record.into_change(at));
-        }
+        let changes = self.logged_changes(revision, current, limit)?;
         check_continuity(revision, current, floor, &changes)?;
         Ok(changes)
     }
@@ -1195,6 +1318,7 @@ impl DataStore for SledDataStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
@@ -1228,6 +1352,11 @@ mod tests {
         let node_id = id("spiffe://example.org/tessera/agent/join_token/t");
 
         store.trees.entries.insert("e1", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        store.flush().unwrap();
+        // Met by the entry index when the store opens: the reads that could meet the record
+        // then go to the database, and report it.
+        drop(store);
+        let store = open(dir.path());
         assert_corrupt(store.get_entry("e1"), ENTRIES);
         assert_corrupt(store.list_entries(&EntryFilter::default(), &PageRequest::all()), ENTRIES);
         assert_corrupt(store.list_entries_by_parents(&[id("spiffe://example.org/agent")]), ENTRIES);
@@ -1291,6 +1420,157 @@ mod tests {
         for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_spiffe_id, &t.entry_by_selector] {
             assert!(tree.is_empty());
         }
+    }
+
+    /// The entry index as readers see it, and the stored entries, read from the database.
+    fn indexed_and_stored(
+        store: &SledDataStore,
+    ) -> (u64, BTreeMap<String, RegistrationEntry>, u64, BTreeMap<String, RegistrationEntry>) {
+        let index = store.index();
+        let indexed = index.iter().map(|e| (e.id.clone(), RegistrationEntry::clone(e))).collect();
+        let fresh = store.hydrate().unwrap();
+        assert!(!fresh.has_corrupt());
+        let stored = fresh.iter().map(|e| (e.id.clone(), RegistrationEntry::clone(e))).collect();
+        (index.revision(), indexed, fresh.revision(), stored)
+    }
+
+    fn assert_index_is_the_store(store: &SledDataStore, what: &str) {
+        let (index_revision, indexed, stored_revision, stored) = indexed_and_stored(store);
+        assert_eq!(index_revision, stored_revision, "index revision, {what}");
+        assert_eq!(indexed, stored, "indexed entries, {what}");
+        // The parent index too: every stored entry is listed under its parent, in ID order.
+        let parents: BTreeSet<SpiffeId> = stored.values().map(|e| e.parent_id.clone()).collect();
+        for parent in parents {
+            let listed: Vec<String> = store
+                .list_entries_by_parents_shared(std::slice::from_ref(&parent))
+                .unwrap()
+                .iter()
+                .map(|e| e.id.clone())
+                .collect();
+            let expected: Vec<String> =
+                stored.values().filter(|e| e.parent_id == parent).map(|e| e.id.clone()).collect();
+            assert_eq!(listed, expected, "children of {parent}, {what}");
+        }
+    }
+
+    /// Random creates, updates (moving entries between parents), deletes and prunes, from
+    /// several threads at once (so writes share transactions): the index is the store after
+    /// every acknowledged write, after all of them, and after a restart.
+    #[test]
+    fn the_entry_index_is_the_store_after_random_writes_and_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let parents = ["spiffe://example.org/p0", "spiffe://example.org/p1", "spiffe://example.org/p2"];
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ (thread + 1);
+                    let mut next = move |bound: u64| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed % bound
+                    };
+                    for step in 0..60 {
+                        let n = next(20);
+                        let entry_id = format!("e{n}");
+                        let existing = store.get_entry(&entry_id).unwrap();
+                        match next(6) {
+                            0 | 1 if existing.is_some() => {
+                                // Another thread may delete it first.
+                                let _ = store.delete_entry(&entry_id);
+                            }
+                            _ => {
+                                let mut e = entry(&entry_id);
+                                e.spiffe_id = id(&format!("spiffe://example.org/w{n}/{step}/{thread}"));
+                                e.parent_id = id(parents[usize::try_from(next(3)).unwrap()]);
+                                e.hint = format!("{thread}/{step}");
+                                e.expires_at = (next(4) == 0).then_some(100);
+                                // A create may race another thread's: refused, fine.
+                                let written = match existing {
+                                    Some(_) => store.update_entry(&e, None),
+                                    None => store.create_entry(&e),
+                                };
+                                if let Ok(written) = written {
+                                    // Acknowledged: readable at once, at its revision or later.
+                                    let read = store.get_entry_shared(&entry_id).unwrap();
+                                    assert!(read.is_none_or(|r| r.revision >= written.revision));
+                                    assert!(store.current_revision().unwrap() >= written.revision);
+                                }
+                            }
+                        }
+                        if step % 20 == 19 {
+                            store.prune_expired_entries(200).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert!(store.count_entries().unwrap() > 0);
+        assert_index_is_the_store(&store, "after the writes");
+        let revision = store.current_revision().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.current_revision().unwrap(), revision);
+        assert_index_is_the_store(&store, "after a restart");
+        let some_id = store.index().iter().next().unwrap().id.clone();
+        store.delete_entry(&some_id).unwrap();
+        assert_index_is_the_store(&store, "after a delete past the restart");
+    }
+
+    /// Commits an entry write in a transaction of its own, outside the writer (as a shared
+    /// transaction does before its leader catches the index up).
+    fn commit_unindexed(store: &SledDataStore, entry: &RegistrationEntry) -> u64 {
+        store
+            .trees
+            .transaction(|tx| {
+                let tx = tx.entry();
+                if let Some(old) = tx.get(&entry.id)? {
+                    tx.remove_indexes(&old)?;
+                }
+                let mut stored = entry.clone();
+                stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+                tx.put(&stored)?;
+                Ok(stored.revision)
+            })
+            .unwrap()
+    }
+
+    /// A committed write the index has not taken yet is invisible to readers: not in the
+    /// revision, the change log or the entries; the catch-up makes it visible, also after the
+    /// change log was compacted past the index.
+    #[test]
+    fn readers_see_a_write_only_once_the_index_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let first = store.create_entry(&numbered_entry(1)).unwrap();
+        let mut moved = numbered_entry(1);
+        moved.parent_id = id("spiffe://example.org/elsewhere");
+        let at = commit_unindexed(&store, &moved);
+        assert_eq!(at, first.revision + 1);
+        assert_eq!(store.current_revision().unwrap(), first.revision);
+        assert_eq!(store.changes_since(first.revision, 10).unwrap(), []);
+        assert_eq!(store.changes_since(0, 10).unwrap().len(), 1);
+        assert_eq!(store.get_entry("e1").unwrap().unwrap().parent_id, first.parent_id);
+        store.catch_up_index().unwrap();
+        assert_eq!(store.current_revision().unwrap(), at);
+        assert_eq!(store.changes_since(first.revision, 10).unwrap().len(), 1);
+        assert_eq!(store.get_entry("e1").unwrap().unwrap().parent_id, moved.parent_id);
+        assert_index_is_the_store(&store, "after the catch-up");
+
+        // Compacted past the index: loaded again.
+        commit_unindexed(&store, &numbered_entry(2));
+        commit_unindexed(&store, &numbered_entry(3));
+        let dropped = store.compact_to(store.read_meta_u64(KEY_REVISION).unwrap()).unwrap();
+        assert_eq!(dropped, 4);
+        assert_eq!(store.index().revision(), at);
+        store.catch_up_index().unwrap();
+        assert_index_is_the_store(&store, "after a catch-up past a compaction");
+        assert_eq!(store.index().len(), 3);
     }
 
     fn node(n: usize) -> AttestedNode {
@@ -1389,6 +1669,10 @@ mod tests {
         let store = open(dir.path());
         store.create_entry(&numbered_entry(9)).unwrap();
         store.trees.entries.insert("e9", &[1, 0xff, 0xff][..]).unwrap();
+        store.flush().unwrap();
+        // Found corrupt by the entry index at open.
+        drop(store);
+        let store = open(dir.path());
         let transactions = store.transactions();
         std::thread::scope(|scope| {
             let held = store.batcher.hold();

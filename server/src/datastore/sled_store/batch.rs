@@ -82,7 +82,7 @@ impl Txn<'_> {
 impl Trees {
     /// Runs `f` in one transaction over every tree (but the JWT ID cache, written without
     /// transactions).
-    fn transaction<T>(
+    pub(super) fn transaction<T>(
         &self,
         f: impl Fn(&Txn<'_>) -> TxResult<T>,
     ) -> sled::transaction::TransactionResult<T, DataStoreError> {
@@ -367,7 +367,12 @@ impl SledDataStore {
         if !jobs.iter().any(|job| job.wrote()) {
             return;
         }
-        if let Err(err) = self.commit.wait_durable(pending.completed(), || self.flush()) {
+        // Once durable, and before any write is acknowledged, the entry index takes the round's
+        // entry writes: readers see only durable writes, and every acknowledged one. Should
+        // the flush or the catch-up fail, the index (and the revision readers see) stays where
+        // it was, the writes fail, and the next round's catch-up takes them.
+        let durable = self.commit.wait_durable(pending.completed(), || self.flush());
+        if let Err(err) = durable.and_then(|()| self.catch_up_index()) {
             let why = error_chain(&err);
             for job in jobs.iter().filter(|job| job.wrote()) {
                 job.fail(DataStoreError::backend(job.operation(), SharedFailure(why.clone())));

@@ -1,0 +1,218 @@
+//! The in-memory entry index of a store: every registration entry decoded once, shared as
+//! `Arc<RegistrationEntry>`, by ID and by parent ID (issue 7, S6 and S9).
+//!
+//! # For a newcomer
+//!
+//! Computing an agent's authorized set reads every entry the agent is authorized for, and a
+//! server keeps one such set per connected agent. Read from the database, each computation
+//! decoded each entry again and each set held its own copy: a full sync cost a database read
+//! and a decode per entry, and N agents holding the same entries held N copies. The index
+//! holds each entry once; readers get `Arc`s of the same allocation.
+//!
+//! # Kept current with the change log
+//!
+//! The index reflects the store at one revision, [`EntryIndex::revision`]. It is loaded whole
+//! when the store opens (hydration) and then moved forward by the store's writer once each
+//! committed transaction is durable and *before* its writes are acknowledged or published to
+//! subscribers:
+//! the writer replays the change log from the index's revision, reading each changed entry.
+//! Writes are applied in revision order by one writer at a time, so the
+//! index is, at every moment, exactly the store's entries at its revision. A store that serves
+//! reads from the index reports that revision as its current one and hands out changes only
+//! up to it: a reader following the protocol (revision first, then the entries; then the
+//! changes after it) never misses a change and never meets one the index does not hold yet.
+
+use std::borrow::Borrow;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use tessera_spiffe::SpiffeId;
+
+use super::types::RegistrationEntry;
+
+/// An entry compared, ordered and hashed by its ID (so sets of them are looked up by `&str`
+/// without a copy of the ID).
+#[derive(Debug, Clone)]
+struct ById(Arc<RegistrationEntry>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+/// Every entry of a store at one revision, by ID and by parent; see the [module docs](self).
+#[derive(Debug, Default)]
+pub(crate) struct EntryIndex {
+    /// The store revision the index reflects.
+    revision: u64,
+    by_id: HashSet<ById>,
+    /// The entries per parent ID, ordered by entry ID.
+    by_parent: HashMap<SpiffeId, BTreeSet<ById>>,
+    /// IDs of stored records that did not decode. While there is one, the store answers the
+    /// reads that could meet it from the database, which reports it as corrupt.
+    corrupt: BTreeSet<String>,
+}
+
+impl EntryIndex {
+    /// An index of `entries`, at `revision`.
+    pub(crate) fn new(revision: u64, entries: impl IntoIterator<Item = RegistrationEntry>) -> Self {
+        let mut index = Self { revision, ..Self::default() };
+        for entry in entries {
+            index.insert(entry);
+        }
+        index
+    }
+
+    /// Adds (or replaces) an entry while the index is loaded, at its revision.
+    pub(crate) fn insert(&mut self, entry: RegistrationEntry) {
+        self.put(Arc::new(entry));
+    }
+
+    /// The store revision the index reflects.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Whether a stored record did not decode (see [`Self::mark_corrupt`]).
+    pub(crate) fn has_corrupt(&self) -> bool {
+        !self.corrupt.is_empty()
+    }
+
+    /// Records that the stored record of entry `id` did not decode: the index no longer
+    /// holds a version of it.
+    pub(crate) fn mark_corrupt(&mut self, id: String) {
+        self.remove(&id);
+        self.corrupt.insert(id);
+    }
+
+    /// How many entries it holds.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// The entry with this ID.
+    pub(crate) fn get(&self, id: &str) -> Option<&Arc<RegistrationEntry>> {
+        self.by_id.get(id).map(|entry| &entry.0)
+    }
+
+    /// Every entry, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
+        self.by_id.iter().map(|entry| &entry.0)
+    }
+
+    /// The entries whose parent is one of `parents`, ordered by ID, each once.
+    pub(crate) fn children_of(&self, parents: &[SpiffeId]) -> Vec<Arc<RegistrationEntry>> {
+        let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(parent)).collect();
+        // The same parent listed twice must not list its children twice.
+        sets.sort_unstable_by_key(|set| std::ptr::from_ref(*set));
+        sets.dedup_by_key(|set| std::ptr::from_ref(*set));
+        let mut children: Vec<Arc<RegistrationEntry>> =
+            sets.iter().flat_map(|set| set.iter().map(|entry| Arc::clone(&entry.0))).collect();
+        // One parent's children come sorted; several parents' are merged.
+        if sets.len() > 1 {
+            children.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        }
+        children
+    }
+
+    /// Stores `entry`, replacing the entry with its ID.
+    fn put(&mut self, entry: Arc<RegistrationEntry>) {
+        self.remove(&entry.id);
+        self.by_parent.entry(entry.parent_id.clone()).or_default().insert(ById(Arc::clone(&entry)));
+        self.by_id.insert(ById(entry));
+    }
+
+    /// Removes the entry with this ID, if any.
+    fn remove(&mut self, id: &str) {
+        self.corrupt.remove(id);
+        let Some(old) = self.by_id.take(id) else {
+            return;
+        };
+        if let Some(siblings) = self.by_parent.get_mut(&old.0.parent_id) {
+            siblings.remove(id);
+            if siblings.is_empty() {
+                self.by_parent.remove(&old.0.parent_id);
+            }
+        }
+    }
+
+    /// Applies the change of entry `id` at `revision` to its state `entry` (`None`: deleted)
+    /// as the store holds it now. Changes must come in revision order (the store may already
+    /// hold a later version; replaying the later change again is harmless).
+    pub(crate) fn apply(&mut self, revision: u64, id: &str, entry: Option<RegistrationEntry>) {
+        match entry {
+            Some(entry) => self.put(Arc::new(entry)),
+            None => self.remove(id),
+        }
+        self.revision = self.revision.max(revision);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_spiffe::SelectorSet;
+
+    fn entry(id: &str, parent: &str) -> RegistrationEntry {
+        RegistrationEntry::new(
+            id,
+            SpiffeId::parse(&format!("spiffe://example.org/w/{id}")).unwrap(),
+            SpiffeId::parse(&format!("spiffe://example.org/{parent}")).unwrap(),
+            SelectorSet::parse_all(&["t:1"]).unwrap(),
+        )
+    }
+
+    fn ids(entries: &[Arc<RegistrationEntry>]) -> Vec<&str> {
+        entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn children_follow_moves_and_deletes_in_id_order() {
+        let parent = |p: &str| SpiffeId::parse(&format!("spiffe://example.org/{p}")).unwrap();
+        let mut index = EntryIndex::new(3, [entry("c", "a"), entry("b", "a"), entry("d", "x")]);
+        assert_eq!(index.len(), 3);
+        assert_eq!(ids(&index.children_of(&[parent("a")])), ["b", "c"]);
+        assert_eq!(ids(&index.children_of(&[parent("x"), parent("a"), parent("x")])), ["b", "c", "d"]);
+        // "c" moves under x; "b" goes.
+        index.apply(4, "c", Some(entry("c", "x")));
+        index.apply(5, "b", None);
+        assert_eq!(index.revision(), 5);
+        assert!(index.children_of(&[parent("a")]).is_empty());
+        assert!(!index.by_parent.contains_key(&parent("a")), "an empty parent set is dropped");
+        assert_eq!(ids(&index.children_of(&[parent("x")])), ["c", "d"]);
+        assert!(index.get("b").is_none());
+        assert_eq!(index.get("c").unwrap().parent_id, parent("x"));
+        // An older change replayed does not move the revision back.
+        index.apply(2, "z", None);
+        assert_eq!(index.revision(), 5);
+    }
+}
