@@ -1,10 +1,8 @@
 //! The one mapping from datastore errors to gRPC statuses.
 
-use std::error::Error as _;
-
 use tonic::Status;
 
-use crate::datastore::DataStoreError;
+use crate::datastore::{DataStoreError, error_chain};
 
 /// The gRPC status for a datastore error. Caller mistakes keep their message; server-side
 /// failures are logged with their whole cause chain and reported with it too (the admin
@@ -23,23 +21,11 @@ pub(crate) fn datastore_status(err: DataStoreError) -> Status {
             Status::data_loss(message)
         }
         DataStoreError::Open { .. } | DataStoreError::Backend { .. } => {
-            let chain = with_causes(&err);
+            let chain = error_chain(&err);
             tracing::error!(error = %chain, "datastore failure");
             Status::unavailable(chain)
         }
     }
-}
-
-/// `error: cause: cause...`, one line.
-fn with_causes(err: &DataStoreError) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

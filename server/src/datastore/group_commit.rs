@@ -217,7 +217,7 @@ impl Drop for HeldFlush<'_> {
 }
 
 /// `err` and its sources, one line.
-pub(super) fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

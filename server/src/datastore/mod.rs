@@ -107,6 +107,7 @@ use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
 pub use error::{BackendError, DataStoreError, ResourceKind};
+pub(crate) use group_commit::error_chain;
 pub use memory::MemoryDataStore;
 pub use sled_store::SledDataStore;
 pub(crate) use types::Generations;
