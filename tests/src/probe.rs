@@ -14,7 +14,8 @@
 //!   work per X.509-SVID before it asks the server;
 //! - [`x509_parse_op`]: x509-parser over an X.509-SVID-shaped leaf (the parse half of
 //!   workload-side SVID validation);
-//! - [`proc_attest`]: the `/proc` reads of unix attestation;
+//! - [`proc_attest`]: the `/proc` reads of unix attestation; [`proc_attest_pinned`]: the same
+//!   with the pidfd and `stat` that pin the process (A1's limit);
 //! - [`fsync_rate`]: durable single-writer commits per second;
 //! - [`FloorServer`]: the floor of a Workload API call: a tonic unary call over a Unix socket
 //!   whose handler reads `/proc/<peer pid>/exe` and `/proc/<peer pid>/status` (the unix
@@ -280,6 +281,30 @@ pub fn proc_attest(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The floor of unix attestation with the pinning the suite's guide names for A1 ("with
+/// pidfd + stat"): a pidfd opened first, then `/proc/<pid>/stat` (the start time), the reads of
+/// [`proc_attest`], and a poll of the pidfd that proves the process still runs (so every read
+/// was of that process and not of a reused PID).
+pub fn proc_attest_pinned(pid: u32) -> anyhow::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let raw = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).ok_or_else(|| anyhow!("pid {pid}"))?;
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .with_context(|| format!("pidfd of {pid}"))?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("stat of {pid}"))?;
+    if !stat.starts_with(&format!("{pid} (")) {
+        anyhow::bail!("unreadable stat of process {pid}");
+    }
+    proc_attest(pid)?;
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    let ready = rustix::event::poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }))
+        .with_context(|| format!("polling the pidfd of {pid}"))?;
+    if ready != 0 {
+        anyhow::bail!("process {pid} exited");
+    }
+    std::hint::black_box(stat);
+    Ok(())
+}
+
 /// One ring ECDSA P-256 signature over a 70-byte message (the crypto floor of every SVID).
 pub fn p256_sign_op() -> anyhow::Result<impl FnMut() -> anyhow::Result<()>> {
     let rng = SystemRandom::new();
@@ -444,4 +469,15 @@ pub fn rss_in(status_path: &str) -> anyhow::Result<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .ok_or_else(|| anyhow!("no VmRSS in {status_path}"))?;
     Ok(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pinned_probe_reads_a_running_process_and_refuses_a_pid_that_names_none() {
+        proc_attest_pinned(std::process::id()).unwrap();
+        assert!(proc_attest_pinned(u32::MAX).is_err(), "a PID out of range");
+    }
 }
