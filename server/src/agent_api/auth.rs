@@ -342,29 +342,39 @@ pub(crate) async fn recheck(
 }
 
 #[cfg(test)]
-/// A server state over a memory store holding one attested agent, and that agent as
-/// authenticated.
-pub(crate) fn test_state_with_agent() -> (tempfile::TempDir, Arc<ServerState>, AuthenticatedAgent) {
+/// A server state over a memory store in `dir`, with the test defaults and `adjust`ed config.
+pub(crate) fn test_state(
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut crate::config::ServerConfig),
+) -> (Arc<ServerState>, Arc<dyn crate::datastore::DataStore>) {
     use crate::config::ServerConfig;
     use crate::datastore::{DataStore, MemoryDataStore};
     use tessera_spiffe::TrustDomain;
-    let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         trust_domain: TrustDomain::new("example.org").unwrap(),
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         ..ServerConfig::default()
     };
+    adjust(&mut config);
     let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
     let ca = crate::ca::CertificateAuthority::load_or_create(
-        dir.path(),
+        dir,
         &config,
         store.as_ref(),
         SystemTime::now(),
         &ring::rand::SystemRandom::new(),
     )
     .unwrap();
+    (Arc::new(ServerState::new(config, Arc::clone(&store), Arc::new(ca)).unwrap()), store)
+}
+
+#[cfg(test)]
+/// A server state over a memory store holding one attested agent, and that agent as
+/// authenticated.
+pub(crate) fn test_state_with_agent() -> (tempfile::TempDir, Arc<ServerState>, AuthenticatedAgent) {
+    let dir = tempfile::tempdir().unwrap();
+    let (state, store) = test_state(dir.path(), |_| {});
     store.create_attested_node(&test_node()).unwrap();
-    let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
     let agent = AuthenticatedAgent {
         identity: AgentIdentity {
             agent_id: test_node().spiffe_id,

@@ -695,32 +695,18 @@ mod tests {
         store.delete_entry("w1").unwrap();
         assert_eq!(ids(&aliased), ["w2"]);
     }
-    use crate::config::ServerConfig;
-    use crate::datastore::{AttestedNode, DataStore, MemoryDataStore};
-    use tessera_spiffe::{SelectorSet, TrustDomain};
+    use crate::datastore::{AttestedNode, DataStore};
+    use tessera_spiffe::SelectorSet;
 
     /// Overload: when every signing permit is taken, a signing call gets a retryable
     /// UNAVAILABLE instead of queueing without bound.
     #[tokio::test]
     async fn signing_overload_answers_unavailable() {
         let dir = tempfile::tempdir().unwrap();
-        let config = ServerConfig {
-            trust_domain: TrustDomain::new("example.org").unwrap(),
-            data_dir: dir.path().to_path_buf(),
-            max_concurrent_signing: 2,
-            overload_wait: std::time::Duration::from_millis(50),
-            ..ServerConfig::default()
-        };
-        let store: Arc<dyn DataStore> = Arc::new(MemoryDataStore::default());
-        let ca = crate::ca::CertificateAuthority::load_or_create(
-            dir.path(),
-            &config,
-            store.as_ref(),
-            SystemTime::now(),
-            &ring::rand::SystemRandom::new(),
-        )
-        .unwrap();
-        let state = Arc::new(ServerState::new(config, store, Arc::new(ca)).unwrap());
+        let (state, _store) = auth::test_state(dir.path(), |config| {
+            config.max_concurrent_signing = 2;
+            config.overload_wait = std::time::Duration::from_millis(50);
+        });
         let (_stop, stopped) = watch::channel(false);
         let api = AgentApi::new(state, stopped);
         let agent_id = tessera_spiffe::SpiffeId::parse("spiffe://example.org/tessera/agent/join_token/t").unwrap();
