@@ -353,6 +353,27 @@ struct VersionedTree {
     operation: &'static str,
 }
 
+/// How long [`open_db`] waits for the database's file lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database at `path`. A store closed in this process may hold its file lock
+/// a moment longer (sled's I/O threads finish their last log writes after the handles are
+/// dropped), so a lock that is busy is tried again for up to [`LOCK_WAIT`]; a database
+/// another process holds open still fails, after that wait, with sled's lock error.
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(err))
+                if err.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SledDataStore {
     /// Opens (creating it if needed, with mode 0700) the datastore directory at `path`.
     ///
@@ -362,7 +383,7 @@ impl SledDataStore {
         let path = path.as_ref().to_path_buf();
         let open_error = |source: crate::datastore::BackendError| DataStoreError::Open { path: path.clone(), source };
         create_private_dir(&path).map_err(|e| open_error(Box::new(e)))?;
-        let db = sled::Config::new().path(&path).open().map_err(|e| open_error(Box::new(e)))?;
+        let db = open_db(&path).map_err(|e| open_error(Box::new(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
         let trees = Trees {
             meta: tree(META)?,
