@@ -613,6 +613,56 @@ async fn jwt_svid_batches_check_every_item_on_its_own() {
     server.shutdown().await.unwrap();
 }
 
+/// A batch large enough to be signed on several threads answers every item once, in request
+/// order, each refused or signed on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_jwt_svid_batch_keeps_request_order() {
+    let dir = tempdir();
+    let server = start_memory(dir.path()).await;
+    let mut agent = attest(&server, "jb3").await;
+    let store = store(&server);
+    entry(&store, "api", "/api", &agent.id, &["unix:uid:1"]);
+    entry(&store, "web", "/web", &agent.id, &["unix:uid:2"]);
+    let params: Vec<pb::NewJwtSvidRequest> = (0..96)
+        .map(|i| match i % 4 {
+            0 => pb::NewJwtSvidRequest { entry_id: "api".into(), audiences: vec![format!("aud-{i}")] },
+            1 => pb::NewJwtSvidRequest { entry_id: "web".into(), audiences: vec![format!("aud-{i}")] },
+            2 => pb::NewJwtSvidRequest { entry_id: "missing".into(), audiences: vec![format!("aud-{i}")] },
+            _ => pb::NewJwtSvidRequest { entry_id: "api".into(), audiences: Vec::new() },
+        })
+        .collect();
+    let results = agent
+        .client
+        .batch_new_jwt_svid(pb::BatchNewJwtSvidRequest { params: params.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), params.len(), "one result per item");
+    let bundle = bundle(&server);
+    for (i, (result, asked)) in results.into_iter().zip(&params).enumerate() {
+        assert_eq!(result.entry_id, asked.entry_id, "item {i} out of order");
+        match (i % 4, result.result.unwrap()) {
+            (0 | 1, pb::new_jwt_svid_result::Result::Svid(svid)) => {
+                let audience = format!("aud-{i}");
+                let claims =
+                    tessera_spiffe::jwt::validate(&svid.token, &bundle, &[audience.as_str()], SystemTime::now())
+                        .unwrap();
+                let path = if i % 4 == 0 { "/api" } else { "/web" };
+                assert_eq!(claims.spiffe_id().as_str(), format!("spiffe://example.org{path}"), "item {i}");
+            }
+            (2, pb::new_jwt_svid_result::Result::Error(status)) => {
+                assert_eq!(status.code, Code::NotFound as i32, "item {i}")
+            }
+            (3, pb::new_jwt_svid_result::Result::Error(status)) => {
+                assert_eq!(status.code, Code::InvalidArgument as i32, "item {i}")
+            }
+            (_, other) => panic!("item {i}: unexpected {other:?}"),
+        }
+    }
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_or_eviction_refuses_the_next_call_on_a_connection_that_was_just_served() {
     let dir = tempdir();

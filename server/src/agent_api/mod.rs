@@ -44,7 +44,7 @@
 //! runs inline (it is shorter than a hop to the blocking pool; the signing permit bounds how
 //! many run at once). `BatchNewJwtSvid` signs many tokens per round trip.
 //!
-//! # X.509-SVID batches on several threads
+//! # Batches on several threads
 //!
 //! A `BatchNewX509Svid` holds up to [`MAX_BATCH`] CSRs, each a signature check and a
 //! signature. Signed one after the other, a call lasted at least that many times one
@@ -58,6 +58,10 @@
 //! permit: the call's own, plus extra ones taken only when free at that moment
 //! ([`overload::WorkLimit::try_acquire_free`]), so `max_concurrent_signing` bounds the
 //! signing threads, and under load a batch is signed on its one permit's thread.
+//!
+//! `BatchNewJwtSvid` is split the same way, with a larger share per thread
+//! ([`MIN_JWTS_PER_THREAD`]): an ES256 token is about a fifth of the work of an X.509-SVID
+//! (no CSR to parse and check), so a hop to another thread pays off only for more of them.
 
 pub(crate) mod attest;
 mod audit;
@@ -260,10 +264,19 @@ fn sign_error_status(err: &CaError) -> rpc::Status {
 /// batches of up to three items stay on one thread.
 const MIN_ITEMS_PER_THREAD: usize = 2;
 
+/// Tokens per thread below which a JWT-SVID batch is not split further: one ES256 signature
+/// takes about as long as a hop to the blocking pool and back, so a thread must have several.
+const MIN_JWTS_PER_THREAD: usize = 8;
+
 /// The threads a batch of `items` X.509-SVIDs is signed on, with `cores` CPUs: one per core,
 /// each with at least [`MIN_ITEMS_PER_THREAD`] items, and at least one.
 fn signing_threads(items: usize, cores: usize) -> usize {
-    (items / MIN_ITEMS_PER_THREAD).clamp(1, cores.max(1))
+    threads_for(items, MIN_ITEMS_PER_THREAD, cores)
+}
+
+/// One thread per core, each with at least `min_per_thread` of the `items`, and at least one.
+fn threads_for(items: usize, min_per_thread: usize, cores: usize) -> usize {
+    (items / min_per_thread.max(1)).clamp(1, cores.max(1))
 }
 
 /// `work` applied to every item, on `permits.len()` blocking threads (at least one, at most
@@ -535,52 +548,47 @@ impl AgentService for AgentApi {
         let authorized =
             self.authorized_entries_among(&agent, params.iter().map(|item| item.entry_id.clone()).collect()).await?;
         let permit = self.signing_permit(&agent).await?;
+        // More threads only from slots free right now: under load a batch is signed on one.
+        let extra = threads_for(params.len(), MIN_JWTS_PER_THREAD, self.cores).saturating_sub(1);
+        let mut permits = vec![permit];
+        permits.extend(self.limits.signing.try_acquire_free(extra));
         let state = Arc::clone(&self.state);
         let default_ttl = self.state.config().default_jwt_svid_ttl;
         let agent_id = agent.id().clone();
-        // One hop to the blocking pool per batch: up to MAX_BATCH signatures are too long to
-        // run on a runtime worker.
-        let results = tokio::task::spawn_blocking(move || {
-            let now = SystemTime::now();
-            params
-                .into_iter()
-                .map(|item| {
-                    let signed = match (check_audiences(&item.audiences), authorized.get(&item.entry_id)) {
-                        (Err(message), _) => Err(item_error(Code::InvalidArgument, message)),
-                        (Ok(()), None) => Err(item_error(Code::NotFound, NOT_AUTHORIZED)),
-                        (Ok(()), Some(entry)) => {
-                            let ttl = entry.jwt_svid_ttl.unwrap_or(default_ttl);
-                            match state.ca().sign_jwt_svid(&entry.spiffe_id, &item.audiences, ttl, now) {
-                                Ok((token, expires_at)) => {
-                                    state.audit().emit(audit::jwt_issued(
-                                        &token,
-                                        &entry.spiffe_id,
-                                        &item,
-                                        &agent_id,
-                                        expires_at,
-                                    ));
-                                    Ok(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) })
-                                }
-                                Err(err) => Err(sign_error_status(&err)),
-                            }
+        let now = SystemTime::now();
+        let sign = move |item: pb::NewJwtSvidRequest| {
+            let signed = match (check_audiences(&item.audiences), authorized.get(&item.entry_id)) {
+                (Err(message), _) => Err(item_error(Code::InvalidArgument, message)),
+                (Ok(()), None) => Err(item_error(Code::NotFound, NOT_AUTHORIZED)),
+                (Ok(()), Some(entry)) => {
+                    let ttl = entry.jwt_svid_ttl.unwrap_or(default_ttl);
+                    match state.ca().sign_jwt_svid(&entry.spiffe_id, &item.audiences, ttl, now) {
+                        Ok((token, expires_at)) => {
+                            state.audit().emit(audit::jwt_issued(
+                                &token,
+                                &entry.spiffe_id,
+                                &item,
+                                &agent_id,
+                                expires_at,
+                            ));
+                            Ok(pb::NewJwtSvidResponse { token, expires_at: unix_seconds(expires_at) })
                         }
-                    };
-                    if let Err(status) = &signed {
-                        tracing::warn!(agent = %agent_id, entry = %item.entry_id, reason = %status.message, "JWT-SVID refused");
+                        Err(err) => Err(sign_error_status(&err)),
                     }
-                    pb::NewJwtSvidResult {
-                        entry_id: item.entry_id,
-                        result: Some(match signed {
-                            Ok(svid) => pb::new_jwt_svid_result::Result::Svid(svid),
-                            Err(status) => pb::new_jwt_svid_result::Result::Error(status),
-                        }),
-                    }
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|err| Status::internal(format!("signing task: {err}")))?;
-        drop(permit);
+                }
+            };
+            if let Err(status) = &signed {
+                tracing::warn!(agent = %agent_id, entry = %item.entry_id, reason = %status.message, "JWT-SVID refused");
+            }
+            pb::NewJwtSvidResult {
+                entry_id: item.entry_id,
+                result: Some(match signed {
+                    Ok(svid) => pb::new_jwt_svid_result::Result::Svid(svid),
+                    Err(status) => pb::new_jwt_svid_result::Result::Error(status),
+                }),
+            }
+        };
+        let results = sign_on_threads(params, permits, sign).await?;
         Ok(Response::new(pb::BatchNewJwtSvidResponse { results }))
     }
 
@@ -615,6 +623,11 @@ mod tests {
         assert_eq!(signing_threads(50, 8), 8);
         assert_eq!(signing_threads(500, 1), 1);
         assert_eq!(signing_threads(50, 0), 1, "no core reported: one thread");
+        // JWT-SVID batches need a larger share per thread.
+        assert_eq!(threads_for(15, MIN_JWTS_PER_THREAD, 8), 1);
+        assert_eq!(threads_for(16, MIN_JWTS_PER_THREAD, 8), 2);
+        assert_eq!(threads_for(100, MIN_JWTS_PER_THREAD, 2), 2);
+        assert_eq!(threads_for(100, 0, 2), 2, "a zero share is taken as one");
     }
 
     /// Every item comes back once, in request order, whatever the number of threads (also more
