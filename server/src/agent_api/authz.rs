@@ -34,12 +34,129 @@
 //!
 //! Entries that expire leave the set at the first advance after their expiry.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
 use crate::datastore::{ChangeKind, DataStore, DataStoreError, RegistrationEntry, Result};
+
+/// The hasher of the per-agent maps: keyed by entry and SPIFFE IDs, looked up once or twice per
+/// entry of every agent's set (SipHash was 6.6 % of a full sync's profile, issue 7).
+type Fast = foldhash::fast::RandomState;
+
+/// Hashed and compared by one field of the entry it holds, and looked up by a borrow of that
+/// field: a per-agent map keyed by it holds a pointer to the entry the store's index shares,
+/// not a copy of the ID (issue 7: the copies were about 390 B per entry per agent, and their
+/// allocation a good part of a full sync).
+macro_rules! entry_key {
+    ($(#[$doc:meta])* $name:ident, $field:ident, $ty:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        struct $name(Arc<RegistrationEntry>);
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.$field == other.0.$field
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl Hash for $name {
+            fn hash<H: Hasher>(&self, state: &mut H) {
+                // The same as the hash of the borrowed form, as `Borrow` requires.
+                let key: &$ty = &self.0.$field;
+                key.hash(state);
+            }
+        }
+
+        impl Borrow<$ty> for $name {
+            fn borrow(&self) -> &$ty {
+                &self.0.$field
+            }
+        }
+    };
+}
+
+entry_key!(
+    /// An authorized entry, keyed by its entry ID.
+    ById, id, str
+);
+entry_key!(
+    /// A SPIFFE ID carried by authorized entries, held through one of them (any: they all carry
+    /// it). It may be an older version of an entry that has changed since (same SPIFFE ID); it
+    /// is let go when the ID leaves the map.
+    BySpiffeId, spiffe_id, SpiffeId
+);
+entry_key!(
+    /// A parent ID of authorized entries, held through one of them (as [`BySpiffeId`]).
+    ByParentId, parent_id, SpiffeId
+);
+
+/// The entries of an [`AuthorizedSet`]: each held once, shared with the store's entry index,
+/// keyed by entry ID. In no order; [`Self::sorted`] gives them by ID.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuthorizedEntries(HashSet<ById, Fast>);
+
+impl AuthorizedEntries {
+    /// The entry with this ID.
+    pub(crate) fn get(&self, id: &str) -> Option<&Arc<RegistrationEntry>> {
+        self.0.get(id).map(|entry| &entry.0)
+    }
+
+    /// Whether the entry with this ID is held.
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+
+    /// How many entries it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The entries, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
+        self.0.iter().map(|entry| &entry.0)
+    }
+
+    /// The entries, ordered by ID.
+    pub(crate) fn sorted(&self) -> Vec<&Arc<RegistrationEntry>> {
+        let mut entries: Vec<&Arc<RegistrationEntry>> = self.iter().collect();
+        entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        entries
+    }
+
+    /// Adds `entry`; `false` (and nothing changed) when its ID is held already.
+    fn insert(&mut self, entry: Arc<RegistrationEntry>) -> bool {
+        if self.0.contains(entry.id.as_str()) {
+            return false;
+        }
+        self.0.insert(ById(entry))
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
+        self.0.take(id).map(|entry| entry.0)
+    }
+
+    /// The entries by ID, compared by value (tests).
+    #[cfg(test)]
+    pub(crate) fn to_map(&self) -> BTreeMap<String, Arc<RegistrationEntry>> {
+        self.iter().map(|entry| (entry.id.clone(), Arc::clone(entry))).collect()
+    }
+}
+
+impl FromIterator<Arc<RegistrationEntry>> for AuthorizedEntries {
+    fn from_iter<I: IntoIterator<Item = Arc<RegistrationEntry>>>(entries: I) -> Self {
+        let mut set = Self::default();
+        for entry in entries {
+            set.insert(entry);
+        }
+        set
+    }
+}
 
 /// Most parent levels followed below the roots.
 pub(crate) const MAX_DEPTH: usize = 32;
@@ -82,7 +199,7 @@ pub(crate) fn authorized_entries(
     agent: &AgentIdentity,
     now: u64,
 ) -> Result<BTreeMap<String, Arc<RegistrationEntry>>> {
-    Ok(AuthorizedSet::compute(store, server_id, agent, now)?.entries)
+    Ok(AuthorizedSet::compute(store, server_id, agent, now)?.entries.to_map())
 }
 
 /// Changes log entries read per page while advancing.
@@ -103,6 +220,17 @@ impl SetChange {
         match self {
             Self::Upsert(entry) => entry.revision,
             Self::Delete { revision, .. } => *revision,
+        }
+    }
+
+    fn is_delete(&self) -> bool {
+        matches!(self, Self::Delete { .. })
+    }
+
+    fn entry_id(&self) -> &str {
+        match self {
+            Self::Upsert(entry) => &entry.id,
+            Self::Delete { entry_id, .. } => entry_id,
         }
     }
 }
@@ -177,18 +305,18 @@ pub(crate) struct AuthorizedSet {
     revision: u64,
     /// The entries as the store hands them out: with the sled store, the `Arc`s of its entry
     /// index, so N agents' sets hold N pointers to one copy of an entry, not N copies.
-    entries: BTreeMap<String, Arc<RegistrationEntry>>,
+    entries: AuthorizedEntries,
     /// The roots: the agent's ID and its matching node aliases' SPIFFE IDs (depth 0).
-    roots: HashSet<SpiffeId>,
+    roots: HashSet<SpiffeId, Fast>,
     /// Entry IDs of the matching node aliases.
-    alias_ids: HashSet<String>,
+    alias_ids: HashSet<String, Fast>,
     /// The earliest expiry of a matching node alias (its children leave with it).
     alias_expiry: Option<u64>,
     /// For each SPIFFE ID carried by authorized entries: how many carry it at each depth
     /// (the depth of an entry is its parent's plus one). The ID's depth is the least.
-    depths: HashMap<SpiffeId, Depths>,
+    depths: HashMap<BySpiffeId, Depths, Fast>,
     /// Authorized entries per parent ID.
-    children: HashMap<SpiffeId, usize>,
+    children: HashMap<ByParentId, usize, Fast>,
     /// (expiry, entry ID) of the authorized entries that expire.
     expiries: BTreeSet<(u64, String)>,
     /// Authorized entries per trust domain they federate with.
@@ -210,12 +338,12 @@ impl AuthorizedSet {
         let mut set = Self {
             identity: agent.clone(),
             revision,
-            entries: BTreeMap::new(),
-            roots: HashSet::new(),
-            alias_ids: HashSet::new(),
+            entries: AuthorizedEntries::default(),
+            roots: HashSet::default(),
+            alias_ids: HashSet::default(),
             alias_expiry: None,
-            depths: HashMap::new(),
-            children: HashMap::new(),
+            depths: HashMap::default(),
+            children: HashMap::default(),
             expiries: BTreeSet::new(),
             federated: BTreeMap::new(),
             reads: 0,
@@ -246,16 +374,16 @@ impl AuthorizedSet {
             set.reads += children.len() as u64;
             frontier = Vec::new();
             // Siblings come together: the depth of their parent is looked up once per run.
-            let mut parent_depth: Option<(SpiffeId, usize)> = None;
+            let mut parent_depth: Option<(Arc<RegistrationEntry>, usize)> = None;
             for child in children {
                 if child.is_expired(now) {
                     continue;
                 }
                 let depth = match &parent_depth {
-                    Some((parent, depth)) if *parent == child.parent_id => *depth,
+                    Some((sibling, depth)) if sibling.parent_id == child.parent_id => *depth,
                     _ => {
                         let depth = set.depth(&child.parent_id).map_or(1, |d| d + 1);
-                        parent_depth = Some((child.parent_id.clone(), depth));
+                        parent_depth = Some((Arc::clone(&child), depth));
                         depth
                     }
                 };
@@ -282,7 +410,7 @@ impl AuthorizedSet {
     }
 
     /// The authorized entries, by entry ID.
-    pub(crate) fn entries(&self) -> &BTreeMap<String, Arc<RegistrationEntry>> {
+    pub(crate) fn entries(&self) -> &AuthorizedEntries {
         &self.entries
     }
 
@@ -290,6 +418,25 @@ impl AuthorizedSet {
     #[cfg(test)]
     pub(crate) fn reads(&self) -> u64 {
         self.reads
+    }
+
+    /// What the set keeps beside its entries, in a comparable form (tests: a set moved forward
+    /// change by change keeps exactly what a computed one does). The keys of the ID maps are
+    /// checked to carry the ID of an entry of the set.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    fn bookkeeping(
+        &self,
+    ) -> (BTreeMap<SpiffeId, usize>, BTreeMap<SpiffeId, usize>, Vec<(u64, String)>, BTreeMap<TrustDomain, usize>) {
+        for key in self.depths.keys() {
+            assert!(self.entries.iter().any(|e| e.spiffe_id == key.0.spiffe_id), "a depth key no entry carries");
+        }
+        for key in self.children.keys() {
+            assert!(self.entries.iter().any(|e| e.parent_id == key.0.parent_id), "a parent key no entry has");
+        }
+        let depths = self.depths.iter().filter_map(|(id, d)| Some((id.0.spiffe_id.clone(), d.least()?))).collect();
+        let children = self.children.iter().map(|(id, n)| (id.0.parent_id.clone(), *n)).collect();
+        (depths, children, self.expiries.iter().cloned().collect(), self.federated.clone())
     }
 
     /// The trust domains other than `own` that authorized entries federate with, sorted.
@@ -310,7 +457,7 @@ impl AuthorizedSet {
     /// datastore read (see [`super::feed`]). Judged on the set as it stands: a batch of changes
     /// none of which concerns the set leaves it as it is.
     pub(crate) fn concerns(&self, server_id: &SpiffeId, entry_id: &str, entry: Option<&RegistrationEntry>) -> bool {
-        if self.entries.contains_key(entry_id) || self.alias_ids.contains(entry_id) {
+        if self.entries.contains(entry_id) || self.alias_ids.contains(entry_id) {
             return true;
         }
         match entry {
@@ -336,19 +483,19 @@ impl AuthorizedSet {
 
     /// Adds an authorized entry at `depth` (nothing if its ID is in the set already).
     fn insert(&mut self, entry: Arc<RegistrationEntry>, depth: usize) {
-        let std::collections::btree_map::Entry::Vacant(slot) = self.entries.entry(entry.id.clone()) else {
+        if !self.entries.insert(Arc::clone(&entry)) {
             return;
-        };
+        }
         match self.depths.get_mut(&entry.spiffe_id) {
             Some(depths) => depths.add(depth),
             None => {
-                self.depths.insert(entry.spiffe_id.clone(), Depths::One { depth, count: 1 });
+                self.depths.insert(BySpiffeId(Arc::clone(&entry)), Depths::One { depth, count: 1 });
             }
         }
         match self.children.get_mut(&entry.parent_id) {
             Some(count) => *count += 1,
             None => {
-                self.children.insert(entry.parent_id.clone(), 1);
+                self.children.insert(ByParentId(Arc::clone(&entry)), 1);
             }
         }
         if let Some(at) = entry.expires_at {
@@ -357,7 +504,6 @@ impl AuthorizedSet {
         for td in &entry.federates_with {
             *self.federated.entry(td.clone()).or_default() += 1;
         }
-        slot.insert(entry);
     }
 
     fn remove(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
@@ -557,23 +703,21 @@ impl AuthorizedSet {
 }
 
 /// The changes that turn `old` into `new` (at `revision`), in revision order.
-pub(crate) fn diff(
-    revision: u64,
-    old: &BTreeMap<String, Arc<RegistrationEntry>>,
-    new: &BTreeMap<String, Arc<RegistrationEntry>>,
-) -> Vec<SetChange> {
+pub(crate) fn diff(revision: u64, old: &AuthorizedEntries, new: &AuthorizedEntries) -> Vec<SetChange> {
     let mut changes: Vec<SetChange> = Vec::new();
-    for (id, entry) in new {
-        if old.get(id) != Some(entry) {
+    for entry in new.iter() {
+        if old.get(&entry.id) != Some(entry) {
             changes.push(SetChange::Upsert(Arc::clone(entry)));
         }
     }
-    for id in old.keys() {
-        if !new.contains_key(id) {
-            changes.push(SetChange::Delete { entry_id: id.clone(), revision });
+    for entry in old.iter() {
+        if !new.contains(&entry.id) {
+            changes.push(SetChange::Delete { entry_id: entry.id.clone(), revision });
         }
     }
-    changes.sort_by_key(SetChange::revision);
+    // Revision order; at one revision, upserts before deletions, each by entry ID.
+    changes
+        .sort_by(|a, b| (a.revision(), a.is_delete(), a.entry_id()).cmp(&(b.revision(), b.is_delete(), b.entry_id())));
     changes
 }
 
@@ -667,13 +811,17 @@ mod tests {
             node_selectors: [Selector::new("spiffe_id", agent.as_str()).unwrap()].into_iter().collect(),
         };
         let mut set = AuthorizedSet::compute(&store, &server, &identity, 50).unwrap();
-        let mut held = set.entries().clone();
+        let mut held = set.entries().to_map();
         let mut check = |set: &mut AuthorizedSet, store: &MemoryDataStore, now: u64, what: &str| {
             let changes = set.advance(store, &server, now).unwrap();
             replay(&mut held, changes);
             let expected = authorized_entries(store, &server, &identity, now).unwrap();
-            assert_eq!(ids(set.entries()), ids(&expected), "after {what}");
-            assert_eq!(set.entries(), &expected, "after {what}");
+            assert_eq!(ids(&set.entries().to_map()), ids(&expected), "after {what}");
+            assert_eq!(set.entries().to_map(), expected, "after {what}");
+            assert_eq!(
+                set.bookkeeping(),
+                AuthorizedSet::compute(store, &server, &identity, now).unwrap().bookkeeping()
+            );
             assert_eq!(&held, &expected, "the agent's copy after {what}");
             assert_eq!(set.revision(), store.current_revision().unwrap(), "after {what}");
         };
@@ -861,7 +1009,7 @@ mod tests {
         for _round in 0..rounds {
             let store = open();
             let mut set = AuthorizedSet::compute(&store, &server, &identity, 10).unwrap();
-            let mut held = set.entries().clone();
+            let mut held = set.entries().to_map();
             for step in 0..60 {
                 let entry_id = format!("e{}", next(12));
                 let now = 10 + (step as u64) / 10;
@@ -900,11 +1048,12 @@ mod tests {
                         changes.is_empty(),
                         "changes that concern no one changed the set, step {step}: {changes:?}"
                     );
-                    assert_eq!(passed.entries(), set.entries());
+                    assert_eq!(passed.entries().to_map(), set.entries().to_map());
                 }
-                assert_eq!(computed.entries(), &expected, "computed set, step {step}");
+                assert_eq!(computed.entries().to_map(), expected, "computed set, step {step}");
                 replay(&mut held, set.advance(&store, &server, now).unwrap());
-                assert_eq!(set.entries(), &expected, "advanced set, step {step}");
+                assert_eq!(set.entries().to_map(), expected, "advanced set, step {step}");
+                assert_eq!(set.bookkeeping(), computed.bookkeeping(), "advanced set's bookkeeping, step {step}");
                 assert_eq!(held, expected, "the agent's copy, step {step}");
             }
         }

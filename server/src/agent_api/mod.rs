@@ -693,7 +693,9 @@ mod tests {
         let cache = AuthorizedCache::default();
         let ids = |identity: &AgentIdentity| {
             cache
-                .with_current(&store, &server_id, identity, 0, |set| set.entries().keys().cloned().collect::<Vec<_>>())
+                .with_current(&store, &server_id, identity, 0, |set| {
+                    set.entries().sorted().iter().map(|e| e.id.clone()).collect::<Vec<_>>()
+                })
                 .unwrap()
         };
         assert!(ids(&identity).is_empty());

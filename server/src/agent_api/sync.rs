@@ -27,7 +27,6 @@
 //! because the server does not know which entries the agent held at that revision (see the
 //! module docs of `agent_api`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -38,7 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::auth::{AuthenticatedAgent, HeldNode, recheck};
-use super::authz::{AgentIdentity, AuthorizedSet, SetChange, diff};
+use super::authz::{AgentIdentity, AuthorizedEntries, AuthorizedSet, SetChange, diff};
 use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
 use super::feed::ChangeFeed;
 use crate::ca::TaintedAuthorities;
@@ -315,9 +314,9 @@ async fn resend_bundles_if_changed(
     Ok(key)
 }
 
-async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, Arc<RegistrationEntry>>) -> Result<(), Stop> {
-    let entries: Vec<&RegistrationEntry> = set.values().map(|entry| &**entry).collect();
-    let pages: Vec<&[&RegistrationEntry]> =
+async fn send_snapshot(tx: &Sender, revision: u64, set: &AuthorizedEntries) -> Result<(), Stop> {
+    let entries: Vec<&Arc<RegistrationEntry>> = set.sorted();
+    let pages: Vec<&[&Arc<RegistrationEntry>]> =
         if entries.is_empty() { vec![&[]] } else { entries.chunks(PAGE_SIZE).collect() };
     let last = pages.len().saturating_sub(1);
     for (index, page) in pages.into_iter().enumerate() {
@@ -337,11 +336,7 @@ async fn send_snapshot(tx: &Sender, revision: u64, set: &BTreeMap<String, Arc<Re
 
 /// The events that turn `old` into `new`, in revision order.
 #[cfg(test)]
-pub(crate) fn diff_events(
-    revision: u64,
-    old: &BTreeMap<String, Arc<RegistrationEntry>>,
-    new: &BTreeMap<String, Arc<RegistrationEntry>>,
-) -> Vec<Event> {
+pub(crate) fn diff_events(revision: u64, old: &AuthorizedEntries, new: &AuthorizedEntries) -> Vec<Event> {
     diff(revision, old, new).into_iter().map(change_event).collect()
 }
 
@@ -399,10 +394,12 @@ mod tests {
 
     #[test]
     fn diff_sends_changes_in_revision_order() {
-        let old: BTreeMap<_, _> =
-            [("a", 1), ("b", 2), ("c", 3)].map(|(id, r)| (id.to_owned(), Arc::new(entry(id, r)))).into();
-        let new: BTreeMap<_, _> =
-            [("a", 1), ("c", 7), ("d", 5)].map(|(id, r)| (id.to_owned(), Arc::new(entry(id, r)))).into();
+        let old: AuthorizedEntries =
+            [("a", 1), ("b", 2), ("c", 3), ("e", 4)].map(|(id, r)| Arc::new(entry(id, r))).into_iter().collect();
+        let new: AuthorizedEntries = [("a", 1), ("c", 7), ("d", 5), ("f", 5), ("e", 8)]
+            .map(|(id, r)| Arc::new(entry(id, r)))
+            .into_iter()
+            .collect();
         let events = diff_events(8, &old, &new);
         let summary: Vec<String> = events
             .iter()
@@ -412,7 +409,8 @@ mod tests {
                 _ => "?".into(),
             })
             .collect();
-        assert_eq!(summary, vec!["+d@5", "+c@7", "-b@8"]);
+        // At one revision: upserts, then deletions, each by entry ID.
+        assert_eq!(summary, vec!["+d@5", "+f@5", "+c@7", "+e@8", "-b@8"]);
         assert!(diff_events(8, &new, &new).is_empty());
     }
 }
