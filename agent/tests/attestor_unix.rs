@@ -102,7 +102,7 @@ fn attests_the_test_process_itself() {
     let pinned = PeerProcess::open(&peer).unwrap();
     assert!(pinned.has_pidfd(), "this kernel should have pidfd_open (Linux 5.3+)");
     assert_eq!(pinned.status().effective_uid(), peer.uid);
-    assert!(pinned.start_time() > 0);
+    assert_eq!(pinned.start_time(), None, "a pidfd pins the process without its start time");
 }
 
 #[test]
@@ -147,6 +147,37 @@ fn an_exec_after_attestation_fails_verification() {
     eventually("the shell has exec'd sleep", || exe_of(peer.pid) != shell);
     let err = attestation.verify_still_same().unwrap_err();
     assert!(matches!(err, AttestError::ProcessChanged { change: ProcessChange::Executable, .. }), "{err}");
+    assert!(err.is_caller_gone());
+}
+
+/// A process that changes its ids after attestation, without an `execve` (so its executable,
+/// and its pidfd, are the same): the re-read of `/proc/<pid>/status` refuses it. Changing ids
+/// needs root; as any other user the test only checks that the unchanged process verifies.
+#[test]
+fn a_change_of_ids_after_attestation_fails_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // perl (Essential in Debian) sets the effective gid and groups, then the effective uid,
+    // once `go` exists; `$)` and `$>` call setgroups/setegid and seteuid in this process.
+    let script = format!(
+        "until (-e '{}') {{ select(undef, undef, undef, 0.01) }} $) = '65534 65534'; $> = 65534; sleep 30",
+        go.display()
+    );
+    let child = Reaped(spawn("perl", &["-e", &script]));
+    let peer = child_peer(&child.0);
+    let attestor = UnixAttestor::new(&UnixAttestorConfig { max_sha256_file_size: 0, ..Default::default() });
+    let attestation = attestor.attest_blocking(&peer).unwrap();
+    attestation.verify_still_same().unwrap();
+    if !rustix::process::getuid().is_root() {
+        eprintln!("not root: the change of ids is skipped");
+        return;
+    }
+    std::fs::write(&go, b"").unwrap();
+    eventually("the child has changed its ids", || {
+        std::fs::read_to_string(format!("/proc/{}/status", peer.pid)).unwrap().contains("Uid:\t0\t65534\t")
+    });
+    let err = attestation.verify_still_same().unwrap_err();
+    assert!(matches!(err, AttestError::ProcessChanged { change: ProcessChange::Credentials, .. }), "{err}");
     assert!(err.is_caller_gone());
 }
 

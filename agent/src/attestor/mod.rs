@@ -25,8 +25,11 @@
 //! - an open **`/proc/<pid>` directory**, read through with `openat`: such a handle stays bound
 //!   to the process it was opened for, and answers `ENOENT` after that process is gone, even
 //!   if the pid is reused (this is the fallback pin when `pidfd_open` is unavailable);
-//! - the **start time** (field 22 of `/proc/<pid>/stat`), which a reused pid cannot share;
-//! - the **uids, gids and supplementary groups** of `/proc/<pid>/status`.
+//! - without a pidfd only, the **start time** (field 22 of `/proc/<pid>/stat`), which a reused
+//!   pid cannot share (with a pidfd it adds nothing: a pidfd that has not polled readable
+//!   proves the pid was not reused);
+//! - the **uids, gids and supplementary groups** of `/proc/<pid>/status`, whose file stays open
+//!   for the re-check.
 //!
 //! When pinning, the process's effective uid and gid must equal the socket's peer credentials,
 //! otherwise [`AttestError::CredentialsMismatch`]. That closes most of the one window the pin
@@ -38,9 +41,12 @@
 //!
 //! After attestation and **before answering**, the caller runs
 //! [`Attestation::verify_still_same`]: the pidfd must not have exited (or, without a pidfd,
-//! `stat` must not show a zombie), the start time and the credentials in `/proc/<pid>/status`
-//! must be unchanged, and `/proc/<pid>/exe` must still be the same file (an `execve` after
-//! attestation would otherwise give the new program the old one's selectors). Errors for which
+//! `stat` must not show a zombie nor another start time), the credentials in
+//! `/proc/<pid>/status` must be unchanged, and `/proc/<pid>/exe` must still be the same file
+//! (an `execve` after attestation would otherwise give the new program the old one's
+//! selectors). With a pidfd that is three system calls (`pread`, `statx`, `poll`); what each
+//! read proves, and why nothing else is read, is in `docs/security-model.md` ("Pinning a
+//! caller"). Errors for which
 //! [`AttestError::is_caller_gone`] holds mean "the caller exited or its pid was reused": the
 //! Workload API answers `Unavailable` then.
 //!

@@ -29,26 +29,36 @@ static PIDFD_UNAVAILABLE_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// A caller's process, pinned: see the [module docs](super) for why and how.
 ///
-/// Holds a pidfd (when the kernel has them), an open `/proc/<pid>` directory, its open `stat`
-/// and `status` files, the start time, the credentials of `/proc/<pid>/status` and, once the
-/// executable was looked at, its [`FileKey`]. That is up to four file descriptors: drop it once
-/// the caller has been answered.
+/// Holds a pidfd (when the kernel has them), an open `/proc/<pid>` directory, its open `status`
+/// file, the credentials read from it and, once the executable was looked at, its
+/// [`FileKey`]. Without a pidfd it also holds the open `stat` file and the start time. That is
+/// three file descriptors (four in the fallback): drop it once the caller has been answered.
 ///
-/// `stat` and `status` stay open because re-reading an open procfs file from offset 0
-/// regenerates it, and skipping `openat` and `close` saves about a third of the cost of
-/// [`verify_still_same`](Self::verify_still_same). Files opened under `/proc/<pid>` stay bound
-/// to the process they were opened for, like the directory (reads answer `ESRCH` once it has
-/// been reaped).
+/// `status` (and `stat`) stay open because re-reading an open procfs file from offset 0
+/// regenerates it, which skips an `openat` and a `close` per re-read. Files opened under
+/// `/proc/<pid>` stay bound to the process they were opened for, like the directory (reads
+/// answer `ESRCH` once it has been reaped, even if the pid has been given to another process).
 #[derive(Debug)]
 pub struct PeerProcess {
     pid: u32,
-    pidfd: Option<OwnedFd>,
+    liveness: Liveness,
     dir: OwnedFd,
-    stat_file: File,
     status_file: File,
-    start_time: u64,
     status: ProcStatus,
     exe: Option<FileKey>,
+}
+
+/// How a [`PeerProcess`] tells that its process is still the live caller.
+#[derive(Debug)]
+enum Liveness {
+    /// A pidfd: it names one process for good and polls readable once that process has exited
+    /// (a zombie included). A live pidfd proves that the pid was not reused, so the start time
+    /// is neither read nor compared (see `docs/security-model.md`, "Pinning a caller").
+    Pidfd(OwnedFd),
+    /// No pidfd (a kernel before 5.3, or a seccomp filter): the open `stat` file, bound to the
+    /// process like the directory, shows a zombie in its state field; the start time read when
+    /// pinning is compared again as a second guard against a reused pid.
+    StartTime { stat_file: File, start_time: u64 },
 }
 
 impl PeerProcess {
@@ -70,10 +80,16 @@ impl PeerProcess {
             Mode::empty(),
         )
         .map_err(|e| errno(pid, || format!("/proc/{pid}"), e))?;
-        let stat_file = open_proc_file(&dir, pid, "stat")?;
-        let status_file = open_proc_file(&dir, pid, "status")?;
         let mut buffer = Vec::with_capacity(BUFFER);
-        let stat = read_stat(&stat_file, pid, &mut buffer)?;
+        let (liveness, stat) = match pidfd {
+            Some(pidfd) => (Liveness::Pidfd(pidfd), None),
+            None => {
+                let stat_file = open_proc_file(&dir, pid, "stat")?;
+                let stat = read_stat(&stat_file, pid, &mut buffer)?;
+                (Liveness::StartTime { stat_file, start_time: stat.start_time }, Some(stat))
+            }
+        };
+        let status_file = open_proc_file(&dir, pid, "status")?;
         let status = read_status(&status_file, pid, &mut buffer)?;
         if (status.effective_uid(), status.effective_gid()) != (peer.uid, peer.gid) {
             return Err(AttestError::CredentialsMismatch {
@@ -84,10 +100,10 @@ impl PeerProcess {
                 proc_gid: status.effective_gid(),
             });
         }
-        let process = Self { pid, pidfd, dir, stat_file, status_file, start_time: stat.start_time, status, exe: None };
+        let process = Self { pid, liveness, dir, status_file, status, exe: None };
         // The pidfd was opened before /proc/<pid>: if its process is still alive after the
         // reads, the pid was not reused meanwhile and everything read is that process's.
-        process.check_alive(&stat)?;
+        process.check_alive(stat.as_ref())?;
         Ok(process)
     }
 
@@ -99,12 +115,16 @@ impl PeerProcess {
     /// True when the process is pinned by a pidfd (kernel 5.3 or later), not only by
     /// `/proc/<pid>` and its start time.
     pub fn has_pidfd(&self) -> bool {
-        self.pidfd.is_some()
+        matches!(self.liveness, Liveness::Pidfd(_))
     }
 
-    /// Field 22 of `/proc/<pid>/stat` when pinned, in clock ticks since boot.
-    pub fn start_time(&self) -> u64 {
-        self.start_time
+    /// Field 22 of `/proc/<pid>/stat` when pinned, in clock ticks since boot; `None` when the
+    /// process is pinned by a pidfd, which needs no start time.
+    pub fn start_time(&self) -> Option<u64> {
+        match self.liveness {
+            Liveness::Pidfd(_) => None,
+            Liveness::StartTime { start_time, .. } => Some(start_time),
+        }
     }
 
     /// The credentials read from `/proc/<pid>/status` when pinned.
@@ -114,13 +134,22 @@ impl PeerProcess {
 
     /// Checks that the pid still names the pinned process, alive, with the same credentials
     /// and (if it was looked at) the same executable.
+    ///
+    /// With a pidfd that is `pread` of the open `status`, `statx` of `exe` (when pinned) and a
+    /// poll of the pidfd: three system calls. Without one, `stat` is read again as well.
     pub fn verify_still_same(&self) -> Result<(), AttestError> {
         let pid = self.pid;
         let mut buffer = Vec::with_capacity(BUFFER);
-        let stat = read_stat(&self.stat_file, pid, &mut buffer)?;
-        if stat.start_time != self.start_time {
-            return Err(AttestError::ProcessChanged { pid, change: ProcessChange::StartTime });
-        }
+        let stat = match &self.liveness {
+            Liveness::Pidfd(_) => None,
+            Liveness::StartTime { stat_file, start_time } => {
+                let stat = read_stat(stat_file, pid, &mut buffer)?;
+                if stat.start_time != *start_time {
+                    return Err(AttestError::ProcessChanged { pid, change: ProcessChange::StartTime });
+                }
+                Some(stat)
+            }
+        };
         if read_status(&self.status_file, pid, &mut buffer)? != self.status {
             return Err(AttestError::ProcessChanged { pid, change: ProcessChange::Credentials });
         }
@@ -130,15 +159,19 @@ impl PeerProcess {
             return Err(AttestError::ProcessChanged { pid, change: ProcessChange::Executable });
         }
         // Last, so that a live process proves every read above was of this process.
-        self.check_alive(&stat)
+        self.check_alive(stat.as_ref())
     }
 
     /// Fails with [`AttestError::ProcessGone`] when the process has exited (a zombie counts as
-    /// exited: its socket may live on in a child, but it is no longer the caller).
-    fn check_alive(&self, stat: &ProcStat) -> Result<(), AttestError> {
+    /// exited: its socket may live on in a child, but it is no longer the caller). `stat` is
+    /// the one just read in the fallback without a pidfd.
+    fn check_alive(&self, stat: Option<&ProcStat>) -> Result<(), AttestError> {
         let gone = AttestError::ProcessGone { pid: self.pid };
-        let Some(pidfd) = &self.pidfd else {
-            return if stat.has_exited() { Err(gone) } else { Ok(()) };
+        let pidfd = match &self.liveness {
+            Liveness::Pidfd(pidfd) => pidfd,
+            Liveness::StartTime { .. } => {
+                return if stat.is_none_or(ProcStat::has_exited) { Err(gone) } else { Ok(()) };
+            }
         };
         // A pidfd polls readable once the process (the whole thread group) has exited.
         let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
@@ -231,21 +264,32 @@ fn open_proc_file(dir: &OwnedFd, pid: u32, name: &str) -> Result<File, AttestErr
 
 /// Reads a whole procfs file into `buffer`, from offset 0 (which makes procfs regenerate it),
 /// without the `statx` and `lseek` that `read_to_end` spends on a size hint procfs does not give.
+///
+/// `stat` and `status` are generated whole on a read from offset 0 (one record of the kernel's
+/// `seq_file`), and a read that has room for all of it returns all of it: a read that leaves
+/// room and ends a line is the whole file, so the usual second read, the one answering 0 for
+/// end of file, is skipped. A file that fills the buffer is read again from offset 0 into one
+/// twice as large, so that its content comes from a single generation. A short read that does
+/// not end a line (which procfs does not give) is continued at its offset until end of file.
 fn read_proc_file(file: &File, pid: u32, name: &str, buffer: &mut Vec<u8>) -> Result<(), AttestError> {
     let path = || format!("/proc/{pid}/{name}");
     buffer.clear();
+    buffer.reserve(BUFFER);
     loop {
-        if buffer.len() == buffer.capacity() {
-            if buffer.len() >= MAX_PROC_FILE {
-                return Err(AttestError::Malformed { path: path(), reason: "larger than 1 MiB" });
-            }
-            buffer.reserve(buffer.len().max(BUFFER));
-        }
+        let room = buffer.capacity() - buffer.len();
         let offset = buffer.len() as u64;
         match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut *buffer), offset) {
             Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(Errno::INTR) => {}
+            Ok(read) if read < room && buffer.ends_with(b"\n") => return Ok(()),
+            Ok(_) if buffer.len() == buffer.capacity() => {
+                let capacity = buffer.capacity();
+                if capacity >= MAX_PROC_FILE {
+                    return Err(AttestError::Malformed { path: path(), reason: "larger than 1 MiB" });
+                }
+                buffer.clear();
+                buffer.reserve(capacity * 2);
+            }
+            Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(errno(pid, path, e)),
         }
     }
@@ -405,12 +449,100 @@ mod tests {
         };
         let pinned = PeerProcess::open_with(&peer, false).unwrap();
         assert!(!pinned.has_pidfd());
+        assert!(pinned.start_time().is_some_and(|ticks| ticks > 0));
         pinned.verify_still_same().unwrap();
         child.kill().unwrap();
         eventually(|| pinned.verify_still_same().is_err());
         assert!(matches!(pinned.verify_still_same(), Err(AttestError::ProcessGone { .. })));
         child.wait().unwrap();
         assert!(matches!(pinned.verify_still_same(), Err(AttestError::ProcessGone { .. })));
+    }
+
+    /// A `sleep 30` child, once it runs `sleep` (not the forked test binary before its exec).
+    fn sleeper() -> (std::process::Child, PeerCredentials) {
+        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let test_binary = std::env::current_exe().unwrap();
+        let exe = format!("/proc/{}/exe", child.id());
+        eventually(|| std::fs::read_link(&exe).is_ok_and(|path| path != test_binary));
+        let peer = PeerCredentials {
+            pid: child.id(),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        };
+        (child, peer)
+    }
+
+    /// The race a pidfd closes: it was opened for process P, P exited and was reaped, and
+    /// `/proc/<pid>` now names another process Q. Everything read through the directory is Q's,
+    /// and Q is alive, so only the pidfd can tell; `verify_still_same` must refuse as soon as P
+    /// is gone, without a start time to compare.
+    #[test]
+    fn a_pin_whose_pidfd_process_exited_is_refused_even_if_the_pid_names_a_live_process() {
+        let (mut first, first_peer) = sleeper();
+        let (mut second, second_peer) = sleeper();
+        let first_pidfd = open_pidfd(Pid::from_raw(first_peer.pid as i32).unwrap(), first_peer.pid).unwrap().unwrap();
+        let mut reused = PeerProcess::open(&second_peer).unwrap();
+        reused.pin_executable().unwrap();
+        // The pin as if `/proc/<pid>` had been opened after the pid passed from P to Q.
+        reused.liveness = Liveness::Pidfd(first_pidfd);
+        reused.verify_still_same().unwrap();
+        first.kill().unwrap();
+        first.wait().unwrap();
+        assert!(matches!(reused.verify_still_same(), Err(AttestError::ProcessGone { .. })));
+        // Q itself is still fine, through its own pin.
+        PeerProcess::open(&second_peer).unwrap().verify_still_same().unwrap();
+        second.kill().unwrap();
+        second.wait().unwrap();
+    }
+
+    /// `status` is kept open and read again with `pread` at offset 0: the second read sees the
+    /// process as it is then, not a copy of the first.
+    #[test]
+    fn the_kept_status_file_is_read_afresh() {
+        let (mut child, peer) = sleeper();
+        let pinned = PeerProcess::open(&peer).unwrap();
+        let mut buffer = Vec::new();
+        read_proc_file(&pinned.status_file, peer.pid, "status", &mut buffer).unwrap();
+        assert!(buffer.starts_with(b"Name:\tsleep\n"), "{}", String::from_utf8_lossy(&buffer));
+        child.kill().unwrap();
+        eventually(|| {
+            read_proc_file(&pinned.status_file, peer.pid, "status", &mut buffer).unwrap();
+            buffer.windows(10).any(|w| w == b"State:\tZ (")
+        });
+        child.wait().unwrap();
+        // Reaped: the file stays bound to the process that is gone.
+        let err = read_proc_file(&pinned.status_file, peer.pid, "status", &mut buffer).unwrap_err();
+        assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
+    }
+
+    /// The read of a whole file, with regular files standing in for procfs: one that fills the
+    /// first buffer is read again from the start into a larger one, one without a final newline
+    /// is read to end of file, and one over the limit is refused.
+    #[test]
+    fn whole_files_are_read_and_large_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buffer = Vec::new();
+        let lines: Vec<u8> = (0..2000).flat_map(|i| format!("Line{i}:\t{i}\n").into_bytes()).collect();
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("short", b"Uid:\t0\t0\t0\t0\n".to_vec()),
+            ("exact", vec![b'\n'; BUFFER]),
+            ("large", lines),
+            ("unterminated", vec![b'x'; BUFFER + 17]),
+            ("empty", Vec::new()),
+        ];
+        for (name, content) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &content).unwrap();
+            let file = File::open(&path).unwrap();
+            read_proc_file(&file, 7, name, &mut buffer).unwrap();
+            assert!(buffer == content, "{name}: read {} of {} bytes", buffer.len(), content.len());
+        }
+        let path = dir.path().join("huge");
+        std::fs::write(&path, vec![b'\n'; MAX_PROC_FILE + 1]).unwrap();
+        let err = read_proc_file(&File::open(&path).unwrap(), 7, "status", &mut buffer).unwrap_err();
+        assert!(
+            matches!(err, AttestError::Malformed { ref path, reason: "larger than 1 MiB" } if path == "/proc/7/status")
+        );
     }
 
     #[test]
