@@ -437,7 +437,9 @@ fn server_hydrate(c: &mut Criterion) {
                 scope.spawn(move || {
                     for n in (w..HYDRATE_ENTRIES).step_by(64) {
                         let parent = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/agent/{}", n % 1000)).unwrap();
-                        store.create_entry(&workload_entry(&format!("h-{n:06}"), &parent, selectors.clone()).unwrap()).unwrap();
+                        store
+                            .create_entry(&workload_entry(&format!("h-{n:06}"), &parent, selectors.clone()).unwrap())
+                            .unwrap();
                     }
                 });
             }

@@ -1550,6 +1550,49 @@ mod tests {
         assert_index_is_the_store(&store, "after a delete past the restart");
     }
 
+    /// Hydration in chunks on several decoding threads loads exactly what one pass over the
+    /// `entries` tree in key order does, whatever the chunk size and the number of threads,
+    /// corrupt records (a garbage value, a key that is not UTF-8) included.
+    #[test]
+    fn hydration_in_chunks_on_several_threads_loads_what_one_pass_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let parents = ["spiffe://example.org/p0", "spiffe://example.org/p1", "spiffe://example.org/p2"];
+        for n in 0..40 {
+            let mut e = numbered_entry(n);
+            e.parent_id = id(parents[n % 3]);
+            store.create_entry(&e).unwrap();
+        }
+        store.delete_entry("e7").unwrap();
+        store.trees.entries.insert("e20", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        store.trees.entries.insert(&[0xff, 0x01][..], store.trees.entries.get("e3").unwrap().unwrap()).unwrap();
+        // One pass over the tree, in key order, on this thread.
+        let mut expected = BTreeMap::new();
+        for item in store.trees.entries.iter() {
+            let (key, bytes) = item.unwrap();
+            if let Ok(entry) = decode_entry(&key, &bytes) {
+                expected.insert(entry.id.clone(), entry);
+            }
+        }
+        assert_eq!(expected.len(), 38);
+        for (chunk, decoders) in [(1, 1), (1, 4), (3, 2), (7, 3), (16, 2), (39, 2), (40, 2), (41, 2), (1000, 2)] {
+            let index = store.hydrate_with(chunk, decoders).unwrap();
+            let what = format!("chunks of {chunk}, {decoders} decoders");
+            assert_eq!(index.revision(), 41, "{what}");
+            let loaded: BTreeMap<String, RegistrationEntry> =
+                index.iter().map(|e| (e.id.clone(), RegistrationEntry::clone(e))).collect();
+            assert_eq!(loaded, expected, "{what}");
+            assert!(index.has_corrupt(), "{what}");
+            assert!(index.get("e20").is_none(), "{what}");
+            for parent in parents {
+                let children: Vec<String> = index.children_of(&[id(parent)]).iter().map(|e| e.id.clone()).collect();
+                let wanted: Vec<String> =
+                    expected.values().filter(|e| e.parent_id.as_str() == parent).map(|e| e.id.clone()).collect();
+                assert_eq!(children, wanted, "{what}, children of {parent}");
+            }
+        }
+    }
+
     /// Commits an entry write in a transaction of its own, outside the writer (as a shared
     /// transaction does before its leader catches the index up).
     fn commit_unindexed(store: &SledDataStore, entry: &RegistrationEntry) -> u64 {

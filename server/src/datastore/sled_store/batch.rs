@@ -118,7 +118,7 @@ impl Trees {
                         entries,
                         entry_unique,
                         entry_by_parent,
-                            entry_by_selector,
+                        entry_by_selector,
                         entry_changes,
                         nodes,
                         node_by_selector,
