@@ -22,7 +22,7 @@
 //! - S8 `server/entry_write_single`, `server/entry_write_64way`: durable entry creation, one
 //!   writer and 64 writers at once (time per entry);
 //! - S9 `server/load_entries_10000`: reading an agent's 10,000 entries from the datastore, the
-//!   work behind its authorized set (the server keeps no index it would hydrate at start-up);
+//!   work behind its authorized set (by value: a clone of each out of the entry index);
 //! - S9 `server/cache_hydrate_100k`: opening a sled datastore of 100,000 entries (sled's
 //!   recovery, then loading every entry into the entry index), held to 100,000 entries at
 //!   the guide's 200,000 entries/s;
