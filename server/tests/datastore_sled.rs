@@ -82,6 +82,87 @@ fn everything_survives_a_reopen() {
     assert_eq!(store.create_entry(&entry("d", "new")).unwrap().revision, 5);
 }
 
+/// Opens the sled database of a closed store directly, waiting for the store's file lock to
+/// be released (sled's I/O threads may hold it a moment after the store is dropped).
+fn open_raw(path: &Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(err) if Instant::now() < deadline => {
+                assert!(err.to_string().contains("could not acquire lock"), "{err}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+}
+
+fn by_spiffe_id(store: &SledDataStore, spiffe_id: &str) -> Vec<RegistrationEntry> {
+    let filter = EntryFilter { spiffe_id: Some(id(spiffe_id)), ..EntryFilter::default() };
+    store.list_entries(&filter, &PageRequest::all()).unwrap().items
+}
+
+/// A store written in layout 1 (which also kept an `entry_by_spiffe_id` tree, SPIFFE ID `\0`
+/// entry ID) opens: the tree is dropped and the layout becomes 2, every entry is there,
+/// listings by SPIFFE ID answer from the entries' unique keys (a stale key of the old tree
+/// plays no part), and writes go on; opened again, it stays at layout 2.
+#[test]
+fn a_store_of_layout_1_is_migrated_at_open_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    let written = {
+        let store = open(&path);
+        let mut twin = entry("b2", "web");
+        twin.selectors = SelectorSet::parse_all(&["unix:uid:2000"]).unwrap();
+        vec![
+            store.create_entry(&entry("a", "web")).unwrap(),
+            store.create_entry(&twin).unwrap(),
+            store.create_entry(&entry("c", "db")).unwrap(),
+        ]
+    };
+    // Layout 1: the same trees plus `entry_by_spiffe_id`, and version byte 1.
+    {
+        let db = open_raw(&path);
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(meta.get("schema_version").unwrap().unwrap().as_ref(), [2]);
+        meta.insert("schema_version", &[1]).unwrap();
+        let old = db.open_tree("entry_by_spiffe_id").unwrap();
+        for e in &written {
+            old.insert(format!("{}\0{}", e.spiffe_id, e.id), &[]).unwrap();
+        }
+        old.insert("spiffe://example.org/ghost\0ghost", &[]).unwrap();
+        db.flush().unwrap();
+    }
+    {
+        let store = open(&path);
+        assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items, written);
+        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web"), written[..2]);
+        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/db"), written[2..]);
+        assert!(by_spiffe_id(&store, "spiffe://example.org/ghost").is_empty());
+        assert!(by_spiffe_id(&store, "spiffe://example.org/we").is_empty(), "a prefix of an ID is not the ID");
+        // Duplicates are still refused; creates, moves and deletes show in the listings.
+        assert!(matches!(store.create_entry(&entry("z", "web")), Err(DataStoreError::AlreadyExists { .. })));
+        let d = store.create_entry(&entry("d", "web/d")).unwrap();
+        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [d]);
+        let mut moved = entry("c", "web/d");
+        moved.selectors = SelectorSet::parse_all(&["unix:uid:3000"]).unwrap();
+        let moved = store.update_entry(&moved, None).unwrap();
+        assert!(by_spiffe_id(&store, "spiffe://example.org/db").is_empty());
+        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d").len(), 2);
+        store.delete_entry("d").unwrap();
+        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [moved]);
+    }
+    {
+        let db = open_raw(&path);
+        assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [2]);
+        assert!(!db.tree_names().iter().any(|name| name.as_ref() == b"entry_by_spiffe_id"), "the old tree is dropped");
+    }
+    let store = open(&path);
+    assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items.len(), 3);
+    assert_eq!(store.current_revision().unwrap(), 6);
+}
+
 #[test]
 fn a_store_open_elsewhere_is_refused_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();

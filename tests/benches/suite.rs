@@ -22,7 +22,10 @@
 //! - S8 `server/entry_write_single`, `server/entry_write_64way`: durable entry creation, one
 //!   writer and 64 writers at once (time per entry);
 //! - S9 `server/load_entries_10000`: reading an agent's 10,000 entries from the datastore, the
-//!   work behind its authorized set (the server keeps no index it would hydrate at start-up);
+//!   work behind its authorized set (by value: a clone of each out of the entry index);
+//! - S9 `server/cache_hydrate_100k`: opening a sled datastore of 100,000 entries (sled's
+//!   recovery, then loading every entry into the entry index), held to 100,000 entries at
+//!   the guide's 200,000 entries/s;
 //! - A1 `agent/attest_unix_child`, A2 `agent/attest_unix_child_sha256_hit`: the agent's unix
 //!   attestor against a real child process (hashing off; hashing on with the digest cached);
 //! - A3 `agent/wl_fetch_x509_warm`, A5 `agent/wl_fetch_jwt_cached`: the agent's Workload API
@@ -416,7 +419,42 @@ fn agent(c: &mut Criterion) {
     rt.block_on(deployment.shutdown()).unwrap();
 }
 
-criterion_group!(benches, limits, server, server_rpc, agent);
+/// Entries of the store S9's `server/cache_hydrate_100k` opens.
+const HYDRATE_ENTRIES: usize = 100_000;
+
+/// S9: opening a datastore of [`HYDRATE_ENTRIES`] entries under 1,000 agents (recovery and
+/// hydration of the entry index, as at server start-up).
+fn server_hydrate(c: &mut Criterion) {
+    use tessera_server::datastore::{DataStore, DataStoreOptions, SledDataStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    {
+        let store = SledDataStore::open(&path, DataStoreOptions::default()).unwrap();
+        let selectors = uid_selectors();
+        std::thread::scope(|scope| {
+            for w in 0..64 {
+                let (store, selectors) = (&store, selectors.clone());
+                scope.spawn(move || {
+                    for n in (w..HYDRATE_ENTRIES).step_by(64) {
+                        let parent = SpiffeId::parse(&format!("spiffe://{TRUST_DOMAIN}/agent/{}", n % 1000)).unwrap();
+                        store
+                            .create_entry(&workload_entry(&format!("h-{n:06}"), &parent, selectors.clone()).unwrap())
+                            .unwrap();
+                    }
+                });
+            }
+        });
+    }
+    let open = || SledDataStore::open(&path, DataStoreOptions::default()).unwrap();
+    assert_eq!(open().count_entries().unwrap(), HYDRATE_ENTRIES as u64);
+    let mut group = c.benchmark_group("server");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500));
+    // Each iteration opens the store and closes it again (closing is timed too).
+    group.bench_function("cache_hydrate_100k", |b| b.iter(open));
+    group.finish();
+}
+
+criterion_group!(benches, limits, server, server_rpc, server_hydrate, agent);
 
 /// Where criterion stored its estimates: `$CRITERION_HOME`, else `<target dir>/criterion`.
 fn criterion_dir() -> Option<PathBuf> {
@@ -498,6 +536,7 @@ fn print_ratios() {
     row("S8", "server/entry_write_single", "fsync", Some(fsync), Goal::AtLeast(0.50));
     row("S8", "server/entry_write_64way", "fsync", Some(fsync), Goal::AtLeast(10.0));
     row("S9", "server/load_entries_10000", "10k/(200k/s)", Some(1e9 * 1e4 / 2e5), Goal::AtMost(1.0));
+    row("S9", "server/cache_hydrate_100k", "100k/(200k/s)", Some(1e9 * 1e5 / 2e5), Goal::AtMost(1.0));
     // A1/A2 against the pinned reads the guide names ("with pidfd + stat"), which the
     // attestor makes; the bare reads stay the limit of the Workload API floors.
     row("A1", "agent/attest_unix_child", "pinned proc reads", pinned, Goal::AtMost(1.3));

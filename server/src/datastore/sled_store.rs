@@ -12,7 +12,6 @@
 //! | `entries` | entry ID | entry record |
 //! | `entry_unique` | SPIFFE ID `\0` parent ID (`\0` selector)* | entry ID |
 //! | `entry_by_parent` | parent ID `\0` entry ID | - |
-//! | `entry_by_spiffe_id` | SPIFFE ID `\0` entry ID | - |
 //! | `entry_by_selector` | selector `\0` entry ID | - |
 //! | `entry_changes` | big-endian revision | change record |
 //! | `nodes` | node SPIFFE ID | node record |
@@ -22,6 +21,18 @@
 //! | `ca_journal` | `journal` | journal record |
 //! | `jtis` | big-endian issuer length, issuer, JWT ID | expiry record |
 //! | `federation` | foreign trust domain name | relationship record (the bundle record layout: data + revision) |
+//!
+//! `entry_unique` doubles as the index by SPIFFE ID: its keys start with `<SPIFFE ID>\0`, so a
+//! prefix scan finds every entry with that SPIFFE ID (the values are the entry IDs).
+//!
+//! # Layout versions
+//!
+//! Version 1 also kept an `entry_by_spiffe_id` tree (SPIFFE ID `\0` entry ID), which repeated
+//! what `entry_unique` holds at the cost of one more key written per entry write (issue 7,
+//! S8). A version-1 store is migrated when it opens: the tree is dropped, then the version is
+//! set to 2 and flushed (a crash in between leaves version 1, and the next open drops the tree
+//! again). A build that knows only version 1 refuses a version-2 store, so an older build
+//! never reads a store whose SPIFFE ID index it would find empty.
 //!
 //! Records are encoded by `codec` (version byte + postcard). A record and its index keys
 //! are always written in one multi-tree transaction, so indexes never disagree with a
@@ -62,15 +73,20 @@ use super::types::{
 use super::{DataStore, Generations, Result, publish_revision};
 
 mod batch;
+mod hydrate;
 
 /// The layout version this build reads and writes (the `schema_version` key of `meta`).
-const SCHEMA_VERSION: u8 = 1;
+const SCHEMA_VERSION: u8 = 2;
+
+/// The layout version this build migrates at open (see the module docs).
+const SCHEMA_VERSION_1: u8 = 1;
 
 const META: &str = "meta";
 const ENTRIES: &str = "entries";
 const ENTRY_UNIQUE: &str = "entry_unique";
 const ENTRY_BY_PARENT: &str = "entry_by_parent";
-const ENTRY_BY_SPIFFE_ID: &str = "entry_by_spiffe_id";
+/// Version 1's index by SPIFFE ID, dropped when such a store opens.
+const V1_ENTRY_BY_SPIFFE_ID: &str = "entry_by_spiffe_id";
 const ENTRY_BY_SELECTOR: &str = "entry_by_selector";
 const ENTRY_CHANGES: &str = "entry_changes";
 const NODES: &str = "nodes";
@@ -174,7 +190,6 @@ struct Trees {
     entries: sled::Tree,
     entry_unique: sled::Tree,
     entry_by_parent: sled::Tree,
-    entry_by_spiffe_id: sled::Tree,
     entry_by_selector: sled::Tree,
     entry_changes: sled::Tree,
     nodes: sled::Tree,
@@ -191,7 +206,6 @@ struct EntryTx<'a> {
     entries: &'a TransactionalTree,
     unique: &'a TransactionalTree,
     by_parent: &'a TransactionalTree,
-    by_spiffe_id: &'a TransactionalTree,
     by_selector: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
@@ -231,7 +245,6 @@ impl EntryTx<'_> {
         self.entries.insert(entry.id.as_bytes(), record)?;
         self.unique.insert(entry.unique_key().as_bytes(), entry.id.as_bytes())?;
         self.by_parent.insert(index_key(entry.parent_id.as_str(), &entry.id), &[])?;
-        self.by_spiffe_id.insert(index_key(entry.spiffe_id.as_str(), &entry.id), &[])?;
         for selector in &entry.selectors {
             self.by_selector.insert(index_key(&selector.to_string(), &entry.id), &[])?;
         }
@@ -242,7 +255,6 @@ impl EntryTx<'_> {
     fn remove_indexes(&self, entry: &RegistrationEntry) -> TxResult<()> {
         self.unique.remove(entry.unique_key().as_bytes())?;
         self.by_parent.remove(index_key(entry.parent_id.as_str(), &entry.id))?;
-        self.by_spiffe_id.remove(index_key(entry.spiffe_id.as_str(), &entry.id))?;
         for selector in &entry.selectors {
             self.by_selector.remove(index_key(&selector.to_string(), &entry.id))?;
         }
@@ -390,7 +402,6 @@ impl SledDataStore {
             entries: tree(ENTRIES)?,
             entry_unique: tree(ENTRY_UNIQUE)?,
             entry_by_parent: tree(ENTRY_BY_PARENT)?,
-            entry_by_spiffe_id: tree(ENTRY_BY_SPIFFE_ID)?,
             entry_by_selector: tree(ENTRY_BY_SELECTOR)?,
             entry_changes: tree(ENTRY_CHANGES)?,
             nodes: tree(NODES)?,
@@ -407,6 +418,11 @@ impl SledDataStore {
                 db.flush().map_err(|e| open_error(Box::new(e)))?;
             }
             Some(found) if found.as_ref() == [SCHEMA_VERSION] => {}
+            Some(found) if found.as_ref() == [SCHEMA_VERSION_1] => {
+                db.drop_tree(V1_ENTRY_BY_SPIFFE_ID).map_err(|e| open_error(Box::new(e)))?;
+                trees.meta.insert(KEY_SCHEMA_VERSION, &[SCHEMA_VERSION]).map_err(|e| open_error(Box::new(e)))?;
+                db.flush().map_err(|e| open_error(Box::new(e)))?;
+            }
             Some(found) => {
                 let Some(&found) = found.first().filter(|_| found.len() == 1) else {
                     return Err(DataStoreError::corrupt(META, KEY_SCHEMA_VERSION, "expected one byte"));
@@ -432,24 +448,6 @@ impl SledDataStore {
         *store.index_mut() = index;
         store.change_floor.store(store.read_meta_u64(KEY_CHANGE_FLOOR)?, Ordering::Relaxed);
         Ok(store)
-    }
-
-    /// Every stored entry, decoded, at the current revision (no write may run meanwhile:
-    /// at open, or under the index's write lock from the writer's leader). A record that does
-    /// not decode is noted as corrupt, not loaded: the reads that could meet it report it.
-    fn hydrate(&self) -> Result<EntryIndex> {
-        let mut index = EntryIndex::new(self.read_meta_u64(KEY_REVISION)?, []);
-        for item in self.trees.entries.iter() {
-            let (key, bytes) = item.map_err(storage("read"))?;
-            match decode_entry(&key, &bytes) {
-                Ok(entry) => index.insert(entry),
-                Err(err) => {
-                    tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
-                    index.mark_corrupt(String::from_utf8_lossy(&key).into_owned());
-                }
-            }
-        }
-        Ok(index)
     }
 
     fn index(&self) -> RwLockReadGuard<'_, EntryIndex> {
@@ -669,13 +667,22 @@ impl SledDataStore {
         Ok(Some(keys))
     }
 
+    /// The IDs of the entries with this SPIFFE ID: the values of the `entry_unique` keys that
+    /// start with `<SPIFFE ID>\0` (see the module docs).
+    fn entries_with_spiffe_id(&self, spiffe_id: &SpiffeId) -> Result<BTreeSet<String>> {
+        self.trees
+            .entry_unique
+            .scan_prefix(index_prefix(spiffe_id.as_str()))
+            .values()
+            .map(|id| utf8_key(ENTRY_UNIQUE, &id.map_err(storage("read"))?))
+            .collect()
+    }
+
     /// The entry IDs the most selective index gives for `filter`; `None` for a full scan.
     fn entry_candidates(&self, filter: &EntryFilter) -> Result<Option<BTreeSet<String>>> {
         let t = &self.trees;
         if let Some(spiffe_id) = &filter.spiffe_id {
-            return Ok(Some(
-                self.index_lookup(&t.entry_by_spiffe_id, ENTRY_BY_SPIFFE_ID, spiffe_id.as_str())?.into_iter().collect(),
-            ));
+            return self.entries_with_spiffe_id(spiffe_id).map(Some);
         }
         if let Some(parent_id) = &filter.parent_id {
             return Ok(Some(
@@ -1438,7 +1445,7 @@ mod tests {
         assert_eq!(keys(&t.entry_by_selector), ["unix:uid:2000\0e1"]);
         assert_eq!(keys(&t.entry_unique).len(), 1);
         store.delete_entry("e1").unwrap();
-        for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_spiffe_id, &t.entry_by_selector] {
+        for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_selector] {
             assert!(tree.is_empty());
         }
     }
@@ -1541,6 +1548,49 @@ mod tests {
         let some_id = store.index().iter().next().unwrap().id.clone();
         store.delete_entry(&some_id).unwrap();
         assert_index_is_the_store(&store, "after a delete past the restart");
+    }
+
+    /// Hydration in chunks on several decoding threads loads exactly what one pass over the
+    /// `entries` tree in key order does, whatever the chunk size and the number of threads,
+    /// corrupt records (a garbage value, a key that is not UTF-8) included.
+    #[test]
+    fn hydration_in_chunks_on_several_threads_loads_what_one_pass_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let parents = ["spiffe://example.org/p0", "spiffe://example.org/p1", "spiffe://example.org/p2"];
+        for n in 0..40 {
+            let mut e = numbered_entry(n);
+            e.parent_id = id(parents[n % 3]);
+            store.create_entry(&e).unwrap();
+        }
+        store.delete_entry("e7").unwrap();
+        store.trees.entries.insert("e20", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        store.trees.entries.insert(&[0xff, 0x01][..], store.trees.entries.get("e3").unwrap().unwrap()).unwrap();
+        // One pass over the tree, in key order, on this thread.
+        let mut expected = BTreeMap::new();
+        for item in store.trees.entries.iter() {
+            let (key, bytes) = item.unwrap();
+            if let Ok(entry) = decode_entry(&key, &bytes) {
+                expected.insert(entry.id.clone(), entry);
+            }
+        }
+        assert_eq!(expected.len(), 38);
+        for (chunk, decoders) in [(1, 1), (1, 4), (3, 2), (7, 3), (16, 2), (39, 2), (40, 2), (41, 2), (1000, 2)] {
+            let index = store.hydrate_with(chunk, decoders).unwrap();
+            let what = format!("chunks of {chunk}, {decoders} decoders");
+            assert_eq!(index.revision(), 41, "{what}");
+            let loaded: BTreeMap<String, RegistrationEntry> =
+                index.iter().map(|e| (e.id.clone(), RegistrationEntry::clone(e))).collect();
+            assert_eq!(loaded, expected, "{what}");
+            assert!(index.has_corrupt(), "{what}");
+            assert!(index.get("e20").is_none(), "{what}");
+            for parent in parents {
+                let children: Vec<String> = index.children_of(&[id(parent)]).iter().map(|e| e.id.clone()).collect();
+                let wanted: Vec<String> =
+                    expected.values().filter(|e| e.parent_id.as_str() == parent).map(|e| e.id.clone()).collect();
+                assert_eq!(children, wanted, "{what}, children of {parent}");
+            }
+        }
     }
 
     /// Commits an entry write in a transaction of its own, outside the writer (as a shared
