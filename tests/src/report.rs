@@ -71,11 +71,22 @@ impl Figure {
     }
 }
 
+/// A figure's number as printed: one decimal from 10 up and for whole numbers, four below 10,
+/// so that a small value (0.044 s) is not printed as 0.0.
+struct Number(f64);
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let x = self.0;
+        if x.abs() >= 10.0 || x.fract() == 0.0 || !x.is_finite() { write!(f, "{x:.1}") } else { write!(f, "{x:.4}") }
+    }
+}
+
 impl fmt::Display for Figure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "FIGURE name={} value={:.1} unit={}", self.name, self.value, self.unit)?;
+        write!(f, "FIGURE name={} value={} unit={}", self.name, Number(self.value), self.unit)?;
         match &self.limit {
-            Some((limit, name)) => write!(f, " limit={limit:.1} limit_name={name}")?,
+            Some((limit, name)) => write!(f, " limit={} limit_name={name}", Number(*limit))?,
             None => write!(f, " limit=- limit_name=-")?,
         }
         match self.ratio() {
@@ -112,6 +123,17 @@ mod tests {
         );
         let slow = Figure::new("x", 400.0, "/s", Target::RatioAtLeast(0.5)).against(1000.0, "probe");
         assert_eq!(slow.met(), Some(false));
+    }
+
+    /// Values below 10 keep four decimals, so a short duration is not printed as zero.
+    #[test]
+    fn small_values_keep_their_digits() {
+        let short = Figure::new("all_minted_s", 0.0443, "s", Target::None).against(2.5, "probe");
+        assert!(short.to_string().starts_with("FIGURE name=all_minted_s value=0.0443 unit=s limit=2.5000 "), "{short}");
+        let whole = Figure::new("failures", 0.0, "count", Target::Zero);
+        assert!(whole.to_string().starts_with("FIGURE name=failures value=0.0 unit=count "), "{whole}");
+        assert!(Figure::new("n", 3.0, "count", Target::None).to_string().contains(" value=3.0 "));
+        assert!(Figure::new("big", 12.345, "ms", Target::None).to_string().contains(" value=12.3 "));
     }
 
     #[test]
