@@ -56,7 +56,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
-use self::batch::{Step, Txn};
+use self::batch::{Step, Txn, Written};
 use super::codec::{
     BundleRecordV1, CaJournalRecordV1, ChangeRecordV1, EntryRecordV1, JtiRecordV1, NodeRecordV1, TokenRecordV1, decode,
     decode_u64, encode, u64_bytes,
@@ -209,6 +209,8 @@ struct EntryTx<'a> {
     by_selector: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
+    /// Where the transaction notes the entry changes it writes (see [`Written`]).
+    written: &'a std::cell::RefCell<Vec<Written>>,
 }
 
 impl EntryTx<'_> {
@@ -248,6 +250,7 @@ impl EntryTx<'_> {
         for selector in &entry.selectors {
             self.by_selector.insert(index_key(&selector.to_string(), &entry.id), &[])?;
         }
+        self.written.borrow_mut().push(Written::Put(entry.clone()));
         Ok(())
     }
 
@@ -269,6 +272,7 @@ impl EntryTx<'_> {
         self.remove_indexes(&old)?;
         self.entries.remove(id.as_bytes())?;
         let revision = self.log_change(id, ChangeKind::Delete)?;
+        self.written.borrow_mut().push(Written::Delete { revision, id: id.to_owned() });
         Ok(Some((old, revision)))
     }
 }
@@ -339,6 +343,12 @@ pub struct SledDataStore {
     /// open, moved forward by each shared transaction's leader once the transaction is durable
     /// and before its writes are acknowledged.
     index: RwLock<EntryIndex>,
+    /// Entry changes the index took as the writer's transactions wrote them (tests count
+    /// work with it).
+    handed_to_index: AtomicU64,
+    /// Entries the index read back from the database after a change-log replay (tests count
+    /// work with it).
+    read_back_to_index: AtomicU64,
 }
 
 impl fmt::Debug for SledDataStore {
@@ -442,6 +452,8 @@ impl SledDataStore {
             commit: GroupCommit::default(),
             batcher: batch::Batcher::default(),
             index: RwLock::new(EntryIndex::default()),
+            handed_to_index: AtomicU64::new(0),
+            read_back_to_index: AtomicU64::new(0),
         };
         let index = store.hydrate()?;
         store.revisions.send_replace(index.revision());
@@ -461,10 +473,40 @@ impl SledDataStore {
     /// Moves the entry index to the latest committed revision: replays the change log from
     /// the index's revision, reading each changed entry (or loads it again when the log was
     /// compacted past it). Called by the shared transaction's leader once the transaction is
-    /// durable and before its writes are acknowledged, so writes reach the index one round at
-    /// a time, in revision order, and readers never see a write that is not durable.
+    /// durable and before its writes are acknowledged (after [`Self::index_written`]), so
+    /// writes reach the index one round at a time, in revision order, and readers never see a
+    /// write that is not durable.
+    #[cfg(test)]
     fn catch_up_index(&self) -> Result<()> {
+        self.catch_up(&mut self.index_mut())
+    }
+
+    /// Moves the index forward with a durable round's entry changes, as its transactions wrote
+    /// them (no read back from sled, no decode), then catches up from the change log with
+    /// whatever the index still lacks. The changes are taken only from the index's next
+    /// revision on, one after the other: when an earlier round's changes are missing (its
+    /// flush failed) or the change log holds writes made outside the writer, the log replay
+    /// takes them and these, reading each entry back as stored.
+    fn index_written(&self, changes: Vec<Written>) -> Result<()> {
         let mut index = self.index_mut();
+        for change in changes {
+            if change.revision() != index.revision() + 1 {
+                break;
+            }
+            self.handed_to_index.fetch_add(1, Ordering::Relaxed);
+            match change {
+                Written::Put(entry) => {
+                    let (revision, id) = (entry.revision, entry.id.clone());
+                    index.apply(revision, &id, Some(entry));
+                }
+                Written::Delete { revision, id } => index.apply(revision, &id, None),
+            }
+        }
+        self.catch_up(&mut index)
+    }
+
+    /// See [`Self::catch_up_index`]; `index` is the index, locked.
+    fn catch_up(&self, index: &mut EntryIndex) -> Result<()> {
         let current = self.read_meta_u64(KEY_REVISION)?;
         while index.revision() < current {
             let changes = self.logged_changes(index.revision(), current, CATCH_UP_PAGE)?;
@@ -476,15 +518,18 @@ impl SledDataStore {
             for change in changes {
                 let entry = match change.kind {
                     ChangeKind::Delete => None,
-                    ChangeKind::Upsert => match self.load_entry(&change.entry_id) {
-                        Ok(entry) => entry,
-                        Err(err @ DataStoreError::Corrupt { .. }) => {
-                            tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
-                            index.mark_corrupt(change.entry_id);
-                            continue;
+                    ChangeKind::Upsert => {
+                        self.read_back_to_index.fetch_add(1, Ordering::Relaxed);
+                        match self.load_entry(&change.entry_id) {
+                            Ok(entry) => entry,
+                            Err(err @ DataStoreError::Corrupt { .. }) => {
+                                tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
+                                index.mark_corrupt(change.entry_id);
+                                continue;
+                            }
+                            Err(err) => return Err(err),
                         }
-                        Err(err) => return Err(err),
-                    },
+                    }
                 };
                 index.apply(change.revision, &change.entry_id, entry);
             }
@@ -1541,6 +1586,9 @@ mod tests {
         assert!(store.count_entries().unwrap() > 0);
         assert_index_is_the_store(&store, "after the writes");
         let revision = store.current_revision().unwrap();
+        // Every change reached the index as written, none was read back from the database.
+        assert_eq!(store.handed_to_index.load(Ordering::Relaxed), revision);
+        assert_eq!(store.read_back_to_index.load(Ordering::Relaxed), 0);
         drop(store);
         let store = open(dir.path());
         assert_eq!(store.current_revision().unwrap(), revision);
@@ -1598,7 +1646,7 @@ mod tests {
     fn commit_unindexed(store: &SledDataStore, entry: &RegistrationEntry) -> u64 {
         store
             .trees
-            .transaction(|tx| {
+            .transaction(&std::cell::RefCell::default(), |tx| {
                 let tx = tx.entry();
                 if let Some(old) = tx.get(&entry.id)? {
                     tx.remove_indexes(&old)?;
@@ -1767,6 +1815,40 @@ mod tests {
         assert_eq!(revisions, [1, 2, 3], "the failed delete must log no change");
         assert_corrupt(store.get_entry("e9"), ENTRIES);
         assert!(store.get_entry("e1").unwrap().is_some() && store.get_entry("e2").unwrap().is_some());
+        // The index took the two writes of the transactions that committed, not the create
+        // the dropped shared transaction had made before the corrupt record aborted it.
+        assert_eq!(store.handed_to_index.load(Ordering::Relaxed), 2);
+        assert_eq!(store.read_back_to_index.load(Ordering::Relaxed), 0);
+        let index = store.index();
+        assert_eq!(index.revision(), 3);
+        assert_eq!(index.get("e1").unwrap().revision, 2);
+        assert_eq!(index.get("e2").unwrap().revision, 3);
+        assert!(index.get("e9").is_none() && index.has_corrupt());
+    }
+
+    /// A round whose changes do not follow the index's revision (an earlier write the index
+    /// has not taken, as after a failed flush) catches up from the change log, reading each
+    /// entry back as stored, its own changes included.
+    #[test]
+    fn a_round_after_a_write_the_index_lacks_catches_up_from_the_change_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.create_entry(&numbered_entry(1)).unwrap();
+        let mut moved = numbered_entry(1);
+        moved.parent_id = id("spiffe://example.org/elsewhere");
+        commit_unindexed(&store, &moved);
+        assert_eq!((store.handed_to_index.load(Ordering::Relaxed), store.index().revision()), (1, 1));
+        let second = store.create_entry(&numbered_entry(2)).unwrap();
+        assert_eq!(second.revision, 3);
+        assert_eq!(store.handed_to_index.load(Ordering::Relaxed), 1);
+        assert_eq!(store.read_back_to_index.load(Ordering::Relaxed), 2);
+        assert_eq!(store.get_entry("e1").unwrap().unwrap().parent_id, moved.parent_id);
+        assert_index_is_the_store(&store, "after the catch-up");
+        // The index follows on again from the writes as written.
+        store.delete_entry("e1").unwrap();
+        assert_eq!(store.handed_to_index.load(Ordering::Relaxed), 2);
+        assert_eq!(store.read_back_to_index.load(Ordering::Relaxed), 2);
+        assert_index_is_the_store(&store, "after a delete");
     }
 
     /// Writes outside transactions (join token creation, JWT IDs) share flushes too.

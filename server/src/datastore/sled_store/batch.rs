@@ -21,6 +21,7 @@
 //! The writer's own code is unchanged in meaning: every datastore call still returns once its
 //! own write is durable, with its own result.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use sled::transaction::TransactionalTree;
 use tessera_spiffe::SpiffeId;
 
 use super::super::group_commit::{SharedFailure, error_chain};
+use super::super::types::RegistrationEntry;
 use super::{DataStoreError, EntryTx, NodeTx, Result, SledDataStore, Trees, TxResult, tx_error};
 
 /// Most jobs in one shared transaction (bounds the transaction's memory).
@@ -56,6 +58,28 @@ pub(super) struct Txn<'a> {
     pub(super) bundles: &'a TransactionalTree,
     pub(super) ca_journal: &'a TransactionalTree,
     pub(super) federation: &'a TransactionalTree,
+    /// The entry changes written so far in this attempt of the transaction, in revision order.
+    pub(super) written: &'a RefCell<Vec<Written>>,
+}
+
+/// An entry change a transaction wrote: handed to the entry index once the transaction is
+/// durable, so the index takes the round's writes without reading them back from sled.
+#[derive(Debug)]
+pub(super) enum Written {
+    /// The entry as stored, at its revision.
+    Put(RegistrationEntry),
+    /// The entry with this ID was deleted at this revision.
+    Delete { revision: u64, id: String },
+}
+
+impl Written {
+    /// The revision of the change.
+    pub(super) fn revision(&self) -> u64 {
+        match self {
+            Self::Put(entry) => entry.revision,
+            Self::Delete { revision, .. } => *revision,
+        }
+    }
 }
 
 impl Txn<'_> {
@@ -68,6 +92,7 @@ impl Txn<'_> {
             by_selector: self.entry_by_selector,
             changes: self.entry_changes,
             meta: self.meta,
+            written: self.written,
         }
     }
 
@@ -79,9 +104,11 @@ impl Txn<'_> {
 
 impl Trees {
     /// Runs `f` in one transaction over every tree (but the JWT ID cache, written without
-    /// transactions).
+    /// transactions). Once it committed, `written` holds the entry changes it wrote (those of
+    /// the attempt that committed: sled may run `f` more than once).
     pub(super) fn transaction<T>(
         &self,
+        written: &RefCell<Vec<Written>>,
         f: impl Fn(&Txn<'_>) -> TxResult<T>,
     ) -> sled::transaction::TransactionResult<T, DataStoreError> {
         (
@@ -113,6 +140,7 @@ impl Trees {
                     ca_journal,
                     federation,
                 )| {
+                    written.borrow_mut().clear();
                     f(&Txn {
                         meta,
                         entries,
@@ -126,6 +154,7 @@ impl Trees {
                         bundles,
                         ca_journal,
                         federation,
+                        written,
                     })
                 },
             )
@@ -342,18 +371,23 @@ impl SledDataStore {
     fn run_round(&self, jobs: &[Arc<dyn Job>]) {
         self.batcher.transactions.fetch_add(1, Ordering::Relaxed);
         let pending = self.commit.begin();
-        let shared = self.trees.transaction(|tx| jobs.iter().try_for_each(|job| job.apply(tx)));
-        if let Err(err) = shared {
-            match jobs {
+        let written = RefCell::new(Vec::new());
+        let shared = self.trees.transaction(&written, |tx| jobs.iter().try_for_each(|job| job.apply(tx)));
+        // The entry changes of the transactions that committed, in revision order.
+        let mut changes = Vec::new();
+        match shared {
+            Ok(()) => changes = written.take(),
+            Err(err) => match jobs {
                 [job] => job.fail(tx_error(job.operation())(err)),
                 _ => {
                     for job in jobs {
-                        if let Err(err) = self.trees.transaction(|tx| job.apply(tx)) {
-                            job.fail(tx_error(job.operation())(err));
+                        match self.trees.transaction(&written, |tx| job.apply(tx)) {
+                            Ok(()) => changes.append(&mut written.borrow_mut()),
+                            Err(err) => job.fail(tx_error(job.operation())(err)),
                         }
                     }
                 }
-            }
+            },
         }
         // Moved after any attempt, committed or not: a spurious move only costs a re-read.
         for node in jobs.iter().filter_map(|job| job.node()) {
@@ -365,9 +399,9 @@ impl SledDataStore {
         // Once durable, and before any write is acknowledged, the entry index takes the round's
         // entry writes: readers see only durable writes, and every acknowledged one. Should
         // the flush or the catch-up fail, the index (and the revision readers see) stays where
-        // it was, the writes fail, and the next round's catch-up takes them.
+        // it was, the writes fail, and the next round's catch-up takes them from the change log.
         let durable = self.commit.wait_durable(pending.completed(), || self.flush());
-        if let Err(err) = durable.and_then(|()| self.catch_up_index()) {
+        if let Err(err) = durable.and_then(|()| self.index_written(changes)) {
             let why = error_chain(&err);
             for job in jobs.iter().filter(|job| job.wrote()) {
                 job.fail(DataStoreError::backend(job.operation(), SharedFailure(why.clone())));
