@@ -15,7 +15,8 @@
 //! when the store opens (hydration) and then moved forward by the store's writer once each
 //! committed transaction is durable and *before* its writes are acknowledged or published to
 //! subscribers:
-//! the writer replays the change log from the index's revision, reading each changed entry.
+//! the writer applies the entries its transactions wrote, as written, and replays the change
+//! log (reading each changed entry back) only for revisions the index lacks.
 //! Writes are applied in revision order by one writer at a time, so the
 //! index is, at every moment, exactly the store's entries at its revision. A store that serves
 //! reads from the index reports that revision as its current one and hands out changes only

@@ -58,8 +58,8 @@ use tokio::sync::watch;
 
 use self::batch::{Step, Txn, Written};
 use super::codec::{
-    BundleRecordV1, CaJournalRecordV1, ChangeRecordV1, EntryRecordV1, JtiRecordV1, NodeRecordV1, TokenRecordV1, decode,
-    decode_u64, encode, u64_bytes,
+    BundleRecordV1, CaJournalRecordV1, ChangeRecordV1, ChangeRecordV1Ref, EntryRecordV1, EntryRecordV1Ref, JtiRecordV1,
+    NodeRecordV1, TokenRecordV1, decode, decode_u64, encode, u64_bytes,
 };
 use super::entry_index::EntryIndex;
 use super::error::{DataStoreError, ResourceKind};
@@ -136,7 +136,22 @@ fn index_prefix(value: &str) -> Vec<u8> {
 
 /// `<value>\0<record key>`.
 fn index_key(value: &str, record_key: &str) -> Vec<u8> {
-    let mut key = index_prefix(value);
+    let mut key = Vec::with_capacity(value.len() + 1 + record_key.len());
+    key.extend_from_slice(value.as_bytes());
+    key.push(0);
+    key.extend_from_slice(record_key.as_bytes());
+    key
+}
+
+/// `<selector>\0<record key>` (the selector as `type:value`, without a copy of its text
+/// first).
+fn selector_key(selector: &Selector, record_key: &str) -> Vec<u8> {
+    let (kind, value) = (selector.kind(), selector.value());
+    let mut key = Vec::with_capacity(kind.len() + 1 + value.len() + 1 + record_key.len());
+    key.extend_from_slice(kind.as_bytes());
+    key.push(b':');
+    key.extend_from_slice(value.as_bytes());
+    key.push(0);
     key.extend_from_slice(record_key.as_bytes());
     key
 }
@@ -236,21 +251,22 @@ impl EntryTx<'_> {
             Some(bytes) => decode_u64(META, KEY_REVISION, &bytes).map_err(abort)?,
         } + 1;
         self.meta.insert(KEY_REVISION, &u64_bytes(revision))?;
-        let record = encode(&ChangeRecordV1::new(entry_id, kind)).map_err(abort)?;
+        let record = encode(&ChangeRecordV1Ref::new(entry_id, kind)).map_err(abort)?;
         self.changes.insert(&u64_bytes(revision), record)?;
         Ok(revision)
     }
 
-    /// Writes the entry and its index keys.
-    fn put(&self, entry: &RegistrationEntry) -> TxResult<()> {
-        let record = encode(&EntryRecordV1::from_entry(entry)).map_err(abort)?;
+    /// Writes the entry and its index keys; `unique` is its [`RegistrationEntry::unique_key`].
+    /// The entry is kept as written, for the entry index.
+    fn put(&self, entry: RegistrationEntry, unique: &str) -> TxResult<()> {
+        let record = encode(&EntryRecordV1Ref::from_entry(&entry)).map_err(abort)?;
         self.entries.insert(entry.id.as_bytes(), record)?;
-        self.unique.insert(entry.unique_key().as_bytes(), entry.id.as_bytes())?;
+        self.unique.insert(unique.as_bytes(), entry.id.as_bytes())?;
         self.by_parent.insert(index_key(entry.parent_id.as_str(), &entry.id), &[])?;
         for selector in &entry.selectors {
-            self.by_selector.insert(index_key(&selector.to_string(), &entry.id), &[])?;
+            self.by_selector.insert(selector_key(selector, &entry.id), &[])?;
         }
-        self.written.borrow_mut().push(Written::Put(entry.clone()));
+        self.written.borrow_mut().push(Written::Put(entry));
         Ok(())
     }
 
@@ -259,7 +275,7 @@ impl EntryTx<'_> {
         self.unique.remove(entry.unique_key().as_bytes())?;
         self.by_parent.remove(index_key(entry.parent_id.as_str(), &entry.id))?;
         for selector in &entry.selectors {
-            self.by_selector.remove(index_key(&selector.to_string(), &entry.id))?;
+            self.by_selector.remove(selector_key(selector, &entry.id))?;
         }
         Ok(())
     }
@@ -303,7 +319,7 @@ impl NodeTx<'_> {
         let record = encode(&NodeRecordV1::from_node(node)).map_err(abort)?;
         self.nodes.insert(node.spiffe_id.as_str().as_bytes(), record)?;
         for selector in &node.selectors {
-            self.by_selector.insert(index_key(&selector.to_string(), node.spiffe_id.as_str()), &[])?;
+            self.by_selector.insert(selector_key(selector, node.spiffe_id.as_str()), &[])?;
         }
         Ok(())
     }
@@ -315,7 +331,7 @@ impl NodeTx<'_> {
 
     fn remove_indexes(&self, node: &AttestedNode) -> TxResult<()> {
         for selector in &node.selectors {
-            self.by_selector.remove(index_key(&selector.to_string(), node.spiffe_id.as_str()))?;
+            self.by_selector.remove(selector_key(selector, node.spiffe_id.as_str()))?;
         }
         Ok(())
     }
@@ -807,22 +823,24 @@ impl DataStore for SledDataStore {
     fn create_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
         validate_entry(entry)?;
         let unique = entry.unique_key();
-        let entry = entry.clone();
-        let stored = self.write("entry create", None, move |tx| {
+        let to_write = entry.clone();
+        let revision = self.write("entry create", None, move |tx| {
             let tx = tx.entry();
+            let entry = &to_write;
             if tx.entries.get(entry.id.as_bytes())?.is_some() {
                 return Ok(Err(entry_id_taken(&entry.id)));
             }
             if let Some(other) = tx.unique_owner(&unique)? {
-                return Ok(Err(duplicate_entry(&entry, &other)));
+                return Ok(Err(duplicate_entry(entry, &other)));
             }
-            let mut stored = entry.clone();
-            stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
-            tx.put(&stored)?;
-            Ok(Ok(stored))
+            let revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+            tx.put(RegistrationEntry { revision, ..entry.clone() }, &unique)?;
+            Ok(Ok(revision))
         })?;
-        self.entry_written(stored.revision);
-        Ok(stored)
+        self.entry_written(revision);
+        // The stored entry is built here, outside the shared transaction (its leader runs
+        // every write of the round one after the other).
+        Ok(RegistrationEntry { revision, ..entry.clone() })
     }
 
     fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
@@ -841,9 +859,10 @@ impl DataStore for SledDataStore {
     fn update_entry(&self, entry: &RegistrationEntry, expected_revision: Option<u64>) -> Result<RegistrationEntry> {
         validate_entry(entry)?;
         let unique = entry.unique_key();
-        let entry = entry.clone();
-        let stored = self.write("entry update", None, move |tx| {
+        let to_write = entry.clone();
+        let revision = self.write("entry update", None, move |tx| {
             let tx = tx.entry();
+            let entry = &to_write;
             let Some(old) = tx.get(&entry.id)? else {
                 return Ok(Err(DataStoreError::NotFound { kind: ResourceKind::Entry, id: entry.id.clone() }));
             };
@@ -851,16 +870,15 @@ impl DataStore for SledDataStore {
                 return Ok(Err(entry_revision_conflict(&entry.id, expected, old.revision)));
             }
             if let Some(other) = tx.unique_owner(&unique)?.filter(|other| *other != entry.id) {
-                return Ok(Err(duplicate_entry(&entry, &other)));
+                return Ok(Err(duplicate_entry(entry, &other)));
             }
             tx.remove_indexes(&old)?;
-            let mut stored = entry.clone();
-            stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
-            tx.put(&stored)?;
-            Ok(Ok(stored))
+            let revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+            tx.put(RegistrationEntry { revision, ..entry.clone() }, &unique)?;
+            Ok(Ok(revision))
         })?;
-        self.entry_written(stored.revision);
-        Ok(stored)
+        self.entry_written(revision);
+        Ok(RegistrationEntry { revision, ..entry.clone() })
     }
 
     fn delete_entry(&self, id: &str) -> Result<RegistrationEntry> {
@@ -1651,10 +1669,9 @@ mod tests {
                 if let Some(old) = tx.get(&entry.id)? {
                     tx.remove_indexes(&old)?;
                 }
-                let mut stored = entry.clone();
-                stored.revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
-                tx.put(&stored)?;
-                Ok(stored.revision)
+                let revision = tx.log_change(&entry.id, ChangeKind::Upsert)?;
+                tx.put(RegistrationEntry { revision, ..entry.clone() }, &entry.unique_key())?;
+                Ok(revision)
             })
             .unwrap()
     }

@@ -95,7 +95,9 @@ impl RegistrationEntry {
         key.push_str(self.parent_id.as_str());
         for selector in &self.selectors {
             key.push('\0');
-            key.push_str(&selector.to_string());
+            key.push_str(selector.kind());
+            key.push(':');
+            key.push_str(selector.value());
         }
         key
     }
