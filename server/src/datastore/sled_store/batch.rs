@@ -64,6 +64,8 @@ pub(super) struct Txn<'a> {
 
 /// An entry change a transaction wrote: handed to the entry index once the transaction is
 /// durable, so the index takes the round's writes without reading them back from sled.
+// Deletes are the rare kind, and a boxed entry would cost one allocation per written entry.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(super) enum Written {
     /// The entry as stored, at its revision.
