@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
-use crate::datastore::{ChangeKind, DataStore, DataStoreError, RegistrationEntry, Result};
+use crate::datastore::{ChangeKind, DataStore, DataStoreError, RegistrationEntry, Result, SharedEntry};
 
 /// The hasher of the per-agent maps: keyed by entry and SPIFFE IDs, looked up once or twice per
 /// entry of every agent's set (SipHash was 6.6 % of a full sync's profile, issue 7).
@@ -55,7 +55,7 @@ macro_rules! entry_key {
     ($(#[$doc:meta])* $name:ident, $field:ident, $ty:ty) => {
         $(#[$doc])*
         #[derive(Debug, Clone)]
-        struct $name(Arc<RegistrationEntry>);
+        struct $name(Arc<SharedEntry>);
 
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
@@ -103,7 +103,7 @@ pub(crate) struct AuthorizedEntries(HashSet<ById, Fast>);
 
 impl AuthorizedEntries {
     /// The entry with this ID.
-    pub(crate) fn get(&self, id: &str) -> Option<&Arc<RegistrationEntry>> {
+    pub(crate) fn get(&self, id: &str) -> Option<&Arc<SharedEntry>> {
         self.0.get(id).map(|entry| &entry.0)
     }
 
@@ -118,38 +118,38 @@ impl AuthorizedEntries {
     }
 
     /// The entries, in no particular order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<SharedEntry>> {
         self.0.iter().map(|entry| &entry.0)
     }
 
     /// The entries, ordered by ID.
-    pub(crate) fn sorted(&self) -> Vec<&Arc<RegistrationEntry>> {
-        let mut entries: Vec<&Arc<RegistrationEntry>> = self.iter().collect();
+    pub(crate) fn sorted(&self) -> Vec<&Arc<SharedEntry>> {
+        let mut entries: Vec<&Arc<SharedEntry>> = self.iter().collect();
         entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         entries
     }
 
     /// Adds `entry`; `false` (and nothing changed) when its ID is held already.
-    fn insert(&mut self, entry: Arc<RegistrationEntry>) -> bool {
+    fn insert(&mut self, entry: Arc<SharedEntry>) -> bool {
         if self.0.contains(entry.id.as_str()) {
             return false;
         }
         self.0.insert(ById(entry))
     }
 
-    fn remove(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
+    fn remove(&mut self, id: &str) -> Option<Arc<SharedEntry>> {
         self.0.take(id).map(|entry| entry.0)
     }
 
     /// The entries by ID, compared by value (tests).
     #[cfg(test)]
-    pub(crate) fn to_map(&self) -> BTreeMap<String, Arc<RegistrationEntry>> {
+    pub(crate) fn to_map(&self) -> BTreeMap<String, Arc<SharedEntry>> {
         self.iter().map(|entry| (entry.id.clone(), Arc::clone(entry))).collect()
     }
 }
 
-impl FromIterator<Arc<RegistrationEntry>> for AuthorizedEntries {
-    fn from_iter<I: IntoIterator<Item = Arc<RegistrationEntry>>>(entries: I) -> Self {
+impl FromIterator<Arc<SharedEntry>> for AuthorizedEntries {
+    fn from_iter<I: IntoIterator<Item = Arc<SharedEntry>>>(entries: I) -> Self {
         let mut set = Self::default();
         for entry in entries {
             set.insert(entry);
@@ -198,7 +198,7 @@ pub(crate) fn authorized_entries(
     server_id: &SpiffeId,
     agent: &AgentIdentity,
     now: u64,
-) -> Result<BTreeMap<String, Arc<RegistrationEntry>>> {
+) -> Result<BTreeMap<String, Arc<SharedEntry>>> {
     Ok(AuthorizedSet::compute(store, server_id, agent, now)?.entries.to_map())
 }
 
@@ -210,7 +210,7 @@ const CHANGES_PAGE: usize = 1_000;
 pub(crate) enum SetChange {
     /// An entry joined the set or changed (its revision is the entry's). Shared with the
     /// store's entry index and every other set holding it.
-    Upsert(Arc<RegistrationEntry>),
+    Upsert(Arc<SharedEntry>),
     /// An entry left the set (deleted, expired, or no longer authorized) at `revision`.
     Delete { entry_id: String, revision: u64 },
 }
@@ -374,7 +374,7 @@ impl AuthorizedSet {
             set.reads += children.len() as u64;
             frontier = Vec::new();
             // Siblings come together: the depth of their parent is looked up once per run.
-            let mut parent_depth: Option<(Arc<RegistrationEntry>, usize)> = None;
+            let mut parent_depth: Option<(Arc<SharedEntry>, usize)> = None;
             for child in children {
                 if child.is_expired(now) {
                     continue;
@@ -482,7 +482,7 @@ impl AuthorizedSet {
     }
 
     /// Adds an authorized entry at `depth` (nothing if its ID is in the set already).
-    fn insert(&mut self, entry: Arc<RegistrationEntry>, depth: usize) {
+    fn insert(&mut self, entry: Arc<SharedEntry>, depth: usize) {
         if !self.entries.insert(Arc::clone(&entry)) {
             return;
         }
@@ -506,7 +506,7 @@ impl AuthorizedSet {
         }
     }
 
-    fn remove(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
+    fn remove(&mut self, id: &str) -> Option<Arc<SharedEntry>> {
         let entry = self.entries.remove(id)?;
         let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
         if let Some(depths) = self.depths.get_mut(&entry.spiffe_id)
@@ -545,7 +545,7 @@ impl AuthorizedSet {
         store: &dyn DataStore,
         server_id: &SpiffeId,
         id: &str,
-        new: Option<Arc<RegistrationEntry>>,
+        new: Option<Arc<SharedEntry>>,
         revision: u64,
         now: u64,
     ) -> Result<std::result::Result<Option<SetChange>, Recompute>> {
@@ -739,7 +739,7 @@ mod tests {
         store.create_entry(&RegistrationEntry::new(entry_id, id(spiffe), parent.clone(), selectors(sel))).unwrap();
     }
 
-    fn ids(map: &BTreeMap<String, Arc<RegistrationEntry>>) -> Vec<&str> {
+    fn ids(map: &BTreeMap<String, Arc<SharedEntry>>) -> Vec<&str> {
         map.keys().map(String::as_str).collect()
     }
 
@@ -786,7 +786,7 @@ mod tests {
     }
 
     /// Applies `changes` to `held` as an agent does.
-    fn replay(held: &mut BTreeMap<String, Arc<RegistrationEntry>>, changes: Vec<SetChange>) {
+    fn replay(held: &mut BTreeMap<String, Arc<SharedEntry>>, changes: Vec<SetChange>) {
         for change in changes {
             match change {
                 SetChange::Upsert(entry) => {
@@ -929,7 +929,7 @@ mod tests {
         server: &SpiffeId,
         agent: &AgentIdentity,
         now: u64,
-    ) -> BTreeMap<String, Arc<RegistrationEntry>> {
+    ) -> BTreeMap<String, Arc<SharedEntry>> {
         let all = store.list_entries(&crate::datastore::EntryFilter::default(), &crate::datastore::PageRequest::all());
         let all = all.unwrap().items;
         let mut expanded: HashSet<SpiffeId> = HashSet::from([server.clone(), agent.agent_id.clone()]);
@@ -948,7 +948,7 @@ mod tests {
             let mut next = Vec::new();
             for entry in &all {
                 if frontier.contains(&entry.parent_id) && !entry.is_expired(now) {
-                    out.insert(entry.id.clone(), Arc::new(entry.clone()));
+                    out.insert(entry.id.clone(), Arc::new(SharedEntry::new(entry.clone())));
                     if expanded.insert(entry.spiffe_id.clone()) {
                         next.push(entry.spiffe_id.clone());
                     }

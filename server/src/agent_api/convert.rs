@@ -37,6 +37,12 @@ pub(crate) fn entry_to_proto(entry: &RegistrationEntry) -> common::Entry {
     }
 }
 
+/// The entry's `common::Entry` encoding: what a sync keeps next to the store's `Arc`
+/// ([`crate::datastore::SharedEntry::encoded_with`]) and writes into its messages.
+pub(crate) fn encoded_entry(entry: &RegistrationEntry) -> Vec<u8> {
+    prost::Message::encode_to_vec(&entry_to_proto(entry))
+}
+
 /// Unix seconds of a time, saturating (certificates cannot go past 9999 anyway).
 pub(crate) fn unix_seconds(time: SystemTime) -> i64 {
     match time.duration_since(UNIX_EPOCH) {

@@ -20,7 +20,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::datastore::{ChangeKind, DataStore, DataStoreError, RegistrationEntry, blocking};
+use crate::datastore::{ChangeKind, DataStore, DataStoreError, SharedEntry, blocking};
 
 /// Changes kept in the window.
 pub(crate) const WINDOW: usize = 4096;
@@ -34,7 +34,7 @@ pub(crate) struct ResolvedChange {
     pub(crate) revision: u64,
     pub(crate) entry_id: String,
     /// Shared with the store's entry index (see `datastore/entry_index.rs`).
-    pub(crate) entry: Option<Arc<RegistrationEntry>>,
+    pub(crate) entry: Option<Arc<SharedEntry>>,
 }
 
 /// The shared window of recent changes; see the [module docs](self).
@@ -154,6 +154,7 @@ impl ChangeFeed {
 mod tests {
     use super::*;
     use crate::datastore::MemoryDataStore;
+    use crate::datastore::RegistrationEntry;
     use tessera_spiffe::{SelectorSet, SpiffeId};
 
     fn write(store: &dyn DataStore, n: usize) {

@@ -11,7 +11,8 @@
 //! - [`authz`]: the one computation of the entries an agent is authorized for (§4).
 //! - [`attest`]: node attestation (§2): join tokens, [`x509pop`], and the token attestors
 //!   `k8s_psat` and `oidc` ([`node_token`]).
-//! - [`sync`]: the `SyncEntries` push stream.
+//! - [`sync`]: the `SyncEntries` push stream; [`wire`]: its route and message type, which
+//!   write each entry from the encoding the store's `Arc` keeps.
 //! - this module: the service, `RenewAgent`, `BatchNewX509Svid`, `NewJwtSvid`, `FetchBundle`.
 //!
 //! # Security rules (spec: server-agent-flow §5, §6)
@@ -74,6 +75,7 @@ pub(crate) mod overload;
 mod rate;
 pub(crate) mod sync;
 pub(crate) mod tls;
+pub mod wire;
 pub(crate) mod x509pop;
 
 use std::collections::HashMap;
@@ -84,17 +86,17 @@ use std::time::SystemTime;
 use tessera_spiffe::SpiffeId;
 use tessera_wire::google::rpc;
 use tessera_wire::tessera::agent::v1 as pb;
-use tessera_wire::tessera::agent::v1::agent_service_server::{AgentService, AgentServiceServer};
+use tessera_wire::tessera::agent::v1::agent_service_server::AgentService;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use self::auth::{AuthenticatedAgent, authenticate};
 use self::authz::{AgentIdentity, AuthorizedSet};
 use self::convert::{bundle_document, unix_seconds};
 use crate::ca::CaError;
-use crate::datastore::{DataStore, DataStoreError, RegistrationEntry, blocking};
+use crate::datastore::{DataStore, DataStoreError, SharedEntry, blocking};
 use crate::server::ServerState;
 
 /// Most items in one `BatchNewX509Svid` call.
@@ -168,7 +170,7 @@ pub struct AgentApi {
     cores: usize,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn datastore_status(err: DataStoreError) -> Status {
     Status::unavailable(format!("datastore: {err}"))
@@ -192,9 +194,28 @@ impl AgentApi {
         }
     }
 
-    /// The tonic service.
-    pub fn into_service(self) -> AgentServiceServer<Self> {
-        AgentServiceServer::new(self)
+    /// The tonic service: the generated server behind the `SyncEntries` route of [`wire`].
+    pub fn into_service(self) -> wire::AgentRoutes {
+        wire::AgentRoutes::new(self)
+    }
+
+    /// `SyncEntries`: authenticates the agent and starts its stream task (both routes).
+    pub(crate) async fn open_sync(
+        &self,
+        request: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<BoxStream<wire::SyncMessage>>, Status> {
+        let agent = authenticate(&self.state, &request, "SyncEntries").await?;
+        let from_revision = request.into_inner().revision;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(sync::run(
+            Arc::clone(&self.state),
+            Arc::clone(&self.feed),
+            agent,
+            from_revision,
+            tx,
+            self.stopped.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     /// `read` applied to the agent's authorized set at the store's current revision.
@@ -217,7 +238,7 @@ impl AgentApi {
         &self,
         agent: &AuthenticatedAgent,
         ids: Vec<String>,
-    ) -> Result<HashMap<String, Arc<RegistrationEntry>>, Status> {
+    ) -> Result<HashMap<String, Arc<SharedEntry>>, Status> {
         self.authorized(agent, move |set| {
             ids.into_iter().filter_map(|id| set.entries().get(&id).map(|entry| (id, Arc::clone(entry)))).collect()
         })
@@ -414,22 +435,14 @@ impl AgentService for AgentApi {
 
     type SyncEntriesStream = BoxStream<pb::SyncEntriesResponse>;
 
+    /// Served by [`wire::AgentRoutes`] in front of the generated server; this generated form
+    /// (each entry converted anew) answers only where the generated server is used alone.
     async fn sync_entries(
         &self,
         request: Request<pb::SyncEntriesRequest>,
     ) -> Result<Response<Self::SyncEntriesStream>, Status> {
-        let agent = authenticate(&self.state, &request, "SyncEntries").await?;
-        let from_revision = request.into_inner().revision;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(sync::run(
-            Arc::clone(&self.state),
-            Arc::clone(&self.feed),
-            agent,
-            from_revision,
-            tx,
-            self.stopped.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = self.open_sync(request).await?.into_inner();
+        Ok(Response::new(Box::pin(stream.map(|item| item.map(wire::SyncMessage::into_proto)))))
     }
 
     async fn batch_new_x509_svid(
@@ -610,6 +623,7 @@ impl AgentService for AgentApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::RegistrationEntry;
 
     /// Batches of up to three items stay on one thread; larger ones get one thread per core,
     /// each with at least two items.

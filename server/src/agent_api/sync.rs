@@ -7,8 +7,9 @@
 //! 1. `bundles` (own bundle + the federated bundles named by the agent's entries);
 //! 2. the initial catch-up: when the agent's `revision` equals the store's current revision,
 //!    nothing; otherwise a full snapshot, read the way the change-feed protocol prescribes
-//!    (current revision first, then the authorized set), in pages of [`PAGE_SIZE`]; then
-//!    `synced`;
+//!    (current revision first, then the authorized set), in pages of at most
+//!    [`PAGE_SIZE`] entries and [`PAGE_BYTES`] bytes, each entry written from the encoding
+//!    the store's `Arc` keeps (see [`super::wire`]); then `synced`;
 //! 3. then it waits on the datastore's revision subscription. Each time the revision
 //!    advances it moves the agent's [`AuthorizedSet`] forward with the change log and sends
 //!    what changed: `entry_upserted` for new or changed entries (their revision),
@@ -38,20 +39,21 @@ use tonic::Status;
 
 use super::auth::{AuthenticatedAgent, HeldNode, recheck};
 use super::authz::{AgentIdentity, AuthorizedEntries, AuthorizedSet, SetChange, diff};
-use super::convert::{bundle_to_proto, entry_to_proto, unix_seconds};
+use super::convert::{bundle_to_proto, unix_seconds};
 use super::feed::ChangeFeed;
+#[cfg(doc)]
+use super::wire::{PAGE_BYTES, PAGE_SIZE};
+use super::wire::{SyncMessage, snapshot_pages};
 use crate::ca::TaintedAuthorities;
-use crate::datastore::{DataStoreError, RegistrationEntry, blocking};
+use crate::datastore::{DataStoreError, SharedEntry, blocking};
 use crate::server::ServerState;
 
-/// Entries per snapshot page.
-pub(crate) const PAGE_SIZE: usize = 200;
 /// How often an open stream re-authenticates its agent and looks at the bundles.
 pub(crate) const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 use pb::sync_entries_response::Event;
 
-type Sender = mpsc::Sender<Result<pb::SyncEntriesResponse, Status>>;
+pub(crate) type Sender = mpsc::Sender<Result<SyncMessage, Status>>;
 
 /// Why the loop stopped early: the client went away (nothing to send) or a status to end with.
 enum Stop {
@@ -66,7 +68,11 @@ impl From<Status> for Stop {
 }
 
 async fn send(tx: &Sender, event: Event) -> Result<(), Stop> {
-    tx.send(Ok(pb::SyncEntriesResponse { event: Some(event) })).await.map_err(|_| Stop::Gone)
+    send_message(tx, SyncMessage::Other(pb::SyncEntriesResponse { event: Some(event) })).await
+}
+
+async fn send_message(tx: &Sender, message: SyncMessage) -> Result<(), Stop> {
+    tx.send(Ok(message)).await.map_err(|_| Stop::Gone)
 }
 
 fn now_secs() -> u64 {
@@ -251,7 +257,7 @@ async fn run_inner(
                 if let Some(changes) = feed.since(state.datastore(), held.revision(), target).await
                     && changes.last().is_some_and(|last| last.revision >= target)
                     && !held.expires_by(now_secs())
-                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_deref()))
+                    && !changes.iter().any(|c| held.concerns(state.server_id(), &c.entry_id, c.entry.as_deref().map(SharedEntry::entry)))
                 {
                     held.pass_to(target);
                     revision = held.revision();
@@ -315,21 +321,9 @@ async fn resend_bundles_if_changed(
 }
 
 async fn send_snapshot(tx: &Sender, revision: u64, set: &AuthorizedEntries) -> Result<(), Stop> {
-    let entries: Vec<&Arc<RegistrationEntry>> = set.sorted();
-    let pages: Vec<&[&Arc<RegistrationEntry>]> =
-        if entries.is_empty() { vec![&[]] } else { entries.chunks(PAGE_SIZE).collect() };
-    let last = pages.len().saturating_sub(1);
-    for (index, page) in pages.into_iter().enumerate() {
-        send(
-            tx,
-            Event::SnapshotPage(pb::EntrySnapshotPage {
-                revision,
-                page: u32::try_from(index).unwrap_or(u32::MAX),
-                entries: page.iter().map(|e| entry_to_proto(e)).collect(),
-                last_page: index == last,
-            }),
-        )
-        .await?;
+    let entries: Vec<&Arc<SharedEntry>> = set.sorted();
+    for page in snapshot_pages(revision, &entries) {
+        send_message(tx, page).await?;
     }
     Ok(())
 }
@@ -337,22 +331,25 @@ async fn send_snapshot(tx: &Sender, revision: u64, set: &AuthorizedEntries) -> R
 /// The events that turn `old` into `new`, in revision order.
 #[cfg(test)]
 pub(crate) fn diff_events(revision: u64, old: &AuthorizedEntries, new: &AuthorizedEntries) -> Vec<Event> {
-    diff(revision, old, new).into_iter().map(change_event).collect()
+    diff(revision, old, new).into_iter().filter_map(|change| change_message(change).into_proto().event).collect()
 }
 
-fn change_event(change: SetChange) -> Event {
+/// An upsert is written from the entry's kept encoding, as snapshot pages are.
+fn change_message(change: SetChange) -> SyncMessage {
     match change {
         SetChange::Upsert(entry) => {
             let revision = entry.revision;
-            Event::EntryUpserted(pb::EntryUpserted { entry: Some(entry_to_proto(&entry)), revision })
+            SyncMessage::Upserted { entry, revision }
         }
-        SetChange::Delete { entry_id, revision } => Event::EntryDeleted(pb::EntryDeleted { entry_id, revision }),
+        SetChange::Delete { entry_id, revision } => SyncMessage::Other(pb::SyncEntriesResponse {
+            event: Some(Event::EntryDeleted(pb::EntryDeleted { entry_id, revision })),
+        }),
     }
 }
 
 async fn send_changes(tx: &Sender, changes: Vec<SetChange>) -> Result<(), Stop> {
     for change in changes {
-        send(tx, change_event(change)).await?;
+        send_message(tx, change_message(change)).await?;
     }
     Ok(())
 }
@@ -360,9 +357,10 @@ async fn send_changes(tx: &Sender, changes: Vec<SetChange>) -> Result<(), Stop> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datastore::RegistrationEntry;
     use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
 
-    fn entry(id: &str, revision: u64) -> RegistrationEntry {
+    fn entry(id: &str, revision: u64) -> SharedEntry {
         let mut e = RegistrationEntry::new(
             id,
             SpiffeId::parse("spiffe://example.org/w").unwrap(),
@@ -370,7 +368,7 @@ mod tests {
             SelectorSet::parse_all(&["t:1"]).unwrap(),
         );
         e.revision = revision;
-        e
+        SharedEntry::new(e)
     }
 
     /// Issue 7: an idle stream's periodic look at the bundles reads the datastore only after a

@@ -1,5 +1,5 @@
 //! The in-memory entry index of a store: every registration entry decoded once, shared as
-//! `Arc<RegistrationEntry>`, by ID and by parent ID (issue 7, S6 and S9).
+//! `Arc<SharedEntry>`, by ID and by parent ID (issue 7, S6 and S9).
 //!
 //! # For a newcomer
 //!
@@ -30,12 +30,12 @@ use std::sync::Arc;
 
 use tessera_spiffe::SpiffeId;
 
-use super::types::RegistrationEntry;
+use super::types::{RegistrationEntry, SharedEntry};
 
 /// An entry compared, ordered and hashed by its ID (so sets of them are looked up by `&str`
 /// without a copy of the ID).
 #[derive(Debug, Clone)]
-struct ById(Arc<RegistrationEntry>);
+struct ById(Arc<SharedEntry>);
 
 impl PartialEq for ById {
     fn eq(&self, other: &Self) -> bool {
@@ -95,7 +95,7 @@ impl EntryIndex {
 
     /// Adds (or replaces) an entry while the index is loaded, at its revision.
     pub(crate) fn insert(&mut self, entry: RegistrationEntry) {
-        self.put(Arc::new(entry));
+        self.put(Arc::new(SharedEntry::new(entry)));
     }
 
     /// The store revision the index reflects.
@@ -122,22 +122,22 @@ impl EntryIndex {
     }
 
     /// The entry with this ID.
-    pub(crate) fn get(&self, id: &str) -> Option<&Arc<RegistrationEntry>> {
+    pub(crate) fn get(&self, id: &str) -> Option<&Arc<SharedEntry>> {
         self.by_id.get(id).map(|entry| &entry.0)
     }
 
     /// Every entry, in no particular order.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<RegistrationEntry>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<SharedEntry>> {
         self.by_id.iter().map(|entry| &entry.0)
     }
 
     /// The entries whose parent is one of `parents`, ordered by ID, each once.
-    pub(crate) fn children_of(&self, parents: &[SpiffeId]) -> Vec<Arc<RegistrationEntry>> {
+    pub(crate) fn children_of(&self, parents: &[SpiffeId]) -> Vec<Arc<SharedEntry>> {
         let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(parent)).collect();
         // The same parent listed twice must not list its children twice.
         sets.sort_unstable_by_key(|set| std::ptr::from_ref(*set));
         sets.dedup_by_key(|set| std::ptr::from_ref(*set));
-        let mut children: Vec<Arc<RegistrationEntry>> =
+        let mut children: Vec<Arc<SharedEntry>> =
             sets.iter().flat_map(|set| set.iter().map(|entry| Arc::clone(&entry.0))).collect();
         // One parent's children come sorted; several parents' are merged.
         if sets.len() > 1 {
@@ -147,7 +147,7 @@ impl EntryIndex {
     }
 
     /// Stores `entry`, replacing the entry with its ID.
-    fn put(&mut self, entry: Arc<RegistrationEntry>) {
+    fn put(&mut self, entry: Arc<SharedEntry>) {
         self.remove(&entry.id);
         self.by_parent.entry(entry.parent_id.clone()).or_default().insert(ById(Arc::clone(&entry)));
         self.by_id.insert(ById(entry));
@@ -172,7 +172,7 @@ impl EntryIndex {
     /// hold a later version; replaying the later change again is harmless).
     pub(crate) fn apply(&mut self, revision: u64, id: &str, entry: Option<RegistrationEntry>) {
         match entry {
-            Some(entry) => self.put(Arc::new(entry)),
+            Some(entry) => self.put(Arc::new(SharedEntry::new(entry))),
             None => self.remove(id),
         }
         self.revision = self.revision.max(revision);
@@ -193,7 +193,7 @@ mod tests {
         )
     }
 
-    fn ids(entries: &[Arc<RegistrationEntry>]) -> Vec<&str> {
+    fn ids(entries: &[Arc<SharedEntry>]) -> Vec<&str> {
         entries.iter().map(|e| e.id.as_str()).collect()
     }
 

@@ -114,7 +114,7 @@ pub(crate) use types::Generations;
 pub use types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DEFAULT_CHANGE_LOG_RETENTION, DataStoreOptions, EntryChange,
     EntryFilter, FederationRelationshipRecord, JoinToken, MAX_KEY_LEN, NodeFilter, NodeSerials, Page, PageRequest,
-    RegistrationEntry, SelectorFilter, SelectorMatch,
+    RegistrationEntry, SelectorFilter, SelectorMatch, SharedEntry,
 };
 
 /// The result of every datastore call.
@@ -160,13 +160,17 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
 
     /// [`Self::get_entry`], shared: a store that keeps its entries in memory hands out the
     /// one copy it holds (the sled store, see `entry_index.rs`) instead of a copy per caller.
-    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<RegistrationEntry>>> {
-        Ok(self.get_entry(id)?.map(Arc::new))
+    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<SharedEntry>>> {
+        Ok(self.get_entry(id)?.map(|entry| Arc::new(SharedEntry::new(entry))))
     }
 
     /// [`Self::list_entries_by_parents`], shared as [`Self::get_entry_shared`].
-    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<RegistrationEntry>>> {
-        Ok(self.list_entries_by_parents(parent_ids)?.into_iter().map(Arc::new).collect())
+    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
+        Ok(self
+            .list_entries_by_parents(parent_ids)?
+            .into_iter()
+            .map(|entry| Arc::new(SharedEntry::new(entry)))
+            .collect())
     }
 
     /// The entries that have `selector` among theirs, ordered by ID, through an index

@@ -67,8 +67,9 @@ use super::group_commit::{GroupCommit, Write};
 use super::types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
     FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
-    SelectorIndexPlan, check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict,
-    paginate, plan_selector_index, validate_entry, validate_node, validate_serials, validate_token,
+    SelectorIndexPlan, SharedEntry, check_continuity, compaction_target, duplicate_entry, entry_id_taken,
+    entry_revision_conflict, paginate, plan_selector_index, validate_entry, validate_node, validate_serials,
+    validate_token,
 };
 use super::{DataStore, Generations, Result, publish_revision};
 
@@ -844,14 +845,14 @@ impl DataStore for SledDataStore {
     }
 
     fn get_entry(&self, id: &str) -> Result<Option<RegistrationEntry>> {
-        Ok(self.get_entry_shared(id)?.map(Arc::unwrap_or_clone))
+        Ok(self.get_entry_shared(id)?.map(SharedEntry::unwrap_or_clone))
     }
 
-    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<RegistrationEntry>>> {
+    fn get_entry_shared(&self, id: &str) -> Result<Option<Arc<SharedEntry>>> {
         let index = self.index();
         if index.has_corrupt() {
             drop(index);
-            return Ok(self.load_entry(id)?.map(Arc::new));
+            return Ok(self.load_entry(id)?.map(|entry| Arc::new(SharedEntry::new(entry))));
         }
         Ok(index.get(id).cloned())
     }
@@ -925,10 +926,10 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
-        Ok(self.list_entries_by_parents_shared(parent_ids)?.into_iter().map(Arc::unwrap_or_clone).collect())
+        Ok(self.list_entries_by_parents_shared(parent_ids)?.into_iter().map(SharedEntry::unwrap_or_clone).collect())
     }
 
-    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<RegistrationEntry>>> {
+    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
         {
             let index = self.index();
             if !index.has_corrupt() {
@@ -946,7 +947,7 @@ impl DataStore for SledDataStore {
         let mut entries = Vec::with_capacity(ids.len());
         for id in &ids {
             if let Some(bytes) = self.trees.entries.get(id).map_err(storage("read"))? {
-                entries.push(Arc::new(decode_entry(id, &bytes)?));
+                entries.push(Arc::new(SharedEntry::new(decode_entry(id, &bytes)?)));
             }
         }
         Ok(entries)

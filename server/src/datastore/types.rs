@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
@@ -105,6 +106,75 @@ impl RegistrationEntry {
     /// True when the entry has expired at `now`.
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+/// A registration entry as the store shares it (the entry index's `Arc`s, see
+/// `entry_index.rs`), with room for the entry's encoded form on the agent API.
+///
+/// The entry cannot be changed through a `SharedEntry` (it derefs to `&RegistrationEntry`
+/// only, and it is not `Clone`): a written entry is a new `SharedEntry` in a new `Arc`, whose
+/// encoded form starts empty. So the encoded form, filled at first use by
+/// [`Self::encoded_with`], always encodes the entry next to it (issue 7, S6: a full sync
+/// encoded every entry again for every agent).
+#[derive(Debug)]
+pub struct SharedEntry {
+    entry: RegistrationEntry,
+    /// The agent API's protobuf encoding of `entry`, filled by the first sync that sends it
+    /// (lazily: an entry no agent syncs costs only the empty cell, see the S9 memory goal).
+    encoded: OnceLock<Box<[u8]>>,
+}
+
+impl SharedEntry {
+    /// `entry`, with no encoded form yet.
+    pub fn new(entry: RegistrationEntry) -> Self {
+        Self { entry, encoded: OnceLock::new() }
+    }
+
+    /// The entry.
+    pub fn entry(&self) -> &RegistrationEntry {
+        &self.entry
+    }
+
+    /// The entry of a shared one: moved out when this was the last reference, else copied.
+    pub fn unwrap_or_clone(shared: Arc<Self>) -> RegistrationEntry {
+        Arc::try_unwrap(shared).map_or_else(|shared| shared.entry.clone(), |owned| owned.entry)
+    }
+
+    /// The encoded form of the entry, made by `encode` the first time it is asked for and
+    /// kept. There is one encoding in the server (the agent API's `Entry` message,
+    /// `agent_api::convert::encoded_entry`); every caller passes it.
+    pub(crate) fn encoded_with(&self, encode: impl FnOnce(&RegistrationEntry) -> Vec<u8>) -> &[u8] {
+        self.encoded.get_or_init(|| encode(&self.entry).into_boxed_slice())
+    }
+
+    /// Whether the encoded form was made already.
+    #[cfg(test)]
+    pub(crate) fn is_encoded(&self) -> bool {
+        self.encoded.get().is_some()
+    }
+}
+
+impl std::ops::Deref for SharedEntry {
+    type Target = RegistrationEntry;
+
+    fn deref(&self) -> &RegistrationEntry {
+        &self.entry
+    }
+}
+
+/// Compared by the entry (the encoded form is made from it).
+impl PartialEq for SharedEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.entry == other.entry
+    }
+}
+
+impl Eq for SharedEntry {}
+
+impl From<RegistrationEntry> for SharedEntry {
+    fn from(entry: RegistrationEntry) -> Self {
+        Self::new(entry)
     }
 }
 
