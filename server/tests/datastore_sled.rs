@@ -103,64 +103,142 @@ fn by_spiffe_id(store: &SledDataStore, spiffe_id: &str) -> Vec<RegistrationEntry
     store.list_entries(&filter, &PageRequest::all()).unwrap().items
 }
 
-/// A store written in layout 1 (which also kept an `entry_by_spiffe_id` tree, SPIFFE ID `\0`
-/// entry ID) opens: the tree is dropped and the layout becomes 2, every entry is there,
-/// listings by SPIFFE ID answer from the entries' unique keys (a stale key of the old tree
-/// plays no part), and writes go on; opened again, it stays at layout 2.
-#[test]
-fn a_store_of_layout_1_is_migrated_at_open_and_works() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("datastore");
+const OTHER_AGENT: &str = "spiffe://example.org/tessera/agent/join_token/other";
+
+fn by_parent(store: &SledDataStore, parent: &str) -> Vec<RegistrationEntry> {
+    let filter = EntryFilter { parent_id: Some(id(parent)), ..EntryFilter::default() };
+    store.list_entries(&filter, &PageRequest::all()).unwrap().items
+}
+
+fn ids(entries: &[RegistrationEntry]) -> Vec<&str> {
+    entries.iter().map(|e| e.id.as_str()).collect()
+}
+
+/// Which older layout [`older_layout`] makes.
+#[derive(Debug, Clone, Copy)]
+enum Older {
+    /// Layout 1: `entry_by_spiffe_id` and `entry_by_parent`, version byte 1.
+    V1,
+    /// Layout 1 whose migration crashed after dropping `entry_by_spiffe_id`.
+    V1HalfMigrated,
+    /// Layout 2: `entry_by_parent`, version byte 2.
+    V2,
+    /// Layout 2 whose migration crashed after dropping `entry_by_parent`.
+    V2HalfMigrated,
+}
+
+/// Writes three entries with this build (two under `AGENT`, one under `OTHER_AGENT`), then
+/// turns the store into an older layout with sled directly: that layout's version byte and
+/// the index trees its build wrote (SPIFFE ID `\0` entry ID, parent ID `\0` entry ID), each with
+/// a stale key of an entry that does not exist.
+fn older_layout(path: &Path, older: Older) -> Vec<RegistrationEntry> {
     let written = {
-        let store = open(&path);
+        let store = open(path);
         let mut twin = entry("b2", "web");
         twin.selectors = SelectorSet::parse_all(&["unix:uid:2000"]).unwrap();
+        let mut other = entry("c", "db");
+        other.parent_id = id(OTHER_AGENT);
         vec![
             store.create_entry(&entry("a", "web")).unwrap(),
             store.create_entry(&twin).unwrap(),
-            store.create_entry(&entry("c", "db")).unwrap(),
+            store.create_entry(&other).unwrap(),
         ]
     };
-    // Layout 1: the same trees plus `entry_by_spiffe_id`, and version byte 1.
+    let db = open_raw(path);
+    let meta = db.open_tree("meta").unwrap();
+    assert_eq!(meta.get("schema_version").unwrap().unwrap().as_ref(), [3]);
+    let (version, by_spiffe_id, by_parent) = match older {
+        Older::V1 => (1, true, true),
+        Older::V1HalfMigrated => (1, false, true),
+        Older::V2 => (2, false, true),
+        Older::V2HalfMigrated => (2, false, false),
+    };
+    meta.insert("schema_version", &[version]).unwrap();
+    if by_spiffe_id {
+        let tree = db.open_tree("entry_by_spiffe_id").unwrap();
+        for e in &written {
+            tree.insert(format!("{}\0{}", e.spiffe_id, e.id), &[]).unwrap();
+        }
+        tree.insert("spiffe://example.org/ghost\0ghost", &[]).unwrap();
+    }
+    if by_parent {
+        let tree = db.open_tree("entry_by_parent").unwrap();
+        for e in &written {
+            tree.insert(format!("{}\0{}", e.parent_id, e.id), &[]).unwrap();
+        }
+        tree.insert(format!("{AGENT}\0ghost"), &[]).unwrap();
+    }
+    db.flush().unwrap();
+    written
+}
+
+/// A store of an older layout (1 or 2, or one whose migration a crash cut short) opens: the
+/// old trees are dropped and the layout becomes 3, every entry is there, listings by SPIFFE
+/// ID answer from the entries' unique keys and listings by parent from the entry index (a
+/// stale key of an old tree plays no part), and writes go on; opened again, it stays at
+/// layout 3.
+#[test]
+fn a_store_of_an_older_layout_is_migrated_at_open_and_works() {
+    for older in [Older::V1, Older::V1HalfMigrated, Older::V2, Older::V2HalfMigrated] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datastore");
+        let written = older_layout(&path, older);
+        {
+            let store = open(&path);
+            assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items, written);
+            assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web"), written[..2], "{older:?}");
+            assert_eq!(by_spiffe_id(&store, "spiffe://example.org/db"), written[2..], "{older:?}");
+            assert!(by_spiffe_id(&store, "spiffe://example.org/ghost").is_empty(), "{older:?}");
+            assert!(by_spiffe_id(&store, "spiffe://example.org/we").is_empty(), "a prefix of an ID is not the ID");
+            assert_eq!(by_parent(&store, AGENT), written[..2], "{older:?}");
+            assert_eq!(by_parent(&store, OTHER_AGENT), written[2..], "{older:?}");
+            assert_eq!(store.list_entries_by_parents(&[id(AGENT), id(OTHER_AGENT)]).unwrap(), written, "{older:?}");
+            // Duplicates are still refused; creates, moves and deletes show in the listings.
+            assert!(matches!(store.create_entry(&entry("z", "web")), Err(DataStoreError::AlreadyExists { .. })));
+            let d = store.create_entry(&entry("d", "web/d")).unwrap();
+            assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [d]);
+            let mut moved = entry("c", "web/d");
+            moved.selectors = SelectorSet::parse_all(&["unix:uid:3000"]).unwrap();
+            let moved = store.update_entry(&moved, None).unwrap();
+            assert!(by_spiffe_id(&store, "spiffe://example.org/db").is_empty());
+            assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d").len(), 2);
+            assert!(by_parent(&store, OTHER_AGENT).is_empty(), "{older:?}");
+            assert_eq!(ids(&by_parent(&store, AGENT)), ["a", "b2", "c", "d"], "{older:?}");
+            store.delete_entry("d").unwrap();
+            assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [moved]);
+            assert_eq!(ids(&store.list_entries_by_parents(&[id(AGENT)]).unwrap()), ["a", "b2", "c"], "{older:?}");
+        }
+        {
+            let db = open_raw(&path);
+            assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [3]);
+            for old in ["entry_by_spiffe_id", "entry_by_parent"] {
+                assert!(!db.tree_names().iter().any(|name| name.as_ref() == old.as_bytes()), "{old} kept, {older:?}");
+            }
+        }
+        let store = open(&path);
+        assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items.len(), 3);
+        assert_eq!(by_parent(&store, AGENT).len(), 3, "{older:?}");
+        assert_eq!(store.current_revision().unwrap(), 6);
+    }
+}
+
+/// A layout this build does not know (as layout 3 is to a build of layout 2) is refused at
+/// open, naming the store's path, and left as it is.
+#[test]
+fn a_store_of_an_unknown_layout_is_refused_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("datastore");
+    drop(open(&path));
     {
         let db = open_raw(&path);
-        let meta = db.open_tree("meta").unwrap();
-        assert_eq!(meta.get("schema_version").unwrap().unwrap().as_ref(), [2]);
-        meta.insert("schema_version", &[1]).unwrap();
-        let old = db.open_tree("entry_by_spiffe_id").unwrap();
-        for e in &written {
-            old.insert(format!("{}\0{}", e.spiffe_id, e.id), &[]).unwrap();
-        }
-        old.insert("spiffe://example.org/ghost\0ghost", &[]).unwrap();
+        db.open_tree("meta").unwrap().insert("schema_version", &[4]).unwrap();
         db.flush().unwrap();
     }
-    {
-        let store = open(&path);
-        assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items, written);
-        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web"), written[..2]);
-        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/db"), written[2..]);
-        assert!(by_spiffe_id(&store, "spiffe://example.org/ghost").is_empty());
-        assert!(by_spiffe_id(&store, "spiffe://example.org/we").is_empty(), "a prefix of an ID is not the ID");
-        // Duplicates are still refused; creates, moves and deletes show in the listings.
-        assert!(matches!(store.create_entry(&entry("z", "web")), Err(DataStoreError::AlreadyExists { .. })));
-        let d = store.create_entry(&entry("d", "web/d")).unwrap();
-        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [d]);
-        let mut moved = entry("c", "web/d");
-        moved.selectors = SelectorSet::parse_all(&["unix:uid:3000"]).unwrap();
-        let moved = store.update_entry(&moved, None).unwrap();
-        assert!(by_spiffe_id(&store, "spiffe://example.org/db").is_empty());
-        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d").len(), 2);
-        store.delete_entry("d").unwrap();
-        assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [moved]);
-    }
-    {
-        let db = open_raw(&path);
-        assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [2]);
-        assert!(!db.tree_names().iter().any(|name| name.as_ref() == b"entry_by_spiffe_id"), "the old tree is dropped");
-    }
-    let store = open(&path);
-    assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items.len(), 3);
-    assert_eq!(store.current_revision().unwrap(), 6);
+    let err = SledDataStore::open(&path, DataStoreOptions::default()).unwrap_err();
+    assert!(matches!(err, DataStoreError::UnsupportedSchema { found: 4, supported: 3, .. }), "{err:?}");
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    let db = open_raw(&path);
+    assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [4]);
 }
 
 #[test]

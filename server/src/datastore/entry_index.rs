@@ -22,9 +22,20 @@
 //! reads from the index reports that revision as its current one and hands out changes only
 //! up to it: a reader following the protocol (revision first, then the entries; then the
 //! changes after it) never misses a change and never meets one the index does not hold yet.
+//!
+//! # Corrupt records
+//!
+//! A stored record that does not decode is not in the index; its key is kept instead, with
+//! the parents its `entry_unique` key names (written in the same transaction as the record,
+//! so it tells whose child the record was when the record itself no longer does). Reads that
+//! could meet such a record go to the database, which reports it: any read while one exists
+//! for reads by ID, selector or expiry, and for reads by parent only those whose parents
+//! include one of its parents, or every one when its parents are unknown (no unique key
+//! names it). Store layout 3 has no parent index on disk, so this is what keeps a corrupt
+//! child from being skipped silently.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -78,9 +89,11 @@ pub(crate) struct EntryIndex {
     by_id: HashSet<ById, foldhash::fast::RandomState>,
     /// The entries per parent ID, ordered by entry ID.
     by_parent: HashMap<SpiffeId, BTreeSet<ById>, foldhash::fast::RandomState>,
-    /// IDs of stored records that did not decode. While there is one, the store answers the
-    /// reads that could meet it from the database, which reports it as corrupt.
-    corrupt: BTreeSet<String>,
+    /// Keys of stored records that did not decode, each with the parents it may be listed
+    /// under (empty: unknown, so under any). While there is one, the store answers the reads
+    /// that could meet it from the database, which reports it as corrupt (see the
+    /// [module docs](self)).
+    corrupt: BTreeMap<Vec<u8>, Vec<SpiffeId>>,
 }
 
 impl EntryIndex {
@@ -91,6 +104,11 @@ impl EntryIndex {
             index.insert(entry);
         }
         index
+    }
+
+    /// The IDs of the entries whose parent is `parent`, in ID order.
+    pub(crate) fn child_ids(&self, parent: &SpiffeId) -> impl Iterator<Item = &str> {
+        self.by_parent.get(parent).into_iter().flat_map(|set| set.iter().map(|entry| entry.0.id.as_str()))
     }
 
     /// Adds (or replaces) an entry while the index is loaded, at its revision.
@@ -108,11 +126,43 @@ impl EntryIndex {
         !self.corrupt.is_empty()
     }
 
-    /// Records that the stored record of entry `id` did not decode: the index no longer
-    /// holds a version of it.
-    pub(crate) fn mark_corrupt(&mut self, id: String) {
-        self.remove(&id);
-        self.corrupt.insert(id);
+    /// Records that the stored record under `key` did not decode: the index no longer holds
+    /// a version of it, and its parents are not known yet (see [`Self::set_corrupt_parent`]).
+    pub(crate) fn mark_corrupt(&mut self, key: Vec<u8>) {
+        if let Ok(id) = std::str::from_utf8(&key) {
+            self.remove(id);
+        }
+        self.corrupt.insert(key, Vec::new());
+    }
+
+    /// Moves the revision to `revision` (if later) without a change to the entries: for a
+    /// change whose entry did not decode (marked corrupt instead).
+    pub(crate) fn pass(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    /// The keys of the corrupt records whose parents are not known.
+    pub(crate) fn corrupt_without_parent(&self) -> HashSet<Vec<u8>> {
+        self.corrupt.iter().filter(|(_, parents)| parents.is_empty()).map(|(key, _)| key.clone()).collect()
+    }
+
+    /// Notes that the corrupt record under `key` (if it is one) may be listed under `parent`.
+    pub(crate) fn set_corrupt_parent(&mut self, key: &[u8], parent: SpiffeId) {
+        if let Some(parents) = self.corrupt.get_mut(key)
+            && !parents.contains(&parent)
+        {
+            parents.push(parent);
+        }
+    }
+
+    /// The keys of the corrupt records a read of the children of `parents` could meet: those
+    /// listed under one of `parents`, and those whose parents are unknown.
+    pub(crate) fn corrupt_children_of(&self, parents: &[SpiffeId]) -> Vec<&[u8]> {
+        self.corrupt
+            .iter()
+            .filter(|(_, under)| under.is_empty() || under.iter().any(|parent| parents.contains(parent)))
+            .map(|(key, _)| key.as_slice())
+            .collect()
     }
 
     /// How many entries it holds.
@@ -155,7 +205,7 @@ impl EntryIndex {
 
     /// Removes the entry with this ID, if any.
     fn remove(&mut self, id: &str) {
-        self.corrupt.remove(id);
+        self.corrupt.remove(id.as_bytes());
         let Some(old) = self.by_id.take(id) else {
             return;
         };

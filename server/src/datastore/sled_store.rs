@@ -11,7 +11,6 @@
 //! | `meta` | `schema_version`, `entry_revision`, `change_floor` | version byte; big-endian `u64`s |
 //! | `entries` | entry ID | entry record |
 //! | `entry_unique` | SPIFFE ID `\0` parent ID (`\0` selector)* | entry ID |
-//! | `entry_by_parent` | parent ID `\0` entry ID | - |
 //! | `entry_by_selector` | selector `\0` entry ID | - |
 //! | `entry_changes` | big-endian revision | change record |
 //! | `nodes` | node SPIFFE ID | node record |
@@ -25,6 +24,11 @@
 //! `entry_unique` doubles as the index by SPIFFE ID: its keys start with `<SPIFFE ID>\0`, so a
 //! prefix scan finds every entry with that SPIFFE ID (the values are the entry IDs).
 //!
+//! There is no index by parent on disk: the in-memory entry index (`entry_index.rs`) answers
+//! reads by parent. For a record that does not decode, the index keeps the parent its
+//! `entry_unique` key names, so a read by parent that could meet the record still reads it
+//! from the database and reports it (see `entry_index.rs`, "Corrupt records").
+//!
 //! # Layout versions
 //!
 //! Version 1 also kept an `entry_by_spiffe_id` tree (SPIFFE ID `\0` entry ID), which repeated
@@ -33,6 +37,15 @@
 //! set to 2 and flushed (a crash in between leaves version 1, and the next open drops the tree
 //! again). A build that knows only version 1 refuses a version-2 store, so an older build
 //! never reads a store whose SPIFFE ID index it would find empty.
+//!
+//! Version 2 also kept an `entry_by_parent` tree (parent ID `\0` entry ID), one more key per
+//! entry write that only the reads met while a corrupt record was stored needed (S8). A
+//! version-2 store is migrated when it opens the same way: the tree is dropped, then the
+//! version is set to 3 and flushed (a crash in between leaves version 2 and the next open
+//! drops the tree again). A version-1 store goes through version 2 (each step flushed). A
+//! build that knows versions up to 2 refuses a version-3 store (an unknown version, reported
+//! with the store's path), so an older build never reads children from a tree that is no
+//! longer written.
 //!
 //! Records are encoded by `codec` (version byte + postcard). A record and its index keys
 //! are always written in one multi-tree transaction, so indexes never disagree with a
@@ -77,17 +90,19 @@ mod batch;
 mod hydrate;
 
 /// The layout version this build reads and writes (the `schema_version` key of `meta`).
-const SCHEMA_VERSION: u8 = 2;
+const SCHEMA_VERSION: u8 = 3;
 
-/// The layout version this build migrates at open (see the module docs).
+/// The older layout versions this build migrates at open (see the module docs).
 const SCHEMA_VERSION_1: u8 = 1;
+const SCHEMA_VERSION_2: u8 = 2;
 
 const META: &str = "meta";
 const ENTRIES: &str = "entries";
 const ENTRY_UNIQUE: &str = "entry_unique";
-const ENTRY_BY_PARENT: &str = "entry_by_parent";
 /// Version 1's index by SPIFFE ID, dropped when such a store opens.
 const V1_ENTRY_BY_SPIFFE_ID: &str = "entry_by_spiffe_id";
+/// Version 2's (and 1's) index by parent ID, dropped when such a store opens.
+const V2_ENTRY_BY_PARENT: &str = "entry_by_parent";
 const ENTRY_BY_SELECTOR: &str = "entry_by_selector";
 const ENTRY_CHANGES: &str = "entry_changes";
 const NODES: &str = "nodes";
@@ -132,15 +147,6 @@ fn index_prefix(value: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(value.len() + 1);
     key.extend_from_slice(value.as_bytes());
     key.push(0);
-    key
-}
-
-/// `<value>\0<record key>`.
-fn index_key(value: &str, record_key: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(value.len() + 1 + record_key.len());
-    key.extend_from_slice(value.as_bytes());
-    key.push(0);
-    key.extend_from_slice(record_key.as_bytes());
     key
 }
 
@@ -205,7 +211,6 @@ struct Trees {
     meta: sled::Tree,
     entries: sled::Tree,
     entry_unique: sled::Tree,
-    entry_by_parent: sled::Tree,
     entry_by_selector: sled::Tree,
     entry_changes: sled::Tree,
     nodes: sled::Tree,
@@ -221,7 +226,6 @@ struct Trees {
 struct EntryTx<'a> {
     entries: &'a TransactionalTree,
     unique: &'a TransactionalTree,
-    by_parent: &'a TransactionalTree,
     by_selector: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
@@ -263,7 +267,6 @@ impl EntryTx<'_> {
         let record = encode(&EntryRecordV1Ref::from_entry(&entry)).map_err(abort)?;
         self.entries.insert(entry.id.as_bytes(), record)?;
         self.unique.insert(unique.as_bytes(), entry.id.as_bytes())?;
-        self.by_parent.insert(index_key(entry.parent_id.as_str(), &entry.id), &[])?;
         for selector in &entry.selectors {
             self.by_selector.insert(selector_key(selector, &entry.id), &[])?;
         }
@@ -274,7 +277,6 @@ impl EntryTx<'_> {
     /// Removes the entry's index keys (not the entry itself).
     fn remove_indexes(&self, entry: &RegistrationEntry) -> TxResult<()> {
         self.unique.remove(entry.unique_key().as_bytes())?;
-        self.by_parent.remove(index_key(entry.parent_id.as_str(), &entry.id))?;
         for selector in &entry.selectors {
             self.by_selector.remove(selector_key(selector, &entry.id))?;
         }
@@ -428,7 +430,6 @@ impl SledDataStore {
             meta: tree(META)?,
             entries: tree(ENTRIES)?,
             entry_unique: tree(ENTRY_UNIQUE)?,
-            entry_by_parent: tree(ENTRY_BY_PARENT)?,
             entry_by_selector: tree(ENTRY_BY_SELECTOR)?,
             entry_changes: tree(ENTRY_CHANGES)?,
             nodes: tree(NODES)?,
@@ -439,22 +440,34 @@ impl SledDataStore {
             jtis: tree(JTIS)?,
             federation: tree(FEDERATION)?,
         };
-        match trees.meta.get(KEY_SCHEMA_VERSION).map_err(|e| open_error(Box::new(e)))? {
-            None => {
-                trees.meta.insert(KEY_SCHEMA_VERSION, &[SCHEMA_VERSION]).map_err(|e| open_error(Box::new(e)))?;
-                db.flush().map_err(|e| open_error(Box::new(e)))?;
-            }
-            Some(found) if found.as_ref() == [SCHEMA_VERSION] => {}
-            Some(found) if found.as_ref() == [SCHEMA_VERSION_1] => {
-                db.drop_tree(V1_ENTRY_BY_SPIFFE_ID).map_err(|e| open_error(Box::new(e)))?;
-                trees.meta.insert(KEY_SCHEMA_VERSION, &[SCHEMA_VERSION]).map_err(|e| open_error(Box::new(e)))?;
-                db.flush().map_err(|e| open_error(Box::new(e)))?;
-            }
-            Some(found) => {
-                let Some(&found) = found.first().filter(|_| found.len() == 1) else {
-                    return Err(DataStoreError::corrupt(META, KEY_SCHEMA_VERSION, "expected one byte"));
-                };
-                return Err(DataStoreError::UnsupportedSchema { path, found, supported: SCHEMA_VERSION });
+        // Each migration step drops a tree, then records the next version and flushes: a crash
+        // in between leaves the older version, and the next open takes the step again.
+        let set_version = |version: u8| -> Result<()> {
+            trees.meta.insert(KEY_SCHEMA_VERSION, &[version]).map_err(|e| open_error(Box::new(e)))?;
+            db.flush().map(drop).map_err(|e| open_error(Box::new(e)))
+        };
+        let drop_tree = |name: &str| db.drop_tree(name).map(drop).map_err(|e| open_error(Box::new(e)));
+        loop {
+            match trees.meta.get(KEY_SCHEMA_VERSION).map_err(|e| open_error(Box::new(e)))? {
+                None => {
+                    set_version(SCHEMA_VERSION)?;
+                    break;
+                }
+                Some(found) if found.as_ref() == [SCHEMA_VERSION] => break,
+                Some(found) if found.as_ref() == [SCHEMA_VERSION_1] => {
+                    drop_tree(V1_ENTRY_BY_SPIFFE_ID)?;
+                    set_version(SCHEMA_VERSION_2)?;
+                }
+                Some(found) if found.as_ref() == [SCHEMA_VERSION_2] => {
+                    drop_tree(V2_ENTRY_BY_PARENT)?;
+                    set_version(SCHEMA_VERSION)?;
+                }
+                Some(found) => {
+                    let Some(&found) = found.first().filter(|_| found.len() == 1) else {
+                        return Err(DataStoreError::corrupt(META, KEY_SCHEMA_VERSION, "expected one byte"));
+                    };
+                    return Err(DataStoreError::UnsupportedSchema { path, found, supported: SCHEMA_VERSION });
+                }
             }
         }
         let store = Self {
@@ -525,6 +538,7 @@ impl SledDataStore {
     /// See [`Self::catch_up_index`]; `index` is the index, locked.
     fn catch_up(&self, index: &mut EntryIndex) -> Result<()> {
         let current = self.read_meta_u64(KEY_REVISION)?;
+        let mut found_corrupt = false;
         while index.revision() < current {
             let changes = self.logged_changes(index.revision(), current, CATCH_UP_PAGE)?;
             if changes.first().is_none_or(|first| first.revision != index.revision() + 1) {
@@ -541,7 +555,10 @@ impl SledDataStore {
                             Ok(entry) => entry,
                             Err(err @ DataStoreError::Corrupt { .. }) => {
                                 tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
-                                index.mark_corrupt(change.entry_id);
+                                index.mark_corrupt(change.entry_id.into_bytes());
+                                // Taken as far as it can be: the replay moves on past it.
+                                index.pass(change.revision);
+                                found_corrupt = true;
                                 continue;
                             }
                             Err(err) => return Err(err),
@@ -549,6 +566,35 @@ impl SledDataStore {
                     }
                 };
                 index.apply(change.revision, &change.entry_id, entry);
+            }
+        }
+        if found_corrupt {
+            self.locate_corrupt(index)?;
+        }
+        Ok(())
+    }
+
+    /// Notes, for each corrupt record of `index` whose parents are not known, the parent its
+    /// `entry_unique` key names (one scan of `entry_unique`, made only while there is such a
+    /// record). A unique key that does not parse names none: a record no key names stays
+    /// listed under every parent.
+    fn locate_corrupt(&self, index: &mut EntryIndex) -> Result<()> {
+        let wanted = index.corrupt_without_parent();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for item in self.trees.entry_unique.iter() {
+            let (key, id) = item.map_err(storage("read"))?;
+            if !wanted.contains(id.as_ref()) {
+                continue;
+            }
+            let parent = key
+                .split(|&b| b == 0)
+                .nth(1)
+                .and_then(|parent| std::str::from_utf8(parent).ok())
+                .and_then(|parent| SpiffeId::parse(parent).ok());
+            if let Some(parent) = parent {
+                index.set_corrupt_parent(&id, parent);
             }
         }
         Ok(())
@@ -747,9 +793,14 @@ impl SledDataStore {
             return self.entries_with_spiffe_id(spiffe_id).map(Some);
         }
         if let Some(parent_id) = &filter.parent_id {
-            return Ok(Some(
-                self.index_lookup(&t.entry_by_parent, ENTRY_BY_PARENT, parent_id.as_str())?.into_iter().collect(),
-            ));
+            // From the entry index (there is no parent index on disk), with every corrupt
+            // record that could be a child: loaded from the database, it is reported.
+            let index = self.index();
+            let mut ids: BTreeSet<String> = index.child_ids(parent_id).map(str::to_owned).collect();
+            for key in index.corrupt_children_of(std::slice::from_ref(parent_id)) {
+                ids.insert(utf8_key(ENTRIES, key)?);
+            }
+            return Ok(Some(ids));
         }
         match &filter.selectors {
             Some(selectors) => {
@@ -757,40 +808,6 @@ impl SledDataStore {
             }
             None => Ok(None),
         }
-    }
-
-    /// The IDs (as key bytes) of the entries whose parent is one of `parents` (sorted, no
-    /// duplicates), in index order.
-    ///
-    /// One walk of `entry_by_parent` for all of them, a sorted merge: the walk starts at the
-    /// first parent's keys and reads on while the keys belong to a listed parent; at a key of
-    /// an unlisted parent it skips ahead to the next listed parent at or after that key's,
-    /// starting a new range only when one lies between. An authorized-set computation asks
-    /// for the children of every SPIFFE ID it holds, almost none of which is a parent: one
-    /// range read for all of them instead of one per ID (issue 7, S6).
-    fn children_of(&self, parents: &[&str]) -> Result<Vec<sled::IVec>> {
-        let mut ids = Vec::new();
-        let mut next = 0;
-        'seek: while let Some(first) = parents.get(next) {
-            for item in self.trees.entry_by_parent.range(index_prefix(first)..) {
-                let (key, _) = item.map_err(storage("read"))?;
-                let Some(split) = key.iter().position(|&b| b == 0) else {
-                    return Err(DataStoreError::corrupt(ENTRY_BY_PARENT, &key, "index key without a separator"));
-                };
-                let parent = &key[..split];
-                while parents.get(next).is_some_and(|p| p.as_bytes() < parent) {
-                    next += 1;
-                }
-                match parents.get(next) {
-                    None => break 'seek,
-                    Some(p) if p.as_bytes() == parent => ids.push(sled::IVec::from(&key[split + 1..])),
-                    // Keys of unlisted parents lie ahead: seek to the next listed one.
-                    Some(_) => continue 'seek,
-                }
-            }
-            break;
-        }
-        Ok(ids)
     }
 
     /// Loads entries by ID, skipping any deleted since its index key was read.
@@ -930,27 +947,25 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
-        {
-            let index = self.index();
-            if !index.has_corrupt() {
-                return Ok(index.children_of(parent_ids));
+        let index = self.index();
+        let mut children = index.children_of(parent_ids);
+        let suspects: Vec<Vec<u8>> = index.corrupt_children_of(parent_ids).into_iter().map(<[u8]>::to_vec).collect();
+        drop(index);
+        if suspects.is_empty() {
+            return Ok(children);
+        }
+        // A corrupt record that could be a child is read from the database, which reports it
+        // while it does not decode.
+        for key in &suspects {
+            if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
+                let entry = decode_entry(key, &bytes)?;
+                if parent_ids.contains(&entry.parent_id) && children.iter().all(|child| child.id != entry.id) {
+                    children.push(Arc::new(SharedEntry::new(entry)));
+                }
             }
         }
-        let mut parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
-        parents.sort_unstable();
-        parents.dedup();
-        let mut ids = self.children_of(&parents)?;
-        // One parent's IDs come sorted; several parents' are merged.
-        if parents.len() > 1 {
-            ids.sort_unstable();
-        }
-        let mut entries = Vec::with_capacity(ids.len());
-        for id in &ids {
-            if let Some(bytes) = self.trees.entries.get(id).map_err(storage("read"))? {
-                entries.push(Arc::new(SharedEntry::new(decode_entry(id, &bytes)?)));
-            }
-        }
-        Ok(entries)
+        children.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(children)
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
@@ -1490,6 +1505,7 @@ mod tests {
         }
         let err = SledDataStore::open(dir.path(), DataStoreOptions::default()).unwrap_err();
         assert!(matches!(err, DataStoreError::UnsupportedSchema { found: 9, supported: SCHEMA_VERSION, .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
     }
 
     #[test]
@@ -1505,13 +1521,88 @@ mod tests {
         let keys = |tree: &sled::Tree| {
             tree.iter().keys().map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap()).collect::<Vec<_>>()
         };
-        assert_eq!(keys(&t.entry_by_parent), ["spiffe://example.org/other\0e1"]);
         assert_eq!(keys(&t.entry_by_selector), ["unix:uid:2000\0e1"]);
-        assert_eq!(keys(&t.entry_unique).len(), 1);
+        assert_eq!(keys(&t.entry_unique), ["spiffe://example.org/web\0spiffe://example.org/other\0unix:uid:2000"]);
+        // Layout 3: no index by parent on disk.
+        assert!(!store.db.tree_names().iter().any(|name| name.as_ref() == V2_ENTRY_BY_PARENT.as_bytes()));
         store.delete_entry("e1").unwrap();
-        for tree in [&t.entries, &t.entry_unique, &t.entry_by_parent, &t.entry_by_selector] {
+        for tree in [&t.entries, &t.entry_unique, &t.entry_by_selector] {
             assert!(tree.is_empty());
         }
+    }
+
+    fn ids_of(entries: &[Arc<SharedEntry>]) -> Vec<&str> {
+        entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    fn by_parent(store: &SledDataStore, parent: &str) -> Result<Vec<String>> {
+        let filter = EntryFilter { parent_id: Some(id(parent)), ..EntryFilter::default() };
+        Ok(store.list_entries(&filter, &PageRequest::all())?.items.into_iter().map(|e| e.id).collect())
+    }
+
+    /// Without an index by parent on disk, a corrupt record is still reported by every read by
+    /// parent that could meet it, found at open or by a catch-up: under the parent its unique
+    /// key names; under every parent when no unique key names it (or its key is not UTF-8).
+    /// Reads by other parents are answered from the entry index.
+    #[test]
+    fn a_corrupt_record_is_reported_by_the_reads_by_parent_that_could_meet_it() {
+        const A: &str = "spiffe://example.org/a";
+        const B: &str = "spiffe://example.org/b";
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for n in 0..6 {
+            let mut e = numbered_entry(n);
+            e.parent_id = id(if n % 2 == 0 { A } else { B });
+            store.create_entry(&e).unwrap();
+        }
+        // e2 (under A) stops decoding; found when the store opens.
+        store.trees.entries.insert("e2", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(store.list_entries_by_parents_shared(&[id(A)]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[id(B), id(A)]), ENTRIES);
+        assert_corrupt(by_parent(&store, A), ENTRIES);
+        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[id(B)]).unwrap()), ["e1", "e3", "e5"]);
+        assert_eq!(by_parent(&store, B).unwrap(), ["e1", "e3", "e5"]);
+
+        // e5 (under B) is written outside the writer, then stops decoding: found by the
+        // index's catch-up from the change log, under B.
+        let mut moved = numbered_entry(5);
+        moved.parent_id = id(B);
+        moved.hint = "moved".into();
+        commit_unindexed(&store, &moved);
+        store.trees.entries.insert("e5", &[1, 0xff][..]).unwrap();
+        store.catch_up_index().unwrap();
+        assert_corrupt(store.list_entries_by_parents_shared(&[id(B)]), ENTRIES);
+        assert_corrupt(by_parent(&store, B), ENTRIES);
+        assert!(store.list_entries_by_parents_shared(&[id("spiffe://example.org/c")]).unwrap().is_empty());
+
+        // A corrupt record no unique key names could be anyone's child.
+        let unique = store.trees.entry_unique.iter().map(Result::unwrap).find(|(_, owner)| owner == b"e2").unwrap().0;
+        store.trees.entry_unique.remove(unique).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(store.list_entries_by_parents_shared(&[id("spiffe://example.org/c")]), ENTRIES);
+        assert_corrupt(by_parent(&store, "spiffe://example.org/c"), ENTRIES);
+
+        // Once the records are gone (removed by hand), the reads answer again.
+        store.trees.entries.remove("e2").unwrap();
+        store.trees.entries.remove("e5").unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert!(!store.index().has_corrupt());
+        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[id(A), id(B)]).unwrap()), ["e0", "e1", "e3", "e4"]);
+
+        // A record whose key is not UTF-8 is no entry ID any unique key could name.
+        store.trees.entries.insert(&[0xff, 0x01][..], &[1, 2][..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(store.list_entries_by_parents_shared(&[id(A)]), ENTRIES);
+        assert_corrupt(by_parent(&store, B), ENTRIES);
     }
 
     /// The entry index as readers see it, and the stored entries, read from the database.

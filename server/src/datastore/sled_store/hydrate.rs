@@ -31,20 +31,20 @@ const MAX_DECODERS: usize = 8;
 /// Raw records of the `entries` tree, in key order.
 type RawChunk = Vec<(IVec, IVec)>;
 
-/// What one record decodes to: the entry, or the (lossy) ID and the reason it is corrupt.
-type Decoded = std::result::Result<RegistrationEntry, (String, DataStoreError)>;
+/// What one record decodes to: the entry, or the record's key and the reason it is corrupt.
+type Decoded = std::result::Result<RegistrationEntry, (Vec<u8>, DataStoreError)>;
 
 fn decode_record(key: &[u8], bytes: &[u8]) -> Decoded {
-    decode_entry(key, bytes).map_err(|err| (String::from_utf8_lossy(key).into_owned(), err))
+    decode_entry(key, bytes).map_err(|err| (key.to_vec(), err))
 }
 
 /// Adds a decoded record to the index: the entry, or a note that it is corrupt.
 fn add(index: &mut EntryIndex, record: Decoded) {
     match record {
         Ok(entry) => index.insert(entry),
-        Err((id, err)) => {
+        Err((key, err)) => {
             tracing::error!(error = %err, "a stored registration entry does not decode; it is not authorized for any agent");
-            index.mark_corrupt(id);
+            index.mark_corrupt(key);
         }
     }
 }
@@ -52,7 +52,8 @@ fn add(index: &mut EntryIndex, record: Decoded) {
 impl SledDataStore {
     /// Every stored entry, decoded, at the current revision (no write may run meanwhile:
     /// at open, or under the index's write lock from the writer's leader). A record that does
-    /// not decode is noted as corrupt, not loaded: the reads that could meet it report it.
+    /// not decode is noted as corrupt, not loaded, with the parents its unique key names: the
+    /// reads that could meet it report it.
     pub(super) fn hydrate(&self) -> Result<EntryIndex> {
         let decoders = std::thread::available_parallelism().map_or(1, NonZero::get).min(MAX_DECODERS);
         self.hydrate_with(CHUNK, decoders)
@@ -60,6 +61,13 @@ impl SledDataStore {
 
     /// [`Self::hydrate`] with chunks of `chunk` records and `decoders` decoding threads.
     pub(super) fn hydrate_with(&self, chunk: usize, decoders: usize) -> Result<EntryIndex> {
+        let mut index = self.hydrate_records(chunk, decoders)?;
+        self.locate_corrupt(&mut index)?;
+        Ok(index)
+    }
+
+    /// [`Self::hydrate_with`] but for the parents of corrupt records.
+    fn hydrate_records(&self, chunk: usize, decoders: usize) -> Result<EntryIndex> {
         let chunk = chunk.max(1);
         let mut index = EntryIndex::new(self.read_meta_u64(KEY_REVISION)?, []);
         let mut records = self.trees.entries.iter();
