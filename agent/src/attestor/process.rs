@@ -63,9 +63,9 @@ pub(super) fn socket_peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
 
 /// A caller's process, pinned: see the [module docs](super) for why and how.
 ///
-/// Holds a pidfd (the socket's, or one opened for the pid, when the kernel has them), an open `/proc/<pid>` directory, its open `status`
-/// file, the credentials read from it and, once the executable was looked at, its
-/// [`FileKey`]. Without a pidfd it also holds the open `stat` file and the start time. That is
+/// Holds a pidfd (the connection's, or one opened for the pid, when the kernel has them), an
+/// open `/proc/<pid>` directory, its open `status` file, the credentials read from it and, once
+/// the executable was looked at, its [`FileKey`]. Without a pidfd it also holds the open `stat` file and the start time. That is
 /// three file descriptors (four in the fallback): drop it once the caller has been answered.
 ///
 /// `status` (and `stat`) stay open because re-reading an open procfs file from offset 0
