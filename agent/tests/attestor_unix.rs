@@ -3,14 +3,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg(target_os = "linux")]
 
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_agent::attestor::{
-    AttestError, ExecutableDigest, ExecutableDigests, PeerCredentials, PeerProcess, ProcessChange, ProcfsInspector,
-    UnixAttestor, UnixAttestorConfig,
+    AttestError, ExecutableDigest, ExecutableDigests, PeerCredentials, PeerPidfd, PeerProcess, ProcessChange,
+    ProcfsInspector, UnixAttestor, UnixAttestorConfig,
 };
 use tessera_spiffe::{Selector, SelectorSet};
 
@@ -304,4 +306,85 @@ async fn a_real_unix_socket_peer_is_attested() {
     let attestation = attestor.attest(peer).await.unwrap();
     assert!(attestation.selectors().contains(&unix(&format!("uid:{}", rustix::process::geteuid().as_raw()))));
     attestation.verify_still_same().unwrap();
+
+    // The same through the connection's pidfd, when the kernel gives one.
+    let pidfd = PeerPidfd::from_socket(&server_side);
+    assert_eq!(pidfd.is_some(), kernel_at_least(6, 5));
+    let through_socket = attestor.attest_connection(peer, pidfd.as_ref()).await.unwrap();
+    assert_eq!(through_socket.selectors(), attestation.selectors());
+    through_socket.verify_still_same().unwrap();
+}
+
+/// True when the running kernel is at least `major.minor` (`/proc/sys/kernel/osrelease`).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release.trim().split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// When set, the test process is the child of
+/// [`a_connection_pins_the_process_that_connected_not_whoever_has_its_pid`]: it connects to
+/// the socket at this path and exits once it reads a byte (or end of file).
+const CONNECT_TO: &str = "TESSERA_TEST_ATTESTOR_CONNECT_TO";
+
+/// The window SO_PEERPIDFD closes. A child C connects and is pinned through the connection's
+/// pidfd; then C exits and is reaped, and the pid the socket reported stands for a live process
+/// Q of the same user (the pid is not really reused: Q's pid is given instead, which is what
+/// `/proc/<pid>` would show after a reuse). Through the connection's pidfd the caller is gone;
+/// through `pidfd_open` of the pid (the fallback when the kernel has no SO_PEERPIDFD, forced
+/// here by passing no pidfd) Q would be attested, and only its ids are compared.
+#[test]
+fn a_connection_pins_the_process_that_connected_not_whoever_has_its_pid() {
+    if let Some(path) = std::env::var_os(CONNECT_TO) {
+        let mut stream = std::os::unix::net::UnixStream::connect(path).unwrap();
+        let _ = stream.read(&mut [0u8; 1]);
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut connector = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_connection_pins_the_process_that_connected_not_whoever_has_its_pid", "--quiet"])
+        .env(CONNECT_TO, &socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    let cred = nix::sys::socket::getsockopt(&accepted, nix::sys::socket::sockopt::PeerCredentials).unwrap();
+    let peer = PeerCredentials { pid: u32::try_from(cred.pid()).unwrap(), uid: cred.uid(), gid: cred.gid() };
+    assert_eq!(peer.pid, connector.id());
+    let Some(pidfd) = PeerPidfd::from_socket(&accepted) else {
+        assert!(!kernel_at_least(6, 5), "Linux 6.5+ gives SO_PEERPIDFD");
+        let _ = connector.kill();
+        let _ = connector.wait();
+        return;
+    };
+    // The pidfd names the pid SO_PEERCRED reported (both come from the socket's peer record).
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_fd().as_raw_fd())).unwrap();
+    assert!(fdinfo.lines().any(|line| line == format!("Pid:\t{}", peer.pid)), "{fdinfo}");
+
+    let attestor = UnixAttestor::new(&UnixAttestorConfig { max_sha256_file_size: 0, ..Default::default() });
+    let attestation = attestor.attest_connection_blocking(&peer, Some(&pidfd)).unwrap();
+    assert!(attestation.selectors().contains(&unix(&format!("uid:{}", peer.uid))));
+    attestation.verify_still_same().unwrap();
+    let pinned = PeerProcess::open_connection(&peer, Some(&pidfd)).unwrap();
+    assert!(pinned.has_socket_pidfd());
+    pinned.verify_still_same().unwrap();
+
+    accepted.write_all(b"x").unwrap();
+    assert!(connector.wait().unwrap().success());
+    assert!(attestation.verify_still_same().unwrap_err().is_caller_gone());
+    assert!(pinned.verify_still_same().unwrap_err().is_caller_gone());
+
+    let other = Reaped(spawn("sleep", &["30"]));
+    let reused = child_peer(&other.0);
+    let err = PeerProcess::open_connection(&reused, Some(&pidfd)).unwrap_err();
+    assert!(matches!(err, AttestError::ProcessGone { .. }), "{err}");
+    let err = attestor.attest_connection_blocking(&reused, Some(&pidfd)).unwrap_err();
+    assert!(err.is_caller_gone(), "{err}");
+    // The fallback pins whatever process has the pid when the pin begins.
+    let fallback = PeerProcess::open_connection(&reused, None).unwrap();
+    assert!(fallback.has_pidfd() && !fallback.has_socket_pidfd());
+    fallback.verify_still_same().unwrap();
+    attestor.attest_connection_blocking(&reused, None).unwrap().verify_still_same().unwrap();
 }

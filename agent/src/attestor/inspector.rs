@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{AttestError, PeerCredentials, ProcessChange, ProcessFacts};
+use super::{AttestError, PeerCredentials, PeerPidfd, ProcessChange, ProcessFacts};
 
 /// A caller's process, pinned when attestation began.
 ///
@@ -32,15 +32,20 @@ pub struct InspectedProcess {
 
 /// Reads the facts about a socket peer's process.
 pub trait ProcessInspector: Send + Sync + fmt::Debug {
-    /// Pins the process behind `peer` and reads its facts. May block (name lookups and
-    /// hashing on cache misses): call it from a blocking context.
-    fn inspect(&self, peer: &PeerCredentials) -> Result<InspectedProcess, AttestError>;
+    /// Pins the process behind `peer` and reads its facts. `pidfd` is the connection's pidfd
+    /// for the process that connected ([`PeerPidfd::from_socket`]), when the kernel gave one.
+    /// May block (name lookups and hashing on cache misses): call it from a blocking context.
+    fn inspect(&self, peer: &PeerCredentials, pidfd: Option<&PeerPidfd>) -> Result<InspectedProcess, AttestError>;
 
     /// Like [`inspect`](Self::inspect) when everything slow is cached; `Ok(None)` when it would
     /// have to block, so that async callers can move to a blocking thread only then. The
     /// default always answers `Ok(None)`.
-    fn inspect_without_blocking(&self, peer: &PeerCredentials) -> Result<Option<InspectedProcess>, AttestError> {
-        let _ = peer;
+    fn inspect_without_blocking(
+        &self,
+        peer: &PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
+    ) -> Result<Option<InspectedProcess>, AttestError> {
+        let _ = (peer, pidfd);
         Ok(None)
     }
 }
@@ -90,7 +95,8 @@ impl FakeProcessInspector {
 }
 
 impl ProcessInspector for FakeProcessInspector {
-    fn inspect(&self, peer: &PeerCredentials) -> Result<InspectedProcess, AttestError> {
+    /// The fake has no real processes: `pidfd` is ignored.
+    fn inspect(&self, peer: &PeerCredentials, _pidfd: Option<&PeerPidfd>) -> Result<InspectedProcess, AttestError> {
         let pid = peer.pid;
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let process = state.processes.get(&pid).ok_or(AttestError::ProcessGone { pid })?;
@@ -108,8 +114,12 @@ impl ProcessInspector for FakeProcessInspector {
         Ok(InspectedProcess { facts, process: Box::new(pin) })
     }
 
-    fn inspect_without_blocking(&self, peer: &PeerCredentials) -> Result<Option<InspectedProcess>, AttestError> {
-        self.inspect(peer).map(Some)
+    fn inspect_without_blocking(
+        &self,
+        peer: &PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
+    ) -> Result<Option<InspectedProcess>, AttestError> {
+        self.inspect(peer, pidfd).map(Some)
     }
 }
 
@@ -148,23 +158,23 @@ mod tests {
     #[test]
     fn fake_processes_exit_and_get_their_pid_reused() {
         let fake = FakeProcessInspector::new();
-        assert!(matches!(fake.inspect(&peer(10, 1000)), Err(AttestError::ProcessGone { pid: 10 })));
+        assert!(matches!(fake.inspect(&peer(10, 1000), None), Err(AttestError::ProcessGone { pid: 10 })));
 
         fake.set_process(10, ProcessFacts::new(1000, 1000));
-        let first = fake.inspect(&peer(10, 1000)).unwrap();
+        let first = fake.inspect(&peer(10, 1000), None).unwrap();
         assert_eq!(first.facts, ProcessFacts::new(1000, 1000));
         assert_eq!(first.process.pid(), 10);
         first.process.verify_still_same().unwrap();
 
         // A peer that connected as another user is refused.
-        let err = fake.inspect(&peer(10, 0)).unwrap_err();
+        let err = fake.inspect(&peer(10, 0), None).unwrap_err();
         assert!(matches!(err, AttestError::CredentialsMismatch { .. }) && err.is_caller_gone());
 
         fake.set_process(10, ProcessFacts::new(1000, 1000));
         let err = first.process.verify_still_same().unwrap_err();
         assert!(matches!(err, AttestError::ProcessChanged { pid: 10, change: ProcessChange::StartTime }));
 
-        let second = fake.inspect_without_blocking(&peer(10, 1000)).unwrap().unwrap();
+        let second = fake.inspect_without_blocking(&peer(10, 1000), None).unwrap().unwrap();
         second.process.verify_still_same().unwrap();
         fake.clone().exit(10);
         assert!(matches!(second.process.verify_still_same(), Err(AttestError::ProcessGone { pid: 10 })));

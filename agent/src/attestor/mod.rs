@@ -18,10 +18,13 @@
 //! exited and the number been given to another process, possibly another user's. Attesting or
 //! answering for that process would hand the caller's identity to a stranger, or the stranger's
 //! identity to whoever still holds the caller's socket (a forked child, or a process it passed
-//! the descriptor to). So [`PeerProcess::open`] pins the process when attestation begins:
+//! the descriptor to). So [`PeerProcess::open_connection`] pins the process when attestation
+//! begins:
 //!
-//! - a **pidfd** (`pidfd_open`, Linux 5.3+), which refers to that one process forever and polls
-//!   readable once it has exited;
+//! - a **pidfd**, which refers to that one process forever and polls readable once it has
+//!   exited: the connection's own, taken once from the socket when it is accepted
+//!   ([`PeerPidfd::from_socket`], SO_PEERPIDFD, Linux 6.5+), which names the process that
+//!   connected; or, without one, `pidfd_open` of the SO_PEERCRED pid (Linux 5.3+);
 //! - an open **`/proc/<pid>` directory**, read through with `openat`: such a handle stays bound
 //!   to the process it was opened for, and answers `ENOENT` after that process is gone, even
 //!   if the pid is reused (this is the fallback pin when `pidfd_open` is unavailable);
@@ -32,12 +35,13 @@
 //!   for the re-check.
 //!
 //! When pinning, the process's effective uid and gid must equal the socket's peer credentials,
-//! otherwise [`AttestError::CredentialsMismatch`]. That closes most of the one window the pin
-//! cannot cover, between `connect` and `pidfd_open`: a pid reused meanwhile by another user's
-//! process is refused. (A process that changes its euid or egid after connecting is refused too
-//! and must reconnect. Closing the window entirely needs `SO_PEERPIDFD`, Linux 6.5, which neither
-//! tokio nor rustix expose yet.) The pidfd is polled *after* the `/proc` reads: if the process
-//! is still alive then, its pid was not reused in between, so the reads were of that process.
+//! otherwise [`AttestError::CredentialsMismatch`] (a process that changes its euid or egid after
+//! connecting must reconnect). With the socket's pidfd there is no window between `connect` and
+//! the pin: that pidfd names the process that connected, not whichever has its pid now. Without
+//! it (`pidfd_open`), the comparison closes most of that window: a pid reused meanwhile by
+//! another user's process is refused. The pidfd is polled *after* the `/proc` reads: if the
+//! process is still alive then, its pid was not reused in between, so the reads were of that
+//! process.
 //!
 //! After attestation and **before answering**, the caller runs
 //! [`Attestation::verify_still_same`]: the pidfd must not have exited (or, without a pidfd,
@@ -84,9 +88,12 @@
 //! # async fn serve(stream: tokio::net::UnixStream) -> Result<(), Box<dyn std::error::Error>> {
 //! use tessera_agent::attestor::{PeerCredentials, UnixAttestor, UnixAttestorConfig};
 //!
+//! use tessera_agent::attestor::PeerPidfd;
+//!
 //! let attestor = UnixAttestor::new(&UnixAttestorConfig::default());
 //! let peer = PeerCredentials::try_from(stream.peer_cred()?)?;
-//! let attestation = attestor.attest(peer).await?;
+//! let pidfd = PeerPidfd::from_socket(&stream); // once per connection
+//! let attestation = attestor.attest_connection(peer, pidfd.as_ref()).await?;
 //! // ... find the entries whose selectors are a subset of attestation.selectors() ...
 //! attestation.verify_still_same()?; // then answer
 //! # Ok(()) }
@@ -107,6 +114,7 @@ mod process;
 mod process;
 pub mod procfs;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +150,32 @@ impl TryFrom<tokio::net::unix::UCred> for PeerCredentials {
         let pid = cred.pid().and_then(|pid| u32::try_from(pid).ok()).filter(|&pid| pid > 0);
         let pid = pid.ok_or(AttestError::NoPeerPid)?;
         Ok(Self { pid, uid: cred.uid(), gid: cred.gid() })
+    }
+}
+
+/// A pidfd for the process that connected a Unix socket, taken from the socket itself
+/// (SO_PEERPIDFD, Linux 6.5+). Take it once per connection and pass it to every attestation of
+/// a caller on that connection: it names the process that called `connect` (like SO_PEERCRED's
+/// pid, which comes from the same kernel record, but for good: once that process has exited it
+/// polls readable, even if its pid names another process by then). A connection passed to
+/// another process still attests the process that connected, as SO_PEERCRED does.
+///
+/// Cheap to clone (the descriptor is shared, and closed when the last clone is dropped).
+#[derive(Debug, Clone)]
+pub struct PeerPidfd(Arc<OwnedFd>);
+
+impl PeerPidfd {
+    /// The pidfd of `socket`'s peer; `None` when the kernel has no SO_PEERPIDFD (logged once)
+    /// or gives none for this connection, or on platforms other than Linux: attestation then
+    /// pins by `pidfd_open` of the SO_PEERCRED pid.
+    pub fn from_socket(socket: &impl AsFd) -> Option<Self> {
+        process::socket_peer_pidfd(socket.as_fd()).map(|fd| Self(Arc::new(fd)))
+    }
+}
+
+impl AsFd for PeerPidfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 
@@ -198,19 +232,32 @@ impl UnixAttestor {
         &self.inspector
     }
 
-    /// Attests the caller behind `peer`: inline when nothing slow is needed, else on tokio's
-    /// blocking pool. Must run inside a tokio runtime. If the future is dropped while on the
-    /// blocking pool, that work still completes (and fills the caches).
+    /// Attests the caller behind `peer`, with no pidfd from its socket: see
+    /// [`attest_connection`](Self::attest_connection).
     pub async fn attest(&self, peer: PeerCredentials) -> Result<Attestation, AttestError> {
-        if let Some(inspected) = self.inspector.inspect_without_blocking(&peer)? {
+        self.attest_connection(peer, None).await
+    }
+
+    /// Attests the caller behind `peer` on a connection whose socket gave `pidfd`
+    /// ([`PeerPidfd::from_socket`]; with `None` the process is pinned by `pidfd_open` of its
+    /// pid): inline when nothing slow is needed, else on tokio's blocking pool. Must run inside
+    /// a tokio runtime. If the future is dropped while on the blocking pool, that work still
+    /// completes (and fills the caches).
+    pub async fn attest_connection(
+        &self,
+        peer: PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
+    ) -> Result<Attestation, AttestError> {
+        if let Some(inspected) = self.inspector.inspect_without_blocking(&peer, pidfd)? {
             return Ok(Attestation::from(inspected));
         }
         // The semaphore is never closed, so acquiring only waits.
         let permit = Arc::clone(&self.blocking).acquire_owned().await.ok();
         let inspector = Arc::clone(&self.inspector);
+        let pidfd = pidfd.cloned();
         let inspected = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            inspector.inspect(&peer)
+            inspector.inspect(&peer, pidfd.as_ref())
         })
         .await
         .map_err(|source| AttestError::Task { pid: peer.pid, source })??;
@@ -220,7 +267,16 @@ impl UnixAttestor {
     /// Attests the caller behind `peer` on the current thread, which may block (name lookups,
     /// hashing): call it from a blocking context.
     pub fn attest_blocking(&self, peer: &PeerCredentials) -> Result<Attestation, AttestError> {
-        self.inspector.inspect(peer).map(Attestation::from)
+        self.attest_connection_blocking(peer, None)
+    }
+
+    /// [`attest_connection`](Self::attest_connection) on the current thread, which may block.
+    pub fn attest_connection_blocking(
+        &self,
+        peer: &PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
+    ) -> Result<Attestation, AttestError> {
+        self.inspector.inspect(peer, pidfd).map(Attestation::from)
     }
 }
 
@@ -302,8 +358,8 @@ mod tests {
     struct SlowOnly(FakeProcessInspector);
 
     impl ProcessInspector for SlowOnly {
-        fn inspect(&self, peer: &PeerCredentials) -> Result<InspectedProcess, AttestError> {
-            self.0.inspect(peer)
+        fn inspect(&self, peer: &PeerCredentials, pidfd: Option<&PeerPidfd>) -> Result<InspectedProcess, AttestError> {
+            self.0.inspect(peer, pidfd)
         }
     }
 

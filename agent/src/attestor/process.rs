@@ -1,7 +1,7 @@
 //! The real inspector: a pidfd and `/proc/<pid>` (Linux).
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,7 +14,9 @@ use super::digest::{ExecutableDigests, FileKey};
 use super::inspector::{InspectedProcess, PinnedProcess, ProcessInspector};
 use super::names::{NameCache, SystemNames, WouldBlock};
 use super::procfs::{self, ProcStat, ProcStatus};
-use super::{AttestError, PeerCredentials, ProcessChange, ProcessFacts, SupplementaryGroup, UnixAttestorConfig};
+use super::{
+    AttestError, PeerCredentials, PeerPidfd, ProcessChange, ProcessFacts, SupplementaryGroup, UnixAttestorConfig,
+};
 
 /// Largest `/proc/<pid>/status` accepted. 65,536 supplementary groups (`NGROUPS_MAX`) of up to
 /// ten digits each fit.
@@ -27,11 +29,43 @@ const BUFFER: usize = 4096;
 /// 5.3, or a seccomp filter), so that the fallback is logged once.
 static PIDFD_UNAVAILABLE_LOGGED: AtomicBool = AtomicBool::new(false);
 
+/// Set once `getsockopt(SO_PEERPIDFD)` has answered `ENOPROTOOPT` (a kernel before 6.5): the
+/// fallback is logged once and the option is not asked for again.
+static PEERPIDFD_UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+
+/// The pidfd of the process that connected `socket` (SO_PEERPIDFD, Linux 6.5+): it names that
+/// process as of `connect`, whatever has happened to its pid since. `None` when the kernel has
+/// no such option (logged once, not asked again) or refuses it for this connection (logged at
+/// debug level): the caller is then pinned by `pidfd_open` of the SO_PEERCRED pid, as before.
+pub(super) fn socket_peer_pidfd(socket: BorrowedFd<'_>) -> Option<OwnedFd> {
+    use nix::errno::Errno as NixErrno;
+    if PEERPIDFD_UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
+    match nix::sys::socket::getsockopt(&socket, nix::sys::socket::sockopt::PeerPidfd) {
+        Ok(pidfd) => Some(pidfd),
+        Err(NixErrno::ENOPROTOOPT) => {
+            if !PEERPIDFD_UNSUPPORTED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the kernel has no SO_PEERPIDFD (Linux 6.5+): pinning Workload API callers by pidfd_open of their pid"
+                );
+            }
+            None
+        }
+        // EINVAL on kernels 6.5 to 6.15: the process that connected has already been reaped.
+        // The fallback then fails on a gone pid, or compares a reused pid's ids with SO_PEERCRED.
+        Err(error) => {
+            tracing::debug!(%error, "no SO_PEERPIDFD for this connection: pinning its callers by pidfd_open");
+            None
+        }
+    }
+}
+
 /// A caller's process, pinned: see the [module docs](super) for why and how.
 ///
-/// Holds a pidfd (when the kernel has them), an open `/proc/<pid>` directory, its open `status`
-/// file, the credentials read from it and, once the executable was looked at, its
-/// [`FileKey`]. Without a pidfd it also holds the open `stat` file and the start time. That is
+/// Holds a pidfd (the connection's, or one opened for the pid, when the kernel has them), an
+/// open `/proc/<pid>` directory, its open `status` file, the credentials read from it and, once
+/// the executable was looked at, its [`FileKey`]. Without a pidfd it also holds the open `stat` file and the start time. That is
 /// three file descriptors (four in the fallback): drop it once the caller has been answered.
 ///
 /// `status` (and `stat`) stay open because re-reading an open procfs file from offset 0
@@ -54,26 +88,66 @@ enum Liveness {
     /// A pidfd: it names one process for good and polls readable once that process has exited
     /// (a zombie included). A live pidfd proves that the pid was not reused, so the start time
     /// is neither read nor compared (see `docs/security-model.md`, "Pinning a caller").
-    Pidfd(OwnedFd),
+    Pidfd(Pidfd),
     /// No pidfd (a kernel before 5.3, or a seccomp filter): the open `stat` file, bound to the
     /// process like the directory, shows a zombie in its state field; the start time read when
     /// pinning is compared again as a second guard against a reused pid.
     StartTime { stat_file: File, start_time: u64 },
 }
 
+/// Where a pin's pidfd comes from.
+#[derive(Debug)]
+enum Pidfd {
+    /// The connection's, from SO_PEERPIDFD: the process that connected, shared by every call
+    /// on the connection.
+    Socket(PeerPidfd),
+    /// `pidfd_open` of the SO_PEERCRED pid, when the pin began.
+    Opened(OwnedFd),
+}
+
+impl AsFd for Pidfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Socket(pidfd) => pidfd.as_fd(),
+            Self::Opened(pidfd) => pidfd.as_fd(),
+        }
+    }
+}
+
+/// How [`PeerProcess::open_with`] gets its pidfd.
+#[derive(Debug, Clone, Copy)]
+enum PidfdSource<'a> {
+    /// The connection's pidfd; `pidfd_open` when there is none.
+    Socket(Option<&'a PeerPidfd>),
+    /// No pidfd at all: the pre-5.3 fallback, for tests.
+    #[cfg(test)]
+    None,
+}
+
 impl PeerProcess {
-    /// Pins the process behind `peer`: opens a pidfd and `/proc/<pid>`, reads the start time
-    /// and credentials, and checks that its effective uid and gid are the ones the kernel
-    /// captured when the socket connected.
+    /// Pins the process behind `peer`: opens a pidfd and `/proc/<pid>`, reads the credentials
+    /// (and, without a pidfd, the start time), and checks that its effective uid and gid are
+    /// the ones the kernel captured when the socket connected.
     pub fn open(peer: &PeerCredentials) -> Result<Self, AttestError> {
-        Self::open_with(peer, true)
+        Self::open_with(peer, PidfdSource::Socket(None))
     }
 
-    /// [`open`](Self::open), optionally without a pidfd (the pre-5.3 fallback, for tests).
-    fn open_with(peer: &PeerCredentials, use_pidfd: bool) -> Result<Self, AttestError> {
+    /// [`open`](Self::open) for a caller on a connection whose socket gave a pidfd
+    /// ([`PeerPidfd::from_socket`]): that pidfd pins the process that connected, and no
+    /// `pidfd_open` is made. With `None`, the same as `open`.
+    pub fn open_connection(peer: &PeerCredentials, pidfd: Option<&PeerPidfd>) -> Result<Self, AttestError> {
+        Self::open_with(peer, PidfdSource::Socket(pidfd))
+    }
+
+    fn open_with(peer: &PeerCredentials, source: PidfdSource<'_>) -> Result<Self, AttestError> {
         let pid = peer.pid;
         let raw = i32::try_from(pid).ok().and_then(Pid::from_raw).ok_or(AttestError::NoPeerPid)?;
-        let pidfd = if use_pidfd { open_pidfd(raw, pid)? } else { None };
+        let pidfd = match source {
+            PidfdSource::Socket(Some(pidfd)) => Some(Pidfd::Socket(pidfd.clone())),
+            PidfdSource::Socket(None) => open_pidfd(raw, pid)?.map(Pidfd::Opened),
+            #[cfg(test)]
+            PidfdSource::None => None,
+        };
         let dir = rustix::fs::open(
             format!("/proc/{pid}"),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -101,8 +175,8 @@ impl PeerProcess {
             });
         }
         let process = Self { pid, liveness, dir, status_file, status, exe: None };
-        // The pidfd was opened before /proc/<pid>: if its process is still alive after the
-        // reads, the pid was not reused meanwhile and everything read is that process's.
+        // The pidfd was taken before /proc/<pid> was opened: if its process is still alive after
+        // the reads, the pid was not reused meanwhile and everything read is that process's.
         process.check_alive(stat.as_ref())?;
         Ok(process)
     }
@@ -116,6 +190,11 @@ impl PeerProcess {
     /// `/proc/<pid>` and its start time.
     pub fn has_pidfd(&self) -> bool {
         matches!(self.liveness, Liveness::Pidfd(_))
+    }
+
+    /// True when the pidfd is the connection's (SO_PEERPIDFD), not one `pidfd_open` gave.
+    pub fn has_socket_pidfd(&self) -> bool {
+        matches!(self.liveness, Liveness::Pidfd(Pidfd::Socket(_)))
     }
 
     /// Field 22 of `/proc/<pid>/stat` when pinned, in clock ticks since boot; `None` when the
@@ -334,9 +413,10 @@ impl ProcfsInspector {
     fn inspect_inner(
         &self,
         peer: &PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
         may_block: bool,
     ) -> Result<Result<InspectedProcess, WouldBlock>, AttestError> {
-        let mut process = PeerProcess::open(peer)?;
+        let mut process = PeerProcess::open_connection(peer, pidfd)?;
         let (exe_path, sha256) = match self.inspect_executable(&mut process, may_block)? {
             Ok(found) => found,
             Err(WouldBlock) => return Ok(Err(WouldBlock)),
@@ -410,8 +490,8 @@ impl ProcfsInspector {
 }
 
 impl ProcessInspector for ProcfsInspector {
-    fn inspect(&self, peer: &PeerCredentials) -> Result<InspectedProcess, AttestError> {
-        match self.inspect_inner(peer, true)? {
+    fn inspect(&self, peer: &PeerCredentials, pidfd: Option<&PeerPidfd>) -> Result<InspectedProcess, AttestError> {
+        match self.inspect_inner(peer, pidfd, true)? {
             Ok(inspected) => Ok(inspected),
             // Unreachable: with blocking allowed, neither the name cache nor the digest path
             // answers WouldBlock. Refuse rather than panic should that ever change.
@@ -419,8 +499,12 @@ impl ProcessInspector for ProcfsInspector {
         }
     }
 
-    fn inspect_without_blocking(&self, peer: &PeerCredentials) -> Result<Option<InspectedProcess>, AttestError> {
-        Ok(self.inspect_inner(peer, false)?.ok())
+    fn inspect_without_blocking(
+        &self,
+        peer: &PeerCredentials,
+        pidfd: Option<&PeerPidfd>,
+    ) -> Result<Option<InspectedProcess>, AttestError> {
+        Ok(self.inspect_inner(peer, pidfd, false)?.ok())
     }
 }
 
@@ -447,7 +531,7 @@ mod tests {
             uid: rustix::process::geteuid().as_raw(),
             gid: rustix::process::getegid().as_raw(),
         };
-        let pinned = PeerProcess::open_with(&peer, false).unwrap();
+        let pinned = PeerProcess::open_with(&peer, PidfdSource::None).unwrap();
         assert!(!pinned.has_pidfd());
         assert!(pinned.start_time().is_some_and(|ticks| ticks > 0));
         pinned.verify_still_same().unwrap();
@@ -484,7 +568,7 @@ mod tests {
         let mut reused = PeerProcess::open(&second_peer).unwrap();
         reused.pin_executable().unwrap();
         // The pin as if `/proc/<pid>` had been opened after the pid passed from P to Q.
-        reused.liveness = Liveness::Pidfd(first_pidfd);
+        reused.liveness = Liveness::Pidfd(Pidfd::Opened(first_pidfd));
         reused.verify_still_same().unwrap();
         first.kill().unwrap();
         first.wait().unwrap();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::digest::ExecutableDigests;
 use super::inspector::{InspectedProcess, ProcessInspector};
-use super::{AttestError, PeerCredentials, UnixAttestorConfig};
+use super::{AttestError, PeerCredentials, PeerPidfd, UnixAttestorConfig};
 
 /// The [`ProcessInspector`] of real processes; on this platform it attests nothing.
 #[derive(Debug)]
@@ -27,11 +27,20 @@ impl ProcfsInspector {
 }
 
 impl ProcessInspector for ProcfsInspector {
-    fn inspect(&self, _peer: &PeerCredentials) -> Result<InspectedProcess, AttestError> {
+    fn inspect(&self, _peer: &PeerCredentials, _pidfd: Option<&PeerPidfd>) -> Result<InspectedProcess, AttestError> {
         Err(AttestError::Unsupported)
     }
 
-    fn inspect_without_blocking(&self, _peer: &PeerCredentials) -> Result<Option<InspectedProcess>, AttestError> {
+    fn inspect_without_blocking(
+        &self,
+        _peer: &PeerCredentials,
+        _pidfd: Option<&PeerPidfd>,
+    ) -> Result<Option<InspectedProcess>, AttestError> {
         Err(AttestError::Unsupported)
     }
+}
+
+/// No SO_PEERPIDFD on this platform.
+pub(super) fn socket_peer_pidfd(_socket: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
+    None
 }

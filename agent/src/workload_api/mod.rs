@@ -8,9 +8,11 @@
 //!    (`security header missing from request`). Request fields are checked next
 //!    (InvalidArgument naming the field), before any work is done for the caller.
 //! 2. **Attestation**: the kernel's peer credentials of the connection (pid, uid, gid, from
-//!    tonic's [`UdsConnectInfo`](tonic::transport::server::UdsConnectInfo)) go to the unix
-//!    attestor, which pins the process and derives its `unix:` selectors. Failures are
-//!    Unavailable (`workload attestation failed: ...`), which clients retry.
+//!    tonic's [`UdsConnectInfo`](tonic::transport::server::UdsConnectInfo)) and the pidfd of
+//!    the process that connected (SO_PEERPIDFD, taken once when the connection is accepted,
+//!    when the kernel has it) go to the unix attestor, which pins the process and derives its
+//!    `unix:` selectors. Failures are Unavailable (`workload attestation failed: ...`), which
+//!    clients retry.
 //! 3. **Readiness**: before the agent's first sync an empty identity list means "not known yet",
 //!    so the call waits (at most [`WorkloadApiLimits::ready_timeout`]) for a ready snapshot, and
 //!    for the SVIDs of entries that match but are still being minted; then Unavailable.
@@ -19,7 +21,8 @@
 //!    the closest entries on the node, the selectors it lacks (see docs/workload-api.md).
 //! 5. **Re-check** ([`Attestation::verify_still_same`](crate::attestor::Attestation::verify_still_same)):
 //!    right before the (first) answer the pinned process must still be alive and the same
-//!    process (start time, credentials, executable), otherwise Unavailable and no answer.
+//!    process (credentials, executable; the start time too without a pidfd), otherwise
+//!    Unavailable and no answer.
 //!
 //! Streams (`FetchX509SVID`, `FetchX509Bundles`, `FetchJWTBundles`) send a complete message at
 //! once, then hold a [`Cache::subscribe`] receiver and send a new complete message whenever the

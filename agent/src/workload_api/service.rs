@@ -13,13 +13,13 @@ use tessera_wire::workload as pb;
 use tessera_wire::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::WorkloadApi;
 use super::caller::{
     ATTESTATION_FAILED, NO_IDENTITY, attestation_status, check_security_header, log_no_identity, peer_credentials,
 };
+use super::socket::ConnectionInfo;
 use super::views::{Visibility, X509View, claims_to_struct, jwt_entries};
 use crate::attestor::{Attestation, PeerCredentials};
 use crate::cache::{AgentSnapshot, JwtSvidError};
@@ -75,9 +75,12 @@ pub(crate) fn shutting_down() -> Status {
 impl WorkloadApi {
     /// Attests the caller of `request` and waits (bounded) until the cache can answer it.
     pub(crate) async fn attest<T>(&self, request: &Request<T>, wait: Wait) -> Result<Caller, Status> {
-        let peer = peer_credentials(request.extensions().get::<UdsConnectInfo>())?;
+        let connection = request.extensions().get::<ConnectionInfo>();
+        let peer = peer_credentials(connection.map(|info| &info.uds))?;
+        let pidfd = connection.and_then(|info| info.pidfd.as_ref());
         let attesting = Arc::clone(&self.inner.attesting).acquire_owned().await.map_err(|_| shutting_down())?;
-        let attestation = match tokio::time::timeout(ATTESTATION_TIMEOUT, self.inner.attestor.attest(peer)).await {
+        let attest = self.inner.attestor.attest_connection(peer, pidfd);
+        let attestation = match tokio::time::timeout(ATTESTATION_TIMEOUT, attest).await {
             Ok(Ok(attestation)) => attestation,
             Ok(Err(err)) => return Err(attestation_status(&err, Some(&peer))),
             Err(_) => {

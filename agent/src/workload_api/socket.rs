@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use super::WorkloadApi;
+use crate::attestor::PeerPidfd;
 
 /// Largest request message accepted (the largest legitimate one is a `ValidateJWTSVIDRequest`
 /// with a 16 KiB token).
@@ -282,8 +283,11 @@ async fn accept(listener: &UnixListener, slots: &Slots) -> Connection {
             tracing::warn!(uid, max = slots.per_uid.max, "too many Workload API connections from one uid; closing one");
             continue;
         };
+        // Once per connection: every call on it pins the process that connected through it.
+        let pidfd = PeerPidfd::from_socket(&stream);
         return Connection {
             stream,
+            pidfd,
             first_bytes_deadline: Some(Box::pin(tokio::time::sleep(slots.handshake_timeout))),
             _permit: permit,
             _uid_slot: uid_slot,
@@ -295,17 +299,28 @@ async fn accept(listener: &UnixListener, slots: &Slots) -> Connection {
 #[derive(Debug)]
 struct Connection {
     stream: UnixStream,
+    /// The pidfd of the process that connected (SO_PEERPIDFD), when the kernel gives one.
+    pidfd: Option<PeerPidfd>,
     /// Until the first bytes arrive: when to give up on a silent peer.
     first_bytes_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
     _uid_slot: UidSlot,
 }
 
-impl Connected for Connection {
-    type ConnectInfo = UdsConnectInfo;
+/// What a Workload API request knows of its connection (in the request's extensions): the
+/// peer credentials tonic takes (SO_PEERCRED) and the connection's pidfd of the process that
+/// connected (SO_PEERPIDFD), when the kernel gave one.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionInfo {
+    pub(crate) uds: UdsConnectInfo,
+    pub(crate) pidfd: Option<PeerPidfd>,
+}
 
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.stream.connect_info()
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        ConnectionInfo { uds: self.stream.connect_info(), pidfd: self.pidfd.clone() }
     }
 }
 
