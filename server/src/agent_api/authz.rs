@@ -35,6 +35,7 @@
 //! Entries that expire leave the set at the first advance after their expiry.
 
 use std::borrow::Borrow;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -131,9 +132,7 @@ impl AuthorizedEntries {
 
     /// Adds `entry`; `false` (and nothing changed) when its ID is held already.
     fn insert(&mut self, entry: Arc<SharedEntry>) -> bool {
-        if self.0.contains(entry.id.as_str()) {
-            return false;
-        }
+        // `insert` leaves a held value in place and drops the new one.
         self.0.insert(ById(entry))
     }
 
@@ -348,30 +347,38 @@ impl AuthorizedSet {
             federated: BTreeMap::new(),
             reads: 0,
         };
-        let mut frontier = vec![agent.agent_id.clone()];
+        let mut roots = vec![agent.agent_id.clone()];
         for alias in matching_aliases(store, server_id, &agent.node_selectors, now)? {
             set.reads += 1;
             if let Some(at) = alias.expires_at {
                 set.alias_expiry = Some(set.alias_expiry.map_or(at, |earliest| earliest.min(at)));
             }
             set.alias_ids.insert(alias.id);
-            frontier.push(alias.spiffe_id);
+            roots.push(alias.spiffe_id);
         }
         // The server ID is never a parent to expand here: its children are node aliases, which
         // only count through the selector match above.
-        frontier.retain(|id| id != server_id);
-        set.roots = frontier.iter().cloned().collect();
-        frontier = set.roots.iter().cloned().collect();
+        roots.retain(|id| id != server_id);
+        set.roots = roots.into_iter().collect();
 
         // Breadth first, so the first time a SPIFFE ID is met is at its least depth: it is
         // expanded then (an ID is expanded when it has no depth yet: not a root, carried by no
-        // entry of the set so far).
-        for _ in 0..=MAX_DEPTH {
-            if frontier.is_empty() {
+        // entry of the set so far). The level after the roots expands the SPIFFE IDs of the
+        // entries that carried them first, borrowed from those entries (no copy per entry).
+        let mut frontier: Vec<Arc<SharedEntry>> = Vec::new();
+        for level in 0..=MAX_DEPTH {
+            let parents: Vec<&SpiffeId> = if level == 0 {
+                set.roots.iter().collect()
+            } else {
+                frontier.iter().map(|entry| &entry.spiffe_id).collect()
+            };
+            if parents.is_empty() {
                 break;
             }
-            let children = store.list_entries_by_parents_shared(&frontier)?;
+            let children = store.list_entries_by_parents_shared(&parents)?;
+            drop(parents);
             set.reads += children.len() as u64;
+            set.reserve(children.len());
             frontier = Vec::new();
             // Siblings come together: the depth of their parent is looked up once per run.
             let mut parent_depth: Option<(Arc<SharedEntry>, usize)> = None;
@@ -387,10 +394,9 @@ impl AuthorizedSet {
                         depth
                     }
                 };
-                if set.depth(&child.spiffe_id).is_none() && child.spiffe_id != *server_id {
-                    frontier.push(child.spiffe_id.clone());
+                if set.insert(&child, depth) && child.spiffe_id != *server_id && !set.roots.contains(&child.spiffe_id) {
+                    frontier.push(child);
                 }
-                set.insert(child, depth);
             }
         }
         if !frontier.is_empty() {
@@ -481,17 +487,22 @@ impl AuthorizedSet {
         self.depths.get(id).and_then(Depths::least)
     }
 
-    /// Adds an authorized entry at `depth` (nothing if its ID is in the set already).
-    fn insert(&mut self, entry: Arc<SharedEntry>, depth: usize) {
-        if !self.entries.insert(Arc::clone(&entry)) {
-            return;
+    /// Adds an authorized entry at `depth` (nothing if its ID is in the set already); whether it
+    /// is the first entry of the set to carry its SPIFFE ID.
+    fn insert(&mut self, entry: &Arc<SharedEntry>, depth: usize) -> bool {
+        if !self.entries.insert(Arc::clone(entry)) {
+            return false;
         }
-        match self.depths.get_mut(&entry.spiffe_id) {
-            Some(depths) => depths.add(depth),
-            None => {
-                self.depths.insert(BySpiffeId(Arc::clone(&entry)), Depths::One { depth, count: 1 });
+        let first = match self.depths.entry(BySpiffeId(Arc::clone(entry))) {
+            Entry::Occupied(mut depths) => {
+                depths.get_mut().add(depth);
+                false
             }
-        }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Depths::One { depth, count: 1 });
+                true
+            }
+        };
         match self.children.get_mut(&entry.parent_id) {
             Some(count) => *count += 1,
             None => {
@@ -504,6 +515,13 @@ impl AuthorizedSet {
         for td in &entry.federates_with {
             *self.federated.entry(td.clone()).or_default() += 1;
         }
+        first
+    }
+
+    /// Makes room for `additional` more entries without growing the maps one step at a time.
+    fn reserve(&mut self, additional: usize) {
+        self.entries.0.reserve(additional);
+        self.depths.reserve(additional);
     }
 
     fn remove(&mut self, id: &str) -> Option<Arc<SharedEntry>> {
@@ -579,7 +597,7 @@ impl AuthorizedSet {
             {
                 let depth = self.depth(&entry.parent_id).map_or(0, |d| d + 1);
                 self.remove(id);
-                self.insert(Arc::clone(&entry), depth);
+                self.insert(&entry, depth);
                 Ok(Ok(Some(SetChange::Upsert(entry))))
             }
             (old, new) => {
@@ -602,7 +620,7 @@ impl AuthorizedSet {
                     // A SPIFFE ID expanded for the first time: its children (held by no one
                     // yet) would join.
                     None => {
-                        let children = store.list_entries_by_parents(std::slice::from_ref(&entry.spiffe_id))?;
+                        let children = store.list_entries_by_parents_shared(&[&entry.spiffe_id])?;
                         self.reads += children.len() as u64;
                         if !children.is_empty() {
                             return Ok(Err(Recompute));
@@ -614,7 +632,7 @@ impl AuthorizedSet {
                     }
                     Some(_) => {}
                 }
-                self.insert(Arc::clone(&entry), depth);
+                self.insert(&entry, depth);
                 Ok(Ok(Some(SetChange::Upsert(entry))))
             }
         }

@@ -132,8 +132,9 @@ impl EntryIndex {
     }
 
     /// The entries whose parent is one of `parents`, ordered by ID, each once.
-    pub(crate) fn children_of(&self, parents: &[SpiffeId]) -> Vec<Arc<SharedEntry>> {
-        let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(parent)).collect();
+    pub(crate) fn children_of(&self, parents: &[&SpiffeId]) -> Vec<Arc<SharedEntry>> {
+        let mut sets: Vec<&BTreeSet<ById>> =
+            parents.iter().filter_map(|parent| self.by_parent.get(*parent)).collect();
         // The same parent listed twice must not list its children twice.
         sets.sort_unstable_by_key(|set| std::ptr::from_ref(*set));
         sets.dedup_by_key(|set| std::ptr::from_ref(*set));
@@ -202,15 +203,15 @@ mod tests {
         let parent = |p: &str| SpiffeId::parse(&format!("spiffe://example.org/{p}")).unwrap();
         let mut index = EntryIndex::new(3, [entry("c", "a"), entry("b", "a"), entry("d", "x")]);
         assert_eq!(index.len(), 3);
-        assert_eq!(ids(&index.children_of(&[parent("a")])), ["b", "c"]);
-        assert_eq!(ids(&index.children_of(&[parent("x"), parent("a"), parent("x")])), ["b", "c", "d"]);
+        assert_eq!(ids(&index.children_of(&[&parent("a")])), ["b", "c"]);
+        assert_eq!(ids(&index.children_of(&[&parent("x"), &parent("a"), &parent("x")])), ["b", "c", "d"]);
         // "c" moves under x; "b" goes.
         index.apply(4, "c", Some(entry("c", "x")));
         index.apply(5, "b", None);
         assert_eq!(index.revision(), 5);
-        assert!(index.children_of(&[parent("a")]).is_empty());
+        assert!(index.children_of(&[&parent("a")]).is_empty());
         assert!(!index.by_parent.contains_key(&parent("a")), "an empty parent set is dropped");
-        assert_eq!(ids(&index.children_of(&[parent("x")])), ["c", "d"]);
+        assert_eq!(ids(&index.children_of(&[&parent("x")])), ["c", "d"]);
         assert!(index.get("b").is_none());
         assert_eq!(index.get("c").unwrap().parent_id, parent("x"));
         // An older change replayed does not move the revision back.

@@ -926,17 +926,18 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
-        Ok(self.list_entries_by_parents_shared(parent_ids)?.into_iter().map(SharedEntry::unwrap_or_clone).collect())
+        let parents: Vec<&SpiffeId> = parent_ids.iter().collect();
+        Ok(self.list_entries_by_parents_shared(&parents)?.into_iter().map(SharedEntry::unwrap_or_clone).collect())
     }
 
-    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
+    fn list_entries_by_parents_shared(&self, parent_ids: &[&SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
         {
             let index = self.index();
             if !index.has_corrupt() {
                 return Ok(index.children_of(parent_ids));
             }
         }
-        let mut parents: Vec<&str> = parent_ids.iter().map(SpiffeId::as_str).collect();
+        let mut parents: Vec<&str> = parent_ids.iter().map(|id| id.as_str()).collect();
         parents.sort_unstable();
         parents.dedup();
         let mut ids = self.children_of(&parents)?;
@@ -1534,7 +1535,7 @@ mod tests {
         let parents: BTreeSet<SpiffeId> = stored.values().map(|e| e.parent_id.clone()).collect();
         for parent in parents {
             let listed: Vec<String> = store
-                .list_entries_by_parents_shared(std::slice::from_ref(&parent))
+                .list_entries_by_parents_shared(&[&parent])
                 .unwrap()
                 .iter()
                 .map(|e| e.id.clone())
@@ -1652,7 +1653,7 @@ mod tests {
             assert!(index.has_corrupt(), "{what}");
             assert!(index.get("e20").is_none(), "{what}");
             for parent in parents {
-                let children: Vec<String> = index.children_of(&[id(parent)]).iter().map(|e| e.id.clone()).collect();
+                let children: Vec<String> = index.children_of(&[&id(parent)]).iter().map(|e| e.id.clone()).collect();
                 let wanted: Vec<String> =
                     expected.values().filter(|e| e.parent_id.as_str() == parent).map(|e| e.id.clone()).collect();
                 assert_eq!(children, wanted, "{what}, children of {parent}");
