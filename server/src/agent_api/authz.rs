@@ -124,10 +124,15 @@ impl AuthorizedEntries {
     }
 
     /// The entries, ordered by ID.
+    ///
+    /// Sorted by the first bytes of each ID, kept next to the pointer, and by the whole ID only
+    /// where those are equal: the same order, with few trips to the entries themselves (issue
+    /// 7, S6: sorting by the IDs alone was 9 % of a full sync, most of it fetching the IDs).
     pub(crate) fn sorted(&self) -> Vec<&Arc<SharedEntry>> {
-        let mut entries: Vec<&Arc<SharedEntry>> = self.iter().collect();
-        entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        entries
+        let mut keyed: Vec<(u128, &Arc<SharedEntry>)> =
+            self.iter().map(|entry| (id_prefix(&entry.id), entry)).collect();
+        keyed.sort_unstable_by(|(a_key, a), (b_key, b)| a_key.cmp(b_key).then_with(|| a.id.cmp(&b.id)));
+        keyed.into_iter().map(|(_, entry)| entry).collect()
     }
 
     /// Adds `entry`; `false` (and nothing changed) when its ID is held already.
@@ -145,6 +150,17 @@ impl AuthorizedEntries {
     pub(crate) fn to_map(&self) -> BTreeMap<String, Arc<SharedEntry>> {
         self.iter().map(|entry| (entry.id.clone(), Arc::clone(entry))).collect()
     }
+}
+
+/// The first 16 bytes of `id` as a big-endian number, a shorter ID padded with zero bytes. It
+/// never orders two IDs against their order: where the IDs differ within those bytes, the
+/// numbers differ the same way, and an ID that is a prefix of another pads with bytes no greater
+/// than the other's. Equal numbers leave the order to the whole IDs.
+fn id_prefix(id: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    let len = id.len().min(bytes.len());
+    bytes[..len].copy_from_slice(&id.as_bytes()[..len]);
+    u128::from_be_bytes(bytes)
 }
 
 impl FromIterator<Arc<SharedEntry>> for AuthorizedEntries {
@@ -759,6 +775,49 @@ mod tests {
 
     fn ids(map: &BTreeMap<String, Arc<SharedEntry>>) -> Vec<&str> {
         map.keys().map(String::as_str).collect()
+    }
+
+    fn shared(entry_id: &str) -> Arc<SharedEntry> {
+        Arc::new(SharedEntry::new(RegistrationEntry::new(entry_id, id("/w"), id("/a"), selectors(&["t:1"]))))
+    }
+
+    proptest::proptest! {
+        /// The order of a snapshot is the order of the entry IDs, whatever they share: long
+        /// common prefixes, IDs that are prefixes of others, zero bytes, multi-byte characters.
+        #[test]
+        fn sorted_is_the_order_of_the_ids(ids in proptest::collection::btree_set("(s10000-|[a-b\\x00é]{0,3}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-){0,3}[0-9a-z\\x00]{0,4}", 0..60)) {
+            let set: AuthorizedEntries = ids.iter().map(|entry_id| shared(entry_id)).collect();
+            let sorted: Vec<&str> = set.sorted().iter().map(|entry| entry.id.as_str()).collect();
+            let expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+            proptest::prop_assert_eq!(sorted, expected);
+        }
+    }
+
+    #[test]
+    fn id_prefixes_order_as_the_ids_do() {
+        let ids = [
+            "",
+            "\0",
+            "a",
+            "a\0",
+            "a\0\0",
+            "ab",
+            "s10000-1",
+            "s10000-10",
+            "s10000-9",
+            "0123456789abcdef",
+            "0123456789abcdef0",
+            "0123456789abcdeg",
+        ];
+        for a in ids {
+            for b in ids {
+                if a < b {
+                    assert!(id_prefix(a) <= id_prefix(b), "{a:?} {b:?}");
+                }
+            }
+        }
+        assert!(id_prefix("s10000-10") < id_prefix("s10000-9"));
+        assert_eq!(id_prefix("0123456789abcdef0"), id_prefix("0123456789abcdef1"), "only 16 bytes");
     }
 
     #[test]

@@ -133,16 +133,16 @@ impl EntryIndex {
 
     /// The entries whose parent is one of `parents`, ordered by ID, each once.
     pub(crate) fn children_of(&self, parents: &[&SpiffeId]) -> Vec<Arc<SharedEntry>> {
-        let mut sets: Vec<&BTreeSet<ById>> =
-            parents.iter().filter_map(|parent| self.by_parent.get(*parent)).collect();
+        let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(*parent)).collect();
         // The same parent listed twice must not list its children twice.
         sets.sort_unstable_by_key(|set| std::ptr::from_ref(*set));
         sets.dedup_by_key(|set| std::ptr::from_ref(*set));
         let mut children: Vec<Arc<SharedEntry>> =
             sets.iter().flat_map(|set| set.iter().map(|entry| Arc::clone(&entry.0))).collect();
-        // One parent's children come sorted; several parents' are merged.
+        // One parent's children come sorted; several parents' are merged (a stable sort finds
+        // the sorted runs and merges them).
         if sets.len() > 1 {
-            children.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            children.sort_by(|a, b| a.id.cmp(&b.id));
         }
         children
     }

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use super::error::{DataStoreError, ResourceKind};
 use super::types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
-    FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry, SharedEntry,
-    check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict, paginate,
-    validate_entry, validate_node, validate_serials, validate_token,
+    FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
+    SharedEntry, check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict,
+    paginate, validate_entry, validate_node, validate_serials, validate_token,
 };
 use super::{DataStore, Generations, Result, publish_revision};
 

@@ -1534,12 +1534,8 @@ mod tests {
         // The parent index too: every stored entry is listed under its parent, in ID order.
         let parents: BTreeSet<SpiffeId> = stored.values().map(|e| e.parent_id.clone()).collect();
         for parent in parents {
-            let listed: Vec<String> = store
-                .list_entries_by_parents_shared(&[&parent])
-                .unwrap()
-                .iter()
-                .map(|e| e.id.clone())
-                .collect();
+            let listed: Vec<String> =
+                store.list_entries_by_parents_shared(&[&parent]).unwrap().iter().map(|e| e.id.clone()).collect();
             let expected: Vec<String> =
                 stored.values().filter(|e| e.parent_id == parent).map(|e| e.id.clone()).collect();
             assert_eq!(listed, expected, "children of {parent}, {what}");
