@@ -396,20 +396,13 @@ impl AuthorizedSet {
             set.reads += children.len() as u64;
             set.reserve(children.len());
             frontier = Vec::new();
-            // Siblings come together: the depth of their parent is looked up once per run.
-            let mut parent_depth: Option<(Arc<SharedEntry>, usize)> = None;
+            // Every parent of this level is at depth `level`: a root (0), or an ID first carried
+            // by an entry of the level before, whose depth is the least it will ever have.
+            let depth = level + 1;
             for child in children {
                 if child.is_expired(now) {
                     continue;
                 }
-                let depth = match &parent_depth {
-                    Some((sibling, depth)) if sibling.parent_id == child.parent_id => *depth,
-                    _ => {
-                        let depth = set.depth(&child.parent_id).map_or(1, |d| d + 1);
-                        parent_depth = Some((Arc::clone(&child), depth));
-                        depth
-                    }
-                };
                 if set.insert(&child, depth) && child.spiffe_id != *server_id && !set.roots.contains(&child.spiffe_id) {
                     frontier.push(child);
                 }
