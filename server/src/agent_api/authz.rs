@@ -515,7 +515,7 @@ impl AuthorizedSet {
         match self.children.get_mut(&entry.parent_id) {
             Some(count) => *count += 1,
             None => {
-                self.children.insert(ByParentId(Arc::clone(&entry)), 1);
+                self.children.insert(ByParentId(Arc::clone(entry)), 1);
             }
         }
         if let Some(at) = entry.expires_at {
