@@ -157,10 +157,10 @@ impl EntryIndex {
 
     /// The keys of the corrupt records a read of the children of `parents` could meet: those
     /// listed under one of `parents`, and those whose parents are unknown.
-    pub(crate) fn corrupt_children_of(&self, parents: &[SpiffeId]) -> Vec<&[u8]> {
+    pub(crate) fn corrupt_children_of(&self, parents: &[&SpiffeId]) -> Vec<&[u8]> {
         self.corrupt
             .iter()
-            .filter(|(_, under)| under.is_empty() || under.iter().any(|parent| parents.contains(parent)))
+            .filter(|(_, under)| under.is_empty() || under.iter().any(|parent| parents.contains(&parent)))
             .map(|(key, _)| key.as_slice())
             .collect()
     }
@@ -182,16 +182,17 @@ impl EntryIndex {
     }
 
     /// The entries whose parent is one of `parents`, ordered by ID, each once.
-    pub(crate) fn children_of(&self, parents: &[SpiffeId]) -> Vec<Arc<SharedEntry>> {
-        let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(parent)).collect();
+    pub(crate) fn children_of(&self, parents: &[&SpiffeId]) -> Vec<Arc<SharedEntry>> {
+        let mut sets: Vec<&BTreeSet<ById>> = parents.iter().filter_map(|parent| self.by_parent.get(*parent)).collect();
         // The same parent listed twice must not list its children twice.
         sets.sort_unstable_by_key(|set| std::ptr::from_ref(*set));
         sets.dedup_by_key(|set| std::ptr::from_ref(*set));
         let mut children: Vec<Arc<SharedEntry>> =
             sets.iter().flat_map(|set| set.iter().map(|entry| Arc::clone(&entry.0))).collect();
-        // One parent's children come sorted; several parents' are merged.
+        // One parent's children come sorted; several parents' are merged (a stable sort finds
+        // the sorted runs and merges them).
         if sets.len() > 1 {
-            children.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            children.sort_by(|a, b| a.id.cmp(&b.id));
         }
         children
     }
@@ -252,15 +253,15 @@ mod tests {
         let parent = |p: &str| SpiffeId::parse(&format!("spiffe://example.org/{p}")).unwrap();
         let mut index = EntryIndex::new(3, [entry("c", "a"), entry("b", "a"), entry("d", "x")]);
         assert_eq!(index.len(), 3);
-        assert_eq!(ids(&index.children_of(&[parent("a")])), ["b", "c"]);
-        assert_eq!(ids(&index.children_of(&[parent("x"), parent("a"), parent("x")])), ["b", "c", "d"]);
+        assert_eq!(ids(&index.children_of(&[&parent("a")])), ["b", "c"]);
+        assert_eq!(ids(&index.children_of(&[&parent("x"), &parent("a"), &parent("x")])), ["b", "c", "d"]);
         // "c" moves under x; "b" goes.
         index.apply(4, "c", Some(entry("c", "x")));
         index.apply(5, "b", None);
         assert_eq!(index.revision(), 5);
-        assert!(index.children_of(&[parent("a")]).is_empty());
+        assert!(index.children_of(&[&parent("a")]).is_empty());
         assert!(!index.by_parent.contains_key(&parent("a")), "an empty parent set is dropped");
-        assert_eq!(ids(&index.children_of(&[parent("x")])), ["c", "d"]);
+        assert_eq!(ids(&index.children_of(&[&parent("x")])), ["c", "d"]);
         assert!(index.get("b").is_none());
         assert_eq!(index.get("c").unwrap().parent_id, parent("x"));
         // An older change replayed does not move the revision back.

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 use tokio::sync::watch;
@@ -14,8 +14,8 @@ use super::error::{DataStoreError, ResourceKind};
 use super::types::{
     AttestedNode, Bundle, CaJournal, ChangeKind, DataStoreOptions, EntryChange, EntryFilter,
     FederationRelationshipRecord, JoinToken, NodeFilter, NodeSerials, Page, PageRequest, RegistrationEntry,
-    check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict, paginate,
-    validate_entry, validate_node, validate_serials, validate_token,
+    SharedEntry, check_continuity, compaction_target, duplicate_entry, entry_id_taken, entry_revision_conflict,
+    paginate, validate_entry, validate_node, validate_serials, validate_token,
 };
 use super::{DataStore, Generations, Result, publish_revision};
 
@@ -188,6 +188,17 @@ impl DataStore for MemoryDataStore {
         let parents: std::collections::HashSet<&SpiffeId> = parent_ids.iter().collect();
         let state = self.state();
         Ok(state.entries.values().filter(|e| parents.contains(&e.parent_id)).cloned().collect())
+    }
+
+    fn list_entries_by_parents_shared(&self, parent_ids: &[&SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
+        let parents: std::collections::HashSet<&SpiffeId> = parent_ids.iter().copied().collect();
+        let state = self.state();
+        Ok(state
+            .entries
+            .values()
+            .filter(|e| parents.contains(&e.parent_id))
+            .map(|e| Arc::new(SharedEntry::new(e.clone())))
+            .collect())
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {

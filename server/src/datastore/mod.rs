@@ -164,14 +164,10 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
         Ok(self.get_entry(id)?.map(|entry| Arc::new(SharedEntry::new(entry))))
     }
 
-    /// [`Self::list_entries_by_parents`], shared as [`Self::get_entry_shared`].
-    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
-        Ok(self
-            .list_entries_by_parents(parent_ids)?
-            .into_iter()
-            .map(|entry| Arc::new(SharedEntry::new(entry)))
-            .collect())
-    }
+    /// [`Self::list_entries_by_parents`], shared as [`Self::get_entry_shared`], for borrowed
+    /// parent IDs: a caller walking the parent graph level by level passes the SPIFFE IDs of the
+    /// entries it got from the level before without a copy of each (issue 7, S6).
+    fn list_entries_by_parents_shared(&self, parent_ids: &[&SpiffeId]) -> Result<Vec<Arc<SharedEntry>>>;
 
     /// The entries that have `selector` among theirs, ordered by ID, through an index
     /// (node-alias entries are found from a node's selectors this way).

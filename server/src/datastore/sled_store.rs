@@ -797,7 +797,7 @@ impl SledDataStore {
             // record that could be a child: loaded from the database, it is reported.
             let index = self.index();
             let mut ids: BTreeSet<String> = index.child_ids(parent_id).map(str::to_owned).collect();
-            for key in index.corrupt_children_of(std::slice::from_ref(parent_id)) {
+            for key in index.corrupt_children_of(&[parent_id]) {
                 ids.insert(utf8_key(ENTRIES, key)?);
             }
             return Ok(Some(ids));
@@ -943,10 +943,11 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_parents(&self, parent_ids: &[SpiffeId]) -> Result<Vec<RegistrationEntry>> {
-        Ok(self.list_entries_by_parents_shared(parent_ids)?.into_iter().map(SharedEntry::unwrap_or_clone).collect())
+        let parents: Vec<&SpiffeId> = parent_ids.iter().collect();
+        Ok(self.list_entries_by_parents_shared(&parents)?.into_iter().map(SharedEntry::unwrap_or_clone).collect())
     }
 
-    fn list_entries_by_parents_shared(&self, parent_ids: &[SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
+    fn list_entries_by_parents_shared(&self, parent_ids: &[&SpiffeId]) -> Result<Vec<Arc<SharedEntry>>> {
         let index = self.index();
         let mut children = index.children_of(parent_ids);
         let suspects: Vec<Vec<u8>> = index.corrupt_children_of(parent_ids).into_iter().map(<[u8]>::to_vec).collect();
@@ -959,7 +960,7 @@ impl DataStore for SledDataStore {
         for key in &suspects {
             if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
                 let entry = decode_entry(key, &bytes)?;
-                if parent_ids.contains(&entry.parent_id) && children.iter().all(|child| child.id != entry.id) {
+                if parent_ids.contains(&&entry.parent_id) && children.iter().all(|child| child.id != entry.id) {
                     children.push(Arc::new(SharedEntry::new(entry)));
                 }
             }
@@ -1560,10 +1561,10 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let store = open(dir.path());
-        assert_corrupt(store.list_entries_by_parents_shared(&[id(A)]), ENTRIES);
-        assert_corrupt(store.list_entries_by_parents_shared(&[id(B), id(A)]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[&id(A)]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[&id(B), &id(A)]), ENTRIES);
         assert_corrupt(by_parent(&store, A), ENTRIES);
-        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[id(B)]).unwrap()), ["e1", "e3", "e5"]);
+        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[&id(B)]).unwrap()), ["e1", "e3", "e5"]);
         assert_eq!(by_parent(&store, B).unwrap(), ["e1", "e3", "e5"]);
 
         // e5 (under B) is written outside the writer, then stops decoding: found by the
@@ -1574,9 +1575,9 @@ mod tests {
         commit_unindexed(&store, &moved);
         store.trees.entries.insert("e5", &[1, 0xff][..]).unwrap();
         store.catch_up_index().unwrap();
-        assert_corrupt(store.list_entries_by_parents_shared(&[id(B)]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[&id(B)]), ENTRIES);
         assert_corrupt(by_parent(&store, B), ENTRIES);
-        assert!(store.list_entries_by_parents_shared(&[id("spiffe://example.org/c")]).unwrap().is_empty());
+        assert!(store.list_entries_by_parents_shared(&[&id("spiffe://example.org/c")]).unwrap().is_empty());
 
         // A corrupt record no unique key names could be anyone's child.
         let unique = store.trees.entry_unique.iter().map(Result::unwrap).find(|(_, owner)| owner == b"e2").unwrap().0;
@@ -1584,7 +1585,7 @@ mod tests {
         store.flush().unwrap();
         drop(store);
         let store = open(dir.path());
-        assert_corrupt(store.list_entries_by_parents_shared(&[id("spiffe://example.org/c")]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[&id("spiffe://example.org/c")]), ENTRIES);
         assert_corrupt(by_parent(&store, "spiffe://example.org/c"), ENTRIES);
 
         // Once the records are gone (removed by hand), the reads answer again.
@@ -1594,14 +1595,14 @@ mod tests {
         drop(store);
         let store = open(dir.path());
         assert!(!store.index().has_corrupt());
-        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[id(A), id(B)]).unwrap()), ["e0", "e1", "e3", "e4"]);
+        assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[&id(A), &id(B)]).unwrap()), ["e0", "e1", "e3", "e4"]);
 
         // A record whose key is not UTF-8 is no entry ID any unique key could name.
         store.trees.entries.insert(&[0xff, 0x01][..], &[1, 2][..]).unwrap();
         store.flush().unwrap();
         drop(store);
         let store = open(dir.path());
-        assert_corrupt(store.list_entries_by_parents_shared(&[id(A)]), ENTRIES);
+        assert_corrupt(store.list_entries_by_parents_shared(&[&id(A)]), ENTRIES);
         assert_corrupt(by_parent(&store, B), ENTRIES);
     }
 
@@ -1624,12 +1625,8 @@ mod tests {
         // The parent index too: every stored entry is listed under its parent, in ID order.
         let parents: BTreeSet<SpiffeId> = stored.values().map(|e| e.parent_id.clone()).collect();
         for parent in parents {
-            let listed: Vec<String> = store
-                .list_entries_by_parents_shared(std::slice::from_ref(&parent))
-                .unwrap()
-                .iter()
-                .map(|e| e.id.clone())
-                .collect();
+            let listed: Vec<String> =
+                store.list_entries_by_parents_shared(&[&parent]).unwrap().iter().map(|e| e.id.clone()).collect();
             let expected: Vec<String> =
                 stored.values().filter(|e| e.parent_id == parent).map(|e| e.id.clone()).collect();
             assert_eq!(listed, expected, "children of {parent}, {what}");
@@ -1743,7 +1740,7 @@ mod tests {
             assert!(index.has_corrupt(), "{what}");
             assert!(index.get("e20").is_none(), "{what}");
             for parent in parents {
-                let children: Vec<String> = index.children_of(&[id(parent)]).iter().map(|e| e.id.clone()).collect();
+                let children: Vec<String> = index.children_of(&[&id(parent)]).iter().map(|e| e.id.clone()).collect();
                 let wanted: Vec<String> =
                     expected.values().filter(|e| e.parent_id.as_str() == parent).map(|e| e.id.clone()).collect();
                 assert_eq!(children, wanted, "{what}, children of {parent}");
