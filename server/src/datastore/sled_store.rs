@@ -53,7 +53,11 @@
 //! serialisable; reads outside a transaction see each transaction entirely or not at all
 //! per key, and listings tolerate an index key whose record was deleted meanwhile.
 //!
-//! Every write is flushed (fsynced) before it returns, then subscribers are notified.
+//! Every write is durable before it returns, then subscribers are notified: sled's flush
+//! writes its log with `sync_file_range`, which starts and waits for the pages' write-back but
+//! neither flushes the device's write cache nor commits the file's metadata, so each flush is
+//! followed by an `fdatasync` of sled's log file (`<path>/db`), which does both. Without it an
+//! acknowledged write survives the process, not a power loss or a kernel crash.
 //! Concurrent transactional writes share one transaction (`batch.rs`) and every write shares
 //! its flush with the concurrent ones (group commit, `group_commit.rs`): a writer's call
 //! returns once a flush that started after its write completed has succeeded.
@@ -343,6 +347,10 @@ impl NodeTx<'_> {
 /// The sled-backed [`DataStore`], the server's default.
 pub struct SledDataStore {
     db: sled::Db,
+    /// sled's log file (`<path>/db`), synced after every flush (see the [module docs](self)).
+    log_file: std::fs::File,
+    /// `fdatasync`s of the log file so far (tests check that every flush is followed by one).
+    log_syncs: AtomicU64,
     trees: Trees,
     path: PathBuf,
     options: DataStoreOptions,
@@ -394,6 +402,19 @@ struct VersionedTree {
     operation: &'static str,
 }
 
+/// Opens sled's log file (`<path>/db`, where sled 0.34 keeps every segment) to sync it, and
+/// syncs the directory, so that the file's name is as durable as its contents. Fails, naming
+/// the file, when sled keeps its log elsewhere (another sled version): every flush would
+/// otherwise stop short of the disk without a word.
+fn open_log_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let log = path.join("db");
+    let file = std::fs::File::open(&log).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("opening sled's log file {} to sync it: {e}", log.display()))
+    })?;
+    std::fs::File::open(path)?.sync_all()?;
+    Ok(file)
+}
+
 /// How long [`open_db`] waits for the database's file lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -425,6 +446,7 @@ impl SledDataStore {
         let open_error = |source: crate::datastore::BackendError| DataStoreError::Open { path: path.clone(), source };
         create_private_dir(&path).map_err(|e| open_error(Box::new(e)))?;
         let db = open_db(&path).map_err(|e| open_error(Box::new(e)))?;
+        let log_file = open_log_file(&path).map_err(|e| open_error(Box::new(e)))?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(Box::new(e)));
         let trees = Trees {
             meta: tree(META)?,
@@ -444,7 +466,8 @@ impl SledDataStore {
         // in between leaves the older version, and the next open takes the step again.
         let set_version = |version: u8| -> Result<()> {
             trees.meta.insert(KEY_SCHEMA_VERSION, &[version]).map_err(|e| open_error(Box::new(e)))?;
-            db.flush().map(drop).map_err(|e| open_error(Box::new(e)))
+            db.flush().map_err(|e| open_error(Box::new(e)))?;
+            log_file.sync_data().map_err(|e| open_error(Box::new(e)))
         };
         let drop_tree = |name: &str| db.drop_tree(name).map(drop).map_err(|e| open_error(Box::new(e)));
         loop {
@@ -472,6 +495,8 @@ impl SledDataStore {
         }
         let store = Self {
             db,
+            log_file,
+            log_syncs: AtomicU64::new(0),
             trees,
             path,
             options,
@@ -662,9 +687,13 @@ impl SledDataStore {
         })
     }
 
-    /// Makes every write completed so far durable (one flush, not shared).
+    /// Makes every write completed so far durable (one flush, not shared): sled's flush, then
+    /// an `fdatasync` of its log file (see the [module docs](self)).
     fn flush(&self) -> Result<()> {
-        self.db.flush().map(drop).map_err(storage("flush"))
+        self.db.flush().map_err(storage("flush"))?;
+        self.log_file.sync_data().map_err(|e| DataStoreError::backend("sync the log file", e))?;
+        self.log_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Returns once the completed `write` is durable: a flush that started after it completed
@@ -676,6 +705,12 @@ impl SledDataStore {
     /// How many flushes this store ran (tests count work with it).
     pub fn flushes(&self) -> u64 {
         self.commit.flushes()
+    }
+
+    /// How many `fdatasync`s of sled's log file this store ran (tests check the flushes).
+    #[cfg(test)]
+    fn log_syncs(&self) -> u64 {
+        self.log_syncs.load(Ordering::Relaxed)
     }
 
     /// How many shared transactions this store ran (tests count work with it).
@@ -1826,6 +1861,31 @@ mod tests {
         while !done() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    /// sled's flush stops at `sync_file_range`; every flush that acknowledges writes is followed
+    /// by an `fdatasync` of the file sled writes its log to, the store's `db` file.
+    #[test]
+    fn every_flush_ends_with_an_fdatasync_of_the_file_sled_logs_to() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let log = std::fs::metadata(dir.path().join("db")).unwrap();
+        let synced = store.log_file.metadata().unwrap();
+        assert_eq!((synced.dev(), synced.ino()), (log.dev(), log.ino()), "the synced file is not sled's log");
+
+        let (flushes, syncs) = (store.flushes(), store.log_syncs());
+        store.create_entry(&numbered_entry(1)).unwrap();
+        store.create_attested_node(&node(2)).unwrap();
+        std::thread::scope(|scope| {
+            for n in 3..11 {
+                let store = &store;
+                scope.spawn(move || store.create_entry(&numbered_entry(n)).unwrap());
+            }
+        });
+        let flushed = store.flushes() - flushes;
+        assert!(flushed >= 3, "{flushed} flushes for ten writes in three rounds");
+        assert_eq!(store.log_syncs() - syncs, flushed, "a flush without its fdatasync");
     }
 
     /// Transactional writes queued while a shared transaction runs share the next one and its
