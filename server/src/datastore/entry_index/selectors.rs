@@ -109,9 +109,7 @@ impl Members {
         match self {
             Self::Few(entries) if entries.len() < FEW => entries.push(entry),
             Self::Few(entries) => {
-                let mut lots: Set<ById> = entries.drain(..).map(ById).collect();
-                lots.insert(ById(entry));
-                *self = Self::Lots(lots);
+                *self = Self::Lots(entries.drain(..).chain(std::iter::once(entry)).map(ById).collect());
             }
             Self::Lots(entries) => {
                 entries.insert(ById(entry));
