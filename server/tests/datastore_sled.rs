@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use tessera_server::datastore::{
     AttestedNode, ChangeKind, DataStore, DataStoreError, DataStoreOptions, EntryFilter, JoinToken, NodeFilter,
-    PageRequest, RegistrationEntry, SledDataStore,
+    PageRequest, RegistrationEntry, SelectorFilter, SelectorMatch, SledDataStore,
 };
-use tessera_spiffe::{SelectorSet, SpiffeId, TrustDomain};
+use tessera_spiffe::{Selector, SelectorSet, SpiffeId, TrustDomain};
 
 const AGENT: &str = "spiffe://example.org/tessera/agent/join_token/abc";
 const CHILD_DIR_VAR: &str = "TESSERA_TEST_DATASTORE_CHILD_DIR";
@@ -117,20 +117,25 @@ fn ids(entries: &[RegistrationEntry]) -> Vec<&str> {
 /// Which older layout [`older_layout`] makes.
 #[derive(Debug, Clone, Copy)]
 enum Older {
-    /// Layout 1: `entry_by_spiffe_id` and `entry_by_parent`, version byte 1.
+    /// Layout 1: `entry_by_spiffe_id`, `entry_by_parent` and `entry_by_selector`, version
+    /// byte 1.
     V1,
     /// Layout 1 whose migration crashed after dropping `entry_by_spiffe_id`.
     V1HalfMigrated,
-    /// Layout 2: `entry_by_parent`, version byte 2.
+    /// Layout 2: `entry_by_parent` and `entry_by_selector`, version byte 2.
     V2,
     /// Layout 2 whose migration crashed after dropping `entry_by_parent`.
     V2HalfMigrated,
+    /// Layout 3: `entry_by_selector`, version byte 3.
+    V3,
+    /// Layout 3 whose migration crashed after dropping `entry_by_selector`.
+    V3HalfMigrated,
 }
 
 /// Writes three entries with this build (two under `AGENT`, one under `OTHER_AGENT`), then
 /// turns the store into an older layout with sled directly: that layout's version byte and
-/// the index trees its build wrote (SPIFFE ID `\0` entry ID, parent ID `\0` entry ID), each with
-/// a stale key of an entry that does not exist.
+/// the index trees its build wrote (SPIFFE ID `\0` entry ID, parent ID `\0` entry ID, selector
+/// `\0` entry ID), each with a stale key of an entry that does not exist.
 fn older_layout(path: &Path, older: Older) -> Vec<RegistrationEntry> {
     let written = {
         let store = open(path);
@@ -146,12 +151,14 @@ fn older_layout(path: &Path, older: Older) -> Vec<RegistrationEntry> {
     };
     let db = open_raw(path);
     let meta = db.open_tree("meta").unwrap();
-    assert_eq!(meta.get("schema_version").unwrap().unwrap().as_ref(), [3]);
-    let (version, by_spiffe_id, by_parent) = match older {
-        Older::V1 => (1, true, true),
-        Older::V1HalfMigrated => (1, false, true),
-        Older::V2 => (2, false, true),
-        Older::V2HalfMigrated => (2, false, false),
+    assert_eq!(meta.get("schema_version").unwrap().unwrap().as_ref(), [4]);
+    let (version, by_spiffe_id, by_parent, by_selector) = match older {
+        Older::V1 => (1, true, true, true),
+        Older::V1HalfMigrated => (1, false, true, true),
+        Older::V2 => (2, false, true, true),
+        Older::V2HalfMigrated => (2, false, false, true),
+        Older::V3 => (3, false, false, true),
+        Older::V3HalfMigrated => (3, false, false, false),
     };
     meta.insert("schema_version", &[version]).unwrap();
     if by_spiffe_id {
@@ -168,18 +175,40 @@ fn older_layout(path: &Path, older: Older) -> Vec<RegistrationEntry> {
         }
         tree.insert(format!("{AGENT}\0ghost"), &[]).unwrap();
     }
+    if by_selector {
+        let tree = db.open_tree("entry_by_selector").unwrap();
+        for e in &written {
+            for selector in &e.selectors {
+                tree.insert(format!("{selector}\0{}", e.id), &[]).unwrap();
+            }
+        }
+        tree.insert("unix:uid:1000\0ghost", &[]).unwrap();
+    }
     db.flush().unwrap();
     written
 }
 
-/// A store of an older layout (1 or 2, or one whose migration a crash cut short) opens: the
-/// old trees are dropped and the layout becomes 3, every entry is there, listings by SPIFFE
-/// ID answer from the entries' unique keys and listings by parent from the entry index (a
-/// stale key of an old tree plays no part), and writes go on; opened again, it stays at
-/// layout 3.
+fn by_selector(store: &SledDataStore, selector: &str) -> Vec<RegistrationEntry> {
+    store.list_entries_by_selector(&Selector::parse(selector).unwrap()).unwrap()
+}
+
+fn by_selectors(store: &SledDataStore, selectors: &[&str], mode: SelectorMatch) -> Vec<RegistrationEntry> {
+    let filter = EntryFilter {
+        selectors: Some(SelectorFilter::new(SelectorSet::parse_all(selectors).unwrap(), mode)),
+        ..EntryFilter::default()
+    };
+    store.list_entries(&filter, &PageRequest::all()).unwrap().items
+}
+
+/// A store of an older layout (1, 2 or 3, or one whose migration a crash cut short) opens:
+/// the old trees are dropped and the layout becomes 4, every entry is there, listings by
+/// SPIFFE ID answer from the entries' unique keys and listings by parent and by selector from
+/// the entry index (a stale key of an old tree plays no part), and writes go on; opened again,
+/// it stays at layout 4.
 #[test]
 fn a_store_of_an_older_layout_is_migrated_at_open_and_works() {
-    for older in [Older::V1, Older::V1HalfMigrated, Older::V2, Older::V2HalfMigrated] {
+    for older in [Older::V1, Older::V1HalfMigrated, Older::V2, Older::V2HalfMigrated, Older::V3, Older::V3HalfMigrated]
+    {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("datastore");
         let written = older_layout(&path, older);
@@ -193,6 +222,9 @@ fn a_store_of_an_older_layout_is_migrated_at_open_and_works() {
             assert_eq!(by_parent(&store, AGENT), written[..2], "{older:?}");
             assert_eq!(by_parent(&store, OTHER_AGENT), written[2..], "{older:?}");
             assert_eq!(store.list_entries_by_parents(&[id(AGENT), id(OTHER_AGENT)]).unwrap(), written, "{older:?}");
+            assert_eq!(ids(&by_selector(&store, "unix:uid:1000")), ["a", "c"], "{older:?}");
+            assert_eq!(ids(&by_selectors(&store, &["unix:uid:1000"], SelectorMatch::Exact)), ["a", "c"], "{older:?}");
+            assert_eq!(by_selector(&store, "unix:uid:2000"), written[1..2], "{older:?}");
             // Duplicates are still refused; creates, moves and deletes show in the listings.
             assert!(matches!(store.create_entry(&entry("z", "web")), Err(DataStoreError::AlreadyExists { .. })));
             let d = store.create_entry(&entry("d", "web/d")).unwrap();
@@ -204,25 +236,32 @@ fn a_store_of_an_older_layout_is_migrated_at_open_and_works() {
             assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d").len(), 2);
             assert!(by_parent(&store, OTHER_AGENT).is_empty(), "{older:?}");
             assert_eq!(ids(&by_parent(&store, AGENT)), ["a", "b2", "c", "d"], "{older:?}");
+            assert_eq!(ids(&by_selector(&store, "unix:uid:1000")), ["a", "d"], "{older:?}");
+            assert_eq!(
+                ids(&by_selectors(&store, &["unix:uid:2000", "unix:uid:3000"], SelectorMatch::Any)),
+                ["b2", "c"],
+                "{older:?}"
+            );
             store.delete_entry("d").unwrap();
             assert_eq!(by_spiffe_id(&store, "spiffe://example.org/web/d"), [moved]);
             assert_eq!(ids(&store.list_entries_by_parents(&[id(AGENT)]).unwrap()), ["a", "b2", "c"], "{older:?}");
         }
         {
             let db = open_raw(&path);
-            assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [3]);
-            for old in ["entry_by_spiffe_id", "entry_by_parent"] {
+            assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [4]);
+            for old in ["entry_by_spiffe_id", "entry_by_parent", "entry_by_selector"] {
                 assert!(!db.tree_names().iter().any(|name| name.as_ref() == old.as_bytes()), "{old} kept, {older:?}");
             }
         }
         let store = open(&path);
         assert_eq!(store.list_entries(&EntryFilter::default(), &PageRequest::all()).unwrap().items.len(), 3);
         assert_eq!(by_parent(&store, AGENT).len(), 3, "{older:?}");
+        assert_eq!(ids(&by_selector(&store, "unix:uid:1000")), ["a"], "{older:?}");
         assert_eq!(store.current_revision().unwrap(), 6);
     }
 }
 
-/// A layout this build does not know (as layout 3 is to a build of layout 2) is refused at
+/// A layout this build does not know (as layout 4 is to a build of layout 3) is refused at
 /// open, naming the store's path, and left as it is.
 #[test]
 fn a_store_of_an_unknown_layout_is_refused_naming_the_path() {
@@ -231,14 +270,14 @@ fn a_store_of_an_unknown_layout_is_refused_naming_the_path() {
     drop(open(&path));
     {
         let db = open_raw(&path);
-        db.open_tree("meta").unwrap().insert("schema_version", &[4]).unwrap();
+        db.open_tree("meta").unwrap().insert("schema_version", &[5]).unwrap();
         db.flush().unwrap();
     }
     let err = SledDataStore::open(&path, DataStoreOptions::default()).unwrap_err();
-    assert!(matches!(err, DataStoreError::UnsupportedSchema { found: 4, supported: 3, .. }), "{err:?}");
+    assert!(matches!(err, DataStoreError::UnsupportedSchema { found: 5, supported: 4, .. }), "{err:?}");
     assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     let db = open_raw(&path);
-    assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [4]);
+    assert_eq!(db.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap().as_ref(), [5]);
 }
 
 #[test]

@@ -33,15 +33,23 @@
 //! include one of its parents, or every one when its parents are unknown (no unique key
 //! names it). Store layout 3 has no parent index on disk, so this is what keeps a corrupt
 //! child from being skipped silently.
+//!
+//! Store layout 4 has no selector index on disk either: the index lists its entries per
+//! selector (`selectors.rs`), and keeps with each corrupt record the selectors its
+//! `entry_unique` key names, so reads by selector do as reads by parent: those that could
+//! meet a corrupt record (it has one of their selectors, or its selectors are unknown) read it
+//! from the database, which reports it.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use tessera_spiffe::SpiffeId;
+use tessera_spiffe::{Selector, SpiffeId};
 
 use super::types::{RegistrationEntry, SharedEntry};
+
+mod selectors;
 
 /// An entry compared, ordered and hashed by its ID (so sets of them are looked up by `&str`
 /// without a copy of the ID).
@@ -94,6 +102,11 @@ pub(crate) struct EntryIndex {
     /// that could meet it from the database, which reports it as corrupt (see the
     /// [module docs](self)).
     corrupt: BTreeMap<Vec<u8>, Vec<SpiffeId>>,
+    /// The entries per selector (`selectors.rs`).
+    by_selector: selectors::BySelector,
+    /// The selectors of corrupt records (keys of `corrupt`), as their unique keys name them;
+    /// a corrupt record missing here may have any selector.
+    corrupt_selectors: BTreeMap<Vec<u8>, Vec<Selector>>,
 }
 
 impl EntryIndex {
@@ -132,6 +145,7 @@ impl EntryIndex {
         if let Ok(id) = std::str::from_utf8(&key) {
             self.remove(id);
         }
+        self.corrupt_selectors.remove(&key);
         self.corrupt.insert(key, Vec::new());
     }
 
@@ -163,6 +177,46 @@ impl EntryIndex {
             .filter(|(_, under)| under.is_empty() || under.iter().any(|parent| parents.contains(&parent)))
             .map(|(key, _)| key.as_slice())
             .collect()
+    }
+
+    /// Notes that the corrupt record under `key` (if it is one) may have `selectors` (those its
+    /// unique key names).
+    pub(crate) fn set_corrupt_selectors(&mut self, key: &[u8], selectors: Vec<Selector>) {
+        if !self.corrupt.contains_key(key) {
+            return;
+        }
+        let known = self.corrupt_selectors.entry(key.to_vec()).or_default();
+        for selector in selectors {
+            if !known.contains(&selector) {
+                known.push(selector);
+            }
+        }
+    }
+
+    /// The keys of the corrupt records a read by one of `selectors` could meet: those with one
+    /// of `selectors`, and those whose selectors are unknown.
+    pub(crate) fn corrupt_with_selectors(&self, selectors: &[&Selector]) -> Vec<&[u8]> {
+        self.corrupt
+            .keys()
+            .filter(|key| {
+                self.corrupt_selectors
+                    .get(*key)
+                    .is_none_or(|known| known.is_empty() || known.iter().any(|s| selectors.contains(&s)))
+            })
+            .map(Vec::as_slice)
+            .collect()
+    }
+
+    /// The entries that have `selector` among theirs, ordered by ID.
+    pub(crate) fn with_selector(&self, selector: &Selector) -> Vec<Arc<SharedEntry>> {
+        let mut entries: Vec<Arc<SharedEntry>> = self.by_selector.with(selector).map(Arc::clone).collect();
+        entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        entries
+    }
+
+    /// The IDs of the entries that have `selector` among theirs, in no particular order.
+    pub(crate) fn ids_with_selector(&self, selector: &Selector) -> impl Iterator<Item = &str> {
+        self.by_selector.with(selector).map(|entry| entry.id.as_str())
     }
 
     /// How many entries it holds.
@@ -201,15 +255,18 @@ impl EntryIndex {
     fn put(&mut self, entry: Arc<SharedEntry>) {
         self.remove(&entry.id);
         self.by_parent.entry(entry.parent_id.clone()).or_default().insert(ById(Arc::clone(&entry)));
+        self.by_selector.add(&entry);
         self.by_id.insert(ById(entry));
     }
 
     /// Removes the entry with this ID, if any.
     fn remove(&mut self, id: &str) {
         self.corrupt.remove(id.as_bytes());
+        self.corrupt_selectors.remove(id.as_bytes());
         let Some(old) = self.by_id.take(id) else {
             return;
         };
+        self.by_selector.remove(&old.0);
         if let Some(siblings) = self.by_parent.get_mut(&old.0.parent_id) {
             siblings.remove(id);
             if siblings.is_empty() {
@@ -267,5 +324,79 @@ mod tests {
         // An older change replayed does not move the revision back.
         index.apply(2, "z", None);
         assert_eq!(index.revision(), 5);
+    }
+
+    fn with_selectors(id: &str, selectors: &[&str]) -> RegistrationEntry {
+        RegistrationEntry { selectors: SelectorSet::parse_all(selectors).unwrap(), ..entry(id, "a") }
+    }
+
+    fn listed(index: &EntryIndex, selector: &str) -> Vec<String> {
+        let selector = Selector::parse(selector).unwrap();
+        let entries: Vec<String> = index.with_selector(&selector).iter().map(|e| e.id.clone()).collect();
+        let mut ids: Vec<String> = index.ids_with_selector(&selector).map(str::to_owned).collect();
+        ids.sort();
+        assert_eq!(entries, ids, "the two reads by {selector} disagree");
+        entries
+    }
+
+    /// Entries are listed under each of their selectors, in ID order, through creates,
+    /// updates that change selectors and deletes; a selector's list goes from one entry to a
+    /// group, to a large group and back, and is gone with its last entry.
+    #[test]
+    fn entries_are_listed_per_selector_through_writes() {
+        let mut index =
+            EntryIndex::new(1, [with_selectors("b", &["k:1", "k:shared"]), with_selectors("a", &["k:shared"])]);
+        assert_eq!(listed(&index, "k:shared"), ["a", "b"]);
+        assert_eq!(listed(&index, "k:1"), ["b"]);
+        assert!(listed(&index, "k:none").is_empty());
+        assert_eq!((index.by_selector.selectors(), index.by_selector.groups()), (2, 1));
+        // "b" loses k:shared and gains k:2: k:shared is one entry's again.
+        index.apply(2, "b", Some(with_selectors("b", &["k:1", "k:2"])));
+        assert_eq!(listed(&index, "k:shared"), ["a"]);
+        assert_eq!(listed(&index, "k:2"), ["b"]);
+        assert_eq!((index.by_selector.selectors(), index.by_selector.groups()), (3, 0));
+        // Many entries share one selector: a large group, in ID order, shrinking back.
+        let many: Vec<String> = (0..100).map(|n| format!("m{n:03}")).collect();
+        for (n, id) in many.iter().enumerate().rev() {
+            index.apply(3 + n as u64, id, Some(with_selectors(id, &["k:many", &format!("k:own{n}")])));
+        }
+        assert_eq!(listed(&index, "k:many"), many);
+        assert_eq!(listed(&index, "k:own42"), ["m042"]);
+        for (n, id) in many.iter().enumerate().skip(1) {
+            index.apply(200 + n as u64, id, None);
+            assert_eq!(
+                listed(&index, "k:many"),
+                many[..n.min(1)].iter().chain(&many[n + 1..]).cloned().collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(listed(&index, "k:many"), ["m000"]);
+        assert!(listed(&index, "k:own42").is_empty());
+        index.apply(300, "m000", None);
+        index.apply(301, "a", None);
+        index.apply(302, "b", None);
+        assert_eq!(index.by_selector.selectors(), 0, "a selector without entries is dropped");
+    }
+
+    /// A corrupt record is met by the reads by one of the selectors its unique key names, or by
+    /// every read by selector while they are unknown.
+    #[test]
+    fn corrupt_records_are_met_by_reads_by_their_selectors() {
+        let s = |text: &str| Selector::parse(text).unwrap();
+        let (one, two, other) = (s("k:1"), s("k:2"), s("k:other"));
+        let mut index = EntryIndex::new(1, [with_selectors("a", &["k:1"])]);
+        index.mark_corrupt(b"x".to_vec());
+        assert_eq!(index.corrupt_with_selectors(&[&other]), [b"x".as_slice()], "unknown selectors: any read");
+        index.set_corrupt_selectors(b"x", vec![one.clone(), two.clone()]);
+        index.set_corrupt_selectors(b"not corrupt", vec![other.clone()]);
+        assert!(index.corrupt_with_selectors(&[&other]).is_empty());
+        assert_eq!(index.corrupt_with_selectors(&[&other, &two]), [b"x".as_slice()]);
+        // Written again (it decodes now): no longer corrupt.
+        index.apply(2, "x", Some(with_selectors("x", &["k:1"])));
+        assert!(index.corrupt_with_selectors(&[&one]).is_empty());
+        assert_eq!(listed(&index, "k:1"), ["a", "x"]);
+        // Corrupt again: its selectors are unknown until they are looked up again.
+        index.mark_corrupt(b"x".to_vec());
+        assert_eq!(listed(&index, "k:1"), ["a"]);
+        assert_eq!(index.corrupt_with_selectors(&[&other]), [b"x".as_slice()]);
     }
 }

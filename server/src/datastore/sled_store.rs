@@ -11,7 +11,6 @@
 //! | `meta` | `schema_version`, `entry_revision`, `change_floor` | version byte; big-endian `u64`s |
 //! | `entries` | entry ID | entry record |
 //! | `entry_unique` | SPIFFE ID `\0` parent ID (`\0` selector)* | entry ID |
-//! | `entry_by_selector` | selector `\0` entry ID | - |
 //! | `entry_changes` | big-endian revision | change record |
 //! | `nodes` | node SPIFFE ID | node record |
 //! | `node_by_selector` | selector `\0` node SPIFFE ID | - |
@@ -24,10 +23,11 @@
 //! `entry_unique` doubles as the index by SPIFFE ID: its keys start with `<SPIFFE ID>\0`, so a
 //! prefix scan finds every entry with that SPIFFE ID (the values are the entry IDs).
 //!
-//! There is no index by parent on disk: the in-memory entry index (`entry_index.rs`) answers
-//! reads by parent. For a record that does not decode, the index keeps the parent its
-//! `entry_unique` key names, so a read by parent that could meet the record still reads it
-//! from the database and reports it (see `entry_index.rs`, "Corrupt records").
+//! There is no index by parent or by selector on disk: the in-memory entry index
+//! (`entry_index.rs`) answers reads by parent and by selector. For a record that does not
+//! decode, the index keeps the parent and the selectors its `entry_unique` key names, so a
+//! read by parent or by selector that could meet the record still reads it from the database
+//! and reports it (see `entry_index.rs`, "Corrupt records").
 //!
 //! # Layout versions
 //!
@@ -46,6 +46,15 @@
 //! build that knows versions up to 2 refuses a version-3 store (an unknown version, reported
 //! with the store's path), so an older build never reads children from a tree that is no
 //! longer written.
+//!
+//! Version 3 also kept an `entry_by_selector` tree (selector `\0` entry ID): one more key per
+//! selector of every entry write, for reads by selector (node-alias lookups, listings filtered
+//! by selector) that the entry index answers since (S8). A version-3 store is migrated when it
+//! opens the same way: the tree is dropped, then the version is set to 4 and flushed (a crash
+//! in between leaves version 3 and the next open drops the tree again). Older versions go
+//! through version 3, each step flushed. A build that knows versions up to 3 refuses a
+//! version-4 store, naming its path, so an older build never reads entries by selector from a
+//! tree that is no longer written.
 //!
 //! Records are encoded by `codec` (version byte + postcard). A record and its index keys
 //! are always written in one multi-tree transaction, so indexes never disagree with a
@@ -94,11 +103,12 @@ mod batch;
 mod hydrate;
 
 /// The layout version this build reads and writes (the `schema_version` key of `meta`).
-const SCHEMA_VERSION: u8 = 3;
+const SCHEMA_VERSION: u8 = 4;
 
 /// The older layout versions this build migrates at open (see the module docs).
 const SCHEMA_VERSION_1: u8 = 1;
 const SCHEMA_VERSION_2: u8 = 2;
+const SCHEMA_VERSION_3: u8 = 3;
 
 const META: &str = "meta";
 const ENTRIES: &str = "entries";
@@ -107,7 +117,8 @@ const ENTRY_UNIQUE: &str = "entry_unique";
 const V1_ENTRY_BY_SPIFFE_ID: &str = "entry_by_spiffe_id";
 /// Version 2's (and 1's) index by parent ID, dropped when such a store opens.
 const V2_ENTRY_BY_PARENT: &str = "entry_by_parent";
-const ENTRY_BY_SELECTOR: &str = "entry_by_selector";
+/// Version 3's (and older) index by selector, dropped when such a store opens.
+const V3_ENTRY_BY_SELECTOR: &str = "entry_by_selector";
 const ENTRY_CHANGES: &str = "entry_changes";
 const NODES: &str = "nodes";
 const NODE_BY_SELECTOR: &str = "node_by_selector";
@@ -215,7 +226,6 @@ struct Trees {
     meta: sled::Tree,
     entries: sled::Tree,
     entry_unique: sled::Tree,
-    entry_by_selector: sled::Tree,
     entry_changes: sled::Tree,
     nodes: sled::Tree,
     node_by_selector: sled::Tree,
@@ -230,7 +240,6 @@ struct Trees {
 struct EntryTx<'a> {
     entries: &'a TransactionalTree,
     unique: &'a TransactionalTree,
-    by_selector: &'a TransactionalTree,
     changes: &'a TransactionalTree,
     meta: &'a TransactionalTree,
     /// Where the transaction notes the entry changes it writes (see [`Written`]).
@@ -271,9 +280,6 @@ impl EntryTx<'_> {
         let record = encode(&EntryRecordV1Ref::from_entry(&entry)).map_err(abort)?;
         self.entries.insert(entry.id.as_bytes(), record)?;
         self.unique.insert(unique.as_bytes(), entry.id.as_bytes())?;
-        for selector in &entry.selectors {
-            self.by_selector.insert(selector_key(selector, &entry.id), &[])?;
-        }
         self.written.borrow_mut().push(Written::Put(entry));
         Ok(())
     }
@@ -281,9 +287,6 @@ impl EntryTx<'_> {
     /// Removes the entry's index keys (not the entry itself).
     fn remove_indexes(&self, entry: &RegistrationEntry) -> TxResult<()> {
         self.unique.remove(entry.unique_key().as_bytes())?;
-        for selector in &entry.selectors {
-            self.by_selector.remove(selector_key(selector, &entry.id))?;
-        }
         Ok(())
     }
 
@@ -452,7 +455,6 @@ impl SledDataStore {
             meta: tree(META)?,
             entries: tree(ENTRIES)?,
             entry_unique: tree(ENTRY_UNIQUE)?,
-            entry_by_selector: tree(ENTRY_BY_SELECTOR)?,
             entry_changes: tree(ENTRY_CHANGES)?,
             nodes: tree(NODES)?,
             node_by_selector: tree(NODE_BY_SELECTOR)?,
@@ -483,6 +485,10 @@ impl SledDataStore {
                 }
                 Some(found) if found.as_ref() == [SCHEMA_VERSION_2] => {
                     drop_tree(V2_ENTRY_BY_PARENT)?;
+                    set_version(SCHEMA_VERSION_3)?;
+                }
+                Some(found) if found.as_ref() == [SCHEMA_VERSION_3] => {
+                    drop_tree(V3_ENTRY_BY_SELECTOR)?;
                     set_version(SCHEMA_VERSION)?;
                 }
                 Some(found) => {
@@ -599,10 +605,10 @@ impl SledDataStore {
         Ok(())
     }
 
-    /// Notes, for each corrupt record of `index` whose parents are not known, the parent its
-    /// `entry_unique` key names (one scan of `entry_unique`, made only while there is such a
-    /// record). A unique key that does not parse names none: a record no key names stays
-    /// listed under every parent.
+    /// Notes, for each corrupt record of `index` whose parents are not known, the parent and
+    /// the selectors its `entry_unique` key names (one scan of `entry_unique`, made only while
+    /// there is such a record). A unique key that does not parse names none: a record no key
+    /// names stays listed under every parent and every selector.
     fn locate_corrupt(&self, index: &mut EntryIndex) -> Result<()> {
         let wanted = index.corrupt_without_parent();
         if wanted.is_empty() {
@@ -620,6 +626,16 @@ impl SledDataStore {
                 .and_then(|parent| SpiffeId::parse(parent).ok());
             if let Some(parent) = parent {
                 index.set_corrupt_parent(&id, parent);
+            }
+            // `<SPIFFE ID>\0<parent>(\0<selector>)*`: every selector must parse (an entry has
+            // at least one), else none is noted.
+            let selectors: Option<Vec<Selector>> = key
+                .split(|&b| b == 0)
+                .skip(2)
+                .map(|selector| std::str::from_utf8(selector).ok().and_then(|s| Selector::parse(s).ok()))
+                .collect();
+            if let Some(selectors) = selectors.filter(|selectors| !selectors.is_empty()) {
+                index.set_corrupt_selectors(&id, selectors);
             }
         }
         Ok(())
@@ -823,7 +839,6 @@ impl SledDataStore {
 
     /// The entry IDs the most selective index gives for `filter`; `None` for a full scan.
     fn entry_candidates(&self, filter: &EntryFilter) -> Result<Option<BTreeSet<String>>> {
-        let t = &self.trees;
         if let Some(spiffe_id) = &filter.spiffe_id {
             return self.entries_with_spiffe_id(spiffe_id).map(Some);
         }
@@ -837,21 +852,25 @@ impl SledDataStore {
             }
             return Ok(Some(ids));
         }
-        match &filter.selectors {
-            Some(selectors) => {
-                self.selector_candidates(plan_selector_index(selectors, true), &t.entry_by_selector, ENTRY_BY_SELECTOR)
-            }
-            None => Ok(None),
+        let Some(selectors) = &filter.selectors else {
+            return Ok(None);
+        };
+        // From the entry index too (there is no selector index on disk), with every corrupt
+        // record that could have one of the selectors.
+        let selectors: Vec<&Selector> = match plan_selector_index(selectors, true) {
+            SelectorIndexPlan::FullScan => return Ok(None),
+            SelectorIndexPlan::One(selector) => vec![selector],
+            SelectorIndexPlan::Union(set) => set.iter().collect(),
+        };
+        let index = self.index();
+        let mut ids = BTreeSet::new();
+        for selector in &selectors {
+            ids.extend(index.ids_with_selector(selector).map(str::to_owned));
         }
-    }
-
-    /// Loads entries by ID, skipping any deleted since its index key was read.
-    fn load_entries(&self, ids: impl IntoIterator<Item = String>) -> Result<Vec<RegistrationEntry>> {
-        let mut entries = Vec::new();
-        for id in ids {
-            entries.extend(self.load_entry(&id)?);
+        for key in index.corrupt_with_selectors(&selectors) {
+            ids.insert(utf8_key(ENTRIES, key)?);
         }
-        Ok(entries)
+        Ok(Some(ids))
     }
 }
 
@@ -1005,15 +1024,27 @@ impl DataStore for SledDataStore {
     }
 
     fn list_entries_by_selector(&self, selector: &Selector) -> Result<Vec<RegistrationEntry>> {
-        let ids = self.index_lookup(&self.trees.entry_by_selector, ENTRY_BY_SELECTOR, &selector.to_string())?;
         let index = self.index();
-        if index.has_corrupt() {
-            drop(index);
-            return self.load_entries(ids);
+        let mut entries: Vec<RegistrationEntry> =
+            index.with_selector(selector).iter().map(|entry| RegistrationEntry::clone(entry)).collect();
+        let suspects: Vec<Vec<u8>> =
+            index.corrupt_with_selectors(&[selector]).into_iter().map(<[u8]>::to_vec).collect();
+        drop(index);
+        if suspects.is_empty() {
+            return Ok(entries);
         }
-        // An entry written since its index key was read is skipped or read at its new version,
-        // as from the database.
-        Ok(ids.iter().filter_map(|id| index.get(id)).map(|entry| RegistrationEntry::clone(entry)).collect())
+        // A corrupt record that could have the selector is read from the database, which
+        // reports it while it does not decode.
+        for key in &suspects {
+            if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
+                let entry = decode_entry(key, &bytes)?;
+                if entry.selectors.contains(selector) && entries.iter().all(|listed| listed.id != entry.id) {
+                    entries.push(entry);
+                }
+            }
+        }
+        entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(entries)
     }
 
     fn prune_expired_entries(&self, now: u64) -> Result<u64> {
@@ -1460,6 +1491,7 @@ impl DataStore for SledDataStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::types::{SelectorFilter, SelectorMatch};
     use super::*;
     use std::collections::BTreeMap;
 
@@ -1557,12 +1589,17 @@ mod tests {
         let keys = |tree: &sled::Tree| {
             tree.iter().keys().map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap()).collect::<Vec<_>>()
         };
-        assert_eq!(keys(&t.entry_by_selector), ["unix:uid:2000\0e1"]);
         assert_eq!(keys(&t.entry_unique), ["spiffe://example.org/web\0spiffe://example.org/other\0unix:uid:2000"]);
-        // Layout 3: no index by parent on disk.
-        assert!(!store.db.tree_names().iter().any(|name| name.as_ref() == V2_ENTRY_BY_PARENT.as_bytes()));
+        // Layout 4: no index by parent or by selector on disk; reads by selector follow.
+        for old in [V2_ENTRY_BY_PARENT, V3_ENTRY_BY_SELECTOR] {
+            assert!(!store.db.tree_names().iter().any(|name| name.as_ref() == old.as_bytes()), "{old}");
+        }
+        let by_selector = |s: &str| store.list_entries_by_selector(&Selector::parse(s).unwrap()).unwrap();
+        assert!(by_selector("unix:uid:1000").is_empty());
+        assert_eq!(by_selector("unix:uid:2000").len(), 1);
         store.delete_entry("e1").unwrap();
-        for tree in [&t.entries, &t.entry_unique, &t.entry_by_selector] {
+        assert!(by_selector("unix:uid:2000").is_empty());
+        for tree in [&t.entries, &t.entry_unique] {
             assert!(tree.is_empty());
         }
     }
@@ -1641,6 +1678,86 @@ mod tests {
         assert_corrupt(by_parent(&store, B), ENTRIES);
     }
 
+    fn by_selectors(store: &SledDataStore, selectors: &[&str], mode: SelectorMatch) -> Result<Vec<String>> {
+        let filter = EntryFilter {
+            selectors: Some(SelectorFilter::new(SelectorSet::parse_all(selectors).unwrap(), mode)),
+            ..EntryFilter::default()
+        };
+        Ok(store.list_entries(&filter, &PageRequest::all())?.items.into_iter().map(|e| e.id).collect())
+    }
+
+    fn with_selector(store: &SledDataStore, selector: &str) -> Result<Vec<String>> {
+        Ok(store.list_entries_by_selector(&Selector::parse(selector).unwrap())?.into_iter().map(|e| e.id).collect())
+    }
+
+    /// Without an index by selector on disk, a corrupt record is still reported by every read
+    /// by selector that could meet it (by one of the selectors its unique key names; by every
+    /// selector when no unique key names it), found at open or by a catch-up. Reads by other
+    /// selectors are answered from the entry index.
+    #[test]
+    fn a_corrupt_record_is_reported_by_the_reads_by_selector_that_could_meet_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for n in 0..6 {
+            let mut e = numbered_entry(n);
+            let parity = if n % 2 == 0 { "k:even" } else { "k:odd" };
+            e.selectors = SelectorSet::parse_all(&[parity, &format!("k:own{n}")]).unwrap();
+            store.create_entry(&e).unwrap();
+        }
+        // e2 (k:even, k:own2) stops decoding; found when the store opens.
+        store.trees.entries.insert("e2", &[1, 0xff, 0xff, 0xff][..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(with_selector(&store, "k:even"), ENTRIES);
+        assert_corrupt(with_selector(&store, "k:own2"), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:even"], SelectorMatch::Superset), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:odd", "k:own2"], SelectorMatch::Any), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:own2", "k:own9"], SelectorMatch::Subset), ENTRIES);
+        assert_eq!(with_selector(&store, "k:odd").unwrap(), ["e1", "e3", "e5"]);
+        assert_eq!(by_selectors(&store, &["k:odd", "k:own3"], SelectorMatch::Exact).unwrap(), ["e3"]);
+        assert_eq!(by_selectors(&store, &["k:own0", "k:own1"], SelectorMatch::Any).unwrap(), ["e0", "e1"]);
+        assert!(with_selector(&store, "k:none").unwrap().is_empty());
+
+        // e5 is written outside the writer with a new selector, then stops decoding: found by
+        // the index's catch-up from the change log, under its new selectors.
+        let mut moved = numbered_entry(5);
+        moved.selectors = SelectorSet::parse_all(&["k:moved"]).unwrap();
+        commit_unindexed(&store, &moved);
+        store.trees.entries.insert("e5", &[1, 0xff][..]).unwrap();
+        store.catch_up_index().unwrap();
+        assert_corrupt(with_selector(&store, "k:moved"), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:moved"], SelectorMatch::Exact), ENTRIES);
+        assert_eq!(with_selector(&store, "k:odd").unwrap(), ["e1", "e3"]);
+
+        // A corrupt record no unique key names could have any selector.
+        let unique = store.trees.entry_unique.iter().map(Result::unwrap).find(|(_, owner)| owner == b"e2").unwrap().0;
+        store.trees.entry_unique.remove(unique).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(with_selector(&store, "k:none"), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:odd"], SelectorMatch::Superset), ENTRIES);
+
+        // Once the records are gone (removed by hand), the reads answer again.
+        store.trees.entries.remove("e2").unwrap();
+        store.trees.entries.remove("e5").unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert!(!store.index().has_corrupt());
+        assert_eq!(with_selector(&store, "k:even").unwrap(), ["e0", "e4"]);
+        assert!(with_selector(&store, "k:moved").unwrap().is_empty());
+
+        // A record whose key is not UTF-8 is no entry ID any unique key could name.
+        store.trees.entries.insert(&[0xff, 0x01][..], &[1, 2][..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        assert_corrupt(with_selector(&store, "k:none"), ENTRIES);
+        assert_corrupt(by_selectors(&store, &["k:odd"], SelectorMatch::Any), ENTRIES);
+    }
+
     /// The entry index as readers see it, and the stored entries, read from the database.
     fn indexed_and_stored(
         store: &SledDataStore,
@@ -1665,6 +1782,15 @@ mod tests {
             let expected: Vec<String> =
                 stored.values().filter(|e| e.parent_id == parent).map(|e| e.id.clone()).collect();
             assert_eq!(listed, expected, "children of {parent}, {what}");
+        }
+        // And the selector lists: every stored entry is listed under each of its selectors.
+        let selectors: BTreeSet<Selector> = stored.values().flat_map(|e| e.selectors.iter().cloned()).collect();
+        for selector in selectors {
+            let listed: Vec<String> =
+                store.list_entries_by_selector(&selector).unwrap().into_iter().map(|e| e.id).collect();
+            let expected: Vec<String> =
+                stored.values().filter(|e| e.selectors.contains(&selector)).map(|e| e.id.clone()).collect();
+            assert_eq!(listed, expected, "entries with {selector}, {what}");
         }
     }
 
@@ -1701,6 +1827,11 @@ mod tests {
                                 e.spiffe_id = id(&format!("spiffe://example.org/w{n}/{step}/{thread}"));
                                 e.parent_id = id(parents[usize::try_from(next(3)).unwrap()]);
                                 e.hint = format!("{thread}/{step}");
+                                e.selectors = SelectorSet::parse_all(&[
+                                    format!("unix:uid:{}", next(3)),
+                                    format!("k:{}", next(40)),
+                                ])
+                                .unwrap();
                                 e.expires_at = (next(4) == 0).then_some(100);
                                 // A create may race another thread's: refused, fine.
                                 let written = match existing {
