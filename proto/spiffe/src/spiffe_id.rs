@@ -164,10 +164,12 @@ impl TrustDomain {
 
     /// The SPIFFE ID naming the trust domain itself, `spiffe://<name>`.
     pub fn id(&self) -> SpiffeId {
-        SpiffeId {
-            full: format!("{SCHEME_PREFIX}{}", self.name).into(),
-            path_start: SCHEME_PREFIX.len() + self.name.len(),
-        }
+        SpiffeId { full: Arc::from(self.id_string()), path_start: SCHEME_PREFIX.len() + self.name.len() }
+    }
+
+    /// The text of [`Self::id`], made directly (`id().into_string()` would copy it twice).
+    pub fn id_string(&self) -> String {
+        format!("{SCHEME_PREFIX}{}", self.name)
     }
 
     /// Builds a workload ID in this trust domain from a path such as `/ns/web`.
@@ -376,6 +378,7 @@ mod tests {
         assert_eq!(id.path(), "/ns/default/sa/web");
         assert!(!id.is_trust_domain_id());
         assert_eq!(id.trust_domain().id().as_str(), "spiffe://example.org");
+        assert_eq!(id.trust_domain().id_string(), "spiffe://example.org");
     }
 
     #[test]
