@@ -257,10 +257,10 @@ pub(crate) fn build(
         // Everything: each visible bundle (own first), then each identity, named by their IDs.
         let mut secrets = Vec::new();
         let own_bundle = snapshot.bundles.own();
-        secrets.push(validation_secret(own.id().into_string(), &[own_bundle], mode)?);
+        secrets.push(validation_secret(own.id_string(), &[own_bundle], mode)?);
         for td in visible.domains().filter(|td| *td != own) {
             if let Some(bundle) = snapshot.bundles.get(td) {
-                secrets.push(validation_secret(td.id().into_string(), &[bundle], mode)?);
+                secrets.push(validation_secret(td.id_string(), &[bundle], mode)?);
             }
         }
         let mut seen = HashSet::new();

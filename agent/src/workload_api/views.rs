@@ -22,7 +22,7 @@ use crate::cache::{AgentSnapshot, CachedEntry, Identity};
 
 /// The key of a trust domain in every Workload API bundle map: its SPIFFE ID, `spiffe://<td>`.
 pub(crate) fn bundle_key(trust_domain: &TrustDomain) -> String {
-    trust_domain.id().into_string()
+    trust_domain.id_string()
 }
 
 /// The X.509 part of what a caller sees: its identities and the bundles that go with them.

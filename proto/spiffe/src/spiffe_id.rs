@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -77,9 +78,12 @@ pub struct TrustDomain {
 ///
 /// Built only by [`SpiffeId::parse`] and friends, so every value is valid. Ordering and
 /// equality are byte-wise on the full string.
+///
+/// The text is shared: a clone is a reference count, not a copy (the server's entry index
+/// keeps one parent ID text for all the entries under that parent, S9 memory).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
-    full: String,
+    full: Arc<str>,
     /// Byte offset where the path begins (the end of the trust domain).
     path_start: usize,
 }
@@ -160,7 +164,12 @@ impl TrustDomain {
 
     /// The SPIFFE ID naming the trust domain itself, `spiffe://<name>`.
     pub fn id(&self) -> SpiffeId {
-        SpiffeId { full: format!("{SCHEME_PREFIX}{}", self.name), path_start: SCHEME_PREFIX.len() + self.name.len() }
+        SpiffeId { full: Arc::from(self.id_string()), path_start: SCHEME_PREFIX.len() + self.name.len() }
+    }
+
+    /// The text of [`Self::id`], made directly (`id().into_string()` would copy it twice).
+    pub fn id_string(&self) -> String {
+        format!("{SCHEME_PREFIX}{}", self.name)
     }
 
     /// Builds a workload ID in this trust domain from a path such as `/ns/web`.
@@ -173,7 +182,7 @@ impl TrustDomain {
         if full.len() > MAX_SPIFFE_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        Ok(SpiffeId { path_start: SCHEME_PREFIX.len() + self.name.len(), full })
+        Ok(SpiffeId { path_start: SCHEME_PREFIX.len() + self.name.len(), full: full.into() })
     }
 
     /// Builds a workload ID from path segments, each checked on its own, e.g.
@@ -216,7 +225,7 @@ impl SpiffeId {
         if input.len() > MAX_SPIFFE_ID_LEN {
             return Err(SpiffeIdError::TooLong);
         }
-        Ok(Self { full: input.to_owned(), path_start: SCHEME_PREFIX.len() + td_len })
+        Ok(Self { full: Arc::from(input), path_start: SCHEME_PREFIX.len() + td_len })
     }
 
     /// Parses a SPIFFE ID that may name a workload: like [`SpiffeId::parse`] but the path must
@@ -282,9 +291,9 @@ impl SpiffeId {
         self.trust_domain_name() == trust_domain.name()
     }
 
-    /// Consumes the ID, returning the full string.
+    /// Consumes the ID, returning the full string (a copy when the text is shared).
     pub fn into_string(self) -> String {
-        self.full
+        self.full.as_ref().to_owned()
     }
 }
 
@@ -334,7 +343,7 @@ impl AsRef<str> for SpiffeId {
 
 impl Serialize for SpiffeId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.full)
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -369,6 +378,19 @@ mod tests {
         assert_eq!(id.path(), "/ns/default/sa/web");
         assert!(!id.is_trust_domain_id());
         assert_eq!(id.trust_domain().id().as_str(), "spiffe://example.org");
+        assert_eq!(id.trust_domain().id_string(), "spiffe://example.org");
+    }
+
+    #[test]
+    fn a_clone_shares_the_text_and_compares_by_content() {
+        let id = SpiffeId::parse("spiffe://example.org/ns/default/sa/web").unwrap();
+        let clone = id.clone();
+        assert_eq!(clone.as_str().as_ptr(), id.as_str().as_ptr(), "a clone is not a copy");
+        let parsed_again = SpiffeId::parse(id.as_str()).unwrap();
+        assert_ne!(parsed_again.as_str().as_ptr(), id.as_str().as_ptr());
+        assert_eq!(parsed_again, id);
+        assert_eq!(clone.path(), "/ns/default/sa/web");
+        assert_eq!(clone.into_string(), "spiffe://example.org/ns/default/sa/web");
     }
 
     #[test]

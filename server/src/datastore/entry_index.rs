@@ -126,7 +126,7 @@ impl EntryIndex {
 
     /// Adds (or replaces) an entry while the index is loaded, at its revision.
     pub(crate) fn insert(&mut self, entry: RegistrationEntry) {
-        self.put(Arc::new(SharedEntry::new(entry)));
+        self.put(entry);
     }
 
     /// The store revision the index reflects.
@@ -252,8 +252,16 @@ impl EntryIndex {
     }
 
     /// Stores `entry`, replacing the entry with its ID.
-    fn put(&mut self, entry: Arc<SharedEntry>) {
+    ///
+    /// The entry's parent ID becomes a clone of the `by_parent` key when its parent has
+    /// entries already: the entries under one parent share one text of its ID (S9 memory:
+    /// a million entries under a few agents hold a few parent IDs, not a million copies).
+    fn put(&mut self, mut entry: RegistrationEntry) {
         self.remove(&entry.id);
+        if let Some((parent, _)) = self.by_parent.get_key_value(&entry.parent_id) {
+            entry.parent_id = parent.clone();
+        }
+        let entry = Arc::new(SharedEntry::new(entry));
         self.by_parent.entry(entry.parent_id.clone()).or_default().insert(ById(Arc::clone(&entry)));
         self.by_selector.add(&entry);
         self.by_id.insert(ById(entry));
@@ -280,7 +288,7 @@ impl EntryIndex {
     /// hold a later version; replaying the later change again is harmless).
     pub(crate) fn apply(&mut self, revision: u64, id: &str, entry: Option<RegistrationEntry>) {
         match entry {
-            Some(entry) => self.put(Arc::new(SharedEntry::new(entry))),
+            Some(entry) => self.put(entry),
             None => self.remove(id),
         }
         self.revision = self.revision.max(revision);
@@ -398,5 +406,23 @@ mod tests {
         index.mark_corrupt(b"x".to_vec());
         assert_eq!(listed(&index, "k:1"), ["a"]);
         assert_eq!(index.corrupt_with_selectors(&[&other]), [b"x".as_slice()]);
+    }
+
+    /// Entries under one parent hold one text of the parent ID, whether loaded or applied,
+    /// and a moved entry takes its new parent's.
+    #[test]
+    fn entries_under_one_parent_share_its_id_text() {
+        let text = |id: &SpiffeId| id.as_str().as_ptr();
+        let mut index = EntryIndex::new(1, [entry("a", "p"), entry("b", "p"), entry("c", "q")]);
+        index.apply(2, "d", Some(entry("d", "p")));
+        index.apply(3, "c", Some(entry("c", "p")));
+        let parent = |id: &str| index.get(id).unwrap().parent_id.clone();
+        let shared = text(&parent("a"));
+        for id in ["b", "c", "d"] {
+            assert_eq!(text(&parent(id)), shared, "{id} has a copy of its parent ID");
+        }
+        let (key, _) = index.by_parent.get_key_value(&parent("a")).unwrap();
+        assert_eq!(text(key), shared);
+        assert_eq!(index.by_parent.len(), 1, "q has no entries left");
     }
 }
