@@ -354,6 +354,8 @@ pub struct SledDataStore {
     log_file: std::fs::File,
     /// `fdatasync`s of the log file so far (tests check that every flush is followed by one).
     log_syncs: AtomicU64,
+    /// The files of sled's `blobs` directory already synced (see [`Self::sync_blobs`]).
+    synced_blobs: Mutex<std::collections::HashSet<std::ffi::OsString>>,
     trees: Trees,
     path: PathBuf,
     options: DataStoreOptions,
@@ -503,6 +505,7 @@ impl SledDataStore {
             db,
             log_file,
             log_syncs: AtomicU64::new(0),
+            synced_blobs: Mutex::default(),
             trees,
             path,
             options,
@@ -707,6 +710,7 @@ impl SledDataStore {
     /// an `fdatasync` of its log file (see the [module docs](self)).
     fn flush(&self) -> Result<()> {
         self.db.flush().map_err(storage("flush"))?;
+        self.sync_blobs().map_err(|e| DataStoreError::backend("sync sled's blob files", e))?;
         self.log_file.sync_data().map_err(|e| DataStoreError::backend("sync the log file", e))?;
         self.log_syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -716,6 +720,40 @@ impl SledDataStore {
     /// succeeded, shared with the concurrent writes (see `group_commit`).
     fn make_durable(&self, write: Write<'_>) -> Result<()> {
         self.commit.wait_durable(write.completed(), || self.flush())
+    }
+
+    /// Syncs the files sled wrote to its `blobs` directory since the last flush, and the
+    /// directory when it holds new ones. sled writes a log item larger than a quarter of its
+    /// segment (128 KiB: a large bundle, or a node page holding large values) to a file of its
+    /// own there, and never syncs it. A blob is never rewritten (each is named by the log
+    /// position it was written at), so each is synced once; one sled removed meanwhile is no
+    /// longer needed. Without blobs this is one read of an empty directory per flush.
+    fn sync_blobs(&self) -> std::io::Result<()> {
+        let dir = self.path.join("blobs");
+        let listing = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            listing => listing?,
+        };
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut present = std::collections::HashSet::with_capacity(synced.len());
+        let mut new = false;
+        for blob in listing {
+            let name = blob?.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(dir.join(&name)) {
+                    Ok(file) => file.sync_data()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            std::fs::File::open(&dir)?.sync_all()?;
+        }
+        *synced = present;
+        Ok(())
     }
 
     /// How many flushes this store ran (tests count work with it).
@@ -2017,6 +2055,23 @@ mod tests {
         let flushed = store.flushes() - flushes;
         assert!(flushed >= 3, "{flushed} flushes for ten writes in three rounds");
         assert_eq!(store.log_syncs() - syncs, flushed, "a flush without its fdatasync");
+    }
+
+    /// A value larger than a quarter of sled's segment goes to a file of its own under
+    /// `blobs/`, which sled does not sync: the flush syncs it, once.
+    #[test]
+    fn the_flush_syncs_the_blob_files_sled_writes_for_large_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let blobs = || std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert_eq!(blobs(), 0);
+        store.trees.meta.insert(b"large value", vec![7_u8; 200 * 1024]).unwrap();
+        store.flush().unwrap();
+        assert!(blobs() >= 1, "sled kept the large value in its log: the test no longer writes a blob");
+        let synced = store.synced_blobs.lock().unwrap().clone();
+        assert_eq!(synced.len(), blobs(), "every blob file is synced by the flush");
+        store.flush().unwrap();
+        assert_eq!(*store.synced_blobs.lock().unwrap(), synced, "a blob is synced once");
     }
 
     /// Transactional writes queued while a shared transaction runs share the next one and its
