@@ -65,7 +65,8 @@
 //! Every write is durable before it returns, then subscribers are notified: sled's flush
 //! writes its log with `sync_file_range`, which starts and waits for the pages' write-back but
 //! neither flushes the device's write cache nor commits the file's metadata, so each flush is
-//! followed by an `fdatasync` of sled's log file (`<path>/db`), which does both. Without it an
+//! followed by an `fdatasync` of sled's log file (`<path>/db`), which does both, after a sync
+//! of the files sled wrote to `blobs/` for items over 128 KiB, which it never syncs. Without it an
 //! acknowledged write survives the process, not a power loss or a kernel crash.
 //! Concurrent transactional writes share one transaction (`batch.rs`) and every write shares
 //! its flush with the concurrent ones (group commit, `group_commit.rs`): a writer's call
