@@ -723,6 +723,26 @@ impl SledDataStore {
         self.commit.wait_durable(write.completed(), || self.flush())
     }
 
+    /// Reads from the database the records the entry index holds as corrupt that a read could
+    /// meet (`suspects`), which reports the first that still does not decode; returns those
+    /// that decode now and are `wanted` by the read.
+    fn read_suspects(
+        &self,
+        suspects: &[Vec<u8>],
+        wanted: impl Fn(&RegistrationEntry) -> bool,
+    ) -> Result<Vec<RegistrationEntry>> {
+        let mut found = Vec::new();
+        for key in suspects {
+            if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
+                let entry = decode_entry(key, &bytes)?;
+                if wanted(&entry) {
+                    found.push(entry);
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Syncs the files sled wrote to its `blobs` directory since the last flush, and the
     /// directory when it holds new ones. sled writes a log item larger than a quarter of its
     /// segment (128 KiB: a large bundle, or a node page holding large values) to a file of its
@@ -1048,14 +1068,9 @@ impl DataStore for SledDataStore {
         if suspects.is_empty() {
             return Ok(children);
         }
-        // A corrupt record that could be a child is read from the database, which reports it
-        // while it does not decode.
-        for key in &suspects {
-            if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
-                let entry = decode_entry(key, &bytes)?;
-                if parent_ids.contains(&&entry.parent_id) && children.iter().all(|child| child.id != entry.id) {
-                    children.push(Arc::new(SharedEntry::new(entry)));
-                }
+        for entry in self.read_suspects(&suspects, |entry| parent_ids.contains(&&entry.parent_id))? {
+            if children.iter().all(|child| child.id != entry.id) {
+                children.push(Arc::new(SharedEntry::new(entry)));
             }
         }
         children.sort_unstable_by(|a, b| a.id.cmp(&b.id));
@@ -1072,14 +1087,9 @@ impl DataStore for SledDataStore {
         if suspects.is_empty() {
             return Ok(entries);
         }
-        // A corrupt record that could have the selector is read from the database, which
-        // reports it while it does not decode.
-        for key in &suspects {
-            if let Some(bytes) = self.trees.entries.get(key).map_err(storage("read"))? {
-                let entry = decode_entry(key, &bytes)?;
-                if entry.selectors.contains(selector) && entries.iter().all(|listed| listed.id != entry.id) {
-                    entries.push(entry);
-                }
+        for entry in self.read_suspects(&suspects, |entry| entry.selectors.contains(selector))? {
+            if entries.iter().all(|listed| listed.id != entry.id) {
+                entries.push(entry);
             }
         }
         entries.sort_unstable_by(|a, b| a.id.cmp(&b.id));
@@ -1700,11 +1710,7 @@ mod tests {
         assert_corrupt(by_parent(&store, "spiffe://example.org/c"), ENTRIES);
 
         // Once the records are gone (removed by hand), the reads answer again.
-        store.trees.entries.remove("e2").unwrap();
-        store.trees.entries.remove("e5").unwrap();
-        store.flush().unwrap();
-        drop(store);
-        let store = open(dir.path());
+        let store = remove_records_and_reopen(store, dir.path(), &["e2", "e5"]);
         assert!(!store.index().has_corrupt());
         assert_eq!(ids_of(&store.list_entries_by_parents_shared(&[&id(A), &id(B)]).unwrap()), ["e0", "e1", "e3", "e4"]);
 
@@ -1779,11 +1785,7 @@ mod tests {
         assert_corrupt(by_selectors(&store, &["k:odd"], SelectorMatch::Superset), ENTRIES);
 
         // Once the records are gone (removed by hand), the reads answer again.
-        store.trees.entries.remove("e2").unwrap();
-        store.trees.entries.remove("e5").unwrap();
-        store.flush().unwrap();
-        drop(store);
-        let store = open(dir.path());
+        let store = remove_records_and_reopen(store, dir.path(), &["e2", "e5"]);
         assert!(!store.index().has_corrupt());
         assert_eq!(with_selector(&store, "k:even").unwrap(), ["e0", "e4"]);
         assert!(with_selector(&store, "k:moved").unwrap().is_empty());
@@ -2031,6 +2033,16 @@ mod tests {
         while !done() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    /// Removes the records with these keys by hand, bypassing the store, and opens it again.
+    fn remove_records_and_reopen(store: SledDataStore, dir: &Path, keys: &[&str]) -> SledDataStore {
+        for key in keys {
+            store.trees.entries.remove(key).unwrap();
+        }
+        store.flush().unwrap();
+        drop(store);
+        open(dir)
     }
 
     /// sled's flush stops at `sync_file_range`; every flush that acknowledges writes is followed
